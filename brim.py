@@ -1,0 +1,2766 @@
+"""brim: a pre-fork server launcher for Python, in one file.
+
+``python3 brim.py start`` reads an INI configuration, binds the listening
+sockets, daemonizes with a pid file, forks worker processes (dropping
+privileges in them) and keeps them alive.  Workers serve WSGI app chains,
+raw TCP connections or UDP datagrams; background daemons run supervised
+beside them.  Workers share counters through shared memory.
+
+The file reads top to bottom in the order data flows:
+
+    configuration     Conf, reading files, resolving ``call = dotted.Name``
+    logging           NOTICE level, txn-stamped lines, syslog or file
+    stats             one shared-memory bucket per worker, rolled up on read
+    listening sockets binding with retry, handing them to a new brimd
+    HTTP/WSGI         a strict, lean HTTP/1.1 parser and WSGI gateway
+    TCP, UDP          connection and datagram subservers
+    daemons           supervised background processes
+    apps              WSGIEcho, WSGIStats, TCPEcho, UDPEcho, DaemonSample
+    supervision       Server: the main process, its signals and children
+    command line      main(): start, stop, shutdown, restart, status, ...
+
+Everything is standard library.  Names without a leading underscore are the
+ones configs and apps use.
+"""
+
+import configparser
+import errno
+import importlib
+import io
+import itertools
+import json
+import logging
+import logging.handlers
+import multiprocessing
+import os
+import queue
+import re
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+import types
+from urllib.parse import unquote_to_bytes
+
+__version__ = '1.0.0'
+
+#: Where brimd looks for configuration when no ``-c`` is given.
+DEFAULT_CONF_FILES = ('/etc/brimd.conf', '~/.brimd.conf')
+
+
+# ---------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------
+
+class ConfError(Exception):
+    """A configuration problem; its text is the one line brimd prints."""
+
+
+_TRUE_VALUES = frozenset(('1', 'on', 't', 'true', 'y', 'yes'))
+_FALSE_VALUES = frozenset(('0', 'off', 'f', 'false', 'n', 'no'))
+
+
+class Conf(object):
+    """The parsed configuration: ``store[section][option]`` strings.
+
+    ``files`` lists the files that were read, in order.  The typed getters
+    raise ConfError naming the section and option when a value does not
+    convert, so a bad value stops the start with one clear line.
+    """
+
+    def __init__(self, store, files=None):
+        self.store = store
+        self.files = list(files or [])
+
+    def get(self, section, option, default=None):
+        """The raw string value, or ``default`` when not set."""
+        return self.store.get(section, {}).get(option, default)
+
+    def get_bool(self, section, option, default):
+        value = self.get(section, option)
+        if value is None:
+            return default
+        lowered = value.strip().lower()
+        if lowered in _TRUE_VALUES:
+            return True
+        if lowered in _FALSE_VALUES:
+            return False
+        raise self.error(section, option, value, 'boolean')
+
+    def get_int(self, section, option, default):
+        value = self.get(section, option)
+        if value is None:
+            return default
+        try:
+            return int(value)
+        except ValueError:
+            raise self.error(section, option, value, 'int')
+
+    def get_float(self, section, option, default):
+        value = self.get(section, option)
+        if value is None:
+            return default
+        try:
+            return float(value)
+        except ValueError:
+            raise self.error(section, option, value, 'float')
+
+    def get_path(self, section, option, default=None):
+        """A path with ``~`` expanded, or ``default``."""
+        value = self.get(section, option)
+        if value is None:
+            return default
+        return os.path.expanduser(value.strip())
+
+    def error(self, section, option, value, type_name):
+        """The ConfError for a value that cannot be converted."""
+        return ConfError(
+            'Configuration value [%s] %s of %r cannot be converted to %s.'
+            % (section, option, value, type_name))
+
+    def sections(self):
+        return list(self.store)
+
+
+def read_conf(paths, explicit=False):
+    """Read ``paths`` (and their ``additional_confs``) into a Conf.
+
+    Missing default files are skipped; a file named with ``-c`` that
+    cannot be read is an error.  Interpolation is off, so ``%`` is plain.
+    """
+    parser = configparser.RawConfigParser()
+    read = []
+    pending = [os.path.expanduser(p) for p in paths]
+    while pending:
+        path = pending.pop(0)
+        if path in read:
+            continue
+        if not os.path.exists(path):
+            if explicit:
+                raise ConfError('Configuration file %s was not found.' % path)
+            continue
+        try:
+            with open(path, encoding='utf-8') as fp:
+                parser.read_file(fp, path)
+        except (OSError, UnicodeDecodeError, configparser.Error) as err:
+            raise ConfError('Could not read configuration file %s: %s'
+                            % (path, _one_line(err)))
+        read.append(path)
+        extra = parser.get('brim', 'additional_confs', fallback='')
+        pending.extend(os.path.expanduser(p) for p in extra.split()
+                       if os.path.expanduser(p) not in read)
+        explicit = True     # files a config names must exist
+    if not read:
+        raise ConfError('No configuration found.')
+    store = {section: dict(parser.items(section))
+             for section in parser.sections()}
+    return Conf(store, read)
+
+
+def _one_line(err):
+    """An exception's text folded onto one line."""
+    text = str(err) or err.__class__.__name__
+    return ' '.join(text.split())
+
+
+# Names that configs may spell as the original package's module paths, for
+# example ``call = brim.wsgi_echo.WSGIEcho``; they all live in this file.
+_SUBMODULES = {
+    'brim.server': ('Server', 'Subserver'),
+    'brim.conf': ('Conf', 'read_conf', 'ConfError'),
+    'brim.wsgi_echo': ('WSGIEcho',),
+    'brim.wsgi_stats': ('WSGIStats',),
+    'brim.tcp_echo': ('TCPEcho',),
+    'brim.udp_echo': ('UDPEcho',),
+    'brim.daemon_sample': ('DaemonSample',),
+}
+
+
+def _register_submodules(module):
+    """Make ``brim.wsgi_echo`` and friends importable aliases of this file."""
+    for dotted, names in _SUBMODULES.items():
+        alias = types.ModuleType(dotted)
+        for name in names:
+            setattr(alias, name, getattr(module, name))
+        sys.modules.setdefault(dotted, alias)
+        setattr(module, dotted.split('.', 1)[1], alias)
+
+
+def import_call(section, dotted):
+    """Resolve ``call = package.module.Name`` for ``[section]``."""
+    module_name, _, attr = dotted.strip().rpartition('.')
+    if not module_name:
+        raise ConfError('[%s] call = %s is not a dotted name like '
+                        'package.module.Class.' % (section, dotted))
+    try:
+        module = importlib.import_module(module_name)
+        return getattr(module, attr)
+    except Exception as err:
+        raise ConfError('[%s] call = %s could not be imported: %s'
+                        % (section, dotted, _one_line(err)))
+
+
+# ---------------------------------------------------------------------------
+# Logging
+# ---------------------------------------------------------------------------
+
+#: Between INFO and WARNING: one line per request or datagram lands here.
+NOTICE = 25
+logging.addLevelName(NOTICE, 'NOTICE')
+
+# The txn of the request this thread is serving, stamped on every line.
+_txn_local = threading.local()
+
+
+class _TxnFilter(logging.Filter):
+    """Stamps each record with the current thread's txn (or '-')."""
+
+    def filter(self, record):
+        record.txn = getattr(_txn_local, 'txn', None) or '-'
+        return True
+
+
+class _LogStream(object):
+    """A file-like that turns writes into log lines.
+
+    A daemonized brimd has no terminal: stray prints and uncaught
+    exceptions come here instead of vanishing.
+    """
+
+    def __init__(self, logger, level):
+        self.logger = logger
+        self.level = level
+        self.pending = ''
+
+    def write(self, text):
+        self.pending += text
+        while '\n' in self.pending:
+            line, self.pending = self.pending.split('\n', 1)
+            if line.strip():
+                self.logger.log(self.level, 'STDOUT/ERR: %s', line)
+        return len(text)
+
+    def writelines(self, lines):
+        for line in lines:
+            self.write(line)
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return False
+
+
+_FACILITIES = logging.handlers.SysLogHandler.facility_names
+_SYSLOG_SOCKETS = ('/dev/log', '/var/run/syslog')
+
+
+def _syslog_socket():
+    """The local syslog socket path, or None where there is none."""
+    for path in _SYSLOG_SOCKETS:
+        if os.path.exists(path):
+            return path
+    return None
+
+
+def _log_destination(log_file, to_stderr):
+    """Where logs go: ('stderr'|'file'|'syslog', detail)."""
+    if log_file:
+        return 'file', log_file
+    if to_stderr:
+        return 'stderr', None
+    path = _syslog_socket()
+    if path:
+        return 'syslog', path
+    return 'stderr', None
+
+
+def get_logger(log_name='brim', log_level='INFO', log_facility='LOCAL0',
+               log_file=None, to_stderr=False):
+    """The configured logger for ``log_name`` (created once per name)."""
+    logger = logging.getLogger(log_name)
+    logger.propagate = False
+    level = logging.getLevelName(log_level.upper())
+    if not isinstance(level, int):
+        raise ConfError('log_level %r is not one of DEBUG, INFO, NOTICE, '
+                        'WARNING, ERROR, CRITICAL.' % log_level)
+    logger.setLevel(level)
+    facility = _FACILITIES.get(log_facility.lower())
+    if facility is None:
+        raise ConfError('log_facility %r is not a syslog facility such as '
+                        'LOCAL0.' % log_facility)
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    kind, detail = _log_destination(log_file, to_stderr)
+    if kind == 'file':
+        handler = logging.handlers.WatchedFileHandler(detail)
+        fmt = '%(asctime)s %(name)s %(levelname)s %(txn)s %(message)s'
+    elif kind == 'syslog':
+        handler = logging.handlers.SysLogHandler(detail, facility)
+        fmt = '%(name)s %(levelname)s %(txn)s %(message)s'
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        fmt = '%(asctime)s %(name)s %(levelname)s %(txn)s %(message)s'
+    handler.setFormatter(logging.Formatter(fmt))
+    handler.addFilter(_TxnFilter())
+    logger.addHandler(handler)
+    return logger
+
+
+# ---------------------------------------------------------------------------
+# Stats
+# ---------------------------------------------------------------------------
+
+#: How a stat rolls up across the workers of a subserver.
+STAT_TYPES = ('worker', 'sum', 'min', 'max', 'daemon')
+
+
+class _StatsLayout(object):
+    """Where each subserver's buckets sit in the one shared array.
+
+    Created in the main process before forking, so every worker maps the
+    same memory.  A bucket is one worker's (or daemon's) slots; a worker
+    only ever writes its own bucket, so the hot path takes no
+    cross-process lock.  Slot 0 of every bucket is the worker's heartbeat
+    (seconds since the epoch), beaten by the worker and read by the main
+    process.
+    """
+
+    HEARTBEAT = 0
+
+    def __init__(self, subservers):
+        offset = 0
+        for subserver in subservers:
+            names = ['_heartbeat'] + list(subserver.stats_conf)
+            subserver.stat_index = {n: i for i, n in enumerate(names)}
+            subserver.bucket_size = len(names)
+            subserver.stats_offset = offset
+            offset += subserver.bucket_size * subserver.bucket_count
+        # 'Q': unsigned 64-bit; lock=False because each bucket has one
+        # writer process (threads within it share a threading.Lock).
+        self.array = multiprocessing.Array('Q', max(offset, 1), lock=False)
+
+    def bucket(self, subserver, index):
+        return _Bucket(self.array, subserver.stats_offset +
+                       index * subserver.bucket_size, subserver.stat_index)
+
+
+class _Bucket(object):
+    """One worker's stats: ``get``, ``set`` and ``incr`` by name.
+
+    This is ``env['brim.stats']``.  Values are unsigned integers.  The lock
+    makes increments from the worker's threads exact; other processes only
+    read.
+    """
+
+    def __init__(self, array, offset, index):
+        self.array = array
+        self.offset = offset
+        self.index = index
+        self.lock = threading.Lock()
+
+    def _slot(self, name):
+        try:
+            return self.offset + self.index[name]
+        except KeyError:
+            raise KeyError('no stat named %r; declare it in stats_conf'
+                           % name)
+
+    def get(self, name):
+        return self.array[self._slot(name)]
+
+    def set(self, name, value):
+        self.array[self._slot(name)] = int(value)
+
+    def incr(self, name, amount=1):
+        slot = self._slot(name)
+        with self.lock:
+            self.array[slot] += amount
+
+    def beat(self):
+        self.array[self.offset + _StatsLayout.HEARTBEAT] = int(time.time())
+
+    def heartbeat(self):
+        return self.array[self.offset + _StatsLayout.HEARTBEAT]
+
+
+def _roll_up(stat_type, values):
+    """Combine the per-worker values of one stat."""
+    if stat_type == 'sum':
+        return sum(values)
+    if stat_type == 'min':
+        return min(values) if values else 0
+    if stat_type == 'max':
+        return max(values) if values else 0
+    return None
+
+
+def _stats_snapshot(server):
+    """Every subserver's stats as the nested dict WSGIStats answers."""
+    array = server.stats.array
+    snapshot = {'start_time': server.start_time}
+    for subserver in server.subservers:
+        size = subserver.bucket_size
+        buckets = []
+        for index in range(subserver.bucket_count):
+            base = subserver.stats_offset + index * size
+            buckets.append(array[base:base + size])
+        entry = {}
+        labels = subserver.bucket_labels()
+        for name, stat_type in subserver.stats_conf.items():
+            slot = subserver.stat_index[name]
+            values = [bucket[slot] for bucket in buckets]
+            rolled = _roll_up(stat_type, values)
+            if rolled is not None:
+                entry[name] = rolled
+            for label, value in zip(labels, values):
+                if stat_type in ('sum', 'min', 'max', 'worker', 'daemon'):
+                    entry.setdefault(label, {})[name] = value
+        snapshot[subserver.name] = entry
+    return snapshot
+
+
+# ---------------------------------------------------------------------------
+# Listening sockets
+# ---------------------------------------------------------------------------
+
+def _address_family(ip):
+    """(family, host) for a configured ``ip``: '*', IPv4, IPv6 or name."""
+    host = ip.strip()
+    if host in ('', '*'):
+        return socket.AF_INET, '0.0.0.0'
+    if host.startswith('[') and host.endswith(']'):
+        host = host[1:-1]
+    if ':' in host:
+        return socket.AF_INET6, host
+    return socket.AF_INET, host
+
+
+def _bind(section, ip, port, kind, backlog, retry_seconds):
+    """A bound (and, for TCP, listening) socket, retrying a busy port.
+
+    The socket is inheritable so a restart in place can hand it on.
+    """
+    family, host = _address_family(ip)
+    sock_type = socket.SOCK_DGRAM if kind == 'udp' else socket.SOCK_STREAM
+    deadline = time.monotonic() + retry_seconds
+    while True:
+        sock = socket.socket(family, sock_type)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((host, port))
+            if sock_type == socket.SOCK_STREAM:
+                sock.listen(backlog)
+            return sock
+        except OSError as err:
+            sock.close()
+            if err.errno == errno.EADDRINUSE and \
+                    time.monotonic() < deadline:
+                time.sleep(0.1)
+                continue
+            raise ConfError('[%s] could not bind %s:%s: %s (change ip/port '
+                            'in [%s], or stop what holds it).' %
+                            (section, ip, port, err.strerror or err,
+                             section))
+
+
+def _socket_key(sock):
+    """What identifies a listening socket across a handover."""
+    kind = 'udp' if sock.type == socket.SOCK_DGRAM else 'tcp'
+    host, port = sock.getsockname()[:2]
+    return '%s %s %s' % (kind, host, port)
+
+
+def _send_sockets(conn, socks):
+    """Hand ``socks`` to a new brimd over the Unix socket ``conn``."""
+    keys = [_socket_key(sock) for sock in socks]
+    payload = json.dumps(keys).encode('utf-8')
+    socket.send_fds(conn, [payload], [sock.fileno() for sock in socks])
+
+
+def _receive_sockets(conn):
+    """The listening sockets an old brimd sent: {key: socket}."""
+    payload, fds, _flags, _addr = socket.recv_fds(conn, 65536, 256)
+    keys = json.loads(payload.decode('utf-8'))
+    socks = {}
+    for key, fd in zip(keys, fds):
+        socks[key] = socket.socket(fileno=fd)
+    return socks
+
+
+def _control_address(pid):
+    """The abstract Unix socket where brimd ``pid`` answers a restart."""
+    return '\0brimd-control-%d' % pid
+
+
+# ---------------------------------------------------------------------------
+# The HTTP/WSGI path
+# ---------------------------------------------------------------------------
+#
+# A worker accepts connections on the shared listening socket and hands each
+# to a thread from a bounded pool (_ConnectionPool).  _HTTPConnection reads
+# requests with a strict parser written against RFC 9112 (bytes splits and
+# precompiled patterns, no email package), calls the WSGI app and writes the
+# response with as few send calls as it can: usually one.
+
+class _HTTPError(Exception):
+    """A request brim refuses: the status to answer and why (for the log)."""
+
+    def __init__(self, status, reason):
+        Exception.__init__(self, reason)
+        self.status = status
+        self.reason = reason
+
+
+class _AppError(Exception):
+    """A WSGI app broke the protocol; the text says what it did wrong."""
+
+
+_RESPONSE_REASONS = {
+    100: 'Continue', 200: 'OK', 201: 'Created', 202: 'Accepted',
+    204: 'No Content', 206: 'Partial Content', 301: 'Moved Permanently',
+    302: 'Found', 304: 'Not Modified', 400: 'Bad Request',
+    401: 'Unauthorized', 403: 'Forbidden', 404: 'Not Found',
+    405: 'Method Not Allowed', 408: 'Request Timeout',
+    413: 'Content Too Large', 414: 'URI Too Long',
+    416: 'Range Not Satisfiable', 431: 'Request Header Fields Too Large',
+    500: 'Internal Server Error', 501: 'Not Implemented',
+    503: 'Service Unavailable', 505: 'HTTP Version Not Supported',
+}
+
+# RFC 9110 tokens; methods are further limited to upper case, 3 to 20
+# characters, as gunicorn does, which refuses lower-case smuggling tricks.
+_TOKEN_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_METHOD_RE = re.compile(rb"[!$%&'*+\-.^_`|~0-9A-Z]{3,20}")
+_KNOWN_METHODS = frozenset((b'GET', b'HEAD', b'POST', b'PUT', b'DELETE',
+                            b'OPTIONS', b'PATCH'))
+_FIELD_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_VERSION_RE = re.compile(rb'HTTP/([0-9])\.([0-9])')
+_TARGET_RE = re.compile(rb'[\x21-\x7e]+')
+_AUTHORITY_RE = re.compile(rb'[A-Za-z0-9.\-_~!$&\'()*+,;=:%\[\]]+')
+# Field values: visible ASCII, obs-text, SP and HTAB; no other controls.
+_BAD_VALUE_RE = re.compile(rb'[\x00-\x08\x0a-\x1f\x7f]')
+_CHUNK_SIZE_RE = re.compile(
+    rb'([0-9A-Fa-f]{1,16})[ \t]*(?:;[ \t]*[!#$%&\'*+\-.^_`|~0-9A-Za-z]+'
+    rb'(?:[ \t]*=[ \t]*(?:[!#$%&\'*+\-.^_`|~0-9A-Za-z]+|"(?:[^"\\\r\n]|'
+    rb'\\.)*"))?[ \t]*)*')
+_KNOWN_CODINGS = frozenset(('gzip', 'x-gzip', 'deflate', 'compress',
+                            'identity'))
+# Fields a chunked trailer must not carry: they would change the framing.
+_FORBIDDEN_TRAILERS = frozenset((b'content-length', b'transfer-encoding',
+                                 b'host', b'content-type', b'trailer'))
+_NO_BODY_STATUSES = frozenset((204, 304))
+_DRAIN_LIMIT = 65536
+_RECV_SIZE = 65536
+
+
+class _HeaderNames(dict):
+    """Request field name (bytes) -> WSGI environ key, cached.
+
+    Names with ``_`` map to None and are dropped, so ``Transfer_Encoding``
+    cannot pose as ``Transfer-Encoding`` (the CGI mapping merges them).
+    """
+
+    def __missing__(self, name):
+        if not _TOKEN_RE.fullmatch(name):
+            raise _HTTPError(400, 'bad header name %r' % name)
+        text = name.decode('ascii').upper()
+        if '_' in text:
+            key = None
+        elif text in ('CONTENT-TYPE', 'CONTENT-LENGTH'):
+            key = text.replace('-', '_')
+        else:
+            key = 'HTTP_' + text.replace('-', '_')
+        if len(self) < 512:
+            self[name] = key
+        return key
+
+
+_header_names = _HeaderNames()
+
+
+class _DateCache(object):
+    """The Date header value, formatted once a second, not per request."""
+
+    def __init__(self):
+        self.second = 0
+        self.value = ''
+
+    def __call__(self):
+        now = int(time.time())
+        if now != self.second:
+            self.value = time.strftime('%a, %d %b %Y %H:%M:%S GMT',
+                                       time.gmtime(now))
+            self.second = now
+        return self.value
+
+
+_http_date = _DateCache()
+
+
+class _NoBody(object):
+    """wsgi.input for a request without a body."""
+
+    def read(self, size=-1):
+        return b''
+
+    def readline(self, size=-1):
+        return b''
+
+    def readlines(self, hint=-1):
+        return []
+
+    def __iter__(self):
+        return iter(())
+
+
+_NO_BODY = _NoBody()
+
+
+class _Input(object):
+    """wsgi.input: the request body, read lazily from the connection.
+
+    Subclasses say how the body is framed.  ``read()`` returns b'' at the end
+    of the body, never blocking for more, so ``wsgi.input_terminated`` holds.
+    """
+
+    def __init__(self, conn):
+        self.conn = conn
+        self.done = False
+
+    def _next(self, size):
+        raise NotImplementedError
+
+    def read(self, size=-1):
+        if size is None or size < 0:
+            parts = []
+            while True:
+                part = self._next(_RECV_SIZE)
+                if not part:
+                    return b''.join(parts)
+                parts.append(part)
+        parts = []
+        while size > 0:
+            part = self._next(size)
+            if not part:
+                break
+            parts.append(part)
+            size -= len(part)
+        return b''.join(parts)
+
+    def readline(self, size=-1):
+        parts = []
+        while size != 0:
+            part = self._peek_line(size)
+            if not part:
+                break
+            parts.append(part)
+            if size > 0:
+                size -= len(part)
+            if part.endswith(b'\n'):
+                break
+        return b''.join(parts)
+
+    def _peek_line(self, size):
+        """Up to a newline (or ``size``), consuming only what it returns."""
+        part = self._next(size if size > 0 else _RECV_SIZE)
+        newline = part.find(b'\n')
+        if newline >= 0 and newline + 1 < len(part):
+            self._unread(part[newline + 1:])
+            part = part[:newline + 1]
+        return part
+
+    def readlines(self, hint=-1):
+        lines = []
+        total = 0
+        for line in self:
+            lines.append(line)
+            total += len(line)
+            if 0 < hint <= total:
+                break
+        return lines
+
+    def __iter__(self):
+        while True:
+            line = self.readline()
+            if not line:
+                return
+            yield line
+
+    def drain(self, limit):
+        """Read and drop what is left; False if more than ``limit`` is."""
+        while limit >= 0:
+            part = self._next(_RECV_SIZE)
+            if not part:
+                return True
+            limit -= len(part)
+        return False
+
+
+class _LengthInput(_Input):
+    """A body framed by Content-Length."""
+
+    def __init__(self, conn, length):
+        _Input.__init__(self, conn)
+        self.left = length
+
+    def _next(self, size):
+        if self.left <= 0:
+            return b''
+        data = self.conn.take(min(size, self.left))
+        self.left -= len(data)
+        return data
+
+    def _unread(self, data):
+        self.conn.untake(data)
+        self.left += len(data)
+
+
+class _ChunkedInput(_Input):
+    """A chunked body, de-chunked; trailers are checked and dropped."""
+
+    def __init__(self, conn, max_body):
+        _Input.__init__(self, conn)
+        self.left = 0          # bytes left in the current chunk
+        self.total = 0
+        self.max_body = max_body
+        self.pending = b''     # bytes handed back by _unread
+
+    def _next(self, size):
+        if self.pending:
+            data, self.pending = self.pending[:size], self.pending[size:]
+            return data
+        if self.done:
+            return b''
+        if self.left == 0:
+            self.left = self._chunk_size()
+            if self.left == 0:
+                self._trailers()
+                self.done = True
+                return b''
+        data = self.conn.take(min(size, self.left))
+        self.left -= len(data)
+        if self.left == 0:
+            if self.conn.read_exact(2) != b'\r\n':
+                raise _HTTPError(400, 'chunk data not followed by CRLF')
+        return data
+
+    def _unread(self, data):
+        self.pending = data + self.pending
+
+    def _chunk_size(self):
+        line = self.conn.read_line(1024)
+        match = _CHUNK_SIZE_RE.fullmatch(line)
+        if not match:
+            raise _HTTPError(400, 'bad chunk size line %r' % line[:64])
+        size = int(match.group(1), 16)
+        self.total += size
+        if self.max_body is not None and self.total > self.max_body:
+            raise _HTTPError(413, 'chunked body over max_body')
+        return size
+
+    def _trailers(self):
+        for _ in range(100):
+            line = self.conn.read_line(8192)
+            if not line:
+                return
+            name, colon, value = line.partition(b':')
+            if not colon or not _TOKEN_RE.fullmatch(name) or \
+                    _BAD_VALUE_RE.search(value):
+                raise _HTTPError(400, 'bad trailer field %r' % line[:64])
+            if name.lower() in _FORBIDDEN_TRAILERS:
+                raise _HTTPError(400, 'forbidden trailer field %r' % name)
+        raise _HTTPError(431, 'too many trailer fields')
+
+
+class _FileWrapper(object):
+    """wsgi.file_wrapper: lets the server send a file with os.sendfile."""
+
+    def __init__(self, filelike, blksize=65536):
+        self.filelike = filelike
+        self.blksize = blksize
+        if hasattr(filelike, 'close'):
+            self.close = filelike.close
+
+    def __iter__(self):
+        read = self.filelike.read
+        while True:
+            data = read(self.blksize)
+            if not data:
+                return
+            yield data
+
+
+class _ErrorStream(object):
+    """wsgi.errors: what an app writes here is logged at ERROR."""
+
+    def __init__(self, logger):
+        self.logger = logger
+
+    def write(self, text):
+        for line in str(text).splitlines():
+            if line.strip():
+                self.logger.error('wsgi.errors: %s', line)
+
+    def writelines(self, lines):
+        for line in lines:
+            self.write(line)
+
+    def flush(self):
+        pass
+
+
+_SAFE_LOG_RE = re.compile(r'[^\x21-\x7e]|%')
+
+
+def _log_quote(text):
+    """``text`` made into one space-free word for a log line."""
+    if not text:
+        return '-'
+    return _SAFE_LOG_RE.sub(lambda m: '%%%02X' % ord(m.group()) if
+                            ord(m.group()) < 256 else
+                            ''.join('%%%02X' % b for b in
+                                    m.group().encode('utf-8')), text)
+
+
+class _HTTPConnection(object):
+    """One client connection: reads requests and answers them in turn.
+
+    Per-connection state is kept here and reused for every request on the
+    connection, so keep-alive requests create little garbage.
+    """
+
+    def __init__(self, worker, sock, address):
+        self.worker = worker
+        self.sock = sock
+        self.buf = b''
+        self.client = address[0] if address else '-'
+        self.base_env = worker.base_env.copy()
+        self.base_env['REMOTE_ADDR'] = self.client
+        self.base_env['REMOTE_PORT'] = str(address[1]) if address else ''
+        self.expect_continue = False
+        self.idle = True
+
+    # -- reading -----------------------------------------------------------
+
+    def recv(self):
+        """More bytes from the client; raises EOFError when it closed."""
+        data = self.sock.recv(_RECV_SIZE)
+        if not data:
+            raise EOFError
+        return data
+
+    def take(self, size):
+        """Up to ``size`` body bytes: buffered ones first, else one recv."""
+        if self.expect_continue:
+            self.expect_continue = False
+            self.sock.sendall(b'HTTP/1.1 100 Continue\r\n\r\n')
+        buf = self.buf
+        if not buf:
+            try:
+                buf = self.recv()
+            except EOFError:
+                raise _HTTPError(400, 'client closed inside the body')
+        self.buf = buf[size:]
+        return buf[:size]
+
+    def untake(self, data):
+        self.buf = data + self.buf
+
+    def read_exact(self, size):
+        data = b''
+        while len(data) < size:
+            data += self.take(size - len(data))
+        return data
+
+    def read_line(self, limit):
+        """A CRLF-terminated line (without it) of at most ``limit`` bytes."""
+        while True:
+            end = self.buf.find(b'\r\n')
+            if end >= 0:
+                line, self.buf = self.buf[:end], self.buf[end + 2:]
+                if b'\n' in line or b'\r' in line:
+                    raise _HTTPError(400, 'bare CR or LF in a chunk line')
+                return line
+            if len(self.buf) > limit:
+                raise _HTTPError(400, 'chunk line too long')
+            self.buf += self.take(_RECV_SIZE)
+
+    def read_head(self):
+        """The bytes of the next request's head, or None at a clean end.
+
+        Refuses a head that breaks the limits as soon as it does, so a
+        client cannot make brim buffer more than the limits allow.
+        """
+        worker = self.worker
+        buf = self.buf
+        while True:
+            end = buf.find(b'\r\n\r\n')
+            if end >= 0:
+                head, self.buf = buf[:end], buf[end + 4:]
+                if head.startswith(b'\r\n'):     # one stray CRLF is allowed
+                    head = head[2:]
+                if head.count(b'\n') != head.count(b'\r\n') or \
+                        head.count(b'\r') != head.count(b'\r\n'):
+                    raise _HTTPError(400, 'bare CR or LF in the head')
+                return head
+            if buf.count(b'\n') != buf.count(b'\r\n'):
+                raise _HTTPError(400, 'bare LF in the head')
+            first = buf.find(b'\r\n', 2)
+            if (first < 0 and len(buf) > worker.max_request_line + 2) or \
+                    first > worker.max_request_line + 2:
+                raise _HTTPError(414, 'request line over max_request_line')
+            if len(buf) > worker.max_head:
+                raise _HTTPError(431, 'request head over the header limits')
+            try:
+                data = self.sock.recv(_RECV_SIZE)
+            except socket.timeout:
+                if buf:
+                    raise _HTTPError(408, 'client timed out sending a head')
+                return None
+            if not data:
+                if buf.strip():
+                    raise _HTTPError(400, 'client closed inside the head')
+                return None
+            self.idle = False
+            buf += data
+            self.buf = buf
+
+    # -- parsing -----------------------------------------------------------
+
+    def parse(self, head):
+        """The WSGI environ for ``head``; sets framing and keep-alive."""
+        worker = self.worker
+        lines = head.split(b'\r\n')
+        request_line = lines[0]
+        if len(request_line) > worker.max_request_line:
+            raise _HTTPError(414, 'request line over max_request_line')
+        parts = request_line.split(b' ')
+        if len(parts) != 3:
+            raise _HTTPError(400, 'malformed request line %r'
+                             % request_line[:100])
+        method, target, version = parts
+        if method not in _KNOWN_METHODS and not _METHOD_RE.fullmatch(method):
+            raise _HTTPError(400, 'bad method %r' % method[:30])
+        if version == b'HTTP/1.1':
+            http11 = True
+        elif version == b'HTTP/1.0':
+            http11 = False
+        elif _VERSION_RE.fullmatch(version):
+            raise _HTTPError(505, 'unsupported version %r' % version)
+        else:
+            raise _HTTPError(400, 'bad version %r' % version[:30])
+        env = self.base_env.copy()
+        env['REQUEST_METHOD'] = method.decode('ascii')
+        env['SERVER_PROTOCOL'] = version.decode('ascii')
+        self._parse_target(env, method, target)
+        if len(lines) - 1 > worker.max_header_count:
+            raise _HTTPError(431, 'more than max_header_count fields')
+        self._parse_fields(env, lines, http11)
+        return env
+
+    def _parse_target(self, env, method, target):
+        if target[:1] == b'/':
+            if not _TARGET_RE.fullmatch(target):
+                raise _HTTPError(400, 'bad request target')
+            path = target
+        elif target[:7].lower() == b'http://' or \
+                target[:8].lower() == b'https://':
+            if not _TARGET_RE.fullmatch(target):
+                raise _HTTPError(400, 'bad request target')
+            rest = target.split(b'://', 1)[1]
+            slash = rest.find(b'/')
+            authority = rest if slash < 0 else rest[:slash]
+            if not authority or not _AUTHORITY_RE.fullmatch(authority):
+                raise _HTTPError(400, 'bad absolute-form target')
+            path = b'/' if slash < 0 else rest[slash:]
+        elif target == b'*' and method == b'OPTIONS':
+            path = b'*'
+        elif method == b'CONNECT' and _AUTHORITY_RE.fullmatch(target):
+            path = b''
+        else:
+            raise _HTTPError(400, 'bad request target %r' % target[:100])
+        path = path.split(b'#', 1)[0]
+        path, _, query = path.partition(b'?')
+        if b'%' in path:
+            path = unquote_to_bytes(path)
+            if b'\0' in path:
+                raise _HTTPError(400, 'NUL in the path')
+        env['PATH_INFO'] = path.decode('latin-1')
+        env['QUERY_STRING'] = query.decode('latin-1')
+        env['RAW_URI'] = target.decode('latin-1')
+
+    def _parse_fields(self, env, lines, http11):
+        worker = self.worker
+        max_line = worker.max_header_line
+        names = _header_names
+        codings = None
+        for line in itertools.islice(lines, 1, None):
+            if len(line) > max_line:
+                raise _HTTPError(431, 'a header line over max_header_line')
+            colon = line.find(b':')
+            if colon <= 0:
+                raise _HTTPError(400, 'header line without a name: %r'
+                                 % line[:64])
+            key = names[line[:colon]]
+            value = line[colon + 1:].strip(b' \t')
+            if _BAD_VALUE_RE.search(value):
+                raise _HTTPError(400, 'control character in header %r'
+                                 % line[:colon])
+            if key is None:
+                continue
+            value = value.decode('latin-1')
+            if key in env:
+                if key in ('CONTENT_LENGTH', 'HTTP_HOST', 'CONTENT_TYPE'):
+                    raise _HTTPError(400, 'duplicate %s' % key)
+                env[key] += ',' + value
+            else:
+                env[key] = value
+            if key == 'HTTP_TRANSFER_ENCODING':
+                codings = env[key]
+        connection = env.get('HTTP_CONNECTION', '').lower()
+        if http11:
+            self.keep_alive = 'close' not in connection
+        else:
+            self.keep_alive = 'keep-alive' in connection
+        self.expect_continue = http11 and \
+            env.get('HTTP_EXPECT', '').lower() == '100-continue'
+        length = env.get('CONTENT_LENGTH')
+        if codings is not None:
+            self._chunked(env, codings, length, http11)
+        elif length is not None:
+            if not length.isdigit() or not length.isascii():
+                raise _HTTPError(400, 'bad Content-Length %r' % length)
+            size = int(length)
+            if worker.max_body is not None and size > worker.max_body:
+                raise _HTTPError(413, 'Content-Length over max_body')
+            env['wsgi.input'] = _LengthInput(self, size) if size else \
+                _NO_BODY
+        else:
+            env['wsgi.input'] = _NO_BODY
+            self.expect_continue = False
+
+    def _chunked(self, env, codings, length, http11):
+        """Check Transfer-Encoding and set a de-chunking wsgi.input."""
+        if length is not None:
+            raise _HTTPError(400, 'both Content-Length and '
+                             'Transfer-Encoding (request smuggling)')
+        if not http11:
+            raise _HTTPError(400, 'Transfer-Encoding in an HTTP/1.0 request')
+        listed = [c.strip(' \t').lower() for c in codings.split(',')]
+        if listed[-1] != 'chunked' or listed.count('chunked') != 1:
+            raise _HTTPError(400, 'Transfer-Encoding %r does not end with '
+                             'one chunked' % codings)
+        for coding in listed[:-1]:
+            if coding not in _KNOWN_CODINGS:
+                raise _HTTPError(501, 'unknown transfer coding %r' % coding)
+        env['wsgi.input'] = _ChunkedInput(self, self.worker.max_body)
+
+    # -- serving -----------------------------------------------------------
+
+    def serve(self):
+        """Answer requests until the client or brim ends the connection."""
+        worker = self.worker
+        try:
+            while not worker.draining:
+                self.idle = True
+                try:
+                    head = self.read_head()
+                    if head is None:
+                        return
+                    env = self.parse(head)
+                except _HTTPError as err:
+                    self.refuse(err)
+                    return
+                if not self.respond(env):
+                    return
+        except (OSError, EOFError):
+            return      # the client went away or timed out: nothing to say
+        finally:
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+
+    def refuse(self, err, env=None):
+        """Answer a request brim will not serve, then close."""
+        worker = self.worker
+        env = env or self.base_env
+        worker.logger.warning('%s refused %s: %s', self.client, err.status,
+                              err.reason)
+        body = ('%d %s\n' % (err.status, _RESPONSE_REASONS.get(
+            err.status, ''))).encode('ascii')
+        head = 'HTTP/1.1 %d %s\r\nDate: %s\r\nServer: brim\r\n' \
+               'Content-Type: text/plain\r\nContent-Length: %d\r\n' \
+               'Connection: close\r\n\r\n' % (
+                   err.status, _RESPONSE_REASONS.get(err.status, ''),
+                   _http_date(), len(body))
+        try:
+            self.sock.sendall(head.encode('ascii') + body)
+        except OSError:
+            pass
+        worker.count_request(err.status)
+
+    def respond(self, env):
+        """Run the app for ``env`` and answer; True to keep the connection."""
+        worker = self.worker
+        response = _Response(self, env)
+        _txn_local.txn = txn = env['brim.txn'] = worker.next_txn()
+        env['brim.start'] = start = time.time()
+        env['brim.log_info'] = []
+        try:
+            keep = response.run(worker.app)
+        finally:
+            _txn_local.txn = None
+        if keep:
+            keep = self._finish_body(env)
+        worker.count_request(response.code)
+        worker.log_request(env, response, time.time() - start, txn)
+        return keep and not worker.draining
+
+    def _finish_body(self, env):
+        """Drop what the app left of the body so the next request parses."""
+        body = env['wsgi.input']
+        if body is _NO_BODY:
+            return True
+        self.expect_continue = False    # never ask for a body nobody reads
+        try:
+            return body.drain(_DRAIN_LIMIT)
+        except _HTTPError:
+            return False
+
+
+class _Response(object):
+    """One response: start_response, write, and sending the app's body."""
+
+    def __init__(self, conn, env):
+        self.conn = conn
+        self.env = env
+        self.status = None
+        self.headers = None
+        self.code = 0
+        self.head_sent = False
+        self.chunked = False
+        self.length = None      # Content-Length the app gave, if any
+        self.sent = 0           # body bytes sent
+        self.keep_alive = conn.keep_alive
+        self.head_only = env['REQUEST_METHOD'] == 'HEAD'
+
+    def start_response(self, status, headers, exc_info=None):
+        if exc_info is not None:
+            try:
+                if self.head_sent:
+                    raise exc_info[1].with_traceback(exc_info[2])
+            finally:
+                exc_info = None
+        elif self.status is not None:
+            raise _AppError('called start_response twice without exc_info')
+        if type(status) is not str or len(status) < 4 or \
+                not status[:3].isdigit() or status[3:4] != ' ':
+            raise _AppError('gave start_response a status of %r; it must '
+                            'be a str like "200 OK"' % (status,))
+        if type(headers) is not list:
+            raise _AppError('gave start_response headers of type %s; they '
+                            'must be a list of (str, str) tuples'
+                            % type(headers).__name__)
+        for header in headers:
+            if type(header) is not tuple or len(header) != 2 or \
+                    type(header[0]) is not str or type(header[1]) is not str:
+                raise _AppError('gave start_response the header %r; headers '
+                                'must be (str, str) tuples' % (header,))
+            if '\n' in header[1] or '\r' in header[1] or \
+                    not _FIELD_NAME_RE.fullmatch(header[0]):
+                raise _AppError('gave start_response the header %r; a name '
+                                'is a token and a value has no CR or LF'
+                                % (header,))
+        self.status = status
+        self.headers = headers
+        self.code = int(status[:3])
+        return self.write
+
+    def _head(self, body_length):
+        """The response head as bytes, deciding the body's framing."""
+        code = self.code
+        lines = ['HTTP/1.1 ', self.status, '\r\n']
+        has_date = has_server = False
+        for name, value in self.headers:
+            lower = name.lower()
+            if lower == 'content-length':
+                try:
+                    self.length = int(value)
+                except ValueError:
+                    raise _AppError('sent Content-Length %r' % value)
+            elif lower == 'connection':
+                if value.lower() == 'close':
+                    self.keep_alive = False
+                continue
+            elif lower == 'transfer-encoding':
+                continue        # brim frames the body itself
+            elif lower == 'date':
+                has_date = True
+            elif lower == 'server':
+                has_server = True
+            lines.extend((name, ': ', value, '\r\n'))
+        if not has_date:
+            lines.extend(('Date: ', _http_date(), '\r\n'))
+        if not has_server:
+            lines.append('Server: brim\r\n')
+        if code < 200 or code in _NO_BODY_STATUSES:
+            pass
+        elif self.length is not None:
+            pass
+        elif body_length is not None:
+            self.length = body_length
+            lines.extend(('Content-Length: ', str(body_length), '\r\n'))
+        elif self.env['SERVER_PROTOCOL'] == 'HTTP/1.1':
+            self.chunked = not self.head_only
+            lines.append('Transfer-Encoding: chunked\r\n')
+        else:
+            self.keep_alive = False     # HTTP/1.0: the close ends the body
+        if self.keep_alive and self.conn.worker.draining:
+            self.keep_alive = False
+        if not self.keep_alive:
+            lines.append('Connection: close\r\n')
+        elif self.env['SERVER_PROTOCOL'] == 'HTTP/1.0':
+            lines.append('Connection: keep-alive\r\n')
+        lines.append('\r\n')
+        try:
+            return ''.join(lines).encode('latin-1')
+        except UnicodeEncodeError:
+            raise _AppError('sent a header that is not latin-1 text')
+
+    def write(self, data):
+        """The WSGI write() callable (and how iterables are sent)."""
+        if self.status is None:
+            raise _AppError('called write() before start_response')
+        if type(data) is not bytes:
+            raise _AppError('wrote a %s; WSGI bodies are bytes'
+                            % type(data).__name__)
+        out = b''
+        if not self.head_sent:
+            out = self._head(None)
+            self.head_sent = True
+        if data and not self.head_only:
+            self.sent += len(data)
+            if self.chunked:
+                out += b'%x\r\n%s\r\n' % (len(data), data)
+            else:
+                out += data
+        if out:
+            self.conn.sock.sendall(out)
+
+    def _send_whole(self, body):
+        """Head and a body known in full, in one send."""
+        head = self._head(len(body))
+        self.head_sent = True
+        if self.head_only or self.code < 200 or \
+                self.code in _NO_BODY_STATUSES:
+            body = b''
+        self.sent = len(body)
+        self.conn.sock.sendall(head + body)
+
+    def _send_file(self, wrapper):
+        """A wsgi.file_wrapper body, through os.sendfile when it can."""
+        try:
+            fileno = wrapper.filelike.fileno()
+            offset = wrapper.filelike.tell()
+            size = os.fstat(fileno).st_size - offset
+        except (AttributeError, OSError, io.UnsupportedOperation):
+            return self._send_iterable(wrapper)
+        if self.length is None:
+            for name, value in self.headers:
+                if name.lower() == 'content-length':
+                    size = min(size, int(value))
+        head = self._head(size)
+        self.head_sent = True
+        self.conn.sock.sendall(head)
+        if self.head_only:
+            return
+        if self.length is not None:
+            size = min(size, self.length)
+        while size > 0:
+            sent = self.conn.sock.sendfile(wrapper.filelike, offset, size)
+            if not sent:
+                break
+            offset += sent
+            size -= sent
+            self.sent += sent
+
+    def _send_iterable(self, result):
+        write = self.write
+        for data in result:
+            if data:
+                write(data)
+            elif type(data) is not bytes:
+                raise _AppError('yielded a %s; WSGI bodies are bytes'
+                                % type(data).__name__)
+        if not self.head_sent:
+            self._send_whole(b'')
+        elif self.chunked:
+            self.conn.sock.sendall(b'0\r\n\r\n')
+
+    def run(self, app):
+        """Call the app and send its answer; True to keep the connection."""
+        conn = self.conn
+        logger = conn.worker.logger
+        result = None
+        try:
+            result = app(self.env, self.start_response)
+            if self.status is None and type(result) in (list, tuple):
+                raise _AppError('returned without calling start_response')
+            if type(result) in (list, tuple):
+                try:
+                    body = b''.join(result)
+                except TypeError:
+                    raise _AppError('returned a body that is not all bytes '
+                                    '(a str?); WSGI bodies are bytes')
+                self._send_whole(body)
+            elif type(result) is bytes:
+                self._send_whole(result)    # a common slip; serve it
+            elif type(result) is _FileWrapper and not self.head_sent:
+                self._send_file(result)
+            else:
+                self._send_iterable(result)
+                if self.status is None:
+                    raise _AppError('returned without calling '
+                                    'start_response')
+        except (_AppError, _HTTPError, Exception) as err:
+            return self._fail(err)
+        finally:
+            close = getattr(result, 'close', None)
+            if close is not None:
+                try:
+                    close()
+                except Exception:
+                    logger.exception('the app\'s close() raised')
+        if self.length is not None and self.sent != self.length and \
+                not self.head_only:
+            logger.error('%s %s: the app said Content-Length %d but sent '
+                         '%d bytes; closing the connection',
+                         self.env['REQUEST_METHOD'], self.env['PATH_INFO'],
+                         self.length, self.sent)
+            return False
+        return self.keep_alive
+
+    def _fail(self, err):
+        """The app raised or misbehaved: log it, answer 500 if we still can."""
+        conn = self.conn
+        env = self.env
+        logger = conn.worker.logger
+        if isinstance(err, OSError):
+            self.code = self.code or 499
+            return False       # the client went away mid-response
+        if isinstance(err, _HTTPError):
+            status, reason = err.status, err.reason
+            logger.warning('%s refused %s: %s', conn.client, status, reason)
+        elif isinstance(err, _AppError):
+            status, reason = 500, 'the app %s' % err
+            logger.error('%s %s: %s', env['REQUEST_METHOD'], env['PATH_INFO'],
+                         reason)
+        else:
+            status, reason = 500, 'the app raised'
+            logger.exception('%s %s: %s: %s', env['REQUEST_METHOD'],
+                             env['PATH_INFO'], reason, _one_line(err))
+        self.code = status
+        if self.head_sent:
+            return False      # too late for a status: cut the response short
+        body = ('%d %s\ntxn %s\n' % (status, _RESPONSE_REASONS.get(
+            status, ''), env.get('brim.txn', '-'))).encode('ascii')
+        self.status = '%d %s' % (status, _RESPONSE_REASONS.get(status, ''))
+        self.headers = [('Content-Type', 'text/plain')]
+        self.keep_alive = False
+        self.length = None
+        try:
+            self._send_whole(body)
+        except OSError:
+            pass
+        return False
+
+
+class _ConnectionPool(object):
+    """Threads that serve accepted connections, at most ``limit`` at once.
+
+    Threads are kept and reused, so a new connection costs a queue hand-off,
+    not a thread start.  When all slots are taken the worker stops
+    accepting and further connections wait in the listen backlog.
+    """
+
+    def __init__(self, handle, limit, logger):
+        self.handle = handle
+        self.slots = threading.Semaphore(limit)
+        self.logger = logger
+        self.queue = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        self.idle = 0
+        self.busy = 0
+
+    def submit(self, sock, address):
+        """Serve ``sock`` on a pooled thread; a slot must be held."""
+        with self.lock:
+            self.busy += 1
+            spawn = self.idle == 0
+            if not spawn:
+                self.idle -= 1
+        if spawn:
+            threading.Thread(target=self._run, daemon=True).start()
+        self.queue.put((sock, address))
+
+    def _run(self):
+        while True:
+            sock, address = self.queue.get()
+            try:
+                self.handle(sock, address)
+            except Exception:
+                self.logger.exception('connection from %s failed', address)
+                sock.close()
+            finally:
+                with self.lock:
+                    self.busy -= 1
+                    self.idle += 1
+                self.slots.release()
+
+
+# ---------------------------------------------------------------------------
+# Subservers: WSGI, TCP, UDP and daemons
+# ---------------------------------------------------------------------------
+
+class Subserver(object):
+    """A configuration section that brimd serves with worker processes.
+
+    In the main process it parses its section; in each worker process it
+    runs the serving loop (``serve``) for one worker ``index``.  Apps and
+    handlers reach it as ``env['brim']`` or their ``subserver`` argument,
+    and most use its ``logger``.
+    """
+
+    kind = None
+
+    def __init__(self, server, name):
+        self.server = server
+        self.name = name
+        self.stats_conf = {}
+        self.worker_index = None
+        self.stats = None
+        self.draining = False
+        self.logger = None
+
+    def _option(self, conf, getter, option, default):
+        """A section option that falls back to ``[brim]``, then default."""
+        return getter(self.name, option, getter('brim', option, default))
+
+    def parse_conf(self, conf):
+        """Read this section's options (main process, before forking)."""
+        opt = self._option
+        self.log_name = opt(conf, conf.get, 'log_name', 'brim')
+        self.log_level = opt(conf, conf.get, 'log_level', 'INFO')
+        self.log_facility = opt(conf, conf.get, 'log_facility', 'LOCAL0')
+        self.log_file = opt(conf, conf.get_path, 'log_file', None)
+        self.json_dumps = self._function(conf, 'json_dumps', 'json.dumps')
+        self.json_loads = self._function(conf, 'json_loads', 'json.loads')
+        self.workers = opt(conf, conf.get_int, 'workers', 1)
+        if self.workers < 1:
+            raise ConfError('[%s] workers must be at least 1.' % self.name)
+
+    def _function(self, conf, option, default):
+        dotted = self._option(conf, conf.get, option, default)
+        return import_call(self.name, dotted)
+
+    def _add_stats(self, call_name, cls, conf):
+        """Add what ``cls.stats_conf(call_name, conf)`` declares."""
+        stats_conf = getattr(cls, 'stats_conf', None)
+        if stats_conf is None:
+            return
+        try:
+            declared = list(stats_conf(call_name, conf))
+        except Exception as err:
+            raise ConfError('[%s] stats_conf failed: %s'
+                            % (call_name, _one_line(err)))
+        for stat_name, stat_type in declared:
+            if stat_type not in STAT_TYPES:
+                raise ConfError('[%s] stat %s has type %r; use one of %s.'
+                                % (call_name, stat_name, stat_type,
+                                   ', '.join(STAT_TYPES)))
+            self.stats_conf[stat_name] = stat_type
+
+    def _load_call(self, conf, section):
+        """(class, parsed conf) for ``[section] call = ...``."""
+        dotted = conf.get(section, 'call')
+        if not dotted:
+            raise ConfError('[%s] needs call = package.module.Class.'
+                            % section)
+        cls = import_call(section, dotted)
+        parsed = conf
+        parse = getattr(cls, 'parse_conf', None)
+        if parse is not None:
+            try:
+                parsed = parse(section, conf)
+            except Exception as err:
+                raise ConfError(_one_line(err))
+        self._add_stats(section, cls, conf)
+        return cls, parsed
+
+    @property
+    def bucket_count(self):
+        return self.workers
+
+    def bucket_labels(self):
+        return [str(i) for i in range(self.bucket_count)]
+
+    def addresses(self):
+        return []
+
+    def start_worker(self, index, bucket, to_stderr):
+        """Set up worker ``index`` in its own process (or thread)."""
+        self.worker_index = index
+        self.stats = bucket
+        self.logger = get_logger(self.log_name, self.log_level,
+                                 self.log_facility, self.log_file, to_stderr)
+        if 'start_time' in self.stats_conf:
+            bucket.set('start_time', time.time())
+        self.parent_pid = os.getppid()
+
+    def orphaned(self):
+        """True when the main process is gone: the worker should exit."""
+        return self.server.forked and os.getppid() != self.parent_pid
+
+    def drain(self):
+        """Stop taking new work; finish what is in hand.  Signal-safe."""
+        self.draining = True
+
+
+class _IPSubserver(Subserver):
+    """A subserver with a listening socket: WSGI, TCP and UDP."""
+
+    def __init__(self, server, name):
+        Subserver.__init__(self, server, name)
+        self.sock = None
+        self.stats_conf['start_time'] = 'worker'
+
+    def parse_conf(self, conf):
+        Subserver.parse_conf(self, conf)
+        opt = self._option
+        self.ip = opt(conf, conf.get, 'ip', '*')
+        self.port = opt(conf, conf.get_int, 'port', 80)
+        if not 0 <= self.port <= 65535:
+            raise ConfError('[%s] port %d is not between 0 and 65535.'
+                            % (self.name, self.port))
+        self.backlog = opt(conf, conf.get_int, 'backlog', 4096)
+        self.listen_retry = opt(conf, conf.get_float, 'listen_retry', 30.0)
+        self.client_timeout = opt(conf, conf.get_float, 'client_timeout',
+                                  60.0)
+        self.concurrent_per_worker = opt(conf, conf.get_int,
+                                         'concurrent_per_worker', 1024)
+
+    def addresses(self):
+        return ['%s:%s' % (self.ip, self.port)]
+
+    def bind(self, inherited):
+        """Take the socket a previous brimd handed over, else bind one."""
+        kind = 'udp' if self.kind == 'udp' else 'tcp'
+        family, host = _address_family(self.ip)
+        key = '%s %s %s' % (kind, host, self.port)
+        self.sock = inherited.pop(key, None)
+        if self.sock is None:
+            self.sock = _bind(self.name, self.ip, self.port, kind,
+                              self.backlog, self.listen_retry)
+        self.port = self.sock.getsockname()[1]
+
+    def _serve_loop(self, on_ready):
+        """Wait for ``self.sock`` readable and call ``on_ready``.
+
+        Between waits (at least once a second) it beats the heartbeat and
+        checks for a drain request or a vanished main process.
+        """
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_w, False)
+        if threading.current_thread() is threading.main_thread():
+            signal.set_wakeup_fd(wake_w)
+        self.wake_w = wake_w
+        sock = self.sock
+        sock.setblocking(False)
+        stats = self.stats
+        while not self.draining and not self.orphaned():
+            stats.beat()
+            readable = select.select([sock, wake_r], [], [], 1.0)[0]
+            if wake_r in readable:
+                os.read(wake_r, 512)
+            if sock in readable and not self.draining:
+                on_ready(sock)
+        sock.close()
+        os.close(wake_r)
+
+    def _accept_connections(self, handle):
+        """The accept loop of WSGI and TCP workers."""
+        pool = _ConnectionPool(handle, self.concurrent_per_worker,
+                               self.logger)
+        self.pool = pool
+
+        def accept(sock):
+            while pool.slots.acquire(timeout=1.0):
+                try:
+                    client, address = sock.accept()
+                except (BlockingIOError, InterruptedError):
+                    pool.slots.release()
+                    return
+                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                client.settimeout(self.client_timeout)
+                pool.submit(client, address)
+
+        self._serve_loop(accept)
+        deadline = time.monotonic() + self.server.graceful_timeout
+        while pool.busy and time.monotonic() < deadline and \
+                not self.orphaned():
+            stats_beat = self.stats.beat
+            stats_beat()
+            self._close_idle()
+            time.sleep(0.05)
+
+    def _close_idle(self):
+        pass
+
+
+class WSGISubserver(_IPSubserver):
+    """``[wsgi]`` / ``[wsgi#name]``: serves a chain of WSGI apps."""
+
+    kind = 'wsgi'
+
+    def parse_conf(self, conf):
+        _IPSubserver.parse_conf(self, conf)
+        opt = self._option
+        self.log_headers = opt(conf, conf.get_bool, 'log_headers', False)
+        codes = opt(conf, conf.get, 'count_status_codes', '404 408 499 501')
+        try:
+            self.count_status_codes = [int(c) for c in codes.split()]
+        except ValueError:
+            raise conf.error(self.name, 'count_status_codes', codes,
+                             'a list of ints')
+        self.max_request_line = opt(conf, conf.get_int, 'max_request_line',
+                                    8190)
+        self.max_header_line = opt(conf, conf.get_int, 'max_header_line',
+                                   8190)
+        self.max_header_count = opt(conf, conf.get_int, 'max_header_count',
+                                    100)
+        self.max_body = opt(conf, conf.get_int, 'max_body', None)
+        # The longest head the limits allow, so reading can stop early.
+        self.max_head = self.max_request_line + 4 + \
+            self.max_header_count * (self.max_header_line + 2)
+        for stat in ['request_count', 'status_2xx_count', 'status_3xx_count',
+                     'status_4xx_count', 'status_5xx_count'] + \
+                ['status_%d_count' % c for c in self.count_status_codes]:
+            self.stats_conf[stat] = 'sum'
+        self.apps = []
+        for app_name in conf.get(self.name, 'apps', '').split():
+            cls, parsed = self._load_call(conf, app_name)
+            self.apps.append((app_name, cls, parsed))
+
+    def start_worker(self, index, bucket, to_stderr):
+        _IPSubserver.start_worker(self, index, bucket, to_stderr)
+        self.txn_prefix = os.urandom(5).hex()
+        self.txn_counter = itertools.count(1)
+        self.connections = set()
+        self.status_slots = self._status_slots()
+        host, port = self.sock.getsockname()[:2]
+        self.base_env = {
+            'SCRIPT_NAME': '', 'SERVER_NAME': host, 'SERVER_PORT': str(port),
+            'wsgi.version': (1, 0), 'wsgi.url_scheme': 'http',
+            'wsgi.errors': _ErrorStream(self.logger),
+            'wsgi.multithread': True, 'wsgi.multiprocess': True,
+            'wsgi.run_once': False, 'wsgi.input_terminated': True,
+            'wsgi.file_wrapper': _FileWrapper,
+            'brim': self, 'brim.logger': self.logger, 'brim.stats': bucket,
+            'brim.json_dumps': self.json_dumps,
+            'brim.json_loads': self.json_loads,
+        }
+        app = self._not_found
+        for app_name, cls, parsed in reversed(self.apps):
+            app = cls(app_name, parsed, app)
+        self.app = app
+
+    def _status_slots(self):
+        """{status code: [slots to increment]} for every code, precomputed."""
+        index = self.stat_index
+        base = self.stats.offset
+        slots = {}
+        for code in range(100, 600):
+            names = ['request_count']
+            if 200 <= code < 600 and code // 100 > 1:
+                names.append('status_%dxx_count' % (code // 100))
+            if code in self.count_status_codes:
+                names.append('status_%d_count' % code)
+            slots[code] = [base + index[n] for n in names]
+        return slots
+
+    def count_request(self, code):
+        slots = self.status_slots.get(code) or self.status_slots[500]
+        array = self.stats.array
+        with self.stats.lock:
+            for slot in slots:
+                array[slot] += 1
+
+    def next_txn(self):
+        return '%s%x' % (self.txn_prefix, next(self.txn_counter))
+
+    def log_request(self, env, response, duration, txn):
+        """The one NOTICE line per request, in the original brimd's order.
+
+        client, remote address, -, user, time, method, path?query,
+        protocol, status, bytes out, bytes in, referer, user agent, txn,
+        seconds, then ``brim.log_info`` words.  Each field is one word:
+        spaces, controls and ``%`` are percent-quoted, so a line never breaks.
+        """
+        logger = self.logger
+        if not logger.isEnabledFor(NOTICE):
+            return
+        path = env.get('PATH_INFO', '')
+        if env.get('QUERY_STRING'):
+            path += '?' + env['QUERY_STRING']
+        body = env.get('wsgi.input')
+        words = [env.get('REMOTE_ADDR'), env.get('REMOTE_ADDR'), None,
+                 env.get('REMOTE_USER'),
+                 time.strftime('%Y%m%dT%H%M%SZ', time.gmtime()),
+                 env.get('REQUEST_METHOD'), path, env.get('SERVER_PROTOCOL'),
+                 response.code, response.sent,
+                 getattr(body, 'consumed', 0), env.get('HTTP_REFERER'),
+                 env.get('HTTP_USER_AGENT'), txn, '%.5f' % duration]
+        words.extend(env.get('brim.log_info') or ())
+        if self.log_headers:
+            words.append('headers:')
+            words.extend('%s:%s' % (k[5:].replace('_', '-').title(), v)
+                         for k, v in sorted(env.items())
+                         if k.startswith('HTTP_'))
+        logger.log(NOTICE, ' '.join([_log_quote(str(w or '-'))
+                                     for w in words]))
+
+    @staticmethod
+    def _not_found(env, start_response):
+        """brimd itself, the last app of every chain: 404."""
+        body = b'404 Not Found\n'
+        start_response('404 Not Found', [('Content-Type', 'text/plain'),
+                                         ('Content-Length', str(len(body)))])
+        return [body]
+
+    def serve(self):
+        self._accept_connections(self._handle)
+
+    def _handle(self, sock, address):
+        conn = _HTTPConnection(self, sock, address)
+        self.connections.add(conn)
+        try:
+            conn.serve()
+        finally:
+            self.connections.discard(conn)
+
+    def _close_idle(self):
+        """While draining, end keep-alive connections between requests."""
+        for conn in list(self.connections):
+            if conn.idle:
+                try:
+                    conn.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+class TCPSubserver(_IPSubserver):
+    """``[tcp]`` / ``[tcp#name]``: a handler called per connection."""
+
+    kind = 'tcp'
+
+    def parse_conf(self, conf):
+        _IPSubserver.parse_conf(self, conf)
+        self.handler_class, self.handler_conf = self._load_call(conf,
+                                                                self.name)
+
+    def start_worker(self, index, bucket, to_stderr):
+        _IPSubserver.start_worker(self, index, bucket, to_stderr)
+        self.handler = self.handler_class(self.name, self.handler_conf)
+
+    def serve(self):
+        self._accept_connections(self._handle)
+
+    def _handle(self, sock, address):
+        try:
+            self.handler(self, self.stats, sock, address[0], address[1])
+        except Exception:
+            self.logger.exception('[%s] handler raised serving %s:%s',
+                                  self.name, address[0], address[1])
+        finally:
+            sock.close()
+
+
+class UDPSubserver(_IPSubserver):
+    """``[udp]`` / ``[udp#name]``: a handler called per datagram."""
+
+    kind = 'udp'
+
+    def parse_conf(self, conf):
+        _IPSubserver.parse_conf(self, conf)
+        self.max_datagram_size = self._option(
+            conf, conf.get_int, 'max_datagram_size', 65536)
+        self.handler_class, self.handler_conf = self._load_call(conf,
+                                                                self.name)
+
+    def start_worker(self, index, bucket, to_stderr):
+        _IPSubserver.start_worker(self, index, bucket, to_stderr)
+        self.handler = self.handler_class(self.name, self.handler_conf)
+
+    def serve(self):
+        self._serve_loop(self._receive)
+
+    def _receive(self, sock):
+        """Serve the datagrams waiting; another worker may win the race."""
+        for _ in range(64):
+            try:
+                datagram, address = sock.recvfrom(self.max_datagram_size)
+            except (BlockingIOError, InterruptedError):
+                return
+            try:
+                self.handler(self, self.stats, sock, datagram, address[0],
+                             address[1])
+            except Exception:
+                self.logger.exception('[%s] handler raised on a datagram '
+                                      'from %s:%s', self.name, address[0],
+                                      address[1])
+
+
+class DaemonsSubserver(Subserver):
+    """``[daemons] daemons = a b``: one supervised process per daemon."""
+
+    kind = 'daemons'
+
+    def parse_conf(self, conf):
+        Subserver.parse_conf(self, conf)
+        self.daemons = []
+        for daemon_name in conf.get(self.name, 'daemons', '').split():
+            cls, parsed = self._load_call(conf, daemon_name)
+            self.daemons.append((daemon_name, cls, parsed))
+
+    @property
+    def bucket_count(self):
+        return len(self.daemons)
+
+    def bucket_labels(self):
+        return [name for name, _cls, _parsed in self.daemons]
+
+    def serve(self):
+        """Run daemon ``worker_index`` until it returns (then it restarts).
+
+        The daemon owns this process's main thread, so a helper thread
+        beats the heartbeat and exits when the main process is gone.
+        """
+        threading.Thread(target=self._watch, daemon=True).start()
+        name, cls, parsed = self.daemons[self.worker_index]
+        cls(name, parsed)(self, self.stats)
+
+    def _watch(self):
+        while True:
+            self.stats.beat()
+            if self.orphaned():
+                os._exit(0)
+            time.sleep(1.0)
+
+
+# ---------------------------------------------------------------------------
+# Apps that ship with brim
+# ---------------------------------------------------------------------------
+
+class WSGIEcho(object):
+    """Echoes the request body at ``path`` (default /echo).
+
+    Options: ``path``; ``max_echo`` (default 65536), the most bytes echoed.
+    Counts ``<name>.requests``.
+    """
+
+    def __init__(self, name, parsed_conf, next_app):
+        self.name = name
+        self.next_app = next_app
+        self.path, self.max_echo = parsed_conf
+        self.stat = '%s.requests' % name
+
+    def __call__(self, env, start_response):
+        if env['PATH_INFO'] != self.path:
+            return self.next_app(env, start_response)
+        env['brim.stats'].incr(self.stat)
+        body = env['wsgi.input'].read(self.max_echo)
+        start_response('200 OK', [('Content-Length', str(len(body)))])
+        return [body]
+
+    @classmethod
+    def parse_conf(cls, name, conf):
+        return (conf.get(name, 'path', '/echo'),
+                conf.get_int(name, 'max_echo', 65536))
+
+    @classmethod
+    def stats_conf(cls, name, conf):
+        return [('%s.requests' % name, 'sum')]
+
+
+class WSGIStats(object):
+    """Answers the server's stats as JSON at ``path`` (default /stats)."""
+
+    def __init__(self, name, parsed_conf, next_app):
+        self.name = name
+        self.next_app = next_app
+        self.path = parsed_conf
+
+    def __call__(self, env, start_response):
+        if env['PATH_INFO'] != self.path:
+            return self.next_app(env, start_response)
+        if env['REQUEST_METHOD'] not in ('GET', 'HEAD'):
+            body = b'405 Method Not Allowed\n'
+            start_response('405 Method Not Allowed', [
+                ('Allow', 'GET, HEAD'), ('Content-Type', 'text/plain'),
+                ('Content-Length', str(len(body)))])
+            return [body]
+        snapshot = _stats_snapshot(env['brim'].server)
+        body = env['brim.json_dumps'](snapshot, sort_keys=True).encode()
+        start_response('200 OK', [('Content-Type', 'application/json'),
+                                  ('Content-Length', str(len(body)))])
+        return [body]
+
+    @classmethod
+    def parse_conf(cls, name, conf):
+        return conf.get(name, 'path', '/stats')
+
+
+class TCPEcho(object):
+    """Echoes what a TCP client sends until it closes.
+
+    Option: ``chunk_read`` (default 65536), the most read per echo.
+    """
+
+    def __init__(self, name, parsed_conf):
+        self.name = name
+        self.chunk_read = parsed_conf
+
+    def __call__(self, subserver, stats, sock, ip, port):
+        stats.incr('byte_count', 0)
+        while True:
+            data = sock.recv(self.chunk_read)
+            if not data:
+                return
+            sock.sendall(data)
+            stats.incr('byte_count', len(data))
+
+    @classmethod
+    def parse_conf(cls, name, conf):
+        return conf.get_int(name, 'chunk_read', 65536)
+
+    @classmethod
+    def stats_conf(cls, name, conf):
+        return [('byte_count', 'sum')]
+
+
+class UDPEcho(object):
+    """Sends each datagram back to whoever sent it."""
+
+    def __init__(self, name, parsed_conf):
+        self.name = name
+
+    def __call__(self, subserver, stats, sock, datagram, ip, port):
+        sock.sendto(datagram, (ip, port))
+        stats.incr('datagram_count')
+
+    @classmethod
+    def stats_conf(cls, name, conf):
+        return [('datagram_count', 'sum')]
+
+
+class DaemonSample(object):
+    """Logs a status line every ``interval`` seconds (default 60)."""
+
+    def __init__(self, name, parsed_conf):
+        self.name = name
+        self.interval = parsed_conf
+
+    def __call__(self, subserver, stats):
+        while True:
+            stats.incr('iterations')
+            stats.set('last_run', time.time())
+            subserver.logger.info('%s sample daemon alive: %d iterations',
+                                  self.name, stats.get('iterations'))
+            time.sleep(self.interval)
+
+    @classmethod
+    def parse_conf(cls, name, conf):
+        interval = conf.get_float(name, 'interval', 60.0)
+        if interval <= 0:
+            raise ConfError('[%s] interval must be above 0.' % name)
+        return interval
+
+    @classmethod
+    def stats_conf(cls, name, conf):
+        return [('iterations', 'daemon'), ('last_run', 'daemon')]
+
+
+# ---------------------------------------------------------------------------
+# Supervision: the main process
+# ---------------------------------------------------------------------------
+
+_SUBSERVER_KINDS = {'wsgi': WSGISubserver, 'tcp': TCPSubserver,
+                    'udp': UDPSubserver, 'daemons': DaemonsSubserver}
+
+
+def _exit_reason(status):
+    """'exit status N' or 'signal SIGNAME' for a waitpid status."""
+    if os.WIFSIGNALED(status):
+        signum = os.WTERMSIG(status)
+        try:
+            return 'killed by signal %s' % signal.Signals(signum).name
+        except ValueError:
+            return 'killed by signal %d' % signum
+    return 'exit status %d' % os.WEXITSTATUS(status)
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class _Worker(object):
+    """The main process's record of one worker or daemon process."""
+
+    def __init__(self, subserver, index):
+        self.subserver = subserver
+        self.index = index
+        self.pid = None
+        self.started = 0.0
+        self.due = 0.0          # when to (re)start it, monotonic
+        self.failures = 0       # quick deaths in a row, for the backoff
+        self.restarts = 0
+
+    def label(self):
+        return '[%s] %s %s' % (self.subserver.name,
+                               'daemon' if self.subserver.kind == 'daemons'
+                               else 'worker',
+                               self.subserver.bucket_labels()[self.index])
+
+
+class Server(object):
+    """brimd's main process: owns the sockets, forks and supervises.
+
+    Signals are only noted (``signal.set_wakeup_fd`` writes their numbers
+    to a pipe); the main loop reads them and calls one method per signal:
+    SIGTERM, SIGINT and SIGQUIT ``stop``, SIGHUP ``shutdown``, SIGCHLD
+    ``reap``.
+    """
+
+    #: A worker that dies sooner than this after starting is backed off.
+    STABLE_SECONDS = 10.0
+    MAX_BACKOFF = 30.0
+
+    def __init__(self, conf, to_stderr=False):
+        self.conf = conf
+        self.to_stderr = to_stderr
+        self.subservers = []
+        self.start_time = int(time.time())
+        self.forked = False
+        self.children = {}
+        self.workers = []
+        self.stopping = False
+        self.control = None
+        self.pid_file = None
+
+    # -- configuration (main process, before forking) -----------------------
+
+    def parse_conf(self):
+        conf = self.conf
+        for section in conf.sections():
+            cls = _SUBSERVER_KINDS.get(section.split('#', 1)[0])
+            if cls is None or (section == 'daemons') != (cls.kind ==
+                                                           'daemons'):
+                continue
+            subserver = cls(self, section)
+            subserver.parse_conf(conf)
+            self.subservers.append(subserver)
+        if not self.subservers:
+            raise ConfError('No [wsgi], [tcp], [udp] or [daemons] section in '
+                            '%s; nothing to serve.' % ', '.join(conf.files))
+        self.graceful_timeout = conf.get_float('brim', 'graceful_timeout',
+                                               30.0)
+        self.user, self.uid, self.gid = self._resolve_user()
+        umask = conf.get('brim', 'umask', '0022')
+        try:
+            self.umask = int(umask, 8)
+        except ValueError:
+            raise conf.error('brim', 'umask', umask, 'an octal mask')
+        for subserver in self.subservers:
+            # The first logger call validates level and facility names.
+            get_logger(subserver.log_name, subserver.log_level,
+                       subserver.log_facility, None, True)
+        self.logger = get_logger(
+            conf.get('brim', 'log_name', 'brim'),
+            conf.get('brim', 'log_level', 'INFO'),
+            conf.get('brim', 'log_facility', 'LOCAL0'),
+            conf.get_path('brim', 'log_file'), self.to_stderr)
+        self.stats = _StatsLayout(self.subservers)
+        for subserver in self.subservers:
+            for index in range(subserver.bucket_count):
+                self.workers.append(_Worker(subserver, index))
+
+    def _resolve_user(self):
+        """(name, uid, gid) to drop to in workers, or (None, None, None)."""
+        import grp
+        import pwd
+        user = self.conf.get('brim', 'user')
+        group = self.conf.get('brim', 'group')
+        if not user and not group:
+            return None, None, None
+        try:
+            entry = pwd.getpwnam(user) if user else pwd.getpwuid(os.getuid())
+        except KeyError:
+            raise ConfError('[brim] user %r does not exist on this host.'
+                            % user)
+        gid = entry.pw_gid
+        if group:
+            try:
+                gid = grp.getgrnam(group).gr_gid
+            except KeyError:
+                raise ConfError('[brim] group %r does not exist on this '
+                                'host.' % group)
+        if os.geteuid() != 0 and (entry.pw_uid != os.geteuid() or
+                                  gid != os.getegid()):
+            raise ConfError('[brim] user/group need brimd started as root '
+                            '(it is running as uid %d).' % os.geteuid())
+        return entry.pw_name, entry.pw_uid, gid
+
+    def bind(self, inherited=None):
+        """Bind every listening socket (or take over an old brimd's)."""
+        inherited = dict(inherited or {})
+        for subserver in self.subservers:
+            if isinstance(subserver, _IPSubserver):
+                subserver.bind(inherited)
+        for sock in inherited.values():
+            sock.close()        # an old brimd's port this config dropped
+
+    def listening_sockets(self):
+        return [s.sock for s in self.subservers
+                if isinstance(s, _IPSubserver) and s.sock is not None]
+
+    # -- workers -------------------------------------------------------------
+
+    def _spawn(self, worker, ready_fd=None):
+        worker.pid = pid = os.fork()
+        if pid == 0:
+            self._run_child(worker, ready_fd)
+        worker.started = time.monotonic()
+        self.children[pid] = worker
+
+    def _run_child(self, worker, ready_fd):
+        """In the new child: become worker ``worker`` and never return."""
+        code = 1
+        subserver = worker.subserver
+        try:
+            signal.set_wakeup_fd(-1)
+            for signum in (signal.SIGTERM, signal.SIGCHLD, signal.SIGQUIT,
+                           signal.SIGUSR1, signal.SIGUSR2):
+                signal.signal(signum, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            if subserver.kind == 'daemons':
+                signal.signal(signal.SIGHUP, signal.SIG_DFL)
+            else:
+                signal.signal(signal.SIGHUP, lambda *_: subserver.drain())
+            self._close_main_fds(subserver)
+            self._drop_privileges()
+            bucket = self.stats.bucket(subserver, worker.index)
+            subserver.start_worker(worker.index, bucket, self.to_stderr)
+            bucket.beat()
+            if ready_fd is not None:
+                os.close(ready_fd)
+                ready_fd = None
+            subserver.serve()
+            code = 0
+        except BaseException as err:
+            if isinstance(err, SystemExit) and not err.code:
+                code = 0
+            else:
+                logger = subserver.logger or self.logger
+                logger.error('%s failed: %s\n%s', worker.label(),
+                             _one_line(err), traceback.format_exc())
+                if ready_fd is not None:
+                    _write_line(ready_fd, '%s failed to start: %s' %
+                                (worker.label(), _one_line(err)))
+        finally:
+            os._exit(code)
+
+    def _close_main_fds(self, keep):
+        """A child needs its own listening socket only."""
+        if self.control is not None:
+            self.control.close()
+        for fd in self.wake_fds:
+            os.close(fd)
+        for subserver in self.subservers:
+            if subserver is not keep and isinstance(subserver, _IPSubserver):
+                subserver.sock.close()
+
+    def _drop_privileges(self):
+        if self.uid is not None and os.geteuid() == 0:
+            os.setgroups([])
+            os.setgid(self.gid)
+            os.setuid(self.uid)
+        os.umask(self.umask)
+
+    def _reap(self):
+        """Collect every exited child; schedule restarts for workers."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            worker = self.children.pop(pid, None)
+            if worker is None or self.stopping:
+                continue
+            now = time.monotonic()
+            lived = now - worker.started
+            worker.failures = worker.failures + 1 \
+                if lived < self.STABLE_SECONDS else 0
+            delay = 0.0 if not worker.failures else min(
+                self.MAX_BACKOFF, 2.0 ** (worker.failures - 1))
+            delay = max(delay, worker.started + 1.0 - now)
+            worker.due = now + delay
+            worker.pid = None
+            self.logger.error('%s (pid %d) %s after %.1fs; restarting in '
+                              '%.1fs', worker.label(), pid,
+                              _exit_reason(status), lived, delay)
+
+    def _respawn_due(self):
+        now = time.monotonic()
+        for worker in self.workers:
+            if worker.pid is None and worker.due <= now:
+                worker.restarts += 1
+                self._spawn(worker)
+
+    def _next_due(self):
+        waiting = [w.due for w in self.workers if w.pid is None]
+        return min(waiting) - time.monotonic() if waiting else 1.0
+
+    # -- running -------------------------------------------------------------
+
+    def run(self, ready_fd=None, pid_file=None):
+        """Fork the workers, report readiness, supervise until told to end."""
+        self.forked = True
+        self.pid_file = pid_file
+        self._install_signals()
+        self._listen_control()
+        for worker in self.workers:
+            self._spawn(worker, ready_fd)
+        failure = self._wait_ready()
+        if failure:
+            self.logger.error('brimd could not start: %s', failure)
+            if ready_fd is not None:
+                _write_line(ready_fd, failure)
+            self.stop()
+            return 1
+        if pid_file:
+            _write_pid_file(pid_file, os.getpid())
+        self.logger.info('brimd %s serving %s (pid %d)', __version__,
+                         ', '.join(self._describe()), os.getpid())
+        if ready_fd is not None:
+            _write_line(ready_fd, 'ready %d' % os.getpid())
+            os.close(ready_fd)
+        return self._main_loop()
+
+    def _describe(self):
+        return ['[%s] %s' % (s.name, ' '.join(s.addresses()) or
+                             '%d daemons' % s.bucket_count)
+                for s in self.subservers]
+
+    def _install_signals(self):
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+        os.set_blocking(wake_w, False)
+        self.wake_fds = (wake_r, wake_w)
+        signal.set_wakeup_fd(wake_w)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
+                       signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1):
+            # The handler does nothing: the wakeup fd carries the number.
+            signal.signal(signum, _note_signal)
+
+    def _listen_control(self):
+        """The Unix socket a restarting or asking brimd talks to."""
+        self.control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.control.bind(_control_address(os.getpid()))
+        self.control.listen(8)
+
+    def _wait_ready(self, timeout=60.0):
+        """None once every worker has beaten once, else why not."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for pid, status in _reap_now():
+                worker = self.children.pop(pid, None)
+                if worker is not None:
+                    return '%s exited while starting (%s).' % (
+                        worker.label(), _exit_reason(status))
+            if all(self.stats.bucket(w.subserver, w.index).heartbeat()
+                   for w in self.workers):
+                return None
+            time.sleep(0.01)
+        return 'workers did not start within %ds.' % timeout
+
+    def _main_loop(self):
+        wake_r = self.wake_fds[0]
+        while True:
+            timeout = max(0.0, min(1.0, self._next_due()))
+            try:
+                readable = select.select([wake_r, self.control], [], [],
+                                         timeout)[0]
+            except InterruptedError:
+                readable = []
+            if self.control in readable:
+                self._answer_control()
+            signums = b''
+            if wake_r in readable:
+                try:
+                    signums = os.read(wake_r, 512)
+                except BlockingIOError:
+                    pass
+            for signum in signums:
+                if signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+                    return self.stop()
+                if signum == signal.SIGHUP:
+                    return self.shutdown()
+            self._reap()
+            self._respawn_due()
+
+    def _answer_control(self):
+        """One request on the control socket: ``ping`` or ``sockets``."""
+        try:
+            conn, _ = self.control.accept()
+        except OSError:
+            return
+        with conn:
+            conn.settimeout(2.0)
+            try:
+                creds = conn.getsockopt(socket.SOL_SOCKET,
+                                        socket.SO_PEERCRED, 12)
+                uid = int.from_bytes(creds[4:8], sys.byteorder)
+                if uid not in (0, os.getuid()):
+                    return
+                request = conn.recv(64).strip()
+                if request == b'ping':
+                    conn.sendall(b'pong')
+                elif request == b'sockets':
+                    _send_sockets(conn, self.listening_sockets())
+                    self.logger.info('handed the listening sockets to a new '
+                                     'brimd')
+            except OSError as err:
+                self.logger.warning('control request failed: %s', err)
+
+    def stop(self):
+        """Immediate: workers get SIGTERM (then SIGKILL), brimd exits."""
+        self.stopping = True
+        self.logger.info('brimd stopping')
+        self._signal_children(signal.SIGTERM)
+        self._wait_children(5.0)
+        return self._exit()
+
+    def shutdown(self):
+        """Graceful: release the ports now, let workers finish, then exit."""
+        self.stopping = True
+        self.logger.info('brimd shutting down gracefully')
+        for sock in self.listening_sockets():
+            sock.close()
+        self._signal_children(signal.SIGHUP)
+        self._wait_children(self.graceful_timeout + 1.0)
+        return self._exit()
+
+    def _signal_children(self, signum):
+        for pid in list(self.children):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def _wait_children(self, seconds):
+        """Reap children until none is left or ``seconds`` pass; then kill."""
+        deadline = time.monotonic() + seconds
+        while self.children and time.monotonic() < deadline:
+            for pid, _status in _reap_now():
+                self.children.pop(pid, None)
+            time.sleep(0.02)
+        if self.children:
+            self.logger.warning('killing %d workers that did not exit in '
+                                '%.0fs', len(self.children), seconds)
+            self._signal_children(signal.SIGKILL)
+            while self.children:
+                try:
+                    pid, _status = os.waitpid(-1, 0)
+                except ChildProcessError:
+                    break
+                self.children.pop(pid, None)
+
+    def _exit(self):
+        if self.pid_file and _read_pid_file(self.pid_file) == os.getpid():
+            try:
+                os.unlink(self.pid_file)
+            except OSError:
+                pass
+        self.logger.info('brimd exited')
+        return 0
+
+    # -- no-daemon: everything in this one process ---------------------------
+
+    def run_inline(self):
+        """Serve every subserver from threads of this process (debugging)."""
+        import copy
+        self._install_signals()
+        for worker in self.workers:
+            subserver = copy.copy(worker.subserver)
+            subserver.start_worker(worker.index, self.stats.bucket(
+                worker.subserver, worker.index), True)
+            threading.Thread(target=subserver.serve, daemon=True).start()
+        self.logger.info('brimd %s serving %s in one process (pid %d)',
+                         __version__, ', '.join(self._describe()),
+                         os.getpid())
+        wake_r = self.wake_fds[0]
+        while True:
+            select.select([wake_r], [], [])
+            try:
+                signums = os.read(wake_r, 512)
+            except BlockingIOError:
+                continue
+            if any(s in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
+                         signal.SIGHUP) for s in signums):
+                self.logger.info('brimd exited')
+                return 0
+
+
+def _note_signal(signum, frame):
+    """Signal handler: nothing; the wakeup fd already carries the number."""
+
+
+def _reap_now():
+    """Every (pid, status) of a child that has exited, without waiting."""
+    reaped = []
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return reaped
+        if pid == 0:
+            return reaped
+        reaped.append((pid, status))
+
+
+def _write_line(fd, text):
+    try:
+        os.write(fd, (text.replace('\n', ' ') + '\n').encode('utf-8'))
+    except OSError:
+        pass
+
+
+def _write_pid_file(path, pid):
+    tmp = '%s.%d.tmp' % (path, pid)
+    with open(tmp, 'w') as fp:
+        fp.write('%d\n' % pid)
+    os.rename(tmp, path)
+
+
+def _read_pid_file(path):
+    """The pid in ``path``, or None when there is no usable one."""
+    try:
+        with open(path) as fp:
+            return int(fp.read().strip() or 0) or None
+    except (OSError, ValueError):
+        return None
+
+
+def _ask(pid, request, timeout=5.0):
+    """Send ``request`` to brimd ``pid``'s control socket; its socket.
+
+    Raises OSError when no brimd answers there: the pid is not a brimd.
+    """
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.settimeout(timeout)
+    try:
+        conn.connect(_control_address(pid))
+        conn.sendall(request + b'\n')
+    except OSError:
+        conn.close()
+        raise
+    return conn
+
+
+def _is_brimd(pid):
+    """True when ``pid`` is a running brimd (it answers on its socket)."""
+    if not pid or not _pid_alive(pid):
+        return False
+    try:
+        with _ask(pid, b'ping', 2.0) as conn:
+            return conn.recv(16) == b'pong'
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+_USAGE = '''%(prog)s [options] [command]
+
+brimd: a pre-fork server launcher.
+
+commands (default: no-daemon):
+  start         start brimd in the background; returns once it serves
+  stop          stop brimd at once, cutting off requests in flight
+  shutdown      release the ports at once; workers finish what they are
+                serving, then exit
+  restart       start a new brimd that takes over the running one's
+                listening sockets, then shut the old one down gracefully
+  reload        the same as restart
+  force-reload  the same as restart
+  status        say whether brimd is running (exit 0 running, 1 dead with
+                a stale pid file, 3 not running)
+  no-daemon     serve in the foreground in one process, logging to the
+                terminal, with no pid file: for debugging
+'''
+
+_COMMANDS = ('start', 'stop', 'shutdown', 'restart', 'reload',
+             'force-reload', 'status', 'no-daemon')
+
+
+def _parse_args(argv):
+    import argparse
+    parser = argparse.ArgumentParser(
+        prog='brimd', usage=_USAGE, add_help=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('-h', '-?', '--help', action='store_true',
+                        help='show this help and exit')
+    parser.add_argument('-c', '--conf', action='append', metavar='PATH',
+                        help='read this configuration file instead of '
+                             '/etc/brimd.conf and ~/.brimd.conf; repeat to '
+                             'read several, in order')
+    parser.add_argument('-p', '--pid-file', metavar='PATH',
+                        help='where the main process id is kept (- for '
+                             'none); default [brim] pid_file, else '
+                             '/var/run/brimd.pid when writable, else '
+                             '~/.brimd.pid')
+    parser.add_argument('-o', '--output', action='store_true',
+                        help='keep standard output and error open and log '
+                             'to standard error')
+    parser.add_argument('-v', '--version', action='store_true',
+                        help='show the version and exit')
+    parser.add_argument('-x', '--error-stack-trace', action='store_true',
+                        help='show a full traceback for a start-up error')
+    parser.add_argument('command', nargs='?', default='no-daemon',
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    return parser, args
+
+
+def _pid_file_path(args, conf):
+    """The pid file to use, or None for ``-p -``."""
+    path = args.pid_file
+    if path is None and conf is not None:
+        path = conf.get_path('brim', 'pid_file')
+    if path is None:
+        path = '/var/run/brimd.pid'
+        if not os.access(os.path.dirname(path), os.W_OK):
+            path = os.path.expanduser('~/.brimd.pid')
+    if path == '-':
+        return None
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def _load_server(args, to_stderr):
+    """A Server with its configuration read and every app's conf parsed."""
+    conf = read_conf(args.conf or DEFAULT_CONF_FILES, explicit=bool(args.conf))
+    server = Server(conf, to_stderr)
+    server.parse_conf()
+    return server
+
+
+def _daemonize(server, pid_file, keep_output):
+    """Fork the main process into the background; True in the child.
+
+    The parent waits for the child to say it serves (or why it could not)
+    through a pipe, so ``start`` reports failures and exits 1.
+    """
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(ready_w)
+        return False, _await_ready(ready_r, pid)
+    os.close(ready_r)
+    os.setsid()
+    if not keep_output:
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        os.close(devnull)
+        sys.stdout = _LogStream(server.logger, logging.INFO)
+        sys.stderr = _LogStream(server.logger, logging.ERROR)
+    sys.excepthook = lambda *exc: server.logger.critical(
+        'uncaught exception:\n%s', ''.join(traceback.format_exception(*exc)))
+    os.chdir('/')
+    try:
+        code = server.run(ready_w, pid_file)
+    except BaseException:
+        server.logger.exception('brimd main process failed')
+        code = 1
+    return True, code
+
+
+def _await_ready(ready_r, pid):
+    """The child's answer: 0 when it serves, 1 with its reasons printed."""
+    with os.fdopen(ready_r, 'rb') as ready:
+        lines = ready.read().decode('utf-8', 'replace').splitlines()
+    for line in lines:
+        if line.startswith('ready '):
+            return 0
+    for line in lines:
+        print(line, file=sys.stderr)
+    if not lines:
+        print('brimd (pid %d) exited while starting; see its log.' % pid,
+              file=sys.stderr)
+    return 1
+
+
+def _wait_gone(pid, seconds):
+    deadline = time.monotonic() + seconds
+    while _pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not _pid_alive(pid)
+
+
+def _cmd_status(args):
+    conf = _try_conf(args)
+    pid_file = _pid_file_path(args, conf)
+    pid = _read_pid_file(pid_file) if pid_file else None
+    if pid is None:
+        print('not running')
+        return 3
+    if _is_brimd(pid):
+        print('%d is running' % pid)
+        return 0
+    print('%d is not running' % pid)
+    return 1
+
+
+def _try_conf(args):
+    """The configuration if there is one (stop/status work without)."""
+    try:
+        return read_conf(args.conf or DEFAULT_CONF_FILES,
+                         explicit=bool(args.conf))
+    except ConfError:
+        return None
+
+
+def _signal_brimd(args, signum, verb, seconds):
+    """stop / shutdown: signal the running brimd and wait for it to go."""
+    conf = _try_conf(args)
+    pid_file = _pid_file_path(args, conf)
+    pid = _read_pid_file(pid_file) if pid_file else None
+    if not _is_brimd(pid):
+        print('not running')
+        return 0
+    os.kill(pid, signum)
+    if not _wait_gone(pid, seconds):
+        print('%d did not %s within %ds' % (pid, verb, seconds),
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_start(args, restart=False):
+    server = _load_server(args, to_stderr=args.output)
+    pid_file = _pid_file_path(args, server.conf)
+    old_pid = _read_pid_file(pid_file) if pid_file else None
+    if not _is_brimd(old_pid):
+        old_pid = None
+    if old_pid and not restart:
+        print('%d already running' % old_pid, file=sys.stderr)
+        return 1
+    inherited = {}
+    if old_pid:
+        inherited = _take_sockets(old_pid)
+        if not inherited:
+            # No handover possible: the old brimd must let go of its ports.
+            os.kill(old_pid, signal.SIGHUP)
+            _wait_gone(old_pid, server.graceful_timeout + 5)
+            old_pid = None
+    server.bind(inherited)
+    if pid_file:
+        _check_pid_file_writable(pid_file)
+    in_child, code = _daemonize(server, pid_file, args.output)
+    if in_child:
+        os._exit(code)
+    if code == 0 and old_pid:
+        os.kill(old_pid, signal.SIGHUP)     # the new one serves: drain old
+    return code
+
+
+def _take_sockets(pid):
+    """The running brimd's listening sockets, or {} if it cannot hand over."""
+    try:
+        with _ask(pid, b'sockets') as conn:
+            return _receive_sockets(conn)
+    except (OSError, ValueError):
+        return {}
+
+
+def _check_pid_file_writable(path):
+    directory = os.path.dirname(path) or '.'
+    if not os.access(directory, os.W_OK):
+        raise ConfError('Cannot write the pid file %s; use -p or [brim] '
+                        'pid_file to name another.' % path)
+
+
+def _cmd_no_daemon(args):
+    server = _load_server(args, to_stderr=True)
+    server.bind()
+    return server.run_inline()
+
+
+def main(argv=None):
+    """brimd's command line; returns the exit status."""
+    parser, args = _parse_args(sys.argv[1:] if argv is None else argv)
+    if args.help:
+        parser.print_help()
+        return 0
+    if args.version:
+        print('brim %s' % __version__)
+        return 0
+    if args.command not in _COMMANDS:
+        print('Unknown command %r; use one of: %s.' % (
+            args.command, ', '.join(_COMMANDS)), file=sys.stderr)
+        return 1
+    try:
+        if args.command == 'start':
+            return _cmd_start(args)
+        if args.command in ('restart', 'reload', 'force-reload'):
+            return _cmd_start(args, restart=True)
+        if args.command == 'stop':
+            return _signal_brimd(args, signal.SIGTERM, 'stop', 15)
+        if args.command == 'shutdown':
+            return _signal_brimd(args, signal.SIGHUP, 'shut down', 60)
+        if args.command == 'status':
+            return _cmd_status(args)
+        return _cmd_no_daemon(args)
+    except Exception as err:
+        if args.error_stack_trace:
+            raise
+        print(_one_line(err), file=sys.stderr)
+        return 1
+
+
+_register_submodules(sys.modules[__name__])
+
+if __name__ == '__main__':
+    # Run as the module ``brim`` so apps that ``import brim`` share this
+    # copy of every class (one Server, one set of stats).
+    sys.modules.setdefault('brim', sys.modules[__name__])
+    _register_submodules(sys.modules['brim'])
+    sys.exit(main())
