@@ -543,18 +543,18 @@ _KNOWN_METHODS = frozenset((b'GET', b'HEAD', b'POST', b'PUT', b'DELETE',
 _FIELD_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _VERSION_RE = re.compile(rb'HTTP/([0-9])\.([0-9])')
 _TARGET_RE = re.compile(rb'[\x21-\x7e]+')
-_AUTHORITY_RE = re.compile(rb'[A-Za-z0-9.\-_~!$&\'()*+,;=:%\[\]]+')
+_AUTHORITY_RE = re.compile(rb'[A-Za-z0-9.\-_~!$&\'()*+,;=:%@\[\]]+')
 # Field values: visible ASCII, obs-text, SP and HTAB; no other controls.
 _BAD_VALUE_RE = re.compile(rb'[\x00-\x08\x0a-\x1f\x7f]')
 _CHUNK_SIZE_RE = re.compile(
-    rb'([0-9A-Fa-f]{1,16})[ \t]*(?:;[ \t]*[!#$%&\'*+\-.^_`|~0-9A-Za-z]+'
+    rb'([0-9A-Fa-f]{1,16})(?:[ \t]*;[ \t]*[!#$%&\'*+\-.^_`|~0-9A-Za-z]+'
     rb'(?:[ \t]*=[ \t]*(?:[!#$%&\'*+\-.^_`|~0-9A-Za-z]+|"(?:[^"\\\r\n]|'
-    rb'\\.)*"))?[ \t]*)*')
+    rb'\\.)*"))?)*')
 _KNOWN_CODINGS = frozenset(('gzip', 'x-gzip', 'deflate', 'compress',
                             'identity'))
 # Fields a chunked trailer must not carry: they would change the framing.
 _FORBIDDEN_TRAILERS = frozenset((b'content-length', b'transfer-encoding',
-                                 b'host', b'content-type', b'trailer'))
+                                 b'host', b'trailer'))
 _NO_BODY_STATUSES = frozenset((204, 304))
 _DRAIN_LIMIT = 65536
 _RECV_SIZE = 65536
@@ -998,7 +998,7 @@ class _HTTPConnection(object):
 
     def _parse_fields(self, env, lines, http11):
         worker = self.worker
-        max_line = worker.max_header_line
+        max_line = worker.max_header_line - 2      # the limit counts CRLF
         names = _header_names
         codings = None
         for line in itertools.islice(lines, 1, None):
@@ -1460,7 +1460,8 @@ class Subserver(object):
         self.log_name = opt(conf, conf.get, 'log_name', 'brim')
         self.log_level = opt(conf, conf.get, 'log_level', 'INFO')
         self.log_facility = opt(conf, conf.get, 'log_facility', 'LOCAL0')
-        self.log_file = opt(conf, conf.get_path, 'log_file', None)
+        self.log_file = opt(conf, conf.get_path, 'log_file', None) or \
+            self.server.fallback_log_file
         self.json_dumps = self._function(conf, 'json_dumps', 'json.dumps')
         self.json_loads = self._function(conf, 'json_loads', 'json.loads')
         self.workers = opt(conf, conf.get_int, 'workers', 1)
@@ -2070,6 +2071,8 @@ class Server(object):
         self.stopping = False
         self.control = None
         self.pid_file = None
+        #: Where a daemonized brimd logs when there is no syslog socket.
+        self.fallback_log_file = None
 
     # -- configuration (main process, before forking) -----------------------
 
@@ -2102,7 +2105,8 @@ class Server(object):
             conf.get('brim', 'log_name', 'brim'),
             conf.get('brim', 'log_level', 'INFO'),
             conf.get('brim', 'log_facility', 'LOCAL0'),
-            conf.get_path('brim', 'log_file'), self.to_stderr)
+            conf.get_path('brim', 'log_file') or self.fallback_log_file,
+            self.to_stderr)
         self.stats = _StatsLayout(self.subservers)
         for subserver in self.subservers:
             for index in range(subserver.bucket_count):
@@ -2574,10 +2578,19 @@ def _pid_file_path(args, conf):
     return os.path.abspath(os.path.expanduser(path))
 
 
-def _load_server(args, to_stderr):
-    """A Server with its configuration read and every app's conf parsed."""
+def _load_server(args, to_stderr, daemon=False):
+    """A Server with its configuration read and every app's conf parsed.
+
+    A daemon has no terminal: without a syslog socket or a log_file its
+    logs would vanish, so they go to a file beside the pid file and
+    ``start`` says where.
+    """
     conf = read_conf(args.conf or DEFAULT_CONF_FILES, explicit=bool(args.conf))
     server = Server(conf, to_stderr)
+    if daemon and not to_stderr and not _syslog_socket():
+        pid_file = _pid_file_path(args, conf)
+        server.fallback_log_file = os.path.splitext(
+            pid_file or os.path.expanduser('~/.brimd.pid'))[0] + '.log'
     server.parse_conf()
     return server
 
@@ -2675,8 +2688,11 @@ def _signal_brimd(args, signum, verb, seconds):
 
 
 def _cmd_start(args, restart=False):
-    server = _load_server(args, to_stderr=args.output)
+    server = _load_server(args, to_stderr=args.output, daemon=True)
     pid_file = _pid_file_path(args, server.conf)
+    if server.fallback_log_file and not server.conf.get('brim', 'log_file'):
+        print('brimd: no syslog socket here; logging to %s (set [brim] '
+              'log_file to choose)' % server.fallback_log_file)
     old_pid = _read_pid_file(pid_file) if pid_file else None
     if not _is_brimd(old_pid):
         old_pid = None
