@@ -91,22 +91,19 @@ class Conf(object):
         raise self.error(section, option, value, 'boolean')
 
     def get_int(self, section, option, default):
-        value = self.get(section, option)
-        if value is None:
-            return default
-        try:
-            return int(value)
-        except ValueError:
-            raise self.error(section, option, value, 'int')
+        return self._convert(section, option, default, int, 'int')
 
     def get_float(self, section, option, default):
+        return self._convert(section, option, default, float, 'float')
+
+    def _convert(self, section, option, default, convert, type_name):
         value = self.get(section, option)
         if value is None:
             return default
         try:
-            return float(value)
+            return convert(value)
         except ValueError:
-            raise self.error(section, option, value, 'float')
+            raise self.error(section, option, value, type_name)
 
     def get_path(self, section, option, default=None):
         """A path with ``~`` expanded, or ``default``."""
@@ -278,20 +275,26 @@ def _log_destination(log_file, to_stderr):
     return 'stderr', None
 
 
+def _log_settings(section, log_level, log_facility):
+    """(level number, facility number), or a ConfError naming the option."""
+    level = logging.getLevelName(log_level.upper())
+    if not isinstance(level, int):
+        raise ConfError('[%s] log_level %r is not one of DEBUG, INFO, NOTICE, '
+                        'WARNING, ERROR, CRITICAL.' % (section, log_level))
+    facility = _FACILITIES.get(log_facility.lower())
+    if facility is None:
+        raise ConfError('[%s] log_facility %r is not a syslog facility such '
+                        'as LOCAL0.' % (section, log_facility))
+    return level, facility
+
+
 def get_logger(log_name='brim', log_level='INFO', log_facility='LOCAL0',
                log_file=None, to_stderr=False):
     """The configured logger for ``log_name`` (created once per name)."""
     logger = logging.getLogger(log_name)
     logger.propagate = False
-    level = logging.getLevelName(log_level.upper())
-    if not isinstance(level, int):
-        raise ConfError('log_level %r is not one of DEBUG, INFO, NOTICE, '
-                        'WARNING, ERROR, CRITICAL.' % log_level)
+    level, facility = _log_settings(log_name, log_level, log_facility)
     logger.setLevel(level)
-    facility = _FACILITIES.get(log_facility.lower())
-    if facility is None:
-        raise ConfError('log_facility %r is not a syslog facility such as '
-                        'LOCAL0.' % log_facility)
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
         handler.close()
@@ -418,8 +421,7 @@ def _stats_snapshot(server):
             if rolled is not None:
                 entry[name] = rolled
             for label, value in zip(labels, values):
-                if stat_type in ('sum', 'min', 'max', 'worker', 'daemon'):
-                    entry.setdefault(label, {})[name] = value
+                entry.setdefault(label, {})[name] = value
         snapshot[subserver.name] = entry
     return snapshot
 
@@ -633,6 +635,7 @@ class _Input(object):
     def __init__(self, conn):
         self.conn = conn
         self.done = False
+        self.consumed = 0      # body bytes read, for the request log
 
     def _next(self, size):
         raise NotImplementedError
@@ -715,11 +718,13 @@ class _LengthInput(_Input):
             return b''
         data = self.conn.take(min(size, self.left))
         self.left -= len(data)
+        self.consumed += len(data)
         return data
 
     def _unread(self, data):
         self.conn.untake(data)
         self.left += len(data)
+        self.consumed -= len(data)
 
 
 class _ChunkedInput(_Input):
@@ -735,6 +740,7 @@ class _ChunkedInput(_Input):
     def _next(self, size):
         if self.pending:
             data, self.pending = self.pending[:size], self.pending[size:]
+            self.consumed += len(data)
             return data
         if self.done:
             return b''
@@ -746,6 +752,7 @@ class _ChunkedInput(_Input):
                 return b''
         data = self.conn.take(min(size, self.left))
         self.left -= len(data)
+        self.consumed += len(data)
         if self.left == 0:
             if self.conn.read_exact(2) != b'\r\n':
                 raise _HTTPError(400, 'chunk data not followed by CRLF')
@@ -753,6 +760,7 @@ class _ChunkedInput(_Input):
 
     def _unread(self, data):
         self.pending = data + self.pending
+        self.consumed -= len(data)
 
     def _chunk_size(self):
         line = self.conn.read_line(1024)
@@ -1330,7 +1338,7 @@ class _Response(object):
                 if self.status is None:
                     raise _AppError('returned without calling '
                                     'start_response')
-        except (_AppError, _HTTPError, Exception) as err:
+        except Exception as err:
             return self._fail(err)
         finally:
             close = getattr(result, 'close', None)
@@ -1460,6 +1468,7 @@ class Subserver(object):
         self.log_name = opt(conf, conf.get, 'log_name', 'brim')
         self.log_level = opt(conf, conf.get, 'log_level', 'INFO')
         self.log_facility = opt(conf, conf.get, 'log_facility', 'LOCAL0')
+        _log_settings(self.name, self.log_level, self.log_facility)
         self.log_file = opt(conf, conf.get_path, 'log_file', None) or \
             self.server.fallback_log_file
         self.json_dumps = self._function(conf, 'json_dumps', 'json.dumps')
@@ -1617,8 +1626,7 @@ class _IPSubserver(Subserver):
         deadline = time.monotonic() + self.server.graceful_timeout
         while pool.busy and time.monotonic() < deadline and \
                 not self.orphaned():
-            stats_beat = self.stats.beat
-            stats_beat()
+            self.stats.beat()
             self._close_idle()
             time.sleep(0.05)
 
@@ -1834,6 +1842,10 @@ class DaemonsSubserver(Subserver):
 
     kind = 'daemons'
 
+    def __init__(self, server, name):
+        Subserver.__init__(self, server, name)
+        self.stats_conf['start_time'] = 'daemon'
+
     def parse_conf(self, conf):
         Subserver.parse_conf(self, conf)
         self.daemons = []
@@ -1848,6 +1860,11 @@ class DaemonsSubserver(Subserver):
     def bucket_labels(self):
         return [name for name, _cls, _parsed in self.daemons]
 
+    def start_worker(self, index, bucket, to_stderr):
+        Subserver.start_worker(self, index, bucket, to_stderr)
+        name, cls, parsed = self.daemons[index]
+        self.daemon = cls(name, parsed)
+
     def serve(self):
         """Run daemon ``worker_index`` until it returns (then it restarts).
 
@@ -1855,8 +1872,7 @@ class DaemonsSubserver(Subserver):
         beats the heartbeat and exits when the main process is gone.
         """
         threading.Thread(target=self._watch, daemon=True).start()
-        name, cls, parsed = self.daemons[self.worker_index]
-        cls(name, parsed)(self, self.stats)
+        self.daemon(self, self.stats)
 
     def _watch(self):
         while True:
@@ -2097,10 +2113,6 @@ class Server(object):
             self.umask = int(umask, 8)
         except ValueError:
             raise conf.error('brim', 'umask', umask, 'an octal mask')
-        for subserver in self.subservers:
-            # The first logger call validates level and facility names.
-            get_logger(subserver.log_name, subserver.log_level,
-                       subserver.log_facility, None, True)
         self.logger = get_logger(
             conf.get('brim', 'log_name', 'brim'),
             conf.get('brim', 'log_level', 'INFO'),
@@ -2617,7 +2629,6 @@ def _daemonize(server, pid_file, keep_output):
         sys.stderr = _LogStream(server.logger, logging.ERROR)
     sys.excepthook = lambda *exc: server.logger.critical(
         'uncaught exception:\n%s', ''.join(traceback.format_exception(*exc)))
-    os.chdir('/')
     try:
         code = server.run(ready_w, pid_file)
     except BaseException:
