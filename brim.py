@@ -1167,12 +1167,12 @@ class _HTTPConnection(object):
         env['brim.log_info'] = []
         try:
             keep = response.run(worker.app)
+            if keep:
+                keep = self._finish_body(env)
+            worker.count_request(response.code)
+            worker.log_request(env, response, time.time() - start, txn)
         finally:
             _txn_local.txn = None
-        if keep:
-            keep = self._finish_body(env)
-        worker.count_request(response.code)
-        worker.log_request(env, response, time.time() - start, txn)
         return keep and not worker.draining
 
     def _finish_body(self, env):
@@ -1365,7 +1365,9 @@ class _Response(object):
             result = app(self.env, self.start_response)
             if self.status is None and type(result) in (list, tuple):
                 raise _AppError('returned without calling start_response')
-            if type(result) in (list, tuple):
+            if self.head_sent:
+                self._send_iterable(result)     # it used write() already
+            elif type(result) in (list, tuple):
                 try:
                     body = b''.join(result)
                 except TypeError:
@@ -1374,7 +1376,7 @@ class _Response(object):
                 self._send_whole(body)
             elif type(result) is bytes:
                 self._send_whole(result)    # a common slip; serve it
-            elif type(result) is _FileWrapper and not self.head_sent:
+            elif type(result) is _FileWrapper:
                 self._send_file(result)
             else:
                 self._send_iterable(result)
