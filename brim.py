@@ -2272,28 +2272,25 @@ class Server(object):
 
     def _reap(self):
         """Collect every exited child; schedule restarts for workers."""
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        for pid, status in _reap_now():
             worker = self.children.pop(pid, None)
-            if worker is None or self.stopping:
-                continue
-            now = time.monotonic()
-            lived = now - worker.started
-            worker.failures = worker.failures + 1 \
-                if lived < self.STABLE_SECONDS else 0
-            delay = 0.0 if not worker.failures else min(
-                self.MAX_BACKOFF, 2.0 ** (worker.failures - 1))
-            delay = max(delay, worker.started + 1.0 - now)
-            worker.due = now + delay
-            worker.pid = None
-            self.logger.error('%s (pid %d) %s after %.1fs; restarting in '
-                              '%.1fs', worker.label(), pid,
-                              _exit_reason(status), lived, delay)
+            if worker is not None and not self.stopping:
+                self._schedule_restart(worker, pid, status)
+
+    def _schedule_restart(self, worker, pid, status):
+        """Log why ``worker`` died and when it starts again (backed off)."""
+        now = time.monotonic()
+        lived = now - worker.started
+        worker.failures = worker.failures + 1 \
+            if lived < self.STABLE_SECONDS else 0
+        delay = 0.0 if not worker.failures else min(
+            self.MAX_BACKOFF, 2.0 ** (worker.failures - 1))
+        delay = max(delay, worker.started + 1.0 - now)
+        worker.due = now + delay
+        worker.pid = None
+        self.logger.error('%s (pid %d) %s after %.1fs; restarting in %.1fs',
+                          worker.label(), pid, _exit_reason(status), lived,
+                          delay)
 
     def _respawn_due(self):
         now = time.monotonic()
@@ -2360,14 +2357,20 @@ class Server(object):
         while time.monotonic() < deadline:
             for pid, status in _reap_now():
                 worker = self.children.pop(pid, None)
-                if worker is not None:
+                if worker is None:
+                    continue
+                if not self._beaten(worker):
                     return '%s exited while starting (%s).' % (
                         worker.label(), _exit_reason(status))
-            if all(self.stats.bucket(w.subserver, w.index).heartbeat()
-                   for w in self.workers):
+                # It started, then died: a crash to restart, not a failure.
+                self._schedule_restart(worker, pid, status)
+            if all(self._beaten(w) for w in self.workers):
                 return None
             time.sleep(0.01)
         return 'workers did not start within %ds.' % timeout
+
+    def _beaten(self, worker):
+        return self.stats.bucket(worker.subserver, worker.index).heartbeat()
 
     def _main_loop(self):
         wake_r = self.wake_fds[0]
