@@ -896,7 +896,9 @@ class _HTTPConnection(object):
         self.base_env['REMOTE_ADDR'] = self.client
         self.base_env['REMOTE_PORT'] = str(address[1]) if address else ''
         self.expect_continue = False
-        self.idle = True
+        # Idle means between keep-alive requests: a drain may close it then.
+        # A new connection is not idle: its first request is always served.
+        self.idle = False
 
     # -- reading -----------------------------------------------------------
 
@@ -1117,10 +1119,8 @@ class _HTTPConnection(object):
 
     def serve(self):
         """Answer requests until the client or brim ends the connection."""
-        worker = self.worker
         try:
-            while not worker.draining:
-                self.idle = True
+            while True:
                 try:
                     head = self.read_head()
                     if head is None:
@@ -1131,6 +1131,7 @@ class _HTTPConnection(object):
                     return
                 if not self.respond(env):
                     return
+                self.idle = True
         except (OSError, EOFError):
             return      # the client went away or timed out: nothing to say
         finally:
