@@ -1,0 +1,2670 @@
+"""Tests for brim.py: real brimd processes, real clients, loopback only.
+
+Run with ``cd /work/main && python3 -m unittest -v test_brim``.
+
+Every test that starts a brimd does it with ``python3 brim.py -c CONF -p PID
+start`` in its own temporary directory, talks to it over 127.0.0.1 and stops
+it in a cleanup (``stop``, then SIGKILL by pid for anything left).  Test apps
+are Python source written into the temporary directory at test time.
+
+Speed note: brimd's main process is an orphan once ``start`` returns.  Where
+the kernel allows it, this test process makes itself a child subreaper
+(prctl PR_SET_CHILD_SUBREAPER) and reaps those orphans promptly, so ``stop``
+does not wait for a slow init to reap the exited main process.
+"""
+
+import errno
+import http.client as httpclient
+import itertools
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+import unittest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BRIM = os.path.join(HERE, 'brim.py')
+BRIMD = os.path.join(HERE, 'brimd')
+SAMPLE = os.path.join(HERE, 'brimd.conf-sample')
+
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+import brim  # noqa: E402  (pure functions are tested in-process)
+
+
+# ---------------------------------------------------------------------------
+# Process helpers: /proc, a reaper for orphaned brimd processes, running brim
+# ---------------------------------------------------------------------------
+
+_proc_lock = threading.Lock()
+_protected = set()      # pids of our own subprocess.Popen children
+
+
+def proc_stat(pid):
+    """(state, ppid) of ``pid`` from /proc, or None when it is gone."""
+    try:
+        with open('/proc/%d/stat' % pid) as fp:
+            data = fp.read()
+    except (OSError, ValueError):
+        return None
+    fields = data.rsplit(')', 1)[1].split()
+    return fields[0], int(fields[1])
+
+
+def proc_cmdline(pid):
+    try:
+        with open('/proc/%d/cmdline' % pid, 'rb') as fp:
+            return fp.read().replace(b'\0', b' ').decode('utf-8', 'replace')
+    except OSError:
+        return ''
+
+
+def pid_alive(pid):
+    """True when ``pid`` exists and is not a zombie."""
+    stat = proc_stat(pid)
+    return stat is not None and stat[0] not in ('Z', 'X')
+
+
+def children_of(pid):
+    """Pids whose parent is ``pid`` (zombies included), via /proc."""
+    found = []
+    for name in os.listdir('/proc'):
+        if name.isdigit():
+            stat = proc_stat(int(name))
+            if stat is not None and stat[1] == pid:
+                found.append(int(name))
+    return found
+
+
+def live_children_of(pid):
+    return [p for p in children_of(pid) if pid_alive(p)]
+
+
+def descendants_of(pid):
+    found = []
+    todo = [pid]
+    while todo:
+        for child in children_of(todo.pop()):
+            if child not in found:
+                found.append(child)
+                todo.append(child)
+    return found
+
+
+def _reap_orphans():
+    """Reap exited children that are not our own Popen objects."""
+    me = os.getpid()
+    while True:
+        time.sleep(0.02)
+        try:
+            peek = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG |
+                             os.WNOWAIT)
+        except ChildProcessError:
+            continue
+        if peek is None:
+            continue
+        with _proc_lock:
+            for pid in children_of(me):
+                if pid in _protected:
+                    continue
+                stat = proc_stat(pid)
+                if stat is not None and stat[0] == 'Z':
+                    try:
+                        os.waitpid(pid, os.WNOHANG)
+                    except ChildProcessError:
+                        pass
+
+
+def _become_subreaper():
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(36, 1, 0, 0, 0) != 0:     # PR_SET_CHILD_SUBREAPER
+            return False
+    except Exception:
+        return False
+    threading.Thread(target=_reap_orphans, daemon=True,
+                     name='orphan-reaper').start()
+    return True
+
+
+SUBREAPER = sys.platform.startswith('linux') and _become_subreaper()
+
+
+def popen(cmd, **kwargs):
+    """subprocess.Popen whose pid the orphan reaper leaves alone."""
+    with _proc_lock:
+        proc = subprocess.Popen(cmd, **kwargs)
+        _protected.add(proc.pid)
+    return proc
+
+
+def run(cmd, cwd=None, env=None, timeout=40):
+    """Run ``cmd``; (exit code, stdout text, stderr text)."""
+    proc = popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError('%r did not finish in %ss; stdout %r stderr %r'
+                             % (cmd, timeout, out, err))
+    finally:
+        _protected.discard(proc.pid)
+    return (proc.returncode, out.decode('utf-8', 'replace'),
+            err.decode('utf-8', 'replace'))
+
+
+def wait_until(fn, timeout=10.0, interval=0.02, msg=None):
+    """Poll ``fn`` until it returns something truthy; return that."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        try:
+            last = fn()
+        except Exception as err:    # a poll may hit a half-ready state
+            last = err
+        else:
+            if last:
+                return last
+        if time.monotonic() >= deadline:
+            raise AssertionError('%s (not true after %.1fs; last %r)' % (
+                msg or getattr(fn, '__name__', 'condition'), timeout,
+                last))
+        time.sleep(interval)
+
+
+# ---------------------------------------------------------------------------
+# Network helpers
+# ---------------------------------------------------------------------------
+
+def free_port(kind=socket.SOCK_STREAM):
+    sock = socket.socket(socket.AF_INET, kind)
+    try:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+    finally:
+        sock.close()
+
+
+def free_udp_port():
+    return free_port(socket.SOCK_DGRAM)
+
+
+def connect_refused(port):
+    """True when nothing accepts on 127.0.0.1:``port``."""
+    sock = socket.socket()
+    sock.settimeout(2)
+    try:
+        sock.connect(('127.0.0.1', port))
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.close()
+    return False
+
+
+def listening_addresses(port):
+    """Local addresses with a TCP socket listening on ``port`` (IPv4)."""
+    found = []
+    with open('/proc/net/tcp') as fp:
+        next(fp)
+        for line in fp:
+            fields = line.split()
+            local, state = fields[1], fields[3]
+            host_hex, port_hex = local.split(':')
+            if state == '0A' and int(port_hex, 16) == port:
+                packed = bytes.fromhex(host_hex)[::-1]
+                found.append(socket.inet_ntoa(packed))
+    return found
+
+
+class Response(object):
+    def __init__(self, status, reason, headers, body, head):
+        self.status = status
+        self.reason = reason
+        self.headers = headers      # {lower-case name: value}
+        self.body = body
+        self.head = head            # the raw head bytes
+
+
+def read_response(fp, method='GET'):
+    """One HTTP response from the binary file ``fp``; None at EOF."""
+    status_line = fp.readline()
+    if not status_line:
+        return None
+    head = [status_line]
+    headers = {}
+    while True:
+        line = fp.readline()
+        head.append(line)
+        if line in (b'\r\n', b'\n', b''):
+            break
+        name, _, value = line.decode('latin-1').partition(':')
+        headers[name.strip().lower()] = value.strip()
+    parts = status_line.decode('latin-1').split(' ', 2)
+    status = int(parts[1])
+    reason = parts[2].strip() if len(parts) > 2 else ''
+    if status < 200 or status in (204, 304) or method == 'HEAD':
+        body = b''
+    elif 'chunked' in headers.get('transfer-encoding', '').lower():
+        body = b''
+        while True:
+            size = int(fp.readline().split(b';')[0].strip(), 16)
+            if size == 0:
+                while fp.readline() not in (b'\r\n', b''):
+                    pass
+                break
+            body += fp.read(size)
+            fp.read(2)
+    elif 'content-length' in headers:
+        body = fp.read(int(headers['content-length']))
+    else:
+        body = fp.read()
+    return Response(status, reason, headers, body, b''.join(head))
+
+
+def udp_exchange(port, data, timeout=2.0, tries=3):
+    """Send ``data`` to 127.0.0.1:``port`` and return the reply datagram."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.settimeout(timeout)
+    try:
+        for _ in range(tries):
+            sock.sendto(data, ('127.0.0.1', port))
+            try:
+                reply, _addr = sock.recvfrom(65536)
+                return reply
+            except socket.timeout:
+                continue
+        raise AssertionError('no UDP reply from port %d to %r' % (port, data))
+    finally:
+        sock.close()
+
+
+def tcp_exchange(port, data, timeout=5.0):
+    """Connect, send ``data``, half-close, read until EOF (like nc -q)."""
+    sock = socket.create_connection(('127.0.0.1', port), timeout=timeout)
+    try:
+        if data:
+            sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return b''.join(chunks)
+            chunks.append(chunk)
+    finally:
+        sock.close()
+
+
+# ---------------------------------------------------------------------------
+# Test apps, written into each test's temporary directory
+# ---------------------------------------------------------------------------
+
+APP_SOURCES = {}
+
+# The documentation's WSGI HelloWorld, step by step, with bytes bodies.
+APP_SOURCES['mywsgi.py'] = '''
+from time import time
+
+
+class PlainHelloWorld(object):
+
+    def __init__(self, name, conf, next_app):
+        self.next_app = next_app
+
+    def __call__(self, env, start_response):
+        if env['PATH_INFO'] != '/helloworld':
+            return self.next_app(env, start_response)
+        body = b'Hello World!\\n'
+        start_response('200 OK', [('Content-Length', str(len(body)))])
+        return body
+
+
+class HelloWorld(object):
+
+    def __init__(self, name, conf, next_app):
+        self.name = name
+        self.path = conf
+        self.next_app = next_app
+
+    def __call__(self, env, start_response):
+        if env['PATH_INFO'] != self.path:
+            return self.next_app(env, start_response)
+        # Here's where we update the stats.
+        env['brim.stats'].incr('%s.requests' % self.name)
+        env['brim.stats'].set('%s.last_called' % self.name, time())
+        body = b'Hello World!\\n'
+        start_response('200 OK', [('Content-Length', str(len(body)))])
+        return body
+
+    @classmethod
+    def parse_conf(cls, name, conf):
+        path = conf.get(name, 'path')
+        if not path:
+            raise Exception('[%s] you must configure a path to serve.' % name)
+        return path
+
+    @classmethod
+    def stats_conf(cls, name, conf):
+        return [('%s.requests' % name, 'sum'),
+                ('%s.last_called' % name, 'max')]
+'''
+
+# One WSGI app with a path per behaviour under test.
+APP_SOURCES['myapps.py'] = '''
+import os
+import socket
+import time
+from wsgiref.validate import validator
+
+
+def plain_app(env, start_response):
+    body = b'validated'
+    start_response('200 OK', [('Content-Type', 'text/plain'),
+                              ('Content-Length', str(len(body)))])
+    return [body]
+
+
+class Closing(object):
+    """An iterable body that records each close() call in a file."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __iter__(self):
+        yield b'part1-'
+        yield b'part2'
+
+    def close(self):
+        with open(self.path, 'a') as fp:
+            fp.write('closed\\n')
+
+
+class SlowInit(object):
+    """An app whose constructor takes ``delay`` seconds (loading data)."""
+
+    def __init__(self, name, conf, next_app):
+        time.sleep(float(conf.get(name, 'delay', '0.5')))
+        self.next_app = next_app
+
+    def __call__(self, env, start_response):
+        return self.next_app(env, start_response)
+
+
+class Misc(object):
+    """/pid /port /slow /txn /raise /str /write /gen /closing /valid ..."""
+
+    def __init__(self, name, conf, next_app):
+        self.name = name
+        self.dir = conf
+        self.next_app = next_app
+        self.validated = validator(plain_app)
+
+    @classmethod
+    def parse_conf(cls, name, conf):
+        return conf.get(name, 'dir', '')
+
+    def __call__(self, env, start_response):
+        handler = getattr(self, 'do_' + env['PATH_INFO'][1:], None)
+        if handler is None:
+            return self.next_app(env, start_response)
+        return handler(env, start_response)
+
+    def _reply(self, start_response, body, status='200 OK'):
+        start_response(status, [('Content-Type', 'text/plain'),
+                                ('Content-Length', str(len(body)))])
+        return [body]
+
+    def do_pid(self, env, start_response):
+        return self._reply(start_response, str(os.getpid()).encode())
+
+    def do_port(self, env, start_response):
+        return self._reply(start_response, env['REMOTE_PORT'].encode())
+
+    def do_slow(self, env, start_response):
+        with open(os.path.join(self.dir, 'slow-started'), 'a') as fp:
+            fp.write('x')
+        time.sleep(float(env.get('QUERY_STRING') or 1.5))
+        return self._reply(start_response, b'slow:' + b'x' * 5000 + b':done')
+
+    def do_txn(self, env, start_response):
+        env['brim.logger'].info('app-line-marker during the request')
+        env['brim.log_info'].extend(['myapp:', 'info-one', 'info-two'])
+        return self._reply(start_response, env['brim.txn'].encode())
+
+    def do_raise(self, env, start_response):
+        raise ValueError('app-raised-marker')
+
+    def do_str(self, env, start_response):
+        start_response('200 OK', [('Content-Length', '10')])
+        return ['a str body']
+
+    def do_write(self, env, start_response):
+        write = start_response('200 OK', [('Content-Length', '11')])
+        write(b'hello ')
+        return [b'world']
+
+    def do_gen(self, env, start_response):
+        start_response('200 OK', [('Content-Type', 'text/plain')])
+
+        def generate():
+            yield b'hello'
+            yield b' world'
+        return generate()
+
+    def do_closing(self, env, start_response):
+        start_response('200 OK', [('Content-Type', 'text/plain')])
+        return Closing(os.path.join(self.dir,
+                                    'closed-' + env['QUERY_STRING']))
+
+    def do_valid(self, env, start_response):
+        # env['brim'] is brimd's documented extension (the subserver); the
+        # validator wants every undotted key to be a CGI str, so it sees
+        # the environ without it. Every other key is checked as served.
+        env = dict(env)
+        del env['brim']
+        return self.validated(env, start_response)
+
+    def do_valid_without_brim_key(self, env, start_response):
+        # env['brim'] is brimd's documented extension (the subserver); the
+        # validator wants every undotted key to be a CGI str, so this one
+        # sees the environ without it. Every other key is checked as served.
+        env = dict(env)
+        del env['brim']
+        return self.validated(env, start_response)
+
+    def do_nodelay(self, env, start_response):
+        subserver = env['brim']
+        port = int(env['REMOTE_PORT'])
+        for conn in list(getattr(subserver, 'connections', ())):
+            sock = getattr(conn, 'sock', None)
+            try:
+                if sock is not None and sock.getpeername()[1] == port:
+                    value = sock.getsockopt(socket.IPPROTO_TCP,
+                                            socket.TCP_NODELAY)
+                    return self._reply(start_response,
+                                       b'nodelay=%d' % bool(value))
+            except OSError:
+                pass
+        return self._reply(start_response, b'unknown')
+'''
+
+# The documentation's TCP HelloWorld (final version), plus test handlers.
+APP_SOURCES['mytcp.py'] = '''
+import socket
+from time import time
+
+
+class HelloWorld(object):
+
+    def __init__(self, name, conf):
+        # conf is what was returned from parse_conf now.
+        self.message = conf
+        self.name = name
+
+    def __call__(self, subserver, stats, sock, ip, port):
+        sock.send((self.message + '\\n').encode('utf-8'))
+        sock.close()
+        # Here's where we update the stats.
+        stats.incr('connections')
+        stats.set('last_called', time())
+
+    @classmethod
+    def parse_conf(cls, name, conf):
+        message = conf.get(name, 'message')
+        if not message:
+            raise Exception(
+                '[%s] you must configure a message to serve.' % name)
+        return message
+
+    @classmethod
+    def stats_conf(cls, name, conf):
+        return [('connections', 'sum'), ('last_called', 'max')]
+
+
+class Raiser(object):
+    """Raises on a connection that starts with boom; else answers ok:."""
+
+    def __init__(self, name, conf):
+        self.name = name
+
+    def __call__(self, subserver, stats, sock, ip, port):
+        data = sock.recv(100)
+        if data.startswith(b'boom'):
+            raise ValueError('tcp-boom-marker')
+        sock.sendall(b'ok:' + data)
+
+
+class NoDelay(object):
+    """Answers whether its connection has TCP_NODELAY set."""
+
+    def __init__(self, name, conf):
+        self.name = name
+
+    def __call__(self, subserver, stats, sock, ip, port):
+        value = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        sock.sendall(b'nodelay=%d' % bool(value))
+'''
+
+# The documentation's UDP HelloWorld (final version), plus a raising one.
+APP_SOURCES['myudp.py'] = '''
+from time import time
+
+
+class HelloWorld(object):
+
+    def __init__(self, name, conf):
+        # conf is what was returned from parse_conf now.
+        self.message = conf
+        self.name = name
+
+    def __call__(self, subserver, stats, sock, datagram, ip, port):
+        sock.sendto((self.message + '\\n').encode('utf-8'), (ip, port))
+        # Here's where we update the stats.
+        stats.set('last_called', time())
+
+    @classmethod
+    def parse_conf(cls, name, conf):
+        message = conf.get(name, 'message')
+        if not message:
+            raise Exception('[%s] you must configure a message to serve.' %
+                            name)
+        return message
+
+    @classmethod
+    def stats_conf(cls, name, conf):
+        return [('last_called', 'max')]
+
+
+class Raiser(object):
+
+    def __init__(self, name, conf):
+        self.name = name
+
+    def __call__(self, subserver, stats, sock, datagram, ip, port):
+        if datagram.startswith(b'boom'):
+            raise ValueError('udp-boom-marker')
+        sock.sendto(b'ok:' + datagram, (ip, port))
+'''
+
+# The documentation's daemon HelloWorld (final version), plus a crasher.
+APP_SOURCES['mydaemon.py'] = '''
+from time import sleep, time
+
+
+class HelloWorld(object):
+
+    def __init__(self, name, conf):
+        # conf is what was returned from parse_conf now.
+        self.message = conf
+        self.name = name
+
+    def __call__(self, subserver, stats):
+        line = 0
+        while True:
+            line += 1
+            subserver.logger.info('%s %s' % (self.message, line))
+            # Here's where we update the stats.
+            stats.set('last_logged', time())
+            sleep(60)
+
+    @classmethod
+    def parse_conf(cls, name, conf):
+        message = conf.get(name, 'message')
+        if not message:
+            raise Exception('[%s] you must configure a message to log.' %
+                            name)
+        return message
+
+    @classmethod
+    def stats_conf(cls, name, conf):
+        return [('last_logged', 'daemon')]
+
+
+class Crasher(object):
+    """Records each start in a file, then crashes (after ``delay``)."""
+
+    def __init__(self, name, conf):
+        self.path = conf.get(name, 'path')
+        self.delay = float(conf.get(name, 'delay', '0'))
+
+    def __call__(self, subserver, stats):
+        with open(self.path, 'a') as fp:
+            fp.write('start\\n')
+        sleep(self.delay)
+        raise RuntimeError('crasher-marker: crashing on purpose')
+'''
+
+
+# ---------------------------------------------------------------------------
+# The base test case
+# ---------------------------------------------------------------------------
+
+REQUEST_LINE_RE = re.compile(
+    r' (?P<method>GET|HEAD|POST|PUT|DELETE) (?P<path>\S+) '
+    r'(?P<protocol>HTTP/\d\.\d) (?P<status>\d{3}|-) (?P<rest>.*)$')
+
+
+def parse_request_line(line):
+    """The fields of a request log line, or None if it is not one."""
+    if ' NOTICE ' not in line:
+        return None
+    match = REQUEST_LINE_RE.search(line)
+    if not match:
+        return None
+    rest = match.group('rest').split(' ')
+    # After the status: bytes out, bytes in, referer, user agent, txn,
+    # seconds, then the brim.log_info words.
+    fields = match.groupdict()
+    fields['txn'] = rest[4] if len(rest) > 4 else None
+    fields['extra'] = rest[6:]
+    fields['line'] = line
+    return fields
+
+
+class BrimTestCase(unittest.TestCase):
+    """Base: a temporary directory, confs, brimd processes and clients."""
+
+    maxDiff = None
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix='brim-test-')
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.pid_file = os.path.join(self.tmp, 'brimd.pid')
+        self.log_file = os.path.join(self.tmp, 'brim.log')
+        self.conf_path = None
+        self.main_pids = []          # every brimd main pid this test saw
+        self.seen_pids = set()       # and every worker/daemon pid
+        self.env = dict(os.environ)
+        self.env['PYTHONPATH'] = os.pathsep.join(
+            [self.tmp, HERE] + ([os.environ['PYTHONPATH']]
+                                if os.environ.get('PYTHONPATH') else []))
+        self.env.pop('PYTHONSTARTUP', None)
+        for name, source in APP_SOURCES.items():
+            with open(os.path.join(self.tmp, name), 'w') as fp:
+                fp.write(source)
+        self.addCleanup(self._stop_everything)
+
+    # -- configuration --------------------------------------------------------
+
+    def write_conf(self, text, name='brimd.conf', log_file=True):
+        """Write a conf into the temp dir, with [brim] log_file added."""
+        text = textwrap.dedent(text).lstrip('\n')
+        if log_file:
+            line = 'log_file = %s' % self.log_file
+            if re.search(r'^\[brim\][ \t]*$', text, re.M):
+                text = re.sub(r'^\[brim\][ \t]*$', lambda m: '[brim]\n' + line,
+                              text, count=1, flags=re.M)
+            else:
+                text = '[brim]\n%s\n\n%s' % (line, text)
+        path = os.path.join(self.tmp, name)
+        with open(path, 'w') as fp:
+            fp.write(text)
+        if name == 'brimd.conf' or self.conf_path is None:
+            self.conf_path = path
+        return path
+
+    # -- running brim ---------------------------------------------------------
+
+    def brim(self, *args, conf=None, pid_file=None, script=BRIM, env=None,
+             cwd=None, timeout=40):
+        """Run ``brim.py -c CONF -p PID args``: (code, stdout, stderr)."""
+        cmd = [sys.executable, script] if script.endswith('.py') else [script]
+        conf = conf or self.conf_path
+        if conf:
+            cmd += ['-c', conf]
+        pid_file = pid_file or self.pid_file
+        if pid_file:
+            cmd += ['-p', pid_file]
+        cmd += list(args)
+        return run(cmd, cwd=cwd or self.tmp, env=env or self.env,
+                   timeout=timeout)
+
+    def read_pid(self, pid_file=None):
+        try:
+            with open(pid_file or self.pid_file) as fp:
+                return int(fp.read().strip())
+        except (OSError, ValueError):
+            return None
+
+    def track(self, pid):
+        if pid and pid not in self.main_pids:
+            self.main_pids.append(pid)
+        if pid:
+            self.seen_pids.update(descendants_of(pid))
+
+    def start(self, *extra, conf=None, **kwargs):
+        """``start``; asserts success and returns the main pid."""
+        code, out, err = self.brim(*(extra + ('start',)), conf=conf,
+                                   **kwargs)
+        pid = self.read_pid(kwargs.get('pid_file'))
+        self.track(pid)
+        self.assertEqual(code, 0, 'start failed: stdout %r stderr %r log %r'
+                         % (out, err, self.log_text()[-3000:]))
+        self.assertEqual(err, '')
+        self.assertIsNotNone(pid, 'start wrote no pid file')
+        self.assertTrue(pid_alive(pid), 'brimd %d is not running' % pid)
+        return pid
+
+    def stop(self, conf=None, **kwargs):
+        """``stop``; asserts it succeeded."""
+        code, out, err = self.brim('stop', conf=conf, **kwargs)
+        self.assertEqual((code, err), (0, ''), out)
+        return code
+
+    def _stop_everything(self):
+        """Cleanup: stop by pid file, then SIGKILL whatever is left."""
+        for pid in list(self.main_pids):
+            self.seen_pids.update(descendants_of(pid))
+        if pid_alive(self.read_pid() or 0) and \
+                self.read_pid() in self.main_pids:
+            try:
+                self.brim('stop', timeout=30)
+            except AssertionError:
+                pass
+        me = os.getpid()
+        for pid in list(self.main_pids):
+            self.seen_pids.update(descendants_of(pid))
+            if pid_alive(pid):
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        try:
+            wait_until(lambda: not any(pid_alive(p) for p in self.main_pids),
+                       timeout=10)
+        except AssertionError:
+            pass
+        for pid in list(self.main_pids) + sorted(self.seen_pids):
+            stat = proc_stat(pid)
+            if stat is None or stat[0] == 'Z':
+                continue
+            # Only ours: still in the brimd tree, reparented to us, or brim.
+            if stat[1] in self.main_pids or stat[1] == me or \
+                    pid in self.main_pids or 'brim' in proc_cmdline(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        try:
+            wait_until(lambda: not any(pid_alive(p) for p in
+                                       list(self.main_pids) +
+                                       list(self.seen_pids)), timeout=5)
+        except AssertionError:
+            pass
+
+    # -- observing ------------------------------------------------------------
+
+    def log_text(self, path=None):
+        try:
+            with open(path or self.log_file, encoding='utf-8',
+                      errors='replace') as fp:
+                return fp.read()
+        except OSError:
+            return ''
+
+    def log_lines(self):
+        return self.log_text().splitlines()
+
+    def wait_for_log(self, pattern, timeout=10, count=1):
+        """Wait until ``pattern`` (regex) matches ``count`` log lines."""
+        regex = re.compile(pattern)
+
+        def found():
+            hits = [l for l in self.log_lines() if regex.search(l)]
+            return hits if len(hits) >= count else None
+        try:
+            return wait_until(found, timeout=timeout)
+        except AssertionError:
+            self.fail('log never matched %r; log:\n%s'
+                      % (pattern, self.log_text()[-4000:]))
+
+    def request_lines(self):
+        return [f for f in map(parse_request_line, self.log_lines()) if f]
+
+    def assert_gone(self, pids, timeout=10):
+        pids = list(pids)
+        try:
+            wait_until(lambda: not any(pid_alive(p) for p in pids),
+                       timeout=timeout)
+        except AssertionError:
+            self.fail('still running: %r' % [p for p in pids
+                                             if pid_alive(p)])
+
+    # -- clients --------------------------------------------------------------
+
+    def http(self, port, method='GET', path='/', body=None, headers=None,
+             timeout=10):
+        """One request on a new connection: (status, headers, body)."""
+        conn = httpclient.HTTPConnection('127.0.0.1', port, timeout=timeout)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            resp = conn.getresponse()
+            data = resp.read()
+            return (resp.status, {k.lower(): v for k, v in
+                                  resp.getheaders()}, data)
+        finally:
+            conn.close()
+
+    def raw(self, port, data, timeout=5):
+        """Send ``data`` on a new connection; every byte until EOF."""
+        sock = socket.create_connection(('127.0.0.1', port), timeout=timeout)
+        try:
+            sock.sendall(data)
+            chunks = []
+            while True:
+                try:
+                    chunk = sock.recv(65536)
+                except ConnectionResetError:
+                    break
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            return b''.join(chunks)
+        finally:
+            sock.close()
+
+    def stats(self, port, path='/stats'):
+        status, _headers, body = self.http(port, 'GET', path)
+        self.assertEqual(status, 200, body)
+        return json.loads(body.decode('utf-8'))
+
+    def load(self, port, path, total, threads=8, keep_alive=False,
+             method='GET'):
+        """``total`` requests from ``threads`` threads: [(status, body)]."""
+        results = []
+        lock = threading.Lock()
+        counter = itertools.count()
+
+        def client():
+            conn = None
+            try:
+                while True:
+                    with lock:
+                        index = next(counter)
+                    if index >= total:
+                        return
+                    try:
+                        if conn is None:
+                            conn = httpclient.HTTPConnection(
+                                '127.0.0.1', port, timeout=20)
+                        conn.request(method, path)
+                        resp = conn.getresponse()
+                        result = (resp.status, resp.read())
+                    except Exception as err:
+                        result = ('error', repr(err))
+                        conn.close()
+                        conn = None
+                    if not keep_alive and conn is not None:
+                        conn.close()
+                        conn = None
+                    with lock:
+                        results.append(result)
+            finally:
+                if conn is not None:
+                    conn.close()
+
+        workers = [threading.Thread(target=client) for _ in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(60)
+        return results
+
+    def echo_ok(self, port, path='/echo', payload=b'Just a test.'):
+        status, _headers, body = self.http(port, 'POST', path, payload)
+        self.assertEqual((status, body), (200, payload))
+
+
+# ---------------------------------------------------------------------------
+# 1. Configuration
+# ---------------------------------------------------------------------------
+
+class TestConfInProcess(unittest.TestCase):
+    """brim.Conf and brim.read_conf, called directly (no processes)."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix='brim-conf-')
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+
+    def write(self, name, text):
+        path = os.path.join(self.tmp, name)
+        with open(path, 'w') as fp:
+            fp.write(textwrap.dedent(text).lstrip('\n'))
+        return path
+
+    def test_getters_convert_and_default(self):
+        conf = brim.Conf({'s': {'i': '42', 'f': '2.5', 'b1': 'yes',
+                                'b0': 'off', 'p': '~/x', 'raw': ' v '}})
+        self.assertEqual(conf.get('s', 'raw'), ' v ')
+        self.assertIsNone(conf.get('s', 'missing'))
+        self.assertEqual(conf.get('nosection', 'x', 'dflt'), 'dflt')
+        self.assertEqual(conf.get_int('s', 'i', 0), 42)
+        self.assertEqual(conf.get_int('s', 'missing', 7), 7)
+        self.assertEqual(conf.get_float('s', 'f', 0.0), 2.5)
+        self.assertEqual(conf.get_float('s', 'missing', 1.5), 1.5)
+        self.assertIs(conf.get_bool('s', 'b1', False), True)
+        self.assertIs(conf.get_bool('s', 'b0', True), False)
+        self.assertIs(conf.get_bool('s', 'missing', True), True)
+        self.assertEqual(conf.get_path('s', 'p'),
+                         os.path.join(os.path.expanduser('~'), 'x'))
+        self.assertEqual(conf.get_path('s', 'missing', '/d'), '/d')
+
+    def test_bool_words(self):
+        for word in ('1', 'on', 't', 'true', 'y', 'yes', 'TRUE', 'Yes'):
+            self.assertIs(brim.Conf({'s': {'o': word}}).get_bool(
+                's', 'o', False), True, word)
+        for word in ('0', 'off', 'f', 'false', 'n', 'no', 'NO'):
+            self.assertIs(brim.Conf({'s': {'o': word}}).get_bool(
+                's', 'o', True), False, word)
+
+    def test_bad_values_name_section_and_option(self):
+        conf = brim.Conf({'wsgi': {'port': 'abc', 'f': 'x', 'b': 'maybe'}})
+        with self.assertRaises(brim.ConfError) as caught:
+            conf.get_int('wsgi', 'port', 80)
+        self.assertEqual(str(caught.exception), "Configuration value [wsgi] "
+                         "port of 'abc' cannot be converted to int.")
+        with self.assertRaises(brim.ConfError) as caught:
+            conf.get_float('wsgi', 'f', 1.0)
+        self.assertEqual(str(caught.exception), "Configuration value [wsgi] "
+                         "f of 'x' cannot be converted to float.")
+        with self.assertRaises(brim.ConfError) as caught:
+            conf.get_bool('wsgi', 'b', False)
+        self.assertIn("[wsgi] b of 'maybe'", str(caught.exception))
+
+    def test_read_conf_files_and_percent(self):
+        path = self.write('a.conf', '''
+            [wsgi]
+            port = 8080
+            fmt = 100% of %(name)s
+            ''')
+        conf = brim.read_conf([path], explicit=True)
+        self.assertEqual(conf.files, [path])
+        self.assertEqual(conf.get_int('wsgi', 'port', 0), 8080)
+        self.assertEqual(conf.get('wsgi', 'fmt'), '100% of %(name)s')
+        self.assertIn('wsgi', conf.sections())
+
+    def test_read_conf_additional_confs(self):
+        extra = self.write('extra.conf', '''
+            [echo]
+            path = /more
+            ''')
+        main = self.write('main.conf', '''
+            [brim]
+            additional_confs = %s
+
+            [wsgi]
+            apps = echo
+            ''' % extra)
+        conf = brim.read_conf([main], explicit=True)
+        self.assertEqual(conf.files, [main, extra])
+        self.assertEqual(conf.get('echo', 'path'), '/more')
+        self.assertEqual(conf.get('wsgi', 'apps'), 'echo')
+
+    def test_read_conf_later_file_wins(self):
+        first = self.write('1.conf', '[wsgi]\nport = 1\nip = a\n')
+        second = self.write('2.conf', '[wsgi]\nport = 2\n')
+        conf = brim.read_conf([first, second], explicit=True)
+        self.assertEqual(conf.files, [first, second])
+        self.assertEqual(conf.get('wsgi', 'port'), '2')
+        self.assertEqual(conf.get('wsgi', 'ip'), 'a')
+
+    def test_read_conf_missing_additional_conf_is_an_error(self):
+        missing = os.path.join(self.tmp, 'nope.conf')
+        main = self.write('main.conf', '[brim]\nadditional_confs = %s\n'
+                          % missing)
+        with self.assertRaises(brim.ConfError) as caught:
+            brim.read_conf([main], explicit=True)
+        self.assertIn(missing, str(caught.exception))
+
+    def test_read_conf_missing_files(self):
+        missing = os.path.join(self.tmp, 'missing.conf')
+        with self.assertRaises(brim.ConfError) as caught:
+            brim.read_conf([missing], explicit=True)
+        self.assertEqual(str(caught.exception),
+                         'Configuration file %s was not found.' % missing)
+        with self.assertRaises(brim.ConfError) as caught:
+            brim.read_conf([missing], explicit=False)
+        self.assertEqual(str(caught.exception), 'No configuration found.')
+
+    def test_read_conf_syntax_error(self):
+        path = self.write('bad.conf', 'no section header here\n')
+        with self.assertRaises(brim.ConfError) as caught:
+            brim.read_conf([path], explicit=True)
+        self.assertIn(path, str(caught.exception))
+        self.assertNotIn('\n', str(caught.exception))
+
+
+class TestConfCommandLine(BrimTestCase):
+    """Configuration errors and defaults as seen from ``start``."""
+
+    def assert_failed_start(self, expected_err):
+        code, out, err = self.brim('start')
+        self.assertEqual(code, 1, (out, err))
+        self.assertEqual(err, expected_err)
+        self.assertFalse(os.path.exists(self.pid_file))
+        return out, err
+
+    def test_bad_int_port(self):
+        self.write_conf('''
+            [wsgi]
+            ip = 127.0.0.1
+            port = abc
+            apps = echo
+
+            [echo]
+            call = brim.wsgi_echo.WSGIEcho
+            ''')
+        before = set(children_of(os.getpid()))
+        self.assert_failed_start("Configuration value [wsgi] port of 'abc' "
+                                 "cannot be converted to int.\n")
+        # Nothing was left running: no new process in our tree.
+        leftover = [p for p in set(children_of(os.getpid())) - before
+                    if pid_alive(p)]
+        self.assertEqual(leftover, [])
+
+    def test_percent_in_values_is_plain(self):
+        port = free_port()
+        self.write_conf('''
+            [wsgi]
+            ip = 127.0.0.1
+            port = %d
+            apps = echo
+
+            [echo]
+            call = brim.wsgi_echo.WSGIEcho
+            path = /100%%
+            ''' % port)
+        self.start()
+        status, _h, body = self.http(port, 'POST', '/100%25', b'pct')
+        self.assertEqual((status, body), (200, b'pct'))
+
+    def test_additional_confs_includes_another_file(self):
+        port = free_port()
+        extra = os.path.join(self.tmp, 'extra.conf')
+        with open(extra, 'w') as fp:
+            fp.write('[echo]\ncall = brim.wsgi_echo.WSGIEcho\n'
+                     'path = /from-extra\n')
+        self.write_conf('''
+            [brim]
+            additional_confs = %s
+
+            [wsgi]
+            ip = 127.0.0.1
+            port = %d
+            apps = echo
+            ''' % (extra, port))
+        self.start()
+        self.echo_ok(port, '/from-extra')
+        self.assertEqual(self.http(port, 'POST', '/echo', b'x')[0], 404)
+
+    def test_missing_conf_file(self):
+        missing = os.path.join(self.tmp, 'missing.conf')
+        code, out, err = self.brim('start', conf=missing)
+        self.assertEqual(code, 1)
+        self.assertEqual(err, 'Configuration file %s was not found.\n'
+                         % missing)
+        self.assertFalse(os.path.exists(self.pid_file))
+
+    def test_no_configuration_at_all(self):
+        if os.path.exists('/etc/brimd.conf'):
+            self.skipTest('/etc/brimd.conf exists on this machine')
+        home = os.path.join(self.tmp, 'home')
+        os.mkdir(home)
+        env = dict(self.env, HOME=home)
+        code, out, err = run([sys.executable, BRIM, '-p', self.pid_file,
+                              'start'], cwd=self.tmp, env=env)
+        self.assertEqual(code, 1, out)
+        self.assertEqual(err, 'No configuration found.\n')
+        self.assertFalse(os.path.exists(self.pid_file))
+        self.assertEqual(os.listdir(home), [])
+
+    def test_call_that_does_not_import(self):
+        self.write_conf('''
+            [wsgi]
+            ip = 127.0.0.1
+            port = %d
+            apps = broken
+
+            [broken]
+            call = nosuchmodule_xyz.Thing
+            ''' % free_port())
+        code, out, err = self.brim('start')
+        self.assertEqual(code, 1)
+        self.assertTrue(err.startswith('[broken] '), err)
+        self.assertIn('nosuchmodule_xyz.Thing', err)
+        self.assertEqual(err.count('\n'), 1, err)
+        self.assertFalse(os.path.exists(self.pid_file))
+
+    def test_call_attribute_missing(self):
+        self.write_conf('''
+            [wsgi]
+            ip = 127.0.0.1
+            port = %d
+            apps = broken
+
+            [broken]
+            call = mywsgi.NoSuchClass
+            ''' % free_port())
+        code, out, err = self.brim('start')
+        self.assertEqual(code, 1)
+        self.assertTrue(err.startswith('[broken] '), err)
+        self.assertIn('mywsgi.NoSuchClass', err)
+
+    def test_brim_section_gives_defaults(self):
+        port = free_port()
+        self.write_conf('''
+            [brim]
+            workers = 2
+            ip = 127.0.0.1
+
+            [wsgi]
+            port = %d
+            apps = stats
+
+            [stats]
+            call = brim.wsgi_stats.WSGIStats
+            ''' % port)
+        pid = self.start()
+        self.assertEqual(listening_addresses(port), ['127.0.0.1'])
+        self.assertEqual(len(live_children_of(pid)), 2)
+        stats = self.stats(port)
+        self.assertIn('0', stats['wsgi'])
+        self.assertIn('1', stats['wsgi'])
+        self.assertNotIn('2', stats['wsgi'])
+
+    def test_workers_zero_is_refused(self):
+        self.write_conf('''
+            [wsgi]
+            ip = 127.0.0.1
+            port = %d
+            workers = 0
+            ''' % free_port())
+        code, out, err = self.brim('start')
+        self.assertEqual(code, 1)
+        self.assertEqual(err, '[wsgi] workers must be at least 1.\n')
+        self.assertFalse(os.path.exists(self.pid_file))
+
+    def test_section_overrides_brim_defaults(self):
+        port = free_port()
+        self.write_conf('''
+            [brim]
+            workers = 3
+            ip = 127.0.0.1
+
+            [wsgi]
+            port = %d
+            workers = 1
+            apps = stats
+
+            [stats]
+            call = brim.wsgi_stats.WSGIStats
+            ''' % port)
+        pid = self.start()
+        self.assertEqual(len(live_children_of(pid)), 1)
+        self.assertEqual(sorted(k for k in self.stats(port)['wsgi']
+                                if k.isdigit()), ['0'])
+
+
+# ---------------------------------------------------------------------------
+# 2. Commands
+# ---------------------------------------------------------------------------
+
+ECHO_CONF = '''
+[wsgi]
+ip = 127.0.0.1
+port = %(port)d
+workers = %(workers)d
+apps = misc hello echo stats
+%(wsgi_extra)s
+[hello]
+call = mywsgi.HelloWorld
+path = /here
+
+[misc]
+call = myapps.Misc
+dir = %(dir)s
+
+[echo]
+call = brim.wsgi_echo.WSGIEcho
+
+[stats]
+call = brim.wsgi_stats.WSGIStats
+'''
+
+
+class EchoTestCase(BrimTestCase):
+    """A BrimTestCase with a helper for the common echo/stats conf."""
+
+    def echo_conf(self, workers=1, wsgi_extra=''):
+        self.port = free_port()
+        return self.write_conf(ECHO_CONF % {
+            'port': self.port, 'workers': workers, 'dir': self.tmp,
+            'wsgi_extra': wsgi_extra})
+
+
+class TestCommands(EchoTestCase):
+    """start, stop, status, shutdown, restart and the other commands."""
+
+    def test_start_serves_at_once(self):
+        self.echo_conf()
+        pid = self.start()
+        # No waiting: the first request right after start must work.
+        self.echo_ok(self.port)
+        self.assertEqual(self.read_pid(), pid)
+
+    def test_start_twice(self):
+        self.echo_conf()
+        pid = self.start()
+        code, out, err = self.brim('start')
+        self.assertEqual(code, 1)
+        self.assertEqual(err, '%d already running\n' % pid)
+        self.assertEqual(self.read_pid(), pid)
+        self.echo_ok(self.port)
+
+    def test_status_running(self):
+        self.echo_conf()
+        pid = self.start()
+        code, out, err = self.brim('status')
+        self.assertEqual((code, out, err), (0, '%d is running\n' % pid, ''))
+
+    def test_status_not_running(self):
+        self.echo_conf()
+        code, out, err = self.brim('status')
+        self.assertEqual((code, out, err), (3, 'not running\n', ''))
+
+    def test_status_stale_pid_file(self):
+        self.echo_conf()
+        dead = popen([sys.executable, '-c', 'pass'])
+        dead.wait()
+        _protected.discard(dead.pid)
+        self.assertFalse(pid_alive(dead.pid))
+        with open(self.pid_file, 'w') as fp:
+            fp.write('%d\n' % dead.pid)
+        code, out, err = self.brim('status')
+        self.assertEqual((code, out, err),
+                         (1, '%d is not running\n' % dead.pid, ''))
+
+    def test_status_after_stop(self):
+        self.echo_conf()
+        self.start()
+        self.stop()
+        code, out, err = self.brim('status')
+        self.assertEqual((code, out), (3, 'not running\n'))
+
+    def test_stop_leaves_nothing(self):
+        self.echo_conf(workers=2)
+        pid = self.start()
+        workers = live_children_of(pid)
+        self.assertEqual(len(workers), 2)
+        self.echo_ok(self.port)
+        code, out, err = self.brim('stop')
+        self.assertEqual((code, err), (0, ''))
+        self.assertFalse(pid_alive(pid), 'main process still running')
+        self.assert_gone(workers)
+        self.assertFalse(os.path.exists(self.pid_file))
+        self.assertTrue(connect_refused(self.port))
+
+    def test_stop_and_status_ignore_unrelated_pid(self):
+        self.echo_conf()
+        other = popen([sys.executable, '-c', 'import time; time.sleep(60)'])
+
+        def reap():
+            other.kill()
+            other.wait(10)
+            _protected.discard(other.pid)
+        self.addCleanup(reap)
+        with open(self.pid_file, 'w') as fp:
+            fp.write('%d\n' % other.pid)
+        code, out, err = self.brim('status')
+        self.assertEqual((code, out), (1, '%d is not running\n' % other.pid))
+        code, out, err = self.brim('stop')
+        self.assertEqual(code, 0)
+        self.assertIsNone(other.poll(), 'stop killed a process that is not '
+                          'brimd')
+        self.assertTrue(pid_alive(other.pid))
+        # and start is not fooled into "already running"
+        pid = self.start()
+        self.assertNotEqual(pid, other.pid)
+        self.echo_ok(self.port)
+
+    def test_start_on_busy_port_fails(self):
+        self.echo_conf(wsgi_extra='listen_retry = 0.2\n')
+        holder = socket.socket()
+        self.addCleanup(holder.close)
+        holder.bind(('127.0.0.1', self.port))
+        holder.listen(1)
+        code, out, err = self.brim('start')
+        self.assertEqual(code, 1, out)
+        self.assertTrue(err.startswith('[wsgi] could not bind '), err)
+        self.assertIn(str(self.port), err)
+        self.assertEqual(err.count('\n'), 1)
+        self.assertFalse(os.path.exists(self.pid_file))
+
+    def test_stop_when_not_running(self):
+        self.echo_conf()
+        code, out, err = self.brim('stop')
+        self.assertEqual((code, err), (0, ''))
+        self.assertIn('not running', out)
+
+    def test_shutdown_finishes_in_flight_request(self):
+        self.echo_conf()
+        pid = self.start()
+        workers = live_children_of(pid)
+        result = {}
+
+        def slow_request():
+            try:
+                result['response'] = self.http(self.port, 'GET',
+                                               '/slow?2.5', timeout=20)
+            except Exception as err:
+                result['error'] = err
+
+        client = threading.Thread(target=slow_request)
+        client.start()
+        self.addCleanup(client.join, 30)
+        marker = os.path.join(self.tmp, 'slow-started')
+        wait_until(lambda: os.path.exists(marker), timeout=10)
+        shutdown = popen([sys.executable, BRIM, '-c', self.conf_path, '-p',
+                          self.pid_file, 'shutdown'], cwd=self.tmp,
+                         env=self.env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+        self.addCleanup(lambda: shutdown.poll() is None and shutdown.kill())
+        # The port is released at once, while the slow request still runs.
+        wait_until(lambda: connect_refused(self.port), timeout=10,
+                   msg='port released')
+        in_flight = client.is_alive()
+        client.join(20)
+        self.assertNotIn('error', result)
+        status, _headers, body = result['response']
+        self.assertEqual(status, 200)
+        self.assertEqual(body, b'slow:' + b'x' * 5000 + b':done')
+        out, err = shutdown.communicate(timeout=30)
+        _protected.discard(shutdown.pid)
+        self.assertEqual((shutdown.returncode, err), (0, b''))
+        self.assertTrue(in_flight, 'the port was held until the request '
+                        'finished')
+        self.assert_gone([pid] + workers)
+        self.assertFalse(os.path.exists(self.pid_file))
+
+    def test_restart_keeps_serving_and_changes_pid(self):
+        self.echo_conf(workers=2)
+        old_pid = self.start()
+        old_workers = live_children_of(old_pid)
+        stop = threading.Event()
+        results = []
+
+        def hammer():
+            while not stop.is_set() and len(results) < 2000:
+                try:
+                    status, _h, body = self.http(self.port, 'POST', '/echo',
+                                                 b'Just a test.', timeout=10)
+                    results.append((status, body))
+                except Exception as err:
+                    results.append(('error', repr(err)))
+
+        clients = [threading.Thread(target=hammer) for _ in range(4)]
+        for client in clients:
+            client.start()
+        self.addCleanup(stop.set)
+        wait_until(lambda: len(results) >= 5)
+        code, out, err = self.brim('restart')
+        self.assertEqual((code, err), (0, ''), out)
+        new_pid = self.read_pid()
+        self.track(new_pid)
+        self.assertNotEqual(new_pid, old_pid)
+        self.assert_gone([old_pid] + old_workers, timeout=15)
+        count = len(results)
+        wait_until(lambda: len(results) >= count + 5)
+        stop.set()
+        for client in clients:
+            client.join(15)
+        errors = [r for r in results if r != (200, b'Just a test.')]
+        self.assertEqual(errors, [], 'failed during restart (%d requests)'
+                         % len(results))
+        code, out, err = self.brim('status')
+        self.assertEqual((code, out), (0, '%d is running\n' % new_pid))
+
+    def test_restart_with_broken_conf_keeps_old_server(self):
+        self.echo_conf()
+        pid = self.start()
+        with open(self.conf_path) as fp:
+            good = fp.read()
+        with open(self.conf_path, 'w') as fp:
+            fp.write(good.replace('workers = 1', 'workers = many'))
+        code, out, err = self.brim('restart')
+        self.assertEqual(code, 1)
+        self.assertEqual(err, "Configuration value [wsgi] workers of 'many' "
+                         "cannot be converted to int.\n")
+        self.assertEqual(self.read_pid(), pid)
+        self.assertTrue(pid_alive(pid))
+        self.echo_ok(self.port)
+        code, out, err = self.brim('status')
+        self.assertEqual((code, out), (0, '%d is running\n' % pid))
+
+    def test_restart_when_not_running_starts(self):
+        self.echo_conf()
+        code, out, err = self.brim('restart')
+        pid = self.read_pid()
+        self.track(pid)
+        self.assertEqual((code, err), (0, ''))
+        self.assertTrue(pid_alive(pid))
+        self.echo_ok(self.port)
+
+    def test_version(self):
+        code, out, err = run([sys.executable, BRIM, '-v'], cwd=self.tmp,
+                             env=self.env)
+        self.assertEqual(code, 0)
+        self.assertIn(brim.__version__, out)
+        self.assertRegex(out.strip(), r'\d+\.\d+')
+
+    def test_help(self):
+        code, out, err = run([sys.executable, BRIM, '-h'], cwd=self.tmp,
+                             env=self.env)
+        self.assertEqual(code, 0)
+        for command in ('start', 'stop', 'shutdown', 'restart', 'status',
+                        'no-daemon'):
+            self.assertIn(command, out)
+
+    def test_unknown_command(self):
+        self.echo_conf()
+        code, out, err = self.brim('frobnicate')
+        self.assertEqual(code, 1)
+        self.assertIn('frobnicate', err)
+        self.assertFalse(os.path.exists(self.pid_file))
+
+    def test_no_daemon_foreground(self):
+        self.echo_conf(workers=2)
+        out_path = os.path.join(self.tmp, 'no-daemon.out')
+        with open(out_path, 'wb') as out:
+            proc = popen([sys.executable, BRIM, '-c', self.conf_path,
+                          'no-daemon'], cwd=self.tmp, env=self.env,
+                         stdout=out, stderr=subprocess.STDOUT)
+
+        def kill():
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+            _protected.discard(proc.pid)
+        self.addCleanup(kill)
+        wait_until(lambda: proc.poll() is not None or
+                   not connect_refused(self.port), timeout=10)
+        self.assertIsNone(proc.poll(), 'no-daemon exited early')
+        self.echo_ok(self.port)
+        status, _h, body = self.http(self.port, 'GET', '/pid')
+        self.assertEqual(int(body), proc.pid, 'no-daemon serves in-process')
+        self.assertFalse(os.path.exists(self.pid_file))
+        os.kill(proc.pid, signal.SIGTERM)
+        self.assertEqual(proc.wait(10), 0)
+        _protected.discard(proc.pid)
+        self.assertTrue(connect_refused(self.port))
+
+
+# ---------------------------------------------------------------------------
+# 3. The documentation's walk-throughs
+# ---------------------------------------------------------------------------
+
+class TestWSGIWalkThrough(BrimTestCase):
+    """Docs 1.1, 1.2 and 1.6: echo, stats, multi-config, HelloWorld."""
+
+    def test_wsgi_usage(self):
+        port = free_port()
+        self.write_conf('''
+            [wsgi]
+            ip = 127.0.0.1
+            port = %d
+            apps = echo stats
+
+            [echo]
+            call = brim.wsgi_echo.WSGIEcho
+
+            [stats]
+            call = brim.wsgi_stats.WSGIStats
+            ''' % port)
+        self.start()
+        status, headers, body = self.http(port, 'POST', '/echo',
+                                          b'Just a test.')
+        self.assertEqual((status, body), (200, b'Just a test.'))
+        self.assertEqual(headers['content-length'], '12')
+        status, headers, body = self.http(port, 'GET', '/invalid')
+        self.assertEqual((status, body), (404, b'404 Not Found\n'))
+        self.assertEqual(headers['content-length'], '14')
+        self.assertEqual(headers['content-type'], 'text/plain')
+        stats = self.stats(port)
+        self.assertIsInstance(stats['start_time'], int)
+        self.assertLessEqual(abs(stats['start_time'] - time.time()), 60)
+        self.assertIn('0', stats['wsgi'])
+        self.assertEqual(stats['wsgi']['echo.requests'], 1)
+        self.assertEqual(stats['wsgi']['status_404_count'], 1)
+        self.assertEqual(stats['wsgi']['status_2xx_count'], 1)
+        self.assertEqual(stats['wsgi']['request_count'], 2)
+        self.assertIn('start_time', stats['wsgi']['0'])
+        self.stop()
+
+    def test_multi_configuration(self):
+        port, port2 = free_port(), free_port()
+        self.write_conf('''
+            [wsgi]
+            ip = 127.0.0.1
+            port = %d
+            apps = echo stats
+
+            [wsgi#alternate]
+            ip = 127.0.0.1
+            port = %d
+            apps = echo2 stats
+
+            [echo]
+            call = brim.wsgi_echo.WSGIEcho
+
+            [stats]
+            call = brim.wsgi_stats.WSGIStats
+
+            [echo2]
+            call = brim.wsgi_echo.WSGIEcho
+            path = /echo2
+            ''' % (port, port2))
+        self.start()
+        self.echo_ok(port, '/echo')
+        self.echo_ok(port2, '/echo2')
+        self.assertEqual(self.http(port, 'POST', '/echo2', b'x')[0], 404)
+        self.assertEqual(self.http(port2, 'POST', '/echo', b'x')[0], 404)
+        for p in (port, port2):
+            stats = self.stats(p)
+            self.assertIn('wsgi', stats)
+            self.assertIn('wsgi#alternate', stats)
+            self.assertEqual(stats['wsgi']['echo.requests'], 1)
+            self.assertEqual(stats['wsgi#alternate']['echo2.requests'], 1)
+
+    def test_plain_helloworld(self):
+        port = free_port()
+        self.write_conf('''
+            [wsgi]
+            ip = 127.0.0.1
+            port = %d
+            apps = helloworld
+
+            [helloworld]
+            call = mywsgi.PlainHelloWorld
+            ''' % port)
+        self.start()
+        status, headers, body = self.http(port, 'GET', '/helloworld')
+        self.assertEqual((status, body), (200, b'Hello World!\n'))
+        self.assertEqual(headers['content-length'], '13')
+        self.assertIn('date', headers)
+
+    def test_helloworld_parse_conf_error(self):
+        self.write_conf('''
+            [wsgi]
+            ip = 127.0.0.1
+            port = %d
+            apps = helloworld
+
+            [helloworld]
+            call = mywsgi.HelloWorld
+            ''' % free_port())
+        before = set(children_of(os.getpid()))
+        code, out, err = self.brim('start')
+        self.assertEqual(code, 1)
+        self.assertEqual(err, '[helloworld] you must configure a path to '
+                         'serve.\n')
+        self.assertFalse(os.path.exists(self.pid_file))
+        leftover = [p for p in set(children_of(os.getpid())) - before
+                    if pid_alive(p)]
+        self.assertEqual(leftover, [])
+
+    def test_helloworld_with_path(self):
+        port = free_port()
+        self.write_conf('''
+            [wsgi]
+            ip = 127.0.0.1
+            port = %d
+            apps = helloworld
+
+            [helloworld]
+            call = mywsgi.HelloWorld
+            path = /here
+            ''' % port)
+        self.start()
+        self.assertEqual(self.http(port, 'GET', '/here')[::2],
+                         (200, b'Hello World!\n'))
+        self.assertEqual(self.http(port, 'GET', '/helloworld')[0], 404)
+
+    def test_helloworld_stats_two_workers(self):
+        port, admin = free_port(), free_port()
+        self.write_conf('''
+            [wsgi]
+            ip = 127.0.0.1
+            port = %d
+            apps = helloworld stats
+            workers = 2
+
+            [wsgi#admin]
+            ip = 127.0.0.1
+            port = %d
+            apps = stats
+
+            [helloworld]
+            call = mywsgi.HelloWorld
+            path = /here
+
+            [stats]
+            call = brim.wsgi_stats.WSGIStats
+            ''' % (port, admin))
+        self.start()
+        total = 200
+        results = self.load(port, '/here', total, threads=8)
+        self.assertEqual(len(results), total)
+        self.assertEqual([r for r in results
+                          if r != (200, b'Hello World!\n')], [])
+        wsgi = self.stats(port)['wsgi']   # stats from the same chain work
+        self.assertEqual(wsgi['helloworld.requests'], total)
+        # request_count is counted once the answer is out: poll for it.
+        wsgi = wait_until(lambda: (lambda s: s if s['request_count'] >=
+                                   total + 1 else None)(
+            self.stats(admin)['wsgi']))
+        self.assertEqual(wsgi['helloworld.requests'], total)
+        self.assertEqual(wsgi['0']['helloworld.requests'] +
+                         wsgi['1']['helloworld.requests'], total)
+        self.assertEqual(wsgi['request_count'], total + 1)
+        self.assertEqual(wsgi['0']['request_count'] +
+                         wsgi['1']['request_count'], total + 1)
+        self.assertEqual(wsgi['status_2xx_count'], total + 1)
+        self.assertGreater(wsgi['helloworld.last_called'], 0)
+        self.assertEqual(wsgi['helloworld.last_called'],
+                         max(wsgi['0']['helloworld.last_called'],
+                             wsgi['1']['helloworld.last_called']))
+        self.assertNotIn('2', wsgi)
+
+
+class TestTCPWalkThrough(BrimTestCase):
+    """Docs 1.3 and 1.9: TCPEcho, [tcp#alternate], TCP HelloWorld."""
+
+    def test_tcp_echo(self):
+        port = free_port()
+        self.write_conf('''
+            [tcp]
+            ip = 127.0.0.1
+            port = %d
+            call = brim.tcp_echo.TCPEcho
+            ''' % port)
+        self.start()
+        self.assertEqual(tcp_exchange(port, b'Just a test.\n'),
+                         b'Just a test.\n')
+
+    def test_tcp_alternate(self):
+        port, port2 = free_port(), free_port()
+        self.write_conf('''
+            [tcp]
+            ip = 127.0.0.1
+            port = %d
+            call = brim.tcp_echo.TCPEcho
+
+            [tcp#alternate]
+            ip = 127.0.0.1
+            port = %d
+            call = brim.tcp_echo.TCPEcho
+            ''' % (port, port2))
+        self.start()
+        self.assertEqual(tcp_exchange(port, b'Just a test.\n'),
+                         b'Just a test.\n')
+        self.assertEqual(tcp_exchange(port2, b'Just a test.\n'),
+                         b'Just a test.\n')
+
+    def test_tcp_helloworld_parse_conf_error(self):
+        self.write_conf('''
+            [tcp]
+            ip = 127.0.0.1
+            port = %d
+            call = mytcp.HelloWorld
+            ''' % free_port())
+        code, out, err = self.brim('start')
+        self.assertEqual(code, 1)
+        self.assertEqual(err, '[tcp] you must configure a message to '
+                         'serve.\n')
+        self.assertFalse(os.path.exists(self.pid_file))
+
+    def test_tcp_helloworld_stats_two_workers(self):
+        port, web = free_port(), free_port()
+        self.write_conf('''
+            [tcp]
+            ip = 127.0.0.1
+            port = %d
+            call = mytcp.HelloWorld
+            message = Hello, hello!
+            workers = 2
+
+            [wsgi]
+            ip = 127.0.0.1
+            port = %d
+            apps = stats
+
+            [stats]
+            call = brim.wsgi_stats.WSGIStats
+            ''' % (port, web))
+        self.start()
+        self.assertEqual(tcp_exchange(port, b''), b'Hello, hello!\n')
+        total = 120
+        replies = []
+        lock = threading.Lock()
+        counter = itertools.count()
+
+        def client():
+            while True:
+                with lock:
+                    if next(counter) >= total - 1:
+                        return
+                try:
+                    reply = tcp_exchange(port, b'')
+                except Exception as err:
+                    reply = repr(err)
+                with lock:
+                    replies.append(reply)
+
+        threads = [threading.Thread(target=client) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        self.assertEqual(replies, [b'Hello, hello!\n'] * (total - 1))
+        # The handler counts after closing the socket: poll for the count.
+        tcp = wait_until(lambda: (lambda s: s if s['connections'] >= total
+                                  else None)(self.stats(web)['tcp']))
+        self.assertEqual(tcp['connections'], total)
+        self.assertEqual(tcp['0']['connections'] + tcp['1']['connections'],
+                         total)
+        self.assertGreater(tcp['last_called'], 0)
+        self.assertEqual(self.stats(web)['tcp']['connections'], total)
+
+
+class TestUDPWalkThrough(BrimTestCase):
+    """Docs 1.4 and 1.10: UDPEcho, [udp#alternate], UDP HelloWorld."""
+
+    def test_udp_echo(self):
+        port = free_udp_port()
+        self.write_conf('''
+            [udp]
+            ip = 127.0.0.1
+            port = %d
+            call = brim.udp_echo.UDPEcho
+            ''' % port)
+        self.start()
+        self.assertEqual(udp_exchange(port, b'Just a test.\n'),
+                         b'Just a test.\n')
+
+    def test_udp_alternate(self):
+        port, port2 = free_udp_port(), free_udp_port()
+        self.write_conf('''
+            [udp]
+            ip = 127.0.0.1
+            port = %d
+            call = brim.udp_echo.UDPEcho
+
+            [udp#alternate]
+            ip = 127.0.0.1
+            port = %d
+            call = brim.udp_echo.UDPEcho
+            ''' % (port, port2))
+        self.start()
+        self.assertEqual(udp_exchange(port, b'one\n'), b'one\n')
+        self.assertEqual(udp_exchange(port2, b'two\n'), b'two\n')
+
+    def test_udp_helloworld_parse_conf_error(self):
+        self.write_conf('''
+            [udp]
+            ip = 127.0.0.1
+            port = %d
+            call = myudp.HelloWorld
+            ''' % free_udp_port())
+        code, out, err = self.brim('start')
+        self.assertEqual(code, 1)
+        self.assertEqual(err, '[udp] you must configure a message to '
+                         'serve.\n')
+        self.assertFalse(os.path.exists(self.pid_file))
+
+    def test_udp_helloworld_with_stats(self):
+        port, web = free_udp_port(), free_port()
+        self.write_conf('''
+            [udp]
+            ip = 127.0.0.1
+            port = %d
+            call = myudp.HelloWorld
+            message = Hello, hello!
+
+            [wsgi]
+            ip = 127.0.0.1
+            port = %d
+            apps = stats
+
+            [stats]
+            call = brim.wsgi_stats.WSGIStats
+            ''' % (port, web))
+        self.start()
+        self.assertEqual(udp_exchange(port, b'test\n'), b'Hello, hello!\n')
+        udp = self.stats(web)['udp']
+        self.assertGreater(udp['last_called'], 0)
+        self.assertEqual(udp['0']['last_called'], udp['last_called'])
+
+
+class TestDaemonsWalkThrough(BrimTestCase):
+    """Docs 1.5 and 1.11: DaemonSample and a daemon with stats."""
+
+    def test_daemon_sample_logs(self):
+        self.write_conf('''
+            [daemons]
+            daemons = sample
+
+            [sample]
+            call = brim.daemon_sample.DaemonSample
+            interval = 0.2
+            ''')
+        pid = self.start()
+        self.assertEqual(len(live_children_of(pid)), 1)
+        self.wait_for_log(r'sample sample daemon alive: 3 iterations')
+
+    def test_daemon_parse_conf_error(self):
+        self.write_conf('''
+            [daemons]
+            daemons = helloworld
+
+            [helloworld]
+            call = mydaemon.HelloWorld
+            ''')
+        code, out, err = self.brim('start')
+        self.assertEqual(code, 1)
+        self.assertEqual(err, '[helloworld] you must configure a message to '
+                         'log.\n')
+        self.assertFalse(os.path.exists(self.pid_file))
+
+    def test_daemon_stats(self):
+        web = free_port()
+        self.write_conf('''
+            [daemons]
+            daemons = helloworld
+
+            [helloworld]
+            call = mydaemon.HelloWorld
+            message = Hello, hello!
+
+            [wsgi]
+            ip = 127.0.0.1
+            port = %d
+            apps = stats
+
+            [stats]
+            call = brim.wsgi_stats.WSGIStats
+            ''' % web)
+        self.start()
+        self.wait_for_log(r'Hello, hello! 1$')
+        daemons = wait_until(lambda: (lambda s: s if s.get(
+            'helloworld', {}).get('last_logged') else None)(
+            self.stats(web)['daemons']))
+        self.assertLessEqual(abs(daemons['helloworld']['last_logged'] -
+                                 time.time()), 60)
+        self.assertNotIn('last_logged', daemons)   # 'daemon': no roll-up
+
+
+# ---------------------------------------------------------------------------
+# 4. Everything in one brimd
+# ---------------------------------------------------------------------------
+
+class TestEverythingAtOnce(BrimTestCase):
+    """wsgi, wsgi#alt, tcp, udp and daemons served by one brimd."""
+
+    def test_all_kinds_together(self):
+        web, alt, tcp, udp = (free_port(), free_port(), free_port(),
+                              free_udp_port())
+        self.write_conf('''
+            [brim]
+            ip = 127.0.0.1
+
+            [wsgi]
+            port = %d
+            workers = 2
+            apps = echo stats
+
+            [wsgi#alt]
+            port = %d
+            apps = echo2
+
+            [tcp]
+            port = %d
+            call = brim.tcp_echo.TCPEcho
+
+            [udp]
+            port = %d
+            call = brim.udp_echo.UDPEcho
+
+            [daemons]
+            daemons = sample
+
+            [echo]
+            call = brim.wsgi_echo.WSGIEcho
+
+            [echo2]
+            call = brim.wsgi_echo.WSGIEcho
+            path = /echo2
+
+            [stats]
+            call = brim.wsgi_stats.WSGIStats
+
+            [sample]
+            call = brim.daemon_sample.DaemonSample
+            interval = 0.2
+            ''' % (web, alt, tcp, udp))
+        pid = self.start()
+        self.echo_ok(web, '/echo')
+        self.echo_ok(alt, '/echo2')
+        self.assertEqual(tcp_exchange(tcp, b'tcp data\n'), b'tcp data\n')
+        self.assertEqual(udp_exchange(udp, b'udp data'), b'udp data')
+        self.wait_for_log(r'sample sample daemon alive: 2 iterations')
+        stats = self.stats(web)
+        for name in ('wsgi', 'wsgi#alt', 'tcp', 'udp', 'daemons'):
+            self.assertIn(name, stats)
+        self.assertIn('sample', stats['daemons'])
+        self.assertEqual(stats['tcp']['byte_count'], 9)
+        self.assertEqual(stats['udp']['datagram_count'], 1)
+        everything = descendants_of(pid)
+        self.assertEqual(len(everything), 6, everything)   # 2+1+1+1+1
+        self.stop()
+        self.assert_gone([pid] + everything)
+        self.assertFalse(os.path.exists(self.pid_file))
+        for port in (web, alt, tcp):
+            self.assertTrue(connect_refused(port))
+
+
+# ---------------------------------------------------------------------------
+# 5. Supervision
+# ---------------------------------------------------------------------------
+
+class TestSupervision(EchoTestCase):
+    """Dead workers come back; crashing code is logged and contained."""
+
+    def test_killed_worker_is_replaced(self):
+        self.echo_conf()
+        pid = self.start()
+        [old] = live_children_of(pid)
+        status, _h, body = self.http(self.port, 'GET', '/pid')
+        self.assertEqual(int(body), old)
+        os.kill(old, signal.SIGKILL)
+        new = wait_until(lambda: [p for p in live_children_of(pid)
+                                  if p != old], timeout=10)
+        self.assertEqual(len(new), 1)
+        body = wait_until(lambda: self.http(self.port, 'GET', '/pid')[2],
+                          timeout=10)
+        self.assertEqual(int(body), new[0])
+        self.echo_ok(self.port)
+        lines = self.wait_for_log(r'\b%d\b.*SIGKILL' % old)
+        self.assertIn('[wsgi]', lines[0])
+        self.assertTrue(pid_alive(pid))
+
+    def test_crashing_daemon_is_throttled(self):
+        starts = os.path.join(self.tmp, 'starts')
+        self.write_conf('''
+            [daemons]
+            daemons = crasher
+
+            [crasher]
+            call = mydaemon.Crasher
+            path = %s
+            delay = 0.5
+            ''' % starts)
+        # (delay: crash 0.5s after starting, so this test does not depend
+        # on test_daemon_crashing_after_start_does_not_fail_start's race)
+        self.start()
+        began = time.monotonic()
+
+        def count():
+            try:
+                with open(starts) as fp:
+                    return fp.read().count('start')
+            except OSError:
+                return 0
+        wait_until(lambda: count() >= 2, timeout=5,
+                   msg='the crashed daemon was restarted')
+        # Observe a 3 second window from start (polling, not sleeping).
+        while time.monotonic() - began < 3.0:
+            time.sleep(0.05)
+        # Each run lives 0.5s; backoff 1s then 2s gives starts at about
+        # 0, 1.5 and 4.0s: 2 in the window.  One restart a second without
+        # backoff would give 4 (0, 1, 2, 3), and none at all 6.
+        self.assertLessEqual(count(), 3, 'restarts are not throttled')
+        self.assertGreaterEqual(count(), 2)
+        self.wait_for_log(r'crasher-marker')
+        self.wait_for_log(r'\[daemons\] daemon crasher .*exit status')
+
+    def test_daemon_crashing_after_start_does_not_fail_start(self):
+        """A daemon that crashes once running is restarted, not fatal.
+
+        Its constructor succeeded and it beat its heartbeat; only then did
+        it crash.  A WSGI worker that takes a moment to build its apps makes
+        brimd's readiness wait still be running when that happens.
+        """
+        starts = os.path.join(self.tmp, 'starts')
+        port = free_port()
+        self.write_conf('''
+            [wsgi]
+            ip = 127.0.0.1
+            port = %d
+            apps = slow echo
+
+            [slow]
+            call = myapps.SlowInit
+            delay = 0.5
+
+            [echo]
+            call = brim.wsgi_echo.WSGIEcho
+
+            [daemons]
+            daemons = crasher
+
+            [crasher]
+            call = mydaemon.Crasher
+            path = %s
+            ''' % (port, starts))
+        code, out, err = self.brim('start')
+        self.track(self.read_pid())
+        self.assertEqual((code, err), (0, ''), 'start failed because a '
+                         'daemon crashed after it had started')
+        self.echo_ok(port)
+
+        def count():
+            with open(starts) as fp:
+                return fp.read().count('start')
+        wait_until(lambda: count() >= 2, timeout=5)
+
+    def test_tcp_handler_raises(self):
+        port = free_port()
+        self.write_conf('''
+            [tcp]
+            ip = 127.0.0.1
+            port = %d
+            call = mytcp.Raiser
+            ''' % port)
+        pid = self.start()
+        [worker] = live_children_of(pid)
+        self.assertEqual(tcp_exchange(port, b'boom'), b'')
+        self.wait_for_log(r'ValueError: tcp-boom-marker')
+        self.assertIn('Traceback (most recent call last)', self.log_text())
+        self.assertEqual(tcp_exchange(port, b'hi'), b'ok:hi')
+        self.assertEqual(live_children_of(pid), [worker])
+
+    def test_udp_handler_raises(self):
+        port = free_udp_port()
+        self.write_conf('''
+            [udp]
+            ip = 127.0.0.1
+            port = %d
+            call = myudp.Raiser
+            ''' % port)
+        pid = self.start()
+        [worker] = live_children_of(pid)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(sock.close)
+        sock.sendto(b'boom', ('127.0.0.1', port))
+        self.wait_for_log(r'ValueError: udp-boom-marker')
+        self.assertEqual(udp_exchange(port, b'next'), b'ok:next')
+        self.assertEqual(live_children_of(pid), [worker])
+
+    def test_wsgi_app_raises(self):
+        self.echo_conf()
+        pid = self.start()
+        [worker] = live_children_of(pid)
+        status, _headers, body = self.http(self.port, 'GET', '/raise')
+        self.assertEqual(status, 500)
+        match = re.search(rb'txn (\S+)', body)
+        self.assertIsNotNone(match, body)
+        txn = match.group(1).decode()
+        lines = self.wait_for_log(r'app-raised-marker')
+        self.assertTrue(any(txn in line for line in lines), lines)
+        self.assertIn('Traceback (most recent call last)', self.log_text())
+        self.assertIn('ValueError: app-raised-marker', self.log_text())
+        self.echo_ok(self.port)
+        self.assertEqual(live_children_of(pid), [worker])
+        request = self.wait_for_log(r' GET /raise HTTP/1.1 500 ')
+        self.assertEqual(parse_request_line(request[0])['txn'], txn)
+
+    def test_wsgi_app_returns_str(self):
+        self.echo_conf()
+        self.start()
+        status, _headers, body = self.http(self.port, 'GET', '/str')
+        self.assertEqual(status, 500)
+        self.assertNotIn(b'a str body', body)
+        lines = self.wait_for_log(r'/str.*bytes')
+        self.assertIn('str', lines[0].split('/str', 1)[1])
+        self.echo_ok(self.port)
+
+
+# ---------------------------------------------------------------------------
+# 6. Stats
+# ---------------------------------------------------------------------------
+
+class TestStats(BrimTestCase):
+    """Shared-memory counters are exact and rolled up per subserver."""
+
+    def two_port_conf(self, workers=1):
+        self.port, self.admin = free_port(), free_port()
+        self.write_conf('''
+            [wsgi]
+            ip = 127.0.0.1
+            port = %d
+            workers = %d
+            apps = echo
+
+            [wsgi#admin]
+            ip = 127.0.0.1
+            port = %d
+            apps = stats
+
+            [echo]
+            call = brim.wsgi_echo.WSGIEcho
+
+            [stats]
+            call = brim.wsgi_stats.WSGIStats
+            ''' % (self.port, workers, self.admin))
+
+    def wait_count(self, expected):
+        def counted():
+            wsgi = self.stats(self.admin)['wsgi']
+            return wsgi if wsgi['request_count'] >= expected else None
+        wsgi = wait_until(counted, timeout=10)
+        self.assertEqual(wsgi['request_count'], expected)
+        return wsgi
+
+    def test_exact_counts_in_one_worker(self):
+        self.two_port_conf(workers=1)
+        self.start()
+        total = 400
+        results = self.load(self.port, '/echo', total, threads=10,
+                            keep_alive=True, method='POST')
+        self.assertEqual(results, [(200, b'')] * total)
+        wsgi = self.wait_count(total)
+        self.assertEqual(wsgi['echo.requests'], total)
+        self.assertEqual(wsgi['0']['request_count'], total)
+        self.assertEqual(wsgi['status_2xx_count'], total)
+        # and it stays exact
+        self.assertEqual(self.stats(self.admin)['wsgi']['request_count'],
+                         total)
+
+    def test_status_404_count(self):
+        self.two_port_conf()
+        self.start()
+        for _ in range(3):
+            self.assertEqual(self.http(self.port, 'GET', '/nope')[0], 404)
+        self.echo_ok(self.port)
+        wsgi = self.wait_count(4)
+        self.assertEqual(wsgi['status_404_count'], 3)
+        self.assertEqual(wsgi['status_4xx_count'], 3)
+        self.assertEqual(wsgi['status_2xx_count'], 1)
+        self.assertEqual(wsgi['status_5xx_count'], 0)
+
+    def test_per_worker_keys(self):
+        self.two_port_conf(workers=2)
+        self.start()
+        stats = self.stats(self.admin)
+        self.assertEqual(sorted(k for k in stats['wsgi'] if k.isdigit()),
+                         ['0', '1'])
+        self.assertEqual(sorted(k for k in stats['wsgi#admin']
+                                if k.isdigit()), ['0'])
+        for label in ('0', '1'):
+            worker = stats['wsgi'][label]
+            self.assertEqual(worker['request_count'], 0)
+            self.assertLessEqual(abs(worker['start_time'] - time.time()), 60)
+        self.assertNotIn('start_time', {k: v for k, v in
+                                        stats['wsgi'].items()
+                                        if not isinstance(v, dict)})
+
+    def test_custom_count_status_codes(self):
+        self.port = free_port()
+        self.write_conf('''
+            [wsgi]
+            ip = 127.0.0.1
+            port = %d
+            apps = stats
+            count_status_codes = 404 405
+
+            [stats]
+            call = brim.wsgi_stats.WSGIStats
+            ''' % self.port)
+        self.start()
+        self.assertEqual(self.http(self.port, 'POST', '/stats', b'')[0], 405)
+        wsgi = self.stats(self.port)['wsgi']
+        self.assertEqual(wsgi['status_405_count'], 1)
+        self.assertNotIn('status_408_count', wsgi)
+
+
+# ---------------------------------------------------------------------------
+# 7. Logging
+# ---------------------------------------------------------------------------
+
+class TestLogging(EchoTestCase):
+    """One NOTICE line per request, txn stamping, quoting."""
+
+    def test_request_logged_once(self):
+        self.echo_conf()
+        self.start()
+        self.assertEqual(self.http(self.port, 'GET', '/logged-once')[0], 404)
+        self.echo_ok(self.port)
+        self.wait_for_log(r' POST /echo HTTP/1.1 200 ')
+        lines = [f for f in self.request_lines()
+                 if f['path'] == '/logged-once']
+        self.assertEqual(len(lines), 1, self.log_text())
+        fields = lines[0]
+        self.assertEqual((fields['method'], fields['protocol'],
+                          fields['status']), ('GET', 'HTTP/1.1', '404'))
+        self.assertIn(' NOTICE ', fields['line'])
+        self.assertRegex(fields['txn'], r'^[0-9a-f]{6,}$')
+        txns = [f['txn'] for f in self.request_lines()]
+        self.assertEqual(len(txns), len(set(txns)), 'txns are not unique')
+
+    def test_app_log_line_carries_request_txn(self):
+        self.echo_conf()
+        self.start()
+        status, _h, body = self.http(self.port, 'GET', '/txn')
+        self.assertEqual(status, 200)
+        txn = body.decode()
+        [app_line] = self.wait_for_log(r'app-line-marker')
+        self.assertIn(' %s ' % txn, app_line)
+        [request] = self.wait_for_log(r' GET /txn HTTP/1.1 200 ')
+        self.assertEqual(parse_request_line(request)['txn'], txn)
+
+    def test_request_line_txn_column(self):
+        """The request line's txn column (as on the app's lines) is set."""
+        self.echo_conf()
+        self.start()
+        status, _h, body = self.http(self.port, 'GET', '/txn')
+        txn = body.decode()
+        [app_line] = self.wait_for_log(r'app-line-marker')
+        [request] = self.wait_for_log(r' GET /txn HTTP/1.1 200 ')
+        app_words = app_line.split()
+        request_words = request.split()
+        column = app_words.index(txn)
+        self.assertEqual(request_words[column], txn,
+                         'app line: %r\nrequest line: %r'
+                         % (app_line, request))
+
+    def test_log_info_words_on_request_line(self):
+        self.echo_conf()
+        self.start()
+        self.assertEqual(self.http(self.port, 'GET', '/txn')[0], 200)
+        [request] = self.wait_for_log(r' GET /txn HTTP/1.1 200 ')
+        self.assertTrue(request.endswith(' myapp: info-one info-two'),
+                        request)
+        self.assertEqual(parse_request_line(request)['extra'][-3:],
+                         ['myapp:', 'info-one', 'info-two'])
+
+    def test_request_line_bytes_out_and_in(self):
+        self.echo_conf()
+        self.start()
+        self.echo_ok(self.port, '/echo', b'Just a test.')
+        [request] = self.wait_for_log(r' POST /echo HTTP/1.1 200 ')
+        rest = request.split(' POST /echo HTTP/1.1 200 ', 1)[1].split()
+        self.assertEqual(rest[:2], ['12', '12'])
+
+    def test_odd_path_never_breaks_the_line(self):
+        self.echo_conf()
+        self.start()
+        status = self.http(self.port, 'GET', '/a%20b%0Ac%0D%09d%25')[0]
+        self.assertEqual(status, 404)
+        self.echo_ok(self.port)
+        self.wait_for_log(r' POST /echo HTTP/1.1 200 ')
+        lines = self.log_lines()
+        stamp = re.compile(r'^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d')
+        self.assertEqual([l for l in lines if not stamp.match(l)], [],
+                         'a log line was broken')
+        hits = [l for l in lines if ' GET /a%20b%0Ac%0D%09d%25 HTTP/1.1 404 '
+                in l]
+        self.assertEqual(len(hits), 1, self.log_text())
+
+    def test_user_agent_with_spaces_is_one_word(self):
+        self.echo_conf()
+        self.start()
+        self.http(self.port, 'GET', '/ua', headers={
+            'User-Agent': 'Some User Agent (v1.0)'})
+        [request] = self.wait_for_log(r' GET /ua HTTP/1.1 404 ')
+        self.assertIn(' Some%20User%20Agent%20(v1.0) ', request)
+        self.assertEqual(parse_request_line(request)['status'], '404')
+
+
+# ---------------------------------------------------------------------------
+# 8. HTTP semantics
+# ---------------------------------------------------------------------------
+
+class TestHTTP(EchoTestCase):
+    """Keep-alive, pipelining, framing, and the WSGI calling conventions."""
+
+    def connect(self):
+        sock = socket.create_connection(('127.0.0.1', self.port), timeout=5)
+        self.addCleanup(sock.close)
+        return sock, sock.makefile('rb')
+
+    def test_keep_alive(self):
+        self.echo_conf()
+        self.start()
+        conn = httpclient.HTTPConnection('127.0.0.1', self.port, timeout=5)
+        self.addCleanup(conn.close)
+        conn.request('GET', '/port')
+        first = conn.getresponse()
+        first_port = first.read()
+        self.assertEqual(first.status, 200)
+        self.assertFalse(first.will_close)
+        sock = conn.sock
+        conn.request('GET', '/port')
+        second = conn.getresponse()
+        self.assertEqual(second.read(), first_port)
+        self.assertIs(conn.sock, sock)
+        self.assertEqual(int(first_port), sock.getsockname()[1])
+
+    def test_pipelined_requests(self):
+        self.echo_conf()
+        self.start()
+        sock, fp = self.connect()
+        sock.sendall(b'POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3'
+                     b'\r\n\r\none'
+                     b'POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3'
+                     b'\r\n\r\ntwo'
+                     b'GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close'
+                     b'\r\n\r\n')
+        first = read_response(fp)
+        second = read_response(fp)
+        third = read_response(fp)
+        self.assertEqual((first.status, first.body), (200, b'one'))
+        self.assertEqual((second.status, second.body), (200, b'two'))
+        self.assertEqual((third.status, third.body), (404, b'404 Not Found\n'))
+        self.assertEqual(fp.read(), b'')
+
+    def test_head(self):
+        self.echo_conf()
+        self.start()
+        data = self.raw(self.port, b'HEAD /here HTTP/1.1\r\nHost: x\r\n'
+                        b'Connection: close\r\n\r\n')
+        head, sep, body = data.partition(b'\r\n\r\n')
+        self.assertEqual(sep, b'\r\n\r\n')
+        self.assertTrue(head.startswith(b'HTTP/1.1 200 '), head)
+        self.assertIn(b'\r\nContent-Length: 13', head)
+        self.assertEqual(body, b'')
+        data = self.raw(self.port, b'HEAD /stats HTTP/1.1\r\nHost: x\r\n'
+                        b'Connection: close\r\n\r\n')
+        head, sep, body = data.partition(b'\r\n\r\n')
+        self.assertRegex(head, rb'\r\nContent-Length: [1-9]\d*')
+        self.assertEqual(body, b'')
+
+    def test_expect_100_continue(self):
+        self.echo_conf()
+        self.start()
+        sock, fp = self.connect()
+        sock.sendall(b'POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 12'
+                     b'\r\nExpect: 100-continue\r\n\r\n')
+        self.assertEqual(fp.readline(), b'HTTP/1.1 100 Continue\r\n')
+        self.assertEqual(fp.readline(), b'\r\n')
+        sock.sendall(b'Just a test.')
+        response = read_response(fp)
+        self.assertEqual((response.status, response.body),
+                         (200, b'Just a test.'))
+
+    def test_chunked_request_body(self):
+        self.echo_conf()
+        self.start()
+        data = self.raw(self.port, b'POST /echo HTTP/1.1\r\nHost: x\r\n'
+                        b'Transfer-Encoding: chunked\r\nConnection: close'
+                        b'\r\n\r\n5\r\nJust \r\n7;ext=1\r\na test.\r\n'
+                        b'0\r\n\r\n')
+        head, _, body = data.partition(b'\r\n\r\n')
+        self.assertTrue(head.startswith(b'HTTP/1.1 200 '), data)
+        self.assertIn(b'Content-Length: 12', head)
+        self.assertEqual(body, b'Just a test.')
+
+    def test_chunked_response(self):
+        self.echo_conf()
+        self.start()
+        data = self.raw(self.port, b'GET /gen HTTP/1.1\r\nHost: x\r\n'
+                        b'Connection: close\r\n\r\n')
+        head, _, body = data.partition(b'\r\n\r\n')
+        self.assertTrue(head.startswith(b'HTTP/1.1 200 '), data)
+        self.assertIn(b'\r\nTransfer-Encoding: chunked', head)
+        self.assertNotIn(b'Content-Length', head)
+        self.assertEqual(body, b'5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n')
+
+    def test_generator_on_http10_closes(self):
+        self.echo_conf()
+        self.start()
+        data = self.raw(self.port, b'GET /gen HTTP/1.0\r\n\r\n')
+        head, _, body = data.partition(b'\r\n\r\n')
+        self.assertNotIn(b'chunked', head)
+        self.assertEqual(body, b'hello world')
+
+    def test_http10_without_keep_alive_closes(self):
+        self.echo_conf()
+        self.start()
+        sock, fp = self.connect()
+        sock.sendall(b'GET /pid HTTP/1.0\r\n\r\n')
+        response = read_response(fp)
+        self.assertEqual(response.status, 200)
+        self.assertTrue(response.body.isdigit())
+        self.assertEqual(fp.read(), b'')     # EOF: the server closed
+
+    def test_http10_keep_alive_on_request(self):
+        self.echo_conf()
+        self.start()
+        sock, fp = self.connect()
+        sock.sendall(b'GET /pid HTTP/1.0\r\nConnection: keep-alive\r\n\r\n')
+        first = read_response(fp)
+        self.assertEqual(first.headers.get('connection', '').lower(),
+                         'keep-alive')
+        sock.sendall(b'GET /pid HTTP/1.0\r\n\r\n')
+        second = read_response(fp)
+        self.assertEqual(second.body, first.body)
+
+    def test_write_callable(self):
+        self.echo_conf()
+        self.start()
+        status, headers, body = self.http(self.port, 'GET', '/write')
+        self.assertEqual((status, body), (200, b'hello world'))
+        self.assertEqual(headers['content-length'], '11')
+
+    def test_iterable_close_called_once(self):
+        self.echo_conf()
+        self.start()
+        conn = httpclient.HTTPConnection('127.0.0.1', self.port, timeout=5)
+        self.addCleanup(conn.close)
+        conn.request('GET', '/closing?a')
+        first = conn.getresponse()
+        self.assertEqual(first.read(), b'part1-part2')
+        # A second request on the connection: the first is all done.
+        conn.request('GET', '/closing?b')
+        self.assertEqual(conn.getresponse().read(), b'part1-part2')
+        with open(os.path.join(self.tmp, 'closed-a')) as fp:
+            self.assertEqual(fp.read(), 'closed\n')
+        path_b = os.path.join(self.tmp, 'closed-b')
+        wait_until(lambda: os.path.exists(path_b))
+        conn.request('GET', '/pid')
+        conn.getresponse().read()
+        with open(path_b) as fp:
+            self.assertEqual(fp.read(), 'closed\n')
+
+    def test_wsgiref_validator(self):
+        self.echo_conf()
+        self.start()
+        status, headers, body = self.http(self.port, 'GET', '/valid')
+        self.assertEqual((status, body), (200, b'validated'),
+                         self.log_text()[-3000:])
+
+    def test_wsgiref_validator_except_brim_key(self):
+        """Everything but the documented env['brim'] passes the validator."""
+        self.echo_conf()
+        self.start()
+        status, headers, body = self.http(self.port, 'GET',
+                                          '/valid_without_brim_key')
+        self.assertEqual((status, body), (200, b'validated'),
+                         self.log_text()[-3000:])
+        status, headers, body = self.http(self.port, 'POST',
+                                          '/valid_without_brim_key', b'xyz')
+        self.assertEqual((status, body), (200, b'validated'))
+
+    def test_tcp_nodelay_wsgi(self):
+        self.echo_conf()
+        self.start()
+        status, _h, body = self.http(self.port, 'GET', '/nodelay')
+        self.assertEqual(status, 200)
+        if body == b'unknown':
+            self.skipTest('a WSGI app cannot see its connection socket')
+        self.assertEqual(body, b'nodelay=1')
+
+    def test_tcp_nodelay_tcp_handler(self):
+        port = free_port()
+        self.write_conf('''
+            [tcp]
+            ip = 127.0.0.1
+            port = %d
+            call = mytcp.NoDelay
+            ''' % port)
+        self.start()
+        self.assertEqual(tcp_exchange(port, b''), b'nodelay=1')
+
+
+class TestHTTPRefusals(EchoTestCase):
+    """Requests brim refuses; the server keeps serving after each."""
+
+    def refused(self, request, status):
+        self.echo_conf(wsgi_extra='max_request_line = 100\n'
+                       'max_header_count = 5\nmax_body = 10\n')
+        self.start()
+        data = self.raw(self.port, request)
+        self.assertTrue(data.startswith(b'HTTP/1.1 %d ' % status), data)
+        head, _, body = data.partition(b'\r\n\r\n')
+        self.assertIn(b'\r\nConnection: close', head)
+        self.assertTrue(body.startswith(b'%d ' % status), body)
+        self.assert_still_serves()
+        self.wait_for_log(r'refused %d' % status)
+        return data
+
+    def assert_still_serves(self):
+        status, _h, body = self.http(self.port, 'POST', '/echo', b'small')
+        self.assertEqual((status, body), (200, b'small'))
+
+    def test_content_length_and_transfer_encoding(self):
+        self.refused(b'POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r'
+                     b'\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n', 400)
+
+    def test_bad_content_length(self):
+        self.refused(b'POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: '
+                     b'abc\r\n\r\n', 400)
+
+    def test_negative_content_length(self):
+        self.refused(b'POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: '
+                     b'-1\r\n\r\n', 400)
+
+    def test_bare_lf(self):
+        self.refused(b'GET /echo HTTP/1.1\nHost: x\n\n', 400)
+
+    def test_unsupported_version(self):
+        self.refused(b'GET /echo HTTP/2.0\r\nHost: x\r\n\r\n', 505)
+
+    def test_request_line_too_long(self):
+        self.refused(b'GET /' + b'a' * 200 + b' HTTP/1.1\r\nHost: x\r\n\r\n',
+                     414)
+
+    def test_too_many_headers(self):
+        headers = b''.join(b'X-H%d: v\r\n' % i for i in range(8))
+        self.refused(b'GET /echo HTTP/1.1\r\nHost: x\r\n' + headers +
+                     b'\r\n', 431)
+
+    def test_body_over_max_body(self):
+        self.refused(b'POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 20'
+                     b'\r\n\r\n' + b'b' * 20, 413)
+
+    def test_chunked_body_over_max_body(self):
+        data = self.refused(b'POST /echo HTTP/1.1\r\nHost: x\r\n'
+                            b'Transfer-Encoding: chunked\r\n\r\n14\r\n' +
+                            b'c' * 20 + b'\r\n0\r\n\r\n', 413)
+        self.assertNotIn(b'c' * 11, data)
+
+
+# ---------------------------------------------------------------------------
+# 9 and 10. The brimd script and the shipped sample configuration
+# ---------------------------------------------------------------------------
+
+class TestBrimdScript(EchoTestCase):
+    """./brimd works in place and when copied with brim.py elsewhere."""
+
+    def test_brimd_in_repo(self):
+        self.echo_conf()
+        code, out, err = self.brim('start', script=BRIMD, cwd=HERE)
+        pid = self.read_pid()
+        self.track(pid)
+        self.assertEqual((code, err), (0, ''), out)
+        self.assertTrue(pid_alive(pid))
+        self.echo_ok(self.port)
+        code, out, err = self.brim('status', script=BRIMD, cwd=HERE)
+        self.assertEqual((code, out), (0, '%d is running\n' % pid))
+        code, out, err = self.brim('stop', script=BRIMD, cwd=HERE)
+        self.assertEqual((code, err), (0, ''))
+        self.assert_gone([pid])
+        self.assertFalse(os.path.exists(self.pid_file))
+
+    def test_brimd_copied_elsewhere(self):
+        bindir = os.path.join(self.tmp, 'bin')
+        os.mkdir(bindir)
+        shutil.copy2(BRIMD, bindir)
+        shutil.copy2(BRIM, bindir)
+        script = os.path.join(bindir, 'brimd')
+        self.echo_conf()
+        env = dict(self.env, PYTHONPATH=self.tmp)   # not the repo
+        code, out, err = self.brim('start', script=script, env=env,
+                                   cwd=self.tmp)
+        pid = self.read_pid()
+        self.track(pid)
+        self.assertEqual((code, err), (0, ''), out)
+        self.echo_ok(self.port)
+        self.assertIn(os.path.join(bindir, 'brimd'), proc_cmdline(pid))
+        code, out, err = self.brim('stop', script=script, env=env,
+                                   cwd=self.tmp)
+        self.assertEqual((code, err), (0, ''))
+        self.assert_gone([pid])
+
+
+class TestSampleConf(BrimTestCase):
+    """The shipped brimd.conf-sample starts and serves echo and stats."""
+
+    def test_sample_conf(self):
+        with open(SAMPLE) as fp:
+            text = fp.read()
+        self.assertIn('\nport = 8901\n', text)
+        port = free_port()
+        text = text.replace('\nport = 8901\n', '\nport = %d\n' % port)
+        path = os.path.join(self.tmp, 'brimd.conf-sample')
+        with open(path, 'w') as fp:
+            fp.write(text)
+        home = os.path.join(self.tmp, 'home')
+        os.mkdir(home)
+        env = dict(self.env, HOME=home)
+        code, out, err = self.brim('start', conf=path, env=env)
+        pid = self.read_pid()
+        self.track(pid)
+        self.assertEqual((code, err), (0, ''), out)
+        self.echo_ok(port)
+        stats = self.stats(port)
+        self.assertEqual(stats['wsgi']['echo.requests'], 1)
+        code, out, err = self.brim('stop', conf=path, env=env)
+        self.assertEqual((code, err), (0, ''))
+        self.assert_gone([pid])
+        self.assertFalse(os.path.exists(self.pid_file))
+        self.assertFalse(os.path.exists(os.path.join(home,
+                                                     '.brimd-sample.pid')))
+
+
+if __name__ == '__main__':
+    unittest.main()
