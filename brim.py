@@ -508,16 +508,15 @@ def _bind(section, ip, port, kind, backlog, retry_seconds):
                              section))
 
 
-def _socket_key(sock):
+def _socket_key(kind, host, port):
     """What identifies a listening socket across a handover."""
-    kind = 'udp' if sock.type == socket.SOCK_DGRAM else 'tcp'
-    host, port = sock.getsockname()[:2]
     return '%s %s %s' % (kind, host, port)
 
 
 def _send_sockets(conn, socks):
     """Hand ``socks`` to a new brimd over the Unix socket ``conn``."""
-    keys = [_socket_key(sock) for sock in socks]
+    keys = [_socket_key('udp' if sock.type == socket.SOCK_DGRAM else 'tcp',
+                        *sock.getsockname()[:2]) for sock in socks]
     payload = json.dumps(keys).encode('utf-8')
     socket.send_fds(conn, [payload], [sock.fileno() for sock in socks])
 
@@ -1140,10 +1139,9 @@ class _HTTPConnection(object):
             except OSError:
                 pass
 
-    def refuse(self, err, env=None):
+    def refuse(self, err):
         """Answer a request brim will not serve, then close."""
         worker = self.worker
-        env = env or self.base_env
         worker.logger.warning('%s refused %s: %s', self.client, err.status,
                               err.reason)
         body = ('%d %s\n' % (err.status, _RESPONSE_REASONS.get(
@@ -1325,10 +1323,6 @@ class _Response(object):
             size = os.fstat(fileno).st_size - offset
         except (AttributeError, OSError, io.UnsupportedOperation):
             return self._send_iterable(wrapper)
-        if self.length is None:
-            for name, value in self.headers:
-                if name.lower() == 'content-length':
-                    size = min(size, int(value))
         head = self._head(size)
         self.head_sent = True
         self.conn.sock.sendall(head)
@@ -1620,7 +1614,7 @@ class _IPSubserver(Subserver):
         """Take the socket a previous brimd handed over, else bind one."""
         kind = 'udp' if self.kind == 'udp' else 'tcp'
         family, host = _address_family(self.ip)
-        key = '%s %s %s' % (kind, host, self.port)
+        key = _socket_key(kind, host, self.port)
         self.sock = inherited.pop(key, None)
         if self.sock is None:
             self.sock = _bind(self.name, self.ip, self.port, kind,
@@ -2099,7 +2093,6 @@ class _Worker(object):
         self.started = 0.0
         self.due = 0.0          # when to (re)start it, monotonic
         self.failures = 0       # quick deaths in a row, for the backoff
-        self.restarts = 0
 
     def label(self):
         return '[%s] %s %s' % (self.subserver.name,
@@ -2297,7 +2290,6 @@ class Server(object):
         now = time.monotonic()
         for worker in self.workers:
             if worker.pid is None and worker.due <= now:
-                worker.restarts += 1
                 self._spawn(worker)
 
     def _next_due(self):
