@@ -34,6 +34,7 @@ import logging.handlers
 import multiprocessing
 import os
 import queue
+import random
 import re
 import select
 import signal
@@ -1496,6 +1497,7 @@ class Subserver(object):
         self.worker_index = None
         self.stats = None
         self.draining = False
+        self.recycling = False      # draining to make way for a fresh worker
         self.logger = None
 
     def _option(self, conf, getter, option, default):
@@ -1513,9 +1515,15 @@ class Subserver(object):
             self.server.fallback_log_file
         self.json_dumps = self._function(conf, 'json_dumps', 'json.dumps')
         self.json_loads = self._function(conf, 'json_loads', 'json.loads')
-        self.workers = opt(conf, conf.get_int, 'workers', 1)
-        if self.workers < 1:
-            raise ConfError('[%s] workers must be at least 1.' % self.name)
+        self.workers = self._count(conf, 'workers', 1, least=1)
+
+    def _count(self, conf, option, default, least):
+        """An int option that may not go below ``least``."""
+        value = self._option(conf, conf.get_int, option, default)
+        if value < least:
+            raise ConfError('[%s] %s must be at least %d.'
+                            % (self.name, option, least))
+        return value
 
     def _function(self, conf, option, default):
         dotted = self._option(conf, conf.get, option, default)
@@ -1565,12 +1573,16 @@ class Subserver(object):
     def addresses(self):
         return []
 
-    def start_worker(self, index, bucket, to_stderr):
+    def open_log(self, to_stderr):
+        """The worker's logger; opened before privileges are dropped, so a
+        log file only root may write still gets the worker's lines."""
+        self.logger = get_logger(self.log_name, self.log_level,
+                                 self.log_facility, self.log_file, to_stderr)
+
+    def start_worker(self, index, bucket):
         """Set up worker ``index`` in its own process (or thread)."""
         self.worker_index = index
         self.stats = bucket
-        self.logger = get_logger(self.log_name, self.log_level,
-                                 self.log_facility, self.log_file, to_stderr)
         if 'start_time' in self.stats_conf:
             bucket.set('start_time', time.time())
         self.parent_pid = os.getppid()
@@ -1600,15 +1612,74 @@ class _IPSubserver(Subserver):
         if not 0 <= self.port <= 65535:
             raise ConfError('[%s] port %d is not between 0 and 65535.'
                             % (self.name, self.port))
-        self.backlog = opt(conf, conf.get_int, 'backlog', 4096)
+        self.backlog = self._count(conf, 'backlog', 4096, least=1)
         self.listen_retry = opt(conf, conf.get_float, 'listen_retry', 30.0)
         self.client_timeout = opt(conf, conf.get_float, 'client_timeout',
                                   60.0)
-        self.concurrent_per_worker = opt(conf, conf.get_int,
-                                         'concurrent_per_worker', 1024)
+        self.concurrent_per_worker = self._count(
+            conf, 'concurrent_per_worker', 1024, least=1)
+        # Recycling workers bounds what a leaking app can hold; the jitter
+        # keeps all workers from recycling at the same moment.
+        self.max_requests = self._count(conf, 'max_requests', 0, least=0)
+        self.max_requests_jitter = self._count(conf, 'max_requests_jitter',
+                                               0, least=0)
+        self.tls = None if self.kind == 'udp' else self._tls_context(conf)
+
+    def _tls_context(self, conf):
+        """An SSLContext from ``certfile`` / ``keyfile``; None: plain."""
+        certfile = self._option(conf, conf.get_path, 'certfile', None)
+        keyfile = self._option(conf, conf.get_path, 'keyfile', None)
+        if not certfile:
+            if keyfile:
+                raise ConfError('[%s] keyfile %s needs a certfile too.'
+                                % (self.name, keyfile))
+            return None
+        for option, path in (('certfile', certfile), ('keyfile', keyfile)):
+            try:
+                if path:
+                    open(path, 'rb').close()
+            except OSError as err:
+                raise ConfError('[%s] %s %s cannot be read: %s.' % (
+                    self.name, option, path, err.strerror or err))
+        import ssl      # only here: it costs every start a few ms
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(certfile, keyfile)
+        except (ssl.SSLError, OSError) as err:
+            raise ConfError('[%s] certfile %s%s: not a usable certificate '
+                            'and private key (%s)%s.' % (
+                                self.name, certfile,
+                                ' / keyfile %s' % keyfile if keyfile else '',
+                                _one_line(err), '' if keyfile else
+                                '; set keyfile, or put the key in certfile'))
+        return context
 
     def addresses(self):
         return ['%s:%s' % (self.ip, self.port)]
+
+    def start_worker(self, index, bucket):
+        Subserver.start_worker(self, index, bucket)
+        self.served = itertools.count(1)
+        self.request_limit = 0
+        if self.max_requests:
+            self.request_limit = self.max_requests + \
+                random.randint(0, self.max_requests_jitter)
+
+    def count_served(self):
+        """Count one request; the one that reaches the limit recycles."""
+        if next(self.served) == self.request_limit:
+            self.logger.info('[%s] worker %d served max_requests (%d); '
+                             'recycling', self.name, self.worker_index,
+                             self.request_limit)
+            self.recycling = True
+            self.drain()
+
+    def drain(self):
+        Subserver.drain(self)
+        try:
+            os.write(self.wake_w, b'\0')    # wake the accept loop now
+        except (AttributeError, OSError):
+            pass
 
     def bind(self, inherited):
         """Take the socket a previous brimd handed over, else bind one."""
@@ -1647,6 +1718,9 @@ class _IPSubserver(Subserver):
 
     def _accept_connections(self, handle):
         """The accept loop of WSGI and TCP workers."""
+        tls = self.tls
+        if tls is not None:
+            handle = self._after_handshake(handle)
         pool = _ConnectionPool(handle, self.concurrent_per_worker,
                                self.logger)
         self.pool = pool
@@ -1660,6 +1734,9 @@ class _IPSubserver(Subserver):
                     return
                 client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 client.settimeout(self.client_timeout)
+                if tls is not None:
+                    client = tls.wrap_socket(client, server_side=True,
+                                             do_handshake_on_connect=False)
                 pool.submit(client, address)
 
         self._serve_loop(accept)
@@ -1669,6 +1746,20 @@ class _IPSubserver(Subserver):
             self.stats.beat()
             self._close_idle()
             time.sleep(0.05)
+
+    def _after_handshake(self, handle):
+        """``handle`` run after the TLS handshake, on the pooled thread, so
+        a slow or silent client never holds up accepting."""
+        def handshake_and_handle(sock, address):
+            try:
+                sock.do_handshake()
+            except OSError as err:
+                self.logger.info('[%s] TLS handshake with %s failed: %s',
+                                 self.name, address[0], _one_line(err))
+                sock.close()
+                return
+            handle(sock, address)
+        return handshake_and_handle
 
     def _close_idle(self):
         pass
@@ -1708,8 +1799,8 @@ class WSGISubserver(_IPSubserver):
             cls, parsed = self._load_call(conf, app_name)
             self.apps.append((app_name, cls, parsed))
 
-    def start_worker(self, index, bucket, to_stderr):
-        _IPSubserver.start_worker(self, index, bucket, to_stderr)
+    def start_worker(self, index, bucket):
+        _IPSubserver.start_worker(self, index, bucket)
         self.txn_prefix = os.urandom(5).hex()
         self.txn_counter = itertools.count(1)
         self.connections = set()
@@ -1717,7 +1808,8 @@ class WSGISubserver(_IPSubserver):
         host, port = self.sock.getsockname()[:2]
         self.base_env = {
             'SCRIPT_NAME': '', 'SERVER_NAME': host, 'SERVER_PORT': str(port),
-            'wsgi.version': (1, 0), 'wsgi.url_scheme': 'http',
+            'wsgi.version': (1, 0),
+            'wsgi.url_scheme': 'http' if self.tls is None else 'https',
             'wsgi.errors': _ErrorStream(self.logger),
             'wsgi.multithread': True, 'wsgi.multiprocess': True,
             'wsgi.run_once': False, 'wsgi.input_terminated': True,
@@ -1726,6 +1818,8 @@ class WSGISubserver(_IPSubserver):
             'brim.json_dumps': self.json_dumps,
             'brim.json_loads': self.json_loads,
         }
+        if self.tls is not None:
+            self.base_env['HTTPS'] = 'on'
         app = self._not_found
         for app_name, cls, parsed in reversed(self.apps):
             app = cls(app_name, parsed, app)
@@ -1751,6 +1845,7 @@ class WSGISubserver(_IPSubserver):
         with self.stats.lock:
             for slot in slots:
                 array[slot] += 1
+        self.count_served()
 
     def next_txn(self):
         return '%s%x' % (self.txn_prefix, next(self.txn_counter))
@@ -1824,8 +1919,8 @@ class TCPSubserver(_IPSubserver):
         self.handler_class, self.handler_conf = self._load_call(conf,
                                                                 self.name)
 
-    def start_worker(self, index, bucket, to_stderr):
-        _IPSubserver.start_worker(self, index, bucket, to_stderr)
+    def start_worker(self, index, bucket):
+        _IPSubserver.start_worker(self, index, bucket)
         self.handler = self.handler_class(self.name, self.handler_conf)
 
     def serve(self):
@@ -1839,6 +1934,7 @@ class TCPSubserver(_IPSubserver):
                                   self.name, address[0], address[1])
         finally:
             sock.close()
+            self.count_served()
 
 
 class UDPSubserver(_IPSubserver):
@@ -1853,8 +1949,8 @@ class UDPSubserver(_IPSubserver):
         self.handler_class, self.handler_conf = self._load_call(conf,
                                                                 self.name)
 
-    def start_worker(self, index, bucket, to_stderr):
-        _IPSubserver.start_worker(self, index, bucket, to_stderr)
+    def start_worker(self, index, bucket):
+        _IPSubserver.start_worker(self, index, bucket)
         self.handler = self.handler_class(self.name, self.handler_conf)
 
     def serve(self):
@@ -1863,10 +1959,13 @@ class UDPSubserver(_IPSubserver):
     def _receive(self, sock):
         """Serve the datagrams waiting; another worker may win the race."""
         for _ in range(64):
+            if self.draining:
+                return
             try:
                 datagram, address = sock.recvfrom(self.max_datagram_size)
             except (BlockingIOError, InterruptedError):
                 return
+            self.count_served()
             try:
                 self.handler(self, self.stats, sock, datagram, address[0],
                              address[1])
@@ -1899,8 +1998,8 @@ class DaemonsSubserver(Subserver):
     def bucket_labels(self):
         return [name for name, _cls, _parsed in self.daemons]
 
-    def start_worker(self, index, bucket, to_stderr):
-        Subserver.start_worker(self, index, bucket, to_stderr)
+    def start_worker(self, index, bucket):
+        Subserver.start_worker(self, index, bucket)
         name, cls, parsed = self.daemons[index]
         self.daemon = cls(name, parsed)
 
@@ -2057,6 +2156,9 @@ class DaemonSample(object):
 # ---------------------------------------------------------------------------
 # Supervision: the main process
 # ---------------------------------------------------------------------------
+
+#: A worker's exit status after max_requests: replace it at once.
+_EXIT_RECYCLED = 75
 
 _SUBSERVER_KINDS = {'wsgi': WSGISubserver, 'tcp': TCPSubserver,
                     'udp': UDPSubserver, 'daemons': DaemonsSubserver}
@@ -2225,15 +2327,16 @@ class Server(object):
             else:
                 signal.signal(signal.SIGHUP, lambda *_: subserver.drain())
             self._close_main_fds(subserver)
+            subserver.open_log(self.to_stderr)
             self._drop_privileges()
             bucket = self.stats.bucket(subserver, worker.index)
-            subserver.start_worker(worker.index, bucket, self.to_stderr)
+            subserver.start_worker(worker.index, bucket)
             bucket.beat()
             if ready_fd is not None:
                 os.close(ready_fd)
                 ready_fd = None
             subserver.serve()
-            code = 0
+            code = _EXIT_RECYCLED if subserver.recycling else 0
         except BaseException as err:
             if isinstance(err, SystemExit) and not err.code:
                 code = 0
@@ -2275,6 +2378,13 @@ class Server(object):
         """Log why ``worker`` died and when it starts again (backed off)."""
         now = time.monotonic()
         lived = now - worker.started
+        if os.WIFEXITED(status) and \
+                os.WEXITSTATUS(status) == _EXIT_RECYCLED:
+            worker.due = now
+            worker.pid = None
+            self.logger.info('%s (pid %d) recycled after %.1fs; starting a '
+                             'new one', worker.label(), pid, lived)
+            return
         worker.failures = worker.failures + 1 \
             if lived < self.STABLE_SECONDS else 0
         delay = 0.0 if not worker.failures else min(
@@ -2474,8 +2584,9 @@ class Server(object):
         self._install_signals()
         for worker in self.workers:
             subserver = copy.copy(worker.subserver)
+            subserver.open_log(True)
             subserver.start_worker(worker.index, self.stats.bucket(
-                worker.subserver, worker.index), True)
+                worker.subserver, worker.index))
             threading.Thread(target=subserver.serve, daemon=True).start()
         self.logger.info('brimd %s serving %s in one process (pid %d)',
                          __version__, ', '.join(self._describe()),
