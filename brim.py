@@ -255,16 +255,49 @@ class _LogStream(object):
 class _Formatter(logging.Formatter):
     """A Formatter that renders the time once a second, not per line."""
 
-    _second = None
-    _stamp = ''
+    _stamp = (None, '')     # (second, text): one tuple, so threads agree
 
     def formatTime(self, record, datefmt=None):
         second = int(record.created)
-        if second != self._second:
-            self._stamp = time.strftime('%Y-%m-%d %H:%M:%S',
-                                        time.localtime(second))
-            self._second = second
-        return '%s,%03d' % (self._stamp, record.msecs)
+        stamp = self._stamp
+        if second != stamp[0]:
+            stamp = self._stamp = (second, time.strftime(
+                '%Y-%m-%d %H:%M:%S', time.localtime(second)))
+        return '%s,%03d' % (stamp[1], record.msecs)
+
+
+class _AppendHandler(logging.Handler):
+    """Writes each record to ``path`` with one ``os.write`` (O_APPEND).
+
+    One write of a whole line is atomic for an appended file, so threads
+    and worker processes never interleave lines, and no lock is needed:
+    logging.Handler's per-handler lock made every request of a busy worker
+    queue up behind the others' log lines.
+    """
+
+    def __init__(self, path):
+        logging.Handler.__init__(self)
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+                          0o644)
+
+    def handle(self, record):
+        if self.filter(record):
+            self.emit(record)
+        return record
+
+    def emit(self, record):
+        try:
+            line = self.format(record) + '\n'
+            os.write(self.fd, line.encode('utf-8', 'backslashreplace'))
+        except Exception:
+            self.handleError(record)
+
+    def close(self):
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+        logging.Handler.close(self)
 
 
 class _RequestRecord(logging.LogRecord):
@@ -337,7 +370,7 @@ def get_logger(log_name='brim', log_level='INFO', log_facility='LOCAL0',
         handler.close()
     kind, detail = _log_destination(log_file, to_stderr)
     if kind == 'file':
-        handler = logging.FileHandler(detail)
+        handler = _AppendHandler(detail)
         fmt = '%(asctime)s %(name)s %(levelname)s %(txn)s %(message)s'
     elif kind == 'syslog':
         handler = logging.handlers.SysLogHandler(detail, facility)
