@@ -15,6 +15,7 @@ does not wait for a slow init to reap the exited main process.
 
 import errno
 import http.client as httpclient
+import io
 import itertools
 import json
 import os
@@ -97,6 +98,18 @@ def descendants_of(pid):
                 found.append(child)
                 todo.append(child)
     return found
+
+
+def zombie_children(pid):
+    """Children of ``pid`` that exited and were not reaped yet."""
+    return [p for p in children_of(pid) if (proc_stat(p) or ('',))[0] == 'Z']
+
+
+def cpu_seconds(pid):
+    """User plus system CPU seconds ``pid`` has used so far."""
+    with open('/proc/%d/stat' % pid) as fp:
+        fields = fp.read().rsplit(')', 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
 
 
 def _reap_orphans():
@@ -309,6 +322,144 @@ def tcp_exchange(port, data, timeout=5.0):
         sock.close()
 
 
+class StaleConnection(Exception):
+    """A reused keep-alive connection ended before any response byte."""
+
+
+class HTTPClient(object):
+    """HTTP/1.1 on one connection, kept open between requests.
+
+    ``request`` raises StaleConnection when a *reused* connection fails
+    before any byte of the response arrived: a server may close an idle
+    keep-alive connection at any time, and that is the one failure RFC
+    9112 section 9.3.1 lets a client retry on a new connection (as urllib3
+    and browsers do).  Any other failure is raised as it is.
+    """
+
+    def __init__(self, port, timeout=10):
+        self.port = port
+        self.timeout = timeout
+        self.sock = self.fp = None
+        self.used = False           # a response already came on this one
+
+    def connect(self):
+        sock = socket.create_connection(('127.0.0.1', self.port),
+                                        timeout=self.timeout)
+        self.sock, self.fp, self.used = sock, sock.makefile('rb'), False
+
+    def close(self):
+        for thing in (self.fp, self.sock):
+            if thing is not None:
+                thing.close()
+        self.sock = self.fp = None
+
+    def request(self, method, path, body=b'', headers=()):
+        """Send one request and read its Response."""
+        if self.sock is None:
+            self.connect()
+        reused = self.used
+        head = '%s %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n' \
+               '%s\r\n' % (method, path, len(body),
+                           ''.join('%s: %s\r\n' % h for h in headers))
+        try:
+            try:
+                self.sock.sendall(head.encode('latin-1') + body)
+                first = self.fp.peek(1)
+            except socket.timeout:
+                raise
+            except OSError as err:
+                if reused:
+                    raise StaleConnection(repr(err))
+                raise
+            if not first:
+                if reused:
+                    raise StaleConnection('closed before the response')
+                raise ConnectionError('closed before any response byte')
+            response = read_response(self.fp, method)
+        except BaseException:
+            self.close()
+            raise
+        self.used = True
+        if response.headers.get('connection', '').lower() == 'close':
+            self.close()
+        return response
+
+
+class Hammer(object):
+    """Clients POSTing to ``path`` (an echo) without pause until stopped.
+
+    ``fresh`` clients open a new connection per request; ``keep_alive``
+    ones reuse theirs.  Every body is unique and checked.  A keep-alive
+    client retries a request once on a new connection after a
+    StaleConnection (counted in ``retries``); a failure on a new
+    connection, a wrong body or a status other than 200 is an error.
+    """
+
+    def __init__(self, port, fresh=3, keep_alive=3, path='/echo',
+                 limit=90.0, cap=200000):
+        self.port = port
+        self.path = path
+        self.lock = threading.Lock()
+        self.ok = {'fresh': 0, 'keep-alive': 0}
+        self.retries = 0
+        self.errors = []
+        self.cap = cap                  # bounds a runaway test
+        self.deadline = time.monotonic() + limit
+        self.done = threading.Event()
+        self.threads = [threading.Thread(target=self._client,
+                                         args=(index, index < fresh))
+                        for index in range(fresh + keep_alive)]
+
+    def start(self):
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def stop(self):
+        self.done.set()
+        for thread in self.threads:
+            thread.join(30)
+
+    @property
+    def served(self):
+        return sum(self.ok.values())
+
+    def figures(self):
+        return '%d answered (%d fresh, %d keep-alive), %d retries, ' \
+               '%d errors' % (self.served, self.ok['fresh'],
+                              self.ok['keep-alive'], self.retries,
+                              len(self.errors))
+
+    def _client(self, index, fresh):
+        kind = 'fresh' if fresh else 'keep-alive'
+        client = HTTPClient(self.port)
+        try:
+            for count in itertools.count():
+                if self.done.is_set() or time.monotonic() > self.deadline \
+                        or self.served + len(self.errors) >= self.cap:
+                    return
+                body = b'client %d request %d' % (index, count)
+                try:
+                    try:
+                        response = client.request('POST', self.path, body)
+                    except StaleConnection:
+                        with self.lock:
+                            self.retries += 1
+                        response = client.request('POST', self.path, body)
+                    result = (response.status, response.body)
+                except Exception as err:
+                    result = ('error', repr(err))
+                with self.lock:
+                    if result == (200, body):
+                        self.ok[kind] += 1
+                    else:
+                        self.errors.append((kind, body, result))
+                if fresh:
+                    client.close()
+        finally:
+            client.close()
+
+
 # ---------------------------------------------------------------------------
 # Test apps, written into each test's temporary directory
 # ---------------------------------------------------------------------------
@@ -478,6 +629,25 @@ class Misc(object):
         del env['brim']
         return self.validated(env, start_response)
 
+    def do_slowecho(self, env, start_response):
+        time.sleep(float(env['QUERY_STRING']))
+        return self._reply(start_response, env['wsgi.input'].read())
+
+    def do_fault(self, env, start_response):
+        """Breaks WSGI the way QUERY_STRING names."""
+        fault = env['QUERY_STRING']
+        if fault == 'nostart_list':
+            return [b'no start_response']
+        if fault == 'nostart_bytes':
+            return b'no start_response'
+        if fault == 'nostart_empty':
+            return iter([])
+        if fault == 'header_int':
+            start_response('200 OK', [('X-Count', 1)])
+        elif fault == 'header_bytes':
+            start_response('200 OK', [(b'X-Name', 'v')])
+        return [b'bad headers']
+
     def do_nodelay(self, env, start_response):
         subserver = env['brim']
         port = int(env['REMOTE_PORT'])
@@ -492,6 +662,30 @@ class Misc(object):
             except OSError:
                 pass
         return self._reply(start_response, b'unknown')
+
+
+class CrashInInit(object):
+    """Notes each construction (monotonic time) in the file ``starts``;
+    raises while the file ``flag`` exists."""
+
+    def __init__(self, name, conf, next_app):
+        with open(conf.get(name, 'starts'), 'a') as fp:
+            fp.write('%f\\n' % time.monotonic())
+        if os.path.exists(conf.get(name, 'flag')):
+            raise RuntimeError('crash-in-init-marker')
+        self.next_app = next_app
+
+    def __call__(self, env, start_response):
+        return self.next_app(env, start_response)
+
+
+class InitRaises(object):
+    """Raises in its constructor, which runs in the worker, after
+    ``delay`` seconds."""
+
+    def __init__(self, name, conf, next_app):
+        time.sleep(float(conf.get(name, 'delay', '0')))
+        raise RuntimeError('init-raises-marker')
 '''
 
 # The documentation's TCP HelloWorld (final version), plus test handlers.
@@ -1241,11 +1435,15 @@ call = brim.wsgi_stats.WSGIStats
 class EchoTestCase(BrimTestCase):
     """A BrimTestCase with a helper for the common echo/stats conf."""
 
-    def echo_conf(self, workers=1, wsgi_extra=''):
+    def echo_conf(self, workers=1, wsgi_extra='', brim_extra='', extra=''):
+        """The echo conf; ``brim_extra`` lines go in [brim], ``extra`` is
+        more sections."""
         self.port = free_port()
-        return self.write_conf(ECHO_CONF % {
-            'port': self.port, 'workers': workers, 'dir': self.tmp,
-            'wsgi_extra': wsgi_extra})
+        text = ECHO_CONF % {'port': self.port, 'workers': workers,
+                            'dir': self.tmp, 'wsgi_extra': wsgi_extra}
+        if brim_extra:
+            text = '[brim]\n%s\n%s' % (brim_extra, text)
+        return self.write_conf(text + textwrap.dedent(extra))
 
 
 class TestCommands(EchoTestCase):
@@ -2654,6 +2852,403 @@ class TestSampleConf(BrimTestCase):
         self.assertFalse(os.path.exists(self.pid_file))
         self.assertFalse(os.path.exists(os.path.join(home,
                                                      '.brimd-sample.pid')))
+
+
+# ---------------------------------------------------------------------------
+# 11. Reliability: restarts under load, faults, slow and stalled clients
+# ---------------------------------------------------------------------------
+
+DAEMON_SAMPLE = '''
+[daemons]
+daemons = sample
+
+[sample]
+call = brim.daemon_sample.DaemonSample
+interval = 0.2
+'''
+
+
+class TestReliability(EchoTestCase):
+    """brimd under restarts, dead parents, faulty apps and bad clients.
+
+    Covered elsewhere: a broken conf on restart (TestCommands.
+    test_restart_with_broken_conf_keeps_old_server), stop leaving nothing
+    (test_stop_leaves_nothing), the 30 s graceful default
+    (test_shutdown_finishes_in_flight_request), a pid file naming a live
+    process that is not brimd (test_stop_and_status_ignore_unrelated_pid)
+    and an app that raises or returns a str (TestSupervision).
+    """
+
+    def background_request(self, path, timeout=30):
+        """GET ``path`` on a thread: (thread, result dict).  The result
+        gets 'response' (status, headers, body) or 'error'."""
+        result = {}
+
+        def request():
+            try:
+                result['response'] = self.http(self.port, 'GET', path,
+                                               timeout=timeout)
+            except Exception as err:
+                result['error'] = err
+        thread = threading.Thread(target=request)
+        thread.start()
+        self.addCleanup(thread.join, timeout + 5)
+        return thread, result
+
+    def slow_started(self):
+        """How many /slow requests the app has begun."""
+        try:
+            with open(os.path.join(self.tmp, 'slow-started')) as fp:
+                return len(fp.read())
+        except OSError:
+            return 0
+
+    # -- restarts ------------------------------------------------------------
+
+    def test_five_restarts_under_load(self):
+        self.echo_conf(workers=2)
+        pid = self.start()
+        hammer = Hammer(self.port, fresh=3, keep_alive=3).start()
+        self.addCleanup(hammer.stop)
+        began = time.monotonic()
+
+        def both_kinds_answered(since):
+            return lambda: all(hammer.ok[kind] >= since[kind] + 10
+                               for kind in since)
+        for command in ('restart', 'reload', 'force-reload', 'restart',
+                        'reload'):
+            old_tree = [pid] + live_children_of(pid)
+            wait_until(both_kinds_answered(dict(hammer.ok)), timeout=15,
+                       msg='both kinds of client answered before %s'
+                       % command)
+            code, out, err = self.brim(command)
+            new_pid = self.read_pid()
+            self.track(new_pid)
+            self.assertEqual((code, err), (0, ''), '%s: %s' % (command, out))
+            self.assertNotEqual(new_pid, pid, command)
+            self.assertTrue(pid_alive(new_pid), command)
+            self.assert_gone(old_tree, timeout=15)
+            pid = new_pid
+        wait_until(both_kinds_answered(dict(hammer.ok)), timeout=15,
+                   msg='both kinds of client answered after the restarts')
+        hammer.stop()
+        figures = '%s in %.1fs over 5 restarts' % (
+            hammer.figures(), time.monotonic() - began)
+        self.assertEqual(hammer.errors[:10], [], figures)
+        code, out, err = self.brim('status')
+        self.assertEqual((code, out), (0, '%d is running\n' % pid))
+
+    def test_restart_with_failing_workers_keeps_old_server(self):
+        """The new conf parses but a worker cannot start: restart fails and
+        the old brimd serves on, its workers untouched, no request lost
+        (not even to the new brimd's good workers, which serve meanwhile)."""
+        self.echo_conf(workers=2)
+        pid = self.start()
+        workers = sorted(live_children_of(pid))
+        broken = self.write_conf(ECHO_CONF % {
+            'port': self.port, 'workers': 2, 'dir': self.tmp,
+            'wsgi_extra': ''} + textwrap.dedent('''
+            [wsgi#broken]
+            ip = 127.0.0.1
+            port = %d
+            apps = raises
+
+            [raises]
+            call = myapps.InitRaises
+            delay = 0.5
+            ''' % free_port()), name='broken.conf')
+        # Requests that take a while: some are in flight in the new
+        # brimd's workers when its start fails.
+        hammer = Hammer(self.port, fresh=4, keep_alive=4,
+                        path='/slowecho?0.05').start()
+        self.addCleanup(hammer.stop)
+        wait_until(lambda: hammer.served >= 20)
+        before = set(children_of(os.getpid()))
+        code, out, err = self.brim('restart', conf=broken)
+        self.assertEqual(code, 1, (out, err))
+        self.assertIn('init-raises-marker', err)
+        restart_err = err
+        self.assertEqual(self.read_pid(), pid)
+        wait_until(lambda: not [p for p in set(children_of(os.getpid())) -
+                                before if pid_alive(p)],
+                   msg='the failed new brimd left processes')
+        served = hammer.served
+        wait_until(lambda: hammer.served >= served + 20)
+        hammer.stop()
+        self.assertEqual(hammer.errors[:10], [], hammer.figures())
+        self.assertEqual(sorted(live_children_of(pid)), workers)
+        code, out, err = self.brim('status')
+        self.assertEqual((code, out), (0, '%d is running\n' % pid))
+        self.assertEqual(restart_err.count('\n'), 1, restart_err)
+
+    # -- ending: graceful_timeout, stop, a killed main process ---------------
+
+    def test_graceful_timeout_cuts_off_a_long_request(self):
+        self.echo_conf(brim_extra='graceful_timeout = 1')
+        pid = self.start()
+        workers = live_children_of(pid)
+        client, result = self.background_request('/slow?10')
+        wait_until(lambda: self.slow_started() == 1)
+        began = time.monotonic()
+        code, out, err = self.brim('shutdown')
+        took = time.monotonic() - began
+        self.assertEqual((code, err), (0, ''), out)
+        self.assertGreater(took, 0.9, 'did not wait graceful_timeout')
+        self.assertLess(took, 4.0, 'graceful_timeout = 1 was not applied')
+        self.assert_gone([pid] + workers, timeout=2)
+        client.join(15)
+        self.assertFalse(client.is_alive())
+        if 'response' in result:    # anything but the whole answer
+            status, _h, body = result['response']
+            self.assertNotEqual((status, body),
+                                (200, b'slow:' + b'x' * 5000 + b':done'))
+        self.wait_for_log(r'(?i)\bkill(ed|ing)?\b.*\bworkers?\b|'
+                          r'\bworkers?\b.*\bkill(ed|ing)?\b', timeout=2)
+
+    def test_stop_is_immediate_with_a_request_in_flight(self):
+        self.echo_conf(extra=DAEMON_SAMPLE)
+        pid = self.start()
+        children = live_children_of(pid)
+        self.assertEqual(len(children), 2)      # the worker and the daemon
+        client, result = self.background_request('/slow?10')
+        wait_until(lambda: self.slow_started() == 1)
+        began = time.monotonic()
+        self.stop()
+        self.assertLess(time.monotonic() - began, 3.0)
+        self.assert_gone([pid] + children, timeout=2)
+        client.join(5)
+        self.assertFalse(client.is_alive(), 'the client still waits')
+        self.assertIn('error', result)
+        self.assertTrue(connect_refused(self.port))
+        self.assertFalse(os.path.exists(self.pid_file))
+
+    def test_killed_main_process_takes_workers_and_daemons_along(self):
+        """After SIGKILL of the main process its workers and daemons notice
+        the parent is gone and exit.  They are reparented (to init or, as
+        a subreaper, to this test process, which reaps them): pid_alive
+        counts a zombie as gone."""
+        self.echo_conf(workers=2, extra=DAEMON_SAMPLE)
+        pid = self.start()
+        children = live_children_of(pid)
+        self.assertEqual(len(children), 3)
+        self.echo_ok(self.port)
+        os.kill(pid, signal.SIGKILL)
+        self.assert_gone([pid] + children, timeout=5)
+        self.assertTrue(connect_refused(self.port), 'a worker still holds '
+                        'the listening socket')
+
+    # -- supervision ---------------------------------------------------------
+
+    def test_replaced_workers_leave_no_zombies(self):
+        self.echo_conf(extra=DAEMON_SAMPLE)
+        pid = self.start()
+        worker = int(self.http(self.port, 'GET', '/pid')[2])
+        [daemon] = [p for p in live_children_of(pid) if p != worker]
+        old = [worker, daemon]
+        os.kill(worker, signal.SIGKILL)
+        os.kill(daemon, signal.SIGTERM)
+        wait_until(lambda: not set(old) & set(children_of(pid)), timeout=3,
+                   msg='the main process reaped its dead children')
+        self.assertEqual(zombie_children(pid), [])
+        wait_until(lambda: len(live_children_of(pid)) == 2, timeout=10,
+                   msg='both replaced')
+        self.echo_ok(self.port)
+        self.assertEqual(zombie_children(pid), [])
+
+    def test_worker_crashing_at_start_is_backed_off(self):
+        """A worker whose app cannot be built is restarted after 1, 2, 4 s
+        and so on, logged each time; the rest serves; the main idles."""
+        starts = os.path.join(self.tmp, 'starts')
+        flag = os.path.join(self.tmp, 'flag')
+        self.port, other = free_port(), free_port()
+        self.write_conf('''
+            [wsgi]
+            ip = 127.0.0.1
+            port = %d
+            apps = crashy misc
+
+            [crashy]
+            call = myapps.CrashInInit
+            starts = %s
+            flag = %s
+
+            [misc]
+            call = myapps.Misc
+
+            [wsgi#other]
+            ip = 127.0.0.1
+            port = %d
+            apps = echo
+
+            [echo]
+            call = brim.wsgi_echo.WSGIEcho
+            ''' % (self.port, starts, flag, other))
+
+        def start_times():
+            with open(starts) as fp:
+                return [float(line) for line in fp]
+        pid = self.start()
+        worker = int(self.http(self.port, 'GET', '/pid')[2])
+        cpu = cpu_seconds(pid)
+        open(flag, 'w').close()
+        os.kill(worker, signal.SIGKILL)
+        killed = time.monotonic()
+        [kill_line] = self.wait_for_log(r'\(pid %d\) killed by signal '
+                                        r'SIGKILL' % worker)
+        # The restart after the kill, then one more: both crash.
+        wait_until(lambda: len(start_times()) >= 3, timeout=8)
+        self.echo_ok(other)
+        crashes = self.wait_for_log(
+            r'\[wsgi\] worker 0 \(pid \d+\) exit status 1 after [\d.]+s; '
+            r'restarting in [\d.]+s', count=2, timeout=3)
+        delays = [float(re.search(r'restarting in ([\d.]+)s$', line)
+                        .group(1)) for line in [kill_line] + crashes]
+        first, second = start_times()[1:3]
+        self.assertTrue(0 <= delays[0] <= 1.0, kill_line)
+        self.assertTrue(1.0 <= delays[1] <= 2.0, crashes)
+        self.assertEqual(delays[2], 2 * delays[1], crashes)
+        self.assertGreater(first - killed, delays[0] - 0.1)
+        self.assertLess(first - killed, delays[0] + 0.8)
+        self.assertGreater(second - first, delays[1] - 0.1)
+        self.assertLess(second - first, delays[1] + 0.8)
+        self.wait_for_log(r'crash-in-init-marker', count=2)
+        self.echo_ok(other)
+        self.assertLess(cpu_seconds(pid) - cpu, 0.5, 'main process busy')
+        self.assertTrue(pid_alive(pid))
+
+    # -- clients that are slow, stall or come too many ----------------------
+
+    def test_slow_clients_do_not_starve_others(self):
+        """300 connections dribble a request head at a byte a second; a
+        normal client is still answered in well under a second, and every
+        dribbling connection is still served once it finishes its head."""
+        self.echo_conf()
+        self.start()
+        slow = []
+        self.addCleanup(lambda: [sock.close() for sock in slow])
+        for _ in range(300):
+            slow.append(socket.create_connection(('127.0.0.1', self.port),
+                                                 timeout=10))
+        head = b'GET /here HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n'
+        latencies = []
+        began = time.monotonic()
+        for second in range(3):
+            for sock in slow:
+                sock.sendall(head[second:second + 1])
+            while time.monotonic() < began + second + 1:
+                if len(latencies) < 6 * (second + 1):
+                    sent = time.monotonic()
+                    self.echo_ok(self.port)
+                    latencies.append(time.monotonic() - sent)
+                else:
+                    time.sleep(0.05)    # pacing the dribble, not syncing
+        self.assertEqual(len(latencies), 18)
+        self.assertLess(max(latencies), 1.0, latencies)
+        for sock in slow:
+            sock.sendall(head[3:])
+        answers = [read_response(sock.makefile('rb')) for sock in slow]
+        self.assertEqual([(a.status, a.body) for a in answers],
+                         [(200, b'Hello World!\n')] * 300)
+
+    def test_client_timeout_closes_idle_and_stalled_connections(self):
+        self.echo_conf(wsgi_extra='client_timeout = 1\n')
+        self.start()
+        idle = HTTPClient(self.port)
+        self.addCleanup(idle.close)
+        self.assertEqual(idle.request('GET', '/here').status, 200)
+        silent = socket.create_connection(('127.0.0.1', self.port),
+                                          timeout=5)
+        self.addCleanup(silent.close)
+        stalled = socket.create_connection(('127.0.0.1', self.port),
+                                           timeout=5)
+        self.addCleanup(stalled.close)
+        stalled.sendall(b'GET /here HTTP/1.1\r\nHo')
+        began = time.monotonic()
+
+        def until_closed(sock):
+            """(every byte until EOF, seconds from ``began``)."""
+            data = b''
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return data, time.monotonic() - began
+                data += chunk
+        # An idle keep-alive connection and one that never sent a byte
+        # are closed without a word; a half-sent head gets a 408.
+        for name, sock in (('idle keep-alive', idle.sock),
+                           ('silent', silent)):
+            data, took = until_closed(sock)
+            self.assertEqual(data, b'', name)
+            self.assertTrue(0.8 < took < 3.0, '%s closed after %.2fs'
+                            % (name, took))
+        data, took = until_closed(stalled)
+        self.assertTrue(0.8 < took < 3.0, 'stalled closed after %.2fs' % took)
+        response = read_response(io.BytesIO(data))
+        self.assertEqual(response.status, 408, data)
+        self.assertEqual(response.headers.get('connection'), 'close')
+        self.assertEqual(response.body, b'408 Request Timeout\n')
+        self.wait_for_log(r'refused 408')
+
+    def test_concurrent_per_worker_queues_the_next_connection(self):
+        self.echo_conf(wsgi_extra='concurrent_per_worker = 2\n')
+        pid = self.start()
+        [worker] = live_children_of(pid)
+        finished = []
+
+        def slow_client():
+            client = HTTPClient(self.port, timeout=20)
+            try:
+                response = client.request('GET', '/slow?1.5')
+                finished.append((time.monotonic(), response.status))
+            finally:
+                client.close()      # only now is the slot free
+        threads = [threading.Thread(target=slow_client) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+            self.addCleanup(thread.join, 20)
+        wait_until(lambda: self.slow_started() == 2)
+        third = HTTPClient(self.port, timeout=20)
+        self.addCleanup(third.close)
+        response = third.request('GET', '/pid')     # not refused: queued
+        answered = time.monotonic()
+        for thread in threads:
+            thread.join(20)
+        self.assertEqual((response.status, response.body),
+                         (200, str(worker).encode()))
+        self.assertEqual([status for _t, status in finished], [200, 200])
+        self.assertGreater(answered, min(t for t, _s in finished),
+                           'the third connection was served while both '
+                           'slots were busy')
+
+    # -- apps that break WSGI ------------------------------------------------
+
+    def test_app_faults_answer_500_and_the_worker_serves_on(self):
+        self.echo_conf()
+        pid = self.start()
+        [worker] = live_children_of(pid)
+        explanations = {
+            'nostart_list': 'start_response',
+            'nostart_bytes': 'start_response',
+            'nostart_empty': 'start_response',
+            'header_int': "('X-Count', 1)",
+            'header_bytes': "(b'X-Name', 'v')",
+        }
+        for fault, explanation in explanations.items():
+            with self.subTest(fault=fault):
+                status, _h, body = self.http(self.port, 'GET',
+                                             '/fault?' + fault)
+                self.assertEqual(status, 500, body)
+                self.assertNotIn(b'no start_response', body)
+                txn = re.search(rb'txn (\S+)', body).group(1).decode()
+                lines = self.wait_for_log(r' ERROR %s GET /fault: the app '
+                                          % re.escape(txn))
+                self.assertIn(explanation, lines[0])
+                self.assertIn('start_response', lines[0])
+                self.echo_ok(self.port)
+                self.assertEqual(int(self.http(self.port, 'GET', '/pid')[2]),
+                                 worker)
+        self.assertEqual(live_children_of(pid), [worker])
+
 
 
 if __name__ == '__main__':
