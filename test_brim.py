@@ -14,11 +14,13 @@ does not wait for a slow init to reap the exited main process.
 """
 
 import errno
+import grp
 import http.client as httpclient
 import io
 import itertools
 import json
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -103,6 +105,16 @@ def descendants_of(pid):
 def zombie_children(pid):
     """Children of ``pid`` that exited and were not reaped yet."""
     return [p for p in children_of(pid) if (proc_stat(p) or ('',))[0] == 'Z']
+
+
+def proc_status(pid):
+    """/proc/``pid``/status as {field: value}; {} when it is gone."""
+    try:
+        with open('/proc/%d/status' % pid) as fp:
+            return dict(line.rstrip('\n').split(':\t', 1) for line in fp
+                        if ':\t' in line)
+    except OSError:
+        return {}
 
 
 def cpu_seconds(pid):
@@ -3248,6 +3260,86 @@ class TestReliability(EchoTestCase):
                 self.assertEqual(int(self.http(self.port, 'GET', '/pid')[2]),
                                  worker)
         self.assertEqual(live_children_of(pid), [worker])
+
+
+# ---------------------------------------------------------------------------
+# 12. Dropping privileges (needs root)
+# ---------------------------------------------------------------------------
+
+def free_low_port():
+    """A free port under 1024: only root can bind it."""
+    for port in range(1023, 899, -1):
+        sock = socket.socket()
+        try:
+            sock.bind(('127.0.0.1', port))
+            return port
+        except OSError:
+            continue
+        finally:
+            sock.close()
+    raise unittest.SkipTest('no free port under 1024')
+
+
+@unittest.skipUnless(hasattr(os, 'geteuid') and os.geteuid() == 0,
+                     'needs root to switch users')
+class TestPrivileges(EchoTestCase):
+    """[brim] user/group/umask: binding and the pid file stay root's, the
+    workers and daemons run as the user."""
+
+    def setUp(self):
+        EchoTestCase.setUp(self)
+        try:
+            self.user = pwd.getpwnam('nobody')
+        except KeyError:
+            self.skipTest('no user nobody')
+        self.group = grp.getgrgid(self.user.pw_gid).gr_name
+
+    def privileged_conf(self):
+        self.echo_conf(
+            brim_extra='user = nobody\ngroup = %s\numask = 0027\n'
+            % self.group, extra=DAEMON_SAMPLE)
+
+    def test_workers_and_daemons_run_as_the_user(self):
+        # This test is about ids: let nobody reach its log file.
+        os.chmod(self.tmp, 0o755)
+        open(self.log_file, 'w').close()
+        os.chown(self.log_file, self.user.pw_uid, self.user.pw_gid)
+        self.privileged_conf()
+        low = free_low_port()
+        with open(self.conf_path) as fp:
+            text = fp.read()
+        self.port = low
+        with open(self.conf_path, 'w') as fp:
+            fp.write(re.sub(r'(?m)^port = \d+$', 'port = %d' % low, text))
+        pid = self.start()
+        self.echo_ok(low)
+        self.assertEqual(listening_addresses(low), ['127.0.0.1'])
+        self.assertEqual(os.stat(self.pid_file).st_uid, 0)
+        self.assertEqual(proc_status(pid)['Uid'].split(), ['0'] * 4)
+        children = live_children_of(pid)
+        self.assertEqual(len(children), 2)      # the worker and the daemon
+        for child in children:
+            status = proc_status(child)
+            with self.subTest(child=proc_cmdline(child)):
+                self.assertEqual(status['Uid'].split(),
+                                 [str(self.user.pw_uid)] * 4)
+                self.assertEqual(status['Gid'].split(),
+                                 [str(self.user.pw_gid)] * 4)
+                self.assertEqual(status['Groups'].split(), [])
+                self.assertEqual(status['Umask'], '0027')
+
+    def test_log_file_in_a_root_only_directory(self):
+        """Workers (nobody) still log to a file only root can open: the
+        temporary directory is 0700 root."""
+        self.assertEqual(os.stat(self.tmp).st_mode & 0o777, 0o700)
+        self.privileged_conf()
+        pid = self.start()
+        self.echo_ok(self.port)
+        worker = int(self.http(self.port, 'GET', '/pid')[2])
+        self.assertEqual(proc_status(worker)['Uid'].split()[0],
+                         str(self.user.pw_uid))
+        self.wait_for_log(r' POST /echo HTTP/1.1 200 ')
+        self.wait_for_log(r'sample daemon alive')
 
 
 
