@@ -702,6 +702,7 @@ class InitRaises(object):
 
 # The documentation's TCP HelloWorld (final version), plus test handlers.
 APP_SOURCES['mytcp.py'] = '''
+import os
 import socket
 from time import time
 
@@ -755,10 +756,21 @@ class NoDelay(object):
     def __call__(self, subserver, stats, sock, ip, port):
         value = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         sock.sendall(b'nodelay=%d' % bool(value))
+
+
+class Pid(object):
+    """Answers each connection with this worker's pid."""
+
+    def __init__(self, name, conf):
+        self.name = name
+
+    def __call__(self, subserver, stats, sock, ip, port):
+        sock.sendall(str(os.getpid()).encode())
 '''
 
 # The documentation's UDP HelloWorld (final version), plus a raising one.
 APP_SOURCES['myudp.py'] = '''
+import os
 from time import time
 
 
@@ -796,6 +808,16 @@ class Raiser(object):
         if datagram.startswith(b'boom'):
             raise ValueError('udp-boom-marker')
         sock.sendto(b'ok:' + datagram, (ip, port))
+
+
+class Pid(object):
+    """Answers each datagram with this worker's pid."""
+
+    def __init__(self, name, conf):
+        self.name = name
+
+    def __call__(self, subserver, stats, sock, datagram, ip, port):
+        sock.sendto(str(os.getpid()).encode(), (ip, port))
 '''
 
 # The documentation's daemon HelloWorld (final version), plus a crasher.
@@ -956,6 +978,27 @@ class BrimTestCase(unittest.TestCase):
         self.assertIsNotNone(pid, 'start wrote no pid file')
         self.assertTrue(pid_alive(pid), 'brimd %d is not running' % pid)
         return pid
+
+    def assert_start_refused(self, port, *needles):
+        """``start`` exits 1 with one stderr line matching every needle (a
+        regex) and leaves nothing running (no pid file, ``port`` closed)."""
+        before = set(children_of(os.getpid()))
+        code, out, err = self.brim('start')
+        pid = self.read_pid()
+        if code == 0 and pid:       # wrongly started: stop it before failing
+            self.track(pid)
+            self.brim('stop')
+        self.assertEqual(code, 1, 'start did not fail: stdout %r stderr %r'
+                         % (out, err))
+        self.assertEqual(err.count('\n'), 1, err)
+        for needle in needles:
+            self.assertRegex(err, needle)
+        self.assertFalse(os.path.exists(self.pid_file))
+        wait_until(lambda: not [p for p in set(children_of(os.getpid())) -
+                                before if pid_alive(p)],
+                   msg='processes left running by a failed start')
+        self.assertTrue(connect_refused(port))
+        return err
 
     def stop(self, conf=None, **kwargs):
         """``stop``; asserts it succeeded."""
@@ -3340,6 +3383,92 @@ class TestPrivileges(EchoTestCase):
                          str(self.user.pw_uid))
         self.wait_for_log(r' POST /echo HTTP/1.1 200 ')
         self.wait_for_log(r'sample daemon alive')
+
+
+# ---------------------------------------------------------------------------
+# 13. max_requests: workers recycled after so many requests
+# ---------------------------------------------------------------------------
+
+class TestMaxRequests(EchoTestCase):
+    """max_requests (+ max_requests_jitter): a worker that served that many
+    requests, connections or datagrams exits and is replaced at once."""
+
+    def pids_of(self, requests):
+        """The worker pid that answered each of ``requests`` GET /pid on
+        new connections."""
+        pids = []
+        for _ in range(requests):
+            status, _h, body = self.http(self.port, 'GET', '/pid')
+            self.assertEqual(status, 200, body)
+            pids.append(int(body))
+        return pids
+
+    def test_worker_recycled_every_max_requests(self):
+        self.echo_conf(wsgi_extra='max_requests = 5\n')
+        self.start()
+        began = time.monotonic()
+        pids = self.pids_of(23)
+        took = time.monotonic() - began
+        runs = [len(list(group)) for _pid, group in itertools.groupby(pids)]
+        self.assertLessEqual(max(runs), 5, pids)
+        self.assertGreaterEqual(len(runs), 5, pids)     # 4 changes or more
+        self.assertEqual(len(set(pids)), len(runs), 'a worker came back')
+        self.assertLess(took, 10.0, 'replacements were backed off')
+        # Keep-alive: a recycled worker ends its connection between
+        # requests; a request on a reused connection may be retried once.
+        client = HTTPClient(self.port)
+        self.addCleanup(client.close)
+        retries = 0
+        pids = []
+        for _ in range(12):
+            try:
+                response = client.request('GET', '/pid')
+            except StaleConnection:
+                retries += 1
+                response = client.request('GET', '/pid')
+            self.assertEqual(response.status, 200, response.body)
+            pids.append(int(response.body))
+        self.assertGreaterEqual(len(set(pids)), 2, (pids, retries))
+        self.assertGreaterEqual(len(self.wait_for_log(r'recycl', count=4)), 4)
+
+    def test_jitter_bounds_each_worker(self):
+        self.echo_conf(wsgi_extra='max_requests = 2\nmax_requests_jitter = 2\n')
+        self.start()
+        pids = self.pids_of(20)
+        runs = [len(list(group)) for _pid, group in itertools.groupby(pids)]
+        self.assertTrue(all(2 <= run <= 4 for run in runs[:-1]), pids)
+        self.assertLessEqual(runs[-1], 4, pids)
+
+    def test_tcp_and_udp_workers_recycled(self):
+        tcp, udp = free_port(), free_udp_port()
+        self.write_conf('''
+            [brim]
+            max_requests = 3
+            ip = 127.0.0.1
+
+            [tcp]
+            port = %d
+            call = mytcp.Pid
+
+            [udp]
+            port = %d
+            call = myudp.Pid
+            ''' % (tcp, udp))
+        self.start()
+        for kind, ask in (('tcp', lambda: tcp_exchange(tcp, b'')),
+                          ('udp', lambda: udp_exchange(udp, b'pid?'))):
+            with self.subTest(kind=kind):
+                pids = [int(ask()) for _ in range(10)]
+                runs = [len(list(group))
+                        for _pid, group in itertools.groupby(pids)]
+                self.assertLessEqual(max(runs), 3, pids)
+                self.assertGreaterEqual(len(runs), 4, pids)
+
+    def test_bad_max_requests_fails_start(self):
+        for value in ('-1', 'abc'):
+            with self.subTest(value=value):
+                self.echo_conf(wsgi_extra='max_requests = %s\n' % value)
+                self.assert_start_refused(self.port, 'max_requests')
 
 
 
