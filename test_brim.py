@@ -13,8 +13,10 @@ the kernel allows it, this test process makes itself a child subreaper
 does not wait for a slow init to reap the exited main process.
 """
 
+import base64
 import errno
 import grp
+import hashlib
 import http.client as httpclient
 import io
 import itertools
@@ -22,9 +24,11 @@ import json
 import os
 import pwd
 import re
+import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -348,15 +352,23 @@ class HTTPClient(object):
     and browsers do).  Any other failure is raised as it is.
     """
 
-    def __init__(self, port, timeout=10):
+    def __init__(self, port, timeout=10, context=None):
         self.port = port
         self.timeout = timeout
+        self.context = context      # an ssl.SSLContext for HTTPS
         self.sock = self.fp = None
         self.used = False           # a response already came on this one
 
     def connect(self):
         sock = socket.create_connection(('127.0.0.1', self.port),
                                         timeout=self.timeout)
+        if self.context is not None:
+            try:
+                sock = self.context.wrap_socket(sock,
+                                                server_hostname='localhost')
+            except BaseException:
+                sock.close()
+                raise
         self.sock, self.fp, self.used = sock, sock.makefile('rb'), False
 
     def close(self):
@@ -470,6 +482,133 @@ class Hammer(object):
                     client.close()
         finally:
             client.close()
+
+
+# ---------------------------------------------------------------------------
+# TLS certificates, made here in pure Python (no openssl command needed)
+# ---------------------------------------------------------------------------
+
+_SMALL_PRIMES = [p for p in range(3, 2000, 2)
+                 if all(p % q for q in range(3, int(p ** 0.5) + 1, 2))]
+
+
+def _probable_prime(bits):
+    """A random ``bits``-bit prime (Miller-Rabin, 16 rounds)."""
+    while True:
+        n = secrets.randbits(bits) | (3 << (bits - 2)) | 1
+        if any(n % p == 0 for p in _SMALL_PRIMES):
+            continue
+        d, s = n - 1, 0
+        while not d & 1:
+            d, s = d >> 1, s + 1
+        for _ in range(16):
+            x = pow(secrets.randbelow(n - 3) + 2, d, n)
+            if x in (1, n - 1):
+                continue
+            for _ in range(s - 1):
+                x = pow(x, 2, n)
+                if x == n - 1:
+                    break
+            else:
+                break       # a witness: n is composite
+        else:
+            return n
+
+
+def _der(tag, content):
+    size = len(content)
+    if size < 0x80:
+        length = bytes([size])
+    else:
+        raw = size.to_bytes((size.bit_length() + 7) // 8, 'big')
+        length = bytes([0x80 | len(raw)]) + raw
+    return bytes([tag]) + length + content
+
+
+def _der_int(value):
+    return _der(0x02, value.to_bytes(value.bit_length() // 8 + 1, 'big'))
+
+
+def _der_seq(*items):
+    return _der(0x30, b''.join(items))
+
+
+def _der_oid(dotted):
+    numbers = [int(n) for n in dotted.split('.')]
+    out = bytes([40 * numbers[0] + numbers[1]])
+    for number in numbers[2:]:
+        chunk = [number & 0x7f]
+        number >>= 7
+        while number:
+            chunk.insert(0, 0x80 | (number & 0x7f))
+            number >>= 7
+        out += bytes(chunk)
+    return _der(0x06, out)
+
+
+def _pem(kind, der):
+    text = base64.b64encode(der).decode('ascii')
+    return '-----BEGIN %s-----\n%s\n-----END %s-----\n' % (
+        kind, '\n'.join(text[i:i + 64] for i in range(0, len(text), 64)),
+        kind)
+
+
+def make_self_signed(name='localhost', bits=2048):
+    """(certificate PEM, RSA key PEM): self-signed for ``name`` and
+    127.0.0.1, valid for a day, with the extensions strict verifiers want.
+    """
+    e = 65537
+    while True:
+        p, q = _probable_prime(bits // 2), _probable_prime(bits // 2)
+        phi = (p - 1) * (q - 1)
+        if p != q and phi % e:
+            break
+    n = p * q
+    d = pow(e, -1, phi)
+    key = _der_seq(*map(_der_int, (0, n, e, d, p, q, d % (p - 1),
+                                   d % (q - 1), pow(q, -1, p))))
+    sha256_rsa = _der_seq(_der_oid('1.2.840.113549.1.1.11'), _der(5, b''))
+    subject = _der_seq(_der(0x31, _der_seq(_der_oid('2.5.4.3'),
+                                           _der(0x0c, name.encode()))))
+    now = time.time()
+    validity = _der_seq(*(_der(0x17, time.strftime(
+        '%y%m%d%H%M%SZ', time.gmtime(t)).encode())
+        for t in (now - 3600, now + 86400)))
+    public = _der_seq(_der_int(n), _der_int(e))
+    key_id = hashlib.sha1(public).digest()
+    extensions = _der(0xa3, _der_seq(
+        _der_seq(_der_oid('2.5.29.19'), _der(0x01, b'\xff'),     # CA:TRUE
+                 _der(0x04, _der_seq(_der(0x01, b'\xff')))),
+        _der_seq(_der_oid('2.5.29.14'), _der(0x04, _der(0x04, key_id))),
+        _der_seq(_der_oid('2.5.29.35'),
+                 _der(0x04, _der_seq(_der(0x80, key_id)))),
+        _der_seq(_der_oid('2.5.29.17'), _der(0x04, _der_seq(
+            _der(0x82, name.encode()), _der(0x87, bytes([127, 0, 0, 1])))))))
+    tbs = _der_seq(
+        _der(0xa0, _der_int(2)), _der_int(secrets.randbits(63)), sha256_rsa,
+        subject, validity, subject,
+        _der_seq(_der_seq(_der_oid('1.2.840.113549.1.1.1'), _der(5, b'')),
+                 _der(0x03, b'\0' + public)),
+        extensions)
+    digest_info = bytes.fromhex('3031300d060960864801650304020105000420') + \
+        hashlib.sha256(tbs).digest()
+    size = (n.bit_length() + 7) // 8
+    padded = b'\0\1' + b'\xff' * (size - len(digest_info) - 3) + b'\0' + \
+        digest_info
+    signature = pow(int.from_bytes(padded, 'big'), d, n).to_bytes(size, 'big')
+    cert = _der_seq(tbs, sha256_rsa, _der(0x03, b'\0' + signature))
+    return _pem('CERTIFICATE', cert), _pem('RSA PRIVATE KEY', key)
+
+
+_CERTS = {}
+
+
+def self_signed(which=0):
+    """A certificate and key made once per test run (``which`` picks one of
+    several, for a key that does not match another's certificate)."""
+    if which not in _CERTS:
+        _CERTS[which] = make_self_signed()
+    return _CERTS[which]
 
 
 # ---------------------------------------------------------------------------
@@ -644,6 +783,10 @@ class Misc(object):
     def do_slowecho(self, env, start_response):
         time.sleep(float(env['QUERY_STRING']))
         return self._reply(start_response, env['wsgi.input'].read())
+
+    def do_scheme(self, env, start_response):
+        return self._reply(start_response, ('%s %s' % (
+            env['wsgi.url_scheme'], env.get('HTTPS', '-'))).encode())
 
     def do_fault(self, env, start_response):
         """Breaks WSGI the way QUERY_STRING names."""
@@ -3470,6 +3613,127 @@ class TestMaxRequests(EchoTestCase):
                 self.echo_conf(wsgi_extra='max_requests = %s\n' % value)
                 self.assert_start_refused(self.port, 'max_requests')
 
+
+# ---------------------------------------------------------------------------
+# 14. TLS: certfile and keyfile
+# ---------------------------------------------------------------------------
+
+class TestTLS(EchoTestCase):
+    """certfile/keyfile make a WSGI subserver speak HTTPS and a TCP one hand
+    TLS sockets to its handler; bad files stop the start."""
+
+    def setUp(self):
+        EchoTestCase.setUp(self)
+        cert, key = self_signed()
+        self.cert = self.write_file('cert.pem', cert)
+        self.key = self.write_file('key.pem', key)
+        self.context = ssl.create_default_context(cafile=self.cert)
+
+    def write_file(self, name, text):
+        path = os.path.join(self.tmp, name)
+        with open(path, 'w') as fp:
+            fp.write(text)
+        return path
+
+    def tls_conf(self, certfile, keyfile=None, extra=''):
+        lines = 'certfile = %s\n' % certfile
+        if keyfile:
+            lines += 'keyfile = %s\n' % keyfile
+        self.echo_conf(wsgi_extra=lines + extra)
+
+    def https(self, method, path, body=b''):
+        client = HTTPClient(self.port, context=self.context)
+        try:
+            return client.request(method, path, body)
+        finally:
+            client.close()
+
+    def test_https(self):
+        self.tls_conf(self.cert, self.key, extra='client_timeout = 2\n')
+        self.start()
+        response = self.https('POST', '/echo', b'over tls')
+        self.assertEqual((response.status, response.body), (200, b'over tls'))
+        self.assertEqual(self.https('GET', '/scheme').body, b'https on')
+        try:
+            plain = self.raw(self.port, b'GET /here HTTP/1.1\r\nHost: x\r\n'
+                             b'Connection: close\r\n\r\n')
+        except socket.timeout:
+            plain = b''
+        self.assertFalse(plain.startswith(b'HTTP/1.1 200'), plain)
+        # Clients that never finish a handshake hold no one up, and are
+        # dropped after client_timeout.
+        idle = socket.create_connection(('127.0.0.1', self.port), timeout=6)
+        self.addCleanup(idle.close)
+        garbage = socket.create_connection(('127.0.0.1', self.port),
+                                           timeout=6)
+        self.addCleanup(garbage.close)
+        garbage.sendall(b'\x16\x03\x01\x00\x10' + b'not a client hello')
+        began = time.monotonic()
+        response = self.https('POST', '/echo', b'still here')
+        self.assertEqual((response.status, response.body),
+                         (200, b'still here'))
+        self.assertLess(time.monotonic() - began, 1.0)
+        for sock in (idle, garbage):
+            try:
+                self.assertFalse(sock.recv(65536).startswith(b'HTTP/'))
+            except ConnectionResetError:
+                pass
+        self.assertLess(time.monotonic() - began, 4.0,
+                        'a silent TLS client outlived client_timeout')
+
+    def test_certfile_holding_the_key(self):
+        both = self.write_file('both.pem', ''.join(reversed(self_signed())))
+        self.tls_conf(both)
+        self.start()
+        response = self.https('POST', '/echo', b'one file')
+        self.assertEqual((response.status, response.body), (200, b'one file'))
+
+    def test_tls_tcp_handler(self):
+        port = free_port()
+        self.write_conf('''
+            [brim]
+            certfile = %s
+            keyfile = %s
+
+            [tcp]
+            ip = 127.0.0.1
+            port = %d
+            call = brim.tcp_echo.TCPEcho
+            ''' % (self.cert, self.key, port))
+        self.start()
+        with self.context.wrap_socket(
+                socket.create_connection(('127.0.0.1', port), timeout=5),
+                server_hostname='localhost') as sock:
+            sock.sendall(b'echo over tls')
+            data = b''
+            while len(data) < 13:
+                chunk = sock.recv(100)
+                if not chunk:
+                    break
+                data += chunk
+        self.assertEqual(data, b'echo over tls')
+        try:
+            plain = tcp_exchange(port, b'plain text')
+        except ConnectionResetError:
+            plain = b''
+        self.assertNotEqual(plain, b'plain text')
+
+    def test_bad_tls_files_fail_start(self):
+        other_key = self.write_file('other-key.pem', self_signed(1)[1])
+        garbage = self.write_file('garbage.pem', 'not a key\n')
+        cases = [
+            ('missing certfile', os.path.join(self.tmp, 'missing.pem'),
+             self.key, 'certfile'),
+            ('garbage keyfile', self.cert, garbage, 'keyfile'),
+            ('keyfile of another cert', self.cert, other_key,
+             'certfile|keyfile'),
+            ('certfile without a key and no keyfile', self.cert, None,
+             'certfile|keyfile'),
+        ]
+        for case, certfile, keyfile, option in cases:
+            with self.subTest(case=case):
+                self.tls_conf(certfile, keyfile)
+                self.assert_start_refused(self.port, r'\[wsgi\]', option)
 
 
 if __name__ == '__main__':
