@@ -3381,6 +3381,7 @@ class TestReliability(EchoTestCase):
                             % (name, took))
         data, took = until_closed(stalled)
         self.assertTrue(0.8 < took < 3.0, 'stalled closed after %.2fs' % took)
+        self.assertTrue(data.startswith(b'HTTP/1.1 408 '), data)
         response = read_response(io.BytesIO(data))
         self.assertEqual(response.status, 408, data)
         self.assertEqual(response.headers.get('connection'), 'close')
