@@ -582,28 +582,83 @@ def _roll_up(stat_type, values):
     return None
 
 
-def _stats_snapshot(server):
-    """Every subserver's stats as the nested dict WSGIStats answers."""
+def _stat_values(server):
+    """(subserver, stat name, type, {worker label: value}, rolled up or
+    None) for every declared stat, read once from shared memory."""
     array = server.stats.array
-    snapshot = {'start_time': server.start_time}
     for subserver in server.subservers:
         size = subserver.bucket_size
         buckets = []
         for index in range(subserver.bucket_count):
             base = subserver.stats_offset + index * size
             buckets.append(array[base:base + size])
-        entry = {}
         labels = subserver.bucket_labels()
         for name, stat_type in subserver.stats_conf.items():
             slot = subserver.stat_index[name]
             values = [bucket[slot] for bucket in buckets]
-            rolled = _roll_up(stat_type, values)
-            if rolled is not None:
-                entry[name] = rolled
-            for label, value in zip(labels, values):
-                entry.setdefault(label, {})[name] = value
-        snapshot[subserver.name] = entry
+            yield (subserver, name, stat_type, dict(zip(labels, values)),
+                   _roll_up(stat_type, values))
+
+
+def _stats_snapshot(server):
+    """Every subserver's stats as the nested dict WSGIStats answers."""
+    snapshot = {'start_time': server.start_time}
+    for subserver in server.subservers:
+        snapshot[subserver.name] = {}
+    for subserver, name, _type, per_worker, rolled in _stat_values(server):
+        entry = snapshot[subserver.name]
+        if rolled is not None:
+            entry[name] = rolled
+        for label, value in per_worker.items():
+            entry.setdefault(label, {})[name] = value
     return snapshot
+
+
+def _prometheus_text(server):
+    """The stats in Prometheus's text exposition format (version 0.0.4).
+
+    ``sum`` stats are counters (``_total``), the rest gauges; each has a
+    series per worker (label ``worker``) and, when it rolls up, one
+    without ``worker``.  ``start_time`` becomes brim_start_time_seconds.
+    """
+    families = {}
+    start = families['brim_start_time_seconds'] = (
+        'gauge', 'When brimd or a worker started (seconds since the epoch).',
+        {(): server.start_time})
+    for subserver, name, stat_type, per_worker, rolled in \
+            _stat_values(server):
+        if name == 'start_time':
+            family = start
+        else:
+            metric = 'brim_' + re.sub(r'[^a-zA-Z0-9_]', '_', name)
+            kind = 'counter' if stat_type == 'sum' else 'gauge'
+            if kind == 'counter':
+                metric += '_total'
+            family = families.setdefault(metric, (
+                kind, 'brim stat %s (%s).' % (name, stat_type), {}))
+        samples = family[2]
+        base = (('subserver', subserver.name),)
+        if rolled is not None:
+            samples.setdefault(base, rolled)
+        for label, value in per_worker.items():
+            samples.setdefault(base + (('worker', label),), value)
+    lines = []
+    for metric in sorted(families):
+        kind, help_text, samples = families[metric]
+        lines.append('# HELP %s %s' % (metric, help_text.replace(
+            '\\', '\\\\').replace('\n', '\\n')))
+        lines.append('# TYPE %s %s' % (metric, kind))
+        for labels in sorted(samples):
+            rendered = ','.join('%s="%s"' % (key, _prometheus_label(value))
+                                for key, value in labels)
+            lines.append('%s%s %s' % (metric, '{%s}' % rendered if rendered
+                                      else '', samples[labels]))
+    return '\n'.join(lines) + '\n'
+
+
+def _prometheus_label(value):
+    return value.replace('\\', '\\\\').replace('"', '\\"').replace(
+        '\n', '\\n')
 
 
 # ---------------------------------------------------------------------------

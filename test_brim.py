@@ -2943,6 +2943,19 @@ class TestOperations(EchoTestCase):
         errors = [r for r in results if r[0] != 200 or r[2] != b'in place']
         self.assertEqual(errors, [], '%d requests' % len(results))
 
+    def test_daemon_restarts_in_place_on_sigusr2(self):
+        self.echo_conf(workers=2)
+        pid = self.start()
+        old_workers = live_children_of(pid)
+        os.kill(pid, signal.SIGUSR2)
+        wait_until(lambda: self.generation() == 1, timeout=20)
+        self.assert_gone(old_workers, timeout=15)
+        self.assertEqual(self.read_pid(), pid)
+        self.assertEqual(len(live_children_of(pid)), 2)
+        self.echo_ok(self.port)
+        self.stop()
+        self.assert_gone([pid])
+
     def test_foreground_reaps_orphans(self):
         self.echo_conf(wsgi_extra='')
         with open(self.conf_path) as fp:
