@@ -1395,6 +1395,7 @@ class _HTTPConnection(object):
         method, path = env['REQUEST_METHOD'], env['PATH_INFO']
         self.current = (start, txn, method, path)
         worker.stats.note_request(start, txn, method, path)
+        worker.count_served()
         try:
             keep = response.run(worker.app)
             if keep:
@@ -1579,6 +1580,8 @@ class _Response(object):
                 raise _AppError('yielded a %s; WSGI bodies are bytes'
                                 % type(data).__name__)
         if not self.head_sent:
+            if self.status is None:
+                raise _AppError('returned without calling start_response')
             self._send_whole(b'')
         elif self.chunked:
             self.conn.sock.sendall(b'0\r\n\r\n')
@@ -1590,7 +1593,7 @@ class _Response(object):
         result = None
         try:
             result = app(self.env, self.start_response)
-            if self.status is None and type(result) in (list, tuple):
+            if self.status is None and type(result) in (list, tuple, bytes):
                 raise _AppError('returned without calling start_response')
             if self.head_sent:
                 self._send_iterable(result)     # it used write() already
@@ -1607,9 +1610,6 @@ class _Response(object):
                 self._send_file(result)
             else:
                 self._send_iterable(result)
-                if self.status is None:
-                    raise _AppError('returned without calling '
-                                    'start_response')
         except Exception as err:
             return self._fail(err)
         finally:
@@ -1932,11 +1932,10 @@ class _IPSubserver(Subserver):
                 random.randint(0, self.max_requests_jitter)
 
     def count_served(self):
-        """Count a connection or datagram served (WSGI counts requests)."""
+        """Count a connection or datagram as it starts (WSGI counts
+        requests); the one that reaches max_requests recycles the worker,
+        so this worker accepts nothing after it."""
         self.stats.incr('_served')
-        self._check_max_requests()
-
-    def _check_max_requests(self):
         if next(self.served) == self.request_limit:
             self.retire('served max_requests (%d)' % self.request_limit)
 
@@ -1951,11 +1950,14 @@ class _IPSubserver(Subserver):
         self.retiring = True
         self.logger.info('[%s] worker %d %s; recycling it: asking for a '
                          'replacement', self.name, self.worker_index, reason)
+        # Stop accepting now: the backlog holds new connections for the
+        # few milliseconds the replacement needs to fork.
+        self.drain()
         try:
             with _ask(self.parent_pid, b'retire'):
                 pass
         except OSError:
-            self.drain()    # no main process to ask: finish and exit
+            pass            # no main process: this worker just ends
 
     def drain(self):
         Subserver.drain(self)
@@ -2029,7 +2031,7 @@ class _IPSubserver(Subserver):
         self.pool = pool
 
         def accept(sock):
-            while pool.slots.acquire(timeout=1.0):
+            while not self.draining and pool.slots.acquire(timeout=1.0):
                 try:
                     client, address = sock.accept()
                 except (BlockingIOError, InterruptedError):
@@ -2049,6 +2051,18 @@ class _IPSubserver(Subserver):
             self._tick()
             self._close_idle()
             time.sleep(0.05)
+        if pool.busy:
+            self.logger.warning(
+                '[%s] worker %d: graceful_timeout (%gs) is over; exiting, '
+                'killing %d connections in flight%s', self.name,
+                self.worker_index, self.server.graceful_timeout, pool.busy,
+                ''.join(
+                    '; %s %s %s' % current[1:] for current in
+                    self._requests_in_flight()))
+
+    def _requests_in_flight(self):
+        """(start, txn, method, path) of each request being served."""
+        return []
 
     def _after_handshake(self, handle):
         """``handle`` run after the TLS handshake, on the pooled thread, so
@@ -2137,7 +2151,7 @@ class WSGISubserver(_IPSubserver):
         base = self.stats.offset
         slots = {}
         for code in range(100, 600):
-            names = ['_served', 'request_count']
+            names = ['request_count']
             if 200 <= code < 600 and code // 100 > 1:
                 names.append('status_%dxx_count' % (code // 100))
             if code in self.count_status_codes:
@@ -2151,7 +2165,6 @@ class WSGISubserver(_IPSubserver):
         with self.stats.lock:
             for slot in slots:
                 array[slot] += 1
-        self._check_max_requests()
 
     def next_txn(self):
         return '%s%x' % (self.txn_prefix, next(self.txn_counter))
@@ -2234,6 +2247,10 @@ class WSGISubserver(_IPSubserver):
             self.next_request_check = now + 1.0
             self._check_request_times(now)
 
+    def _requests_in_flight(self):
+        return [conn.current for conn in list(self.connections)
+                if conn.current]
+
     def _check_request_times(self, now):
         """A request over request_timeout: log it, recycle this worker."""
         for conn in list(self.connections):
@@ -2275,6 +2292,7 @@ class TCPSubserver(_IPSubserver):
         self._accept_connections(self._handle)
 
     def _handle(self, sock, address):
+        self.count_served()
         try:
             self.handler(self, self.stats, sock, address[0], address[1])
         except Exception:
@@ -2282,7 +2300,6 @@ class TCPSubserver(_IPSubserver):
                                   self.name, address[0], address[1])
         finally:
             sock.close()
-            self.count_served()
 
 
 class UDPSubserver(_IPSubserver):
@@ -2679,9 +2696,15 @@ class Server(object):
 
     def _spawn(self, worker, ready_fd=None):
         worker.bucket.reset()
-        worker.pid = pid = os.fork()
-        if pid == 0:
-            self._run_child(worker, ready_fd)
+        # Signals wait until the child has its own handlers: a SIGTERM
+        # caught by the main process's no-op handler would be lost.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _CHILD_SIGNALS)
+        try:
+            worker.pid = pid = os.fork()
+            if pid == 0:
+                self._run_child(worker, ready_fd)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _CHILD_SIGNALS)
         worker.started = time.monotonic()
         worker.started_at = time.time()
         self.children[pid] = worker
@@ -2701,6 +2724,7 @@ class Server(object):
                 signal.signal(signal.SIGHUP, signal.SIG_DFL)
             else:
                 signal.signal(signal.SIGHUP, lambda *_: subserver.drain())
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _CHILD_SIGNALS)
             self._close_main_fds(subserver, ready_fd)
             subserver.open_log(self.to_stderr)
             self._drop_privileges()
@@ -2873,7 +2897,9 @@ class Server(object):
             self.logger.error('brimd could not start: %s', failure)
             if ready_fd is not None:
                 _write_line(ready_fd, failure)
-            self.stop()
+            # Drain, not stop: during a restart the workers that did start
+            # have taken connections from the shared sockets already.
+            self.shutdown()
             return 1
         self._drain_retired(list(self.retired))
         # Listening only now: a ``ping`` answer means the workers serve.
@@ -3186,6 +3212,11 @@ class Server(object):
                          signal.SIGHUP) for s in signums):
                 self.logger.info('brimd exited')
                 return 0
+
+
+#: What the main process handles and a new child must not miss.
+_CHILD_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
+                  signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2}
 
 
 def _prepare_to_fork():
@@ -3568,9 +3599,9 @@ def _await_ready(ready_r, pid):
     for line in lines:
         if line.startswith('ready '):
             return 0
-    for line in lines:
-        print(line, file=sys.stderr)
-    if not lines:
+    if lines:
+        print(lines[0], file=sys.stderr)    # the first reason is the cause
+    else:
         print('brimd (pid %d) exited while starting; see its log.' % pid,
               file=sys.stderr)
     return 1
