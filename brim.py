@@ -28,7 +28,9 @@ ones configs and apps use.
 
 import base64
 import configparser
+import ctypes
 import errno
+import faulthandler
 import hashlib
 import hmac
 import html
@@ -48,6 +50,7 @@ import select
 import signal
 import socket
 import string
+import struct
 import sys
 import threading
 import time
@@ -293,6 +296,38 @@ class _Formatter(logging.Formatter):
         return '%s,%03d' % (stamp[1], record.msecs)
 
 
+class _JSONFormatter(_Formatter):
+    """``log_format = json``: each line one JSON object.
+
+    A request line's record carries its ``fields``; any other line is
+    time, level, name, txn and message (and the traceback, if any).
+    JSON escaping keeps whatever a client sent inside its string.
+    """
+
+    def format(self, record):
+        fields = {'time': '%s.%03dZ' % (self.utc(record.created),
+                                        record.msecs),
+                  'level': record.levelname, 'name': record.name}
+        if getattr(record, 'fields', None):
+            fields.update(record.fields)
+        else:
+            fields['txn'] = record.txn
+            fields['message'] = record.getMessage()
+            if record.exc_info:
+                fields['exception'] = self.formatException(record.exc_info)
+        return json.dumps(fields)
+
+    _utc = (None, '')
+
+    def utc(self, created):
+        second = int(created)
+        stamp = self._utc
+        if second != stamp[0]:
+            stamp = self._utc = (second, time.strftime(
+                '%Y-%m-%dT%H:%M:%S', time.gmtime(second)))
+        return stamp[1]
+
+
 class _AppendHandler(logging.Handler):
     """Writes each record to ``path`` with one ``os.write`` (O_APPEND).
 
@@ -302,11 +337,32 @@ class _AppendHandler(logging.Handler):
     queue up behind the others' log lines.
     """
 
+    #: Every open one, for SIGUSR1 (reopen after logrotate).
+    open_handlers = set()
+
     def __init__(self, path):
         logging.Handler.__init__(self)
         self.path = path
         self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT,
                           0o644)
+        self.open_handlers.add(self)
+
+    def reopen(self):
+        """Point this handler's fd at a fresh open of ``path``.
+
+        dup2 swaps the file under the same fd number, so a thread writing
+        at that moment writes to the old file or the new one, never to a
+        closed or reused fd.
+        """
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+                         0o644)
+        except OSError as err:
+            sys.stderr.write('brimd: cannot reopen log file %s: %s\n'
+                             % (self.path, err))
+            return
+        os.dup2(fd, self.fd, inheritable=False)
+        os.close(fd)
 
     def handle(self, record):
         if self.filter(record):
@@ -321,10 +377,16 @@ class _AppendHandler(logging.Handler):
             self.handleError(record)
 
     def close(self):
+        self.open_handlers.discard(self)
         fd, self.fd = self.fd, -1
         if fd >= 0:
             os.close(fd)
         logging.Handler.close(self)
+
+
+def _reopen_logs():
+    for handler in list(_AppendHandler.open_handlers):
+        handler.reopen()
 
 
 class _RequestRecord(logging.LogRecord):
@@ -385,9 +447,19 @@ def _log_settings(section, log_level, log_facility):
     return level, facility
 
 
+def _log_format(section, value):
+    if value not in ('text', 'json'):
+        raise ConfError('[%s] log_format %r is not text or json.'
+                        % (section, value))
+    return value
+
+
 def get_logger(log_name='brim', log_level='INFO', log_facility='LOCAL0',
-               log_file=None, to_stderr=False):
-    """The configured logger for ``log_name`` (created once per name)."""
+               log_file=None, to_stderr=False, log_format='text'):
+    """The configured logger for ``log_name`` (created once per name).
+
+    ``log_format`` 'json' makes every line one JSON object, for shipping.
+    """
     logger = logging.getLogger(log_name)
     logger.propagate = False
     level, facility = _log_settings(log_name, log_level, log_facility)
@@ -405,7 +477,8 @@ def get_logger(log_name='brim', log_level='INFO', log_facility='LOCAL0',
     else:
         handler = logging.StreamHandler(sys.stderr)
         fmt = '%(asctime)s %(name)s %(levelname)s %(txn)s %(message)s'
-    handler.setFormatter(_Formatter(fmt))
+    handler.setFormatter(_JSONFormatter() if log_format == 'json'
+                         else _Formatter(fmt))
     handler.addFilter(_TxnFilter())
     logger.addHandler(handler)
     return logger
@@ -426,30 +499,40 @@ class _StatsLayout(object):
     same memory.  A bucket is one worker's (or daemon's) slots; a worker
     only ever writes its own bucket, so the hot path takes no
     cross-process lock.  Slot 0 of every bucket is the worker's heartbeat
-    (seconds since the epoch), beaten by the worker and read by the main
-    process.  The worker also writes its pid to ``_pid``; the main process
-    counts its restarts in ``_restarts`` (and zeroes ``_pid`` when it dies),
-    so any worker can tell what every other one is.
+    (milliseconds since the epoch), beaten by the worker at least once a
+    second and read by the main process.  Slot 1 counts what the worker
+    served (requests, connections or datagrams) for ``status``; slot 2 is
+    when its latest request started, for the log line about a hung worker.
+    Slot 3 is the worker's pid, written by the worker (0 once it died) and
+    slot 4 its slot's restarts, written by the main process: so the stats
+    any worker answers can say what every other one is.
     """
 
-    HEARTBEAT = 0
+    HEARTBEAT, SERVED, REQUEST_START, PID, RESTARTS = range(5)
+    HIDDEN = ['_heartbeat', '_served', '_request_start', '_pid', '_restarts']
+    #: Bytes per bucket of "txn METHOD path" of the latest request.
+    LATEST_SIZE = 160
 
     def __init__(self, subservers):
-        offset = 0
+        offset = ordinal = 0
         for subserver in subservers:
-            names = ['_heartbeat', '_pid', '_restarts'] + \
-                list(subserver.stats_conf)
+            names = self.HIDDEN + list(subserver.stats_conf)
             subserver.stat_index = {n: i for i, n in enumerate(names)}
             subserver.bucket_size = len(names)
             subserver.stats_offset = offset
+            subserver.bucket_ordinal = ordinal
             offset += subserver.bucket_size * subserver.bucket_count
+            ordinal += subserver.bucket_count
         # 'Q': unsigned 64-bit; lock=False because each bucket has one
         # writer process (threads within it share a threading.Lock).
         self.array = multiprocessing.Array('Q', max(offset, 1), lock=False)
+        self.latest = multiprocessing.RawArray(
+            'c', max(ordinal, 1) * self.LATEST_SIZE)
 
     def bucket(self, subserver, index):
-        return _Bucket(self.array, subserver.stats_offset +
-                       index * subserver.bucket_size, subserver.stat_index)
+        return _Bucket(self, subserver.stats_offset +
+                       index * subserver.bucket_size, subserver.stat_index,
+                       (subserver.bucket_ordinal + index) * self.LATEST_SIZE)
 
 
 class _Bucket(object):
@@ -460,11 +543,14 @@ class _Bucket(object):
     read.
     """
 
-    def __init__(self, array, offset, index):
-        self.array = array
+    def __init__(self, layout, offset, index, latest_offset):
+        self.array = layout.array
         self.offset = offset
         self.index = index
         self.lock = threading.Lock()
+        self.latest = layout.latest
+        self.latest_offset = latest_offset
+        self.latest_address = ctypes.addressof(layout.latest) + latest_offset
 
     def _slot(self, name):
         try:
@@ -485,10 +571,34 @@ class _Bucket(object):
             self.array[slot] += amount
 
     def beat(self):
-        self.array[self.offset + _StatsLayout.HEARTBEAT] = int(time.time())
+        self.array[self.offset + _StatsLayout.HEARTBEAT] = \
+            int(time.time() * 1000)
 
     def heartbeat(self):
-        return self.array[self.offset + _StatsLayout.HEARTBEAT]
+        """When the worker last beat (seconds since the epoch), or 0."""
+        return self.array[self.offset + _StatsLayout.HEARTBEAT] / 1000.0
+
+    def served(self):
+        return self.array[self.offset + _StatsLayout.SERVED]
+
+    def note_request(self, started, txn, method, path):
+        """Record the request just started, for a hung-worker report."""
+        self.array[self.offset + _StatsLayout.REQUEST_START] = int(started)
+        text = ('%s %s %s' % (txn, method, path)).encode('utf-8', 'replace')
+        text = text[:_StatsLayout.LATEST_SIZE - 1] + b'\0'
+        ctypes.memmove(self.latest_address, text, len(text))
+
+    def latest_request(self):
+        """(start time, "txn METHOD path") of the latest request, if any."""
+        start = self.latest_offset
+        text = self.latest[start:start + _StatsLayout.LATEST_SIZE]
+        return (self.array[self.offset + _StatsLayout.REQUEST_START],
+                text.split(b'\0', 1)[0].decode('utf-8', 'replace'))
+
+    def reset(self):
+        """Clear the hidden slots for a new worker in this bucket."""
+        for slot in range(len(_StatsLayout.HIDDEN)):
+            self.array[self.offset + slot] = 0
 
 
 def _roll_up(stat_type, values):
@@ -502,6 +612,24 @@ def _roll_up(stat_type, values):
     return None
 
 
+def _stat_values(server):
+    """(subserver, stat name, type, {worker label: value}, rolled up or
+    None) for every declared stat, read once from shared memory."""
+    array = server.stats.array
+    for subserver in server.subservers:
+        size = subserver.bucket_size
+        buckets = []
+        for index in range(subserver.bucket_count):
+            base = subserver.stats_offset + index * size
+            buckets.append(array[base:base + size])
+        labels = subserver.bucket_labels()
+        for name, stat_type in subserver.stats_conf.items():
+            slot = subserver.stat_index[name]
+            values = [bucket[slot] for bucket in buckets]
+            yield (subserver, name, stat_type, dict(zip(labels, values)),
+                   _roll_up(stat_type, values))
+
+
 def _stats_snapshot(server):
     """Every subserver's stats as the nested dict WSGIStats answers.
 
@@ -509,40 +637,79 @@ def _stats_snapshot(server):
     daemon (subserver, kind, label, pid, uptime, restarts); pid is 0 while
     one is down.  It is a list at the top, where no section name can clash.
     """
-    array = server.stats.array
-    now = int(time.time())
-    workers = []
-    snapshot = {'start_time': server.start_time, 'workers': workers}
+    snapshot = {'start_time': server.start_time,
+                'workers': list(_worker_records(server))}
     for subserver in server.subservers:
-        size = subserver.bucket_size
-        buckets = []
-        for index in range(subserver.bucket_count):
-            base = subserver.stats_offset + index * size
-            buckets.append(array[base:base + size])
-        entry = {}
-        labels = subserver.bucket_labels()
-        for name, stat_type in subserver.stats_conf.items():
-            slot = subserver.stat_index[name]
-            values = [bucket[slot] for bucket in buckets]
-            rolled = _roll_up(stat_type, values)
-            if rolled is not None:
-                entry[name] = rolled
-            for label, value in zip(labels, values):
-                entry.setdefault(label, {})[name] = value
-        snapshot[subserver.name] = entry
-        workers.extend(_worker_records(subserver, labels, buckets, now))
+        snapshot[subserver.name] = {}
+    for subserver, name, _type, per_worker, rolled in _stat_values(server):
+        entry = snapshot[subserver.name]
+        if rolled is not None:
+            entry[name] = rolled
+        for label, value in per_worker.items():
+            entry.setdefault(label, {})[name] = value
     return snapshot
 
 
-def _worker_records(subserver, labels, buckets, now):
-    """The ``workers`` entries of one subserver's buckets."""
-    index = subserver.stat_index
-    for label, bucket in zip(labels, buckets):
-        started = bucket[index['start_time']]
-        yield {'subserver': subserver.name, 'kind': subserver.kind,
-               'label': label, 'pid': bucket[index['_pid']],
-               'restarts': bucket[index['_restarts']],
-               'uptime': max(0, now - started) if started else 0}
+def _worker_records(server):
+    """The ``workers`` entries: what each worker's bucket says of it."""
+    array = server.stats.array
+    now = int(time.time())
+    for subserver in server.subservers:
+        index = subserver.stat_index
+        for number, label in enumerate(subserver.bucket_labels()):
+            base = subserver.stats_offset + number * subserver.bucket_size
+            started = array[base + index['start_time']]
+            yield {'subserver': subserver.name, 'kind': subserver.kind,
+                   'label': label, 'pid': array[base + _StatsLayout.PID],
+                   'restarts': array[base + _StatsLayout.RESTARTS],
+                   'uptime': max(0, now - started) if started else 0}
+
+
+def _prometheus_text(server):
+    """The stats in Prometheus's text exposition format (version 0.0.4).
+
+    ``sum`` stats are counters (``_total``), the rest gauges; each has a
+    series per worker (label ``worker``) and, when it rolls up, one
+    without ``worker``.  ``start_time`` becomes brim_start_time_seconds.
+    """
+    families = {}
+    start = families['brim_start_time_seconds'] = (
+        'gauge', 'When brimd or a worker started (seconds since the epoch).',
+        {(): server.start_time})
+    for subserver, name, stat_type, per_worker, rolled in \
+            _stat_values(server):
+        if name == 'start_time':
+            family = start
+        else:
+            metric = 'brim_' + re.sub(r'[^a-zA-Z0-9_]', '_', name)
+            kind = 'counter' if stat_type == 'sum' else 'gauge'
+            if kind == 'counter':
+                metric += '_total'
+            family = families.setdefault(metric, (
+                kind, 'brim stat %s (%s).' % (name, stat_type), {}))
+        samples = family[2]
+        base = (('subserver', subserver.name),)
+        if rolled is not None:
+            samples.setdefault(base, rolled)
+        for label, value in per_worker.items():
+            samples.setdefault(base + (('worker', label),), value)
+    lines = []
+    for metric in sorted(families):
+        kind, help_text, samples = families[metric]
+        lines.append('# HELP %s %s' % (metric, help_text.replace(
+            '\\', '\\\\').replace('\n', '\\n')))
+        lines.append('# TYPE %s %s' % (metric, kind))
+        for labels in sorted(samples):
+            rendered = ','.join('%s="%s"' % (key, _prometheus_label(value))
+                                for key, value in labels)
+            lines.append('%s%s %s' % (metric, '{%s}' % rendered if rendered
+                                      else '', samples[labels]))
+    return '\n'.join(lines) + '\n'
+
+
+def _prometheus_label(value):
+    return value.replace('\\', '\\\\').replace('"', '\\"').replace(
+        '\n', '\\n')
 
 
 # ---------------------------------------------------------------------------
@@ -596,11 +763,14 @@ def _socket_key(kind, host, port):
     return '%s %s %s' % (kind, host, port)
 
 
+def _socket_key_of(sock):
+    kind = 'udp' if sock.type == socket.SOCK_DGRAM else 'tcp'
+    return _socket_key(kind, *sock.getsockname()[:2])
+
+
 def _send_sockets(conn, socks):
     """Hand ``socks`` to a new brimd over the Unix socket ``conn``."""
-    keys = [_socket_key('udp' if sock.type == socket.SOCK_DGRAM else 'tcp',
-                        *sock.getsockname()[:2]) for sock in socks]
-    payload = json.dumps(keys).encode('utf-8')
+    payload = json.dumps([_socket_key_of(s) for s in socks]).encode('utf-8')
     socket.send_fds(conn, [payload], [sock.fileno() for sock in socks])
 
 
@@ -612,6 +782,30 @@ def _receive_sockets(conn):
     for key, fd in zip(keys, fds):
         socks[key] = socket.socket(fileno=fd)
     return socks
+
+
+def _sockets_from_fds(fds):
+    """{key: socket} for listening sockets passed as open fds."""
+    socks = {}
+    for fd in fds:
+        sock = socket.socket(fileno=fd)
+        sock.set_inheritable(False)
+        socks[_socket_key_of(sock)] = sock
+    return socks
+
+
+def _systemd_sockets():
+    """The sockets systemd passed (socket activation), or {}.
+
+    ``LISTEN_PID`` must name this process; the variables are removed so
+    nothing started later takes them for its own.
+    """
+    pid = os.environ.pop('LISTEN_PID', '')
+    count = os.environ.pop('LISTEN_FDS', '')
+    os.environ.pop('LISTEN_FDNAMES', None)
+    if pid != str(os.getpid()) or not count.isdigit():
+        return {}
+    return _sockets_from_fds(range(3, 3 + int(count)))
 
 
 def _control_address(pid):
@@ -982,6 +1176,7 @@ class _HTTPConnection(object):
         self.base_env['REMOTE_ADDR'] = self.client
         self.base_env['REMOTE_PORT'] = str(address[1]) if address else ''
         self.expect_continue = False
+        self.current = None     # (start, txn, method, path) being served
         # Idle means between keep-alive requests: a drain may close it then.
         # A new connection is not idle: its first request is always served.
         self.idle = False
@@ -1251,6 +1446,9 @@ class _HTTPConnection(object):
         _txn_local.txn = txn = env['brim.txn'] = worker.next_txn()
         env['brim.start'] = start = time.time()
         env['brim.log_info'] = []
+        method, path = env['REQUEST_METHOD'], env['PATH_INFO']
+        self.current = (start, txn, method, path)
+        worker.stats.note_request(start, txn, method, path)
         try:
             keep = response.run(worker.app)
             if keep:
@@ -1259,6 +1457,7 @@ class _HTTPConnection(object):
             worker.log_request(env, response, time.time() - start, txn)
         finally:
             _txn_local.txn = None
+            self.current = None
         return keep and not worker.draining
 
     def _finish_body(self, env):
@@ -1596,7 +1795,8 @@ class Subserver(object):
         self.worker_index = None
         self.stats = None
         self.draining = False
-        self.recycling = False      # draining to make way for a fresh worker
+        self.retiring = False       # a replacement was asked for
+        self.reopen_pending = False
         self.logger = None
 
     def _option(self, conf, getter, option, default):
@@ -1612,9 +1812,17 @@ class Subserver(object):
         _log_settings(self.name, self.log_level, self.log_facility)
         self.log_file = opt(conf, conf.get_path, 'log_file', None) or \
             self.server.fallback_log_file
+        self.log_format = _log_format(self.name, opt(conf, conf.get,
+                                                     'log_format', 'text'))
         self.json_dumps = self._function(conf, 'json_dumps', 'json.dumps')
         self.json_loads = self._function(conf, 'json_loads', 'json.loads')
         self.workers = self._count(conf, 'workers', 1, least=1)
+        self.worker_timeout = opt(conf, conf.get_float, 'worker_timeout',
+                                  30.0)
+        if self.worker_timeout and self.worker_timeout < 2:
+            raise ConfError('[%s] worker_timeout must be 0 (off) or at least '
+                            '2 seconds: workers beat once a second.'
+                            % self.name)
 
     def _count(self, conf, option, default, least):
         """An int option that may not go below ``least``."""
@@ -1672,11 +1880,37 @@ class Subserver(object):
     def addresses(self):
         return []
 
+    def check(self, held):
+        """``check``'s line for this subserver; raises ConfError."""
+        return '[%s] %s: %s' % (self.name, self.kind, ', '.join(
+            self.bucket_labels()))
+
     def open_log(self, to_stderr):
         """The worker's logger; opened before privileges are dropped, so a
-        log file only root may write still gets the worker's lines."""
+        log file only root may write still gets the worker's lines.
+
+        A fatal signal (SIGABRT from the main process when the worker hangs,
+        or a crash in C code) dumps every thread's stack into that log.
+        """
         self.logger = get_logger(self.log_name, self.log_level,
-                                 self.log_facility, self.log_file, to_stderr)
+                                 self.log_facility, self.log_file, to_stderr,
+                                 self.log_format)
+        for handler in self.logger.handlers:
+            if isinstance(handler, _AppendHandler):
+                faulthandler.enable(handler.fd, all_threads=True)
+            elif to_stderr:
+                faulthandler.enable(sys.stderr, all_threads=True)
+
+    def note_reopen(self):
+        """SIGUSR1 handler: the serving loop reopens the log soon."""
+        self.reopen_pending = True
+
+    def _tick(self):
+        """Housekeeping the serving loop does at least once a second."""
+        self.stats.beat()
+        if self.reopen_pending:
+            self.reopen_pending = False
+            _reopen_logs()
 
     def start_worker(self, index, bucket):
         """Set up worker ``index`` in its own process (or thread)."""
@@ -1766,13 +2000,30 @@ class _IPSubserver(Subserver):
                 random.randint(0, self.max_requests_jitter)
 
     def count_served(self):
-        """Count one request; the one that reaches the limit recycles."""
+        """Count a connection or datagram served (WSGI counts requests)."""
+        self.stats.incr('_served')
+        self._check_max_requests()
+
+    def _check_max_requests(self):
         if next(self.served) == self.request_limit:
-            self.logger.info('[%s] worker %d served max_requests (%d); '
-                             'recycling', self.name, self.worker_index,
-                             self.request_limit)
-            self.recycling = True
-            self.drain()
+            self.retire('served max_requests (%d)' % self.request_limit)
+
+    def retire(self, reason):
+        """Have the main process start a replacement, then drain this one.
+
+        The main process answers with SIGHUP once the replacement serves,
+        so the port never goes without a worker accepting.
+        """
+        if self.retiring or not self.server.forked:
+            return
+        self.retiring = True
+        self.logger.info('[%s] worker %d %s; recycling it: asking for a '
+                         'replacement', self.name, self.worker_index, reason)
+        try:
+            with _ask(self.parent_pid, b'retire'):
+                pass
+        except OSError:
+            self.drain()    # no main process to ask: finish and exit
 
     def drain(self):
         Subserver.drain(self)
@@ -1781,16 +2032,37 @@ class _IPSubserver(Subserver):
         except (AttributeError, OSError):
             pass
 
+    def _keys(self):
+        """The keys an inherited socket for this address may have."""
+        kind = 'udp' if self.kind == 'udp' else 'tcp'
+        keys = [_socket_key(kind, _address_family(self.ip)[1], self.port)]
+        if self.ip.strip() in ('', '*'):
+            # systemd's ListenStream=PORT binds [::] (dual stack).
+            keys.append(_socket_key(kind, '::', self.port))
+        return keys
+
     def bind(self, inherited):
         """Take the socket a previous brimd handed over, else bind one."""
-        kind = 'udp' if self.kind == 'udp' else 'tcp'
-        family, host = _address_family(self.ip)
-        key = _socket_key(kind, host, self.port)
-        self.sock = inherited.pop(key, None)
-        if self.sock is None:
-            self.sock = _bind(self.name, self.ip, self.port, kind,
+        for key in self._keys():
+            self.sock = inherited.pop(key, None)
+            if self.sock is not None:
+                break
+        else:
+            self.sock = _bind(self.name, self.ip, self.port,
+                              'udp' if self.kind == 'udp' else 'tcp',
                               self.backlog, self.listen_retry)
         self.port = self.sock.getsockname()[1]
+
+    def check(self, held):
+        if any(key in held for key in self._keys()):
+            where = 'held by the running brimd'
+        else:
+            _bind(self.name, self.ip, self.port,
+                  'udp' if self.kind == 'udp' else 'tcp', 1, 0).close()
+            where = 'free to bind'
+        return '[%s] %s on %s:%s (%s), %d workers%s' % (
+            self.name, self.kind, self.ip, self.port, where, self.workers,
+            ', TLS' if self.tls else '')
 
     def _serve_loop(self, on_ready):
         """Wait for ``self.sock`` readable and call ``on_ready``.
@@ -1805,9 +2077,8 @@ class _IPSubserver(Subserver):
         self.wake_w = wake_w
         sock = self.sock
         sock.setblocking(False)
-        stats = self.stats
         while not self.draining and not self.orphaned():
-            stats.beat()
+            self._tick()
             readable = select.select([sock, wake_r], [], [], 1.0)[0]
             if wake_r in readable:
                 os.read(wake_r, 512)
@@ -1843,7 +2114,7 @@ class _IPSubserver(Subserver):
         deadline = time.monotonic() + self.server.graceful_timeout
         while pool.busy and time.monotonic() < deadline and \
                 not self.orphaned():
-            self.stats.beat()
+            self._tick()
             self._close_idle()
             time.sleep(0.05)
 
@@ -1887,6 +2158,8 @@ class WSGISubserver(_IPSubserver):
         self.max_header_count = opt(conf, conf.get_int, 'max_header_count',
                                     100)
         self.max_body = opt(conf, conf.get_int, 'max_body', None)
+        self.request_timeout = opt(conf, conf.get_float, 'request_timeout',
+                                   0.0)
         # The longest head the limits allow, so reading can stop early.
         self.max_head = self.max_request_line + 4 + \
             self.max_header_count * (self.max_header_line + 2)
@@ -1904,6 +2177,7 @@ class WSGISubserver(_IPSubserver):
         self.txn_prefix = os.urandom(5).hex()
         self.txn_counter = itertools.count(1)
         self.connections = set()
+        self.next_request_check = 0.0
         self.status_slots = self._status_slots()
         host, port = self.sock.getsockname()[:2]
         self.base_env = {
@@ -1931,7 +2205,7 @@ class WSGISubserver(_IPSubserver):
         base = self.stats.offset
         slots = {}
         for code in range(100, 600):
-            names = ['request_count']
+            names = ['_served', 'request_count']
             if 200 <= code < 600 and code // 100 > 1:
                 names.append('status_%dxx_count' % (code // 100))
             if code in self.count_status_codes:
@@ -1945,7 +2219,7 @@ class WSGISubserver(_IPSubserver):
         with self.stats.lock:
             for slot in slots:
                 array[slot] += 1
-        self.count_served()
+        self._check_max_requests()
 
     def next_txn(self):
         return '%s%x' % (self.txn_prefix, next(self.txn_counter))
@@ -1961,6 +2235,8 @@ class WSGISubserver(_IPSubserver):
         logger = self.logger
         if not logger.isEnabledFor(NOTICE):
             return
+        if self.log_format == 'json':
+            return self._log_request_json(env, response, duration, txn)
         path = env.get('PATH_INFO', '')
         if env.get('QUERY_STRING'):
             path += '?' + env['QUERY_STRING']
@@ -1980,6 +2256,26 @@ class WSGISubserver(_IPSubserver):
                          if k.startswith('HTTP_'))
         logger.handle(_RequestRecord(logger.name, _log_words(words)))
 
+    def _log_request_json(self, env, response, duration, txn):
+        record = _RequestRecord(self.logger.name, '')
+        record.fields = {
+            'client': env.get('REMOTE_ADDR'), 'user': env.get('REMOTE_USER'),
+            'method': env.get('REQUEST_METHOD'),
+            'path': env.get('PATH_INFO', ''),
+            'query': env.get('QUERY_STRING', ''),
+            'protocol': env.get('SERVER_PROTOCOL'), 'status': response.code,
+            'bytes': response.sent,
+            'bytes_in': getattr(env.get('wsgi.input'), 'consumed', 0),
+            'duration_ms': round(duration * 1000, 3), 'txn': txn,
+            'user_agent': env.get('HTTP_USER_AGENT'),
+            'referer': env.get('HTTP_REFERER'),
+            'log_info': [str(w) for w in env.get('brim.log_info') or ()]}
+        if self.log_headers:
+            record.fields['headers'] = {
+                k[5:].replace('_', '-').title(): v
+                for k, v in env.items() if k.startswith('HTTP_')}
+        self.logger.handle(record)
+
     @staticmethod
     def _not_found(env, start_response):
         """brimd itself, the last app of every chain: 404."""
@@ -1998,6 +2294,26 @@ class WSGISubserver(_IPSubserver):
             conn.serve()
         finally:
             self.connections.discard(conn)
+
+    def _tick(self):
+        _IPSubserver._tick(self)
+        now = time.time()
+        if self.request_timeout and now >= self.next_request_check:
+            self.next_request_check = now + 1.0
+            self._check_request_times(now)
+
+    def _check_request_times(self, now):
+        """A request over request_timeout: log it, recycle this worker."""
+        for conn in list(self.connections):
+            current = conn.current
+            if current and now - current[0] > self.request_timeout and \
+                    not self.retiring:
+                conn.current = None     # report each request once
+                started, txn, method, path = current
+                self.logger.error('request %s %s %s has run for %.0fs, over '
+                                  'request_timeout (%gs)', txn, method, path,
+                                  now - started, self.request_timeout)
+                self.retire('has a request over request_timeout')
 
     def _close_idle(self):
         """While draining, end keep-alive connections between requests."""
@@ -2114,7 +2430,7 @@ class DaemonsSubserver(Subserver):
 
     def _watch(self):
         while True:
-            self.stats.beat()
+            self._tick()
             if self.orphaned():
                 os._exit(0)
             time.sleep(1.0)
@@ -3495,9 +3811,6 @@ class WSGIBasicAuth(object):
 # Supervision: the main process
 # ---------------------------------------------------------------------------
 
-#: A worker's exit status after max_requests: replace it at once.
-_EXIT_RECYCLED = 75
-
 _SUBSERVER_KINDS = {'wsgi': WSGISubserver, 'tcp': TCPSubserver,
                     'udp': UDPSubserver, 'daemons': DaemonsSubserver}
 
@@ -3524,15 +3837,19 @@ def _pid_alive(pid):
 
 
 class _Worker(object):
-    """The main process's record of one worker or daemon process."""
+    """The main process's record of one worker or daemon slot."""
 
-    def __init__(self, subserver, index):
+    def __init__(self, subserver, index, bucket):
         self.subserver = subserver
         self.index = index
+        self.bucket = bucket
         self.pid = None
-        self.started = 0.0
+        self.started = 0.0      # monotonic, for the backoff
+        self.started_at = 0.0   # wall clock, for heartbeats and status
         self.due = 0.0          # when to (re)start it, monotonic
         self.failures = 0       # quick deaths in a row, for the backoff
+        self.restarts = 0
+        self.last_exit = None   # why the previous process of this slot ended
 
     def label(self):
         return '[%s] %s %s' % (self.subserver.name,
@@ -3544,15 +3861,19 @@ class _Worker(object):
 class Server(object):
     """brimd's main process: owns the sockets, forks and supervises.
 
-    Signals are only noted (``signal.set_wakeup_fd`` writes their numbers
-    to a pipe); the main loop reads them and calls one method per signal:
-    SIGTERM, SIGINT and SIGQUIT ``stop``, SIGHUP ``shutdown``, SIGCHLD
-    ``reap``.
+    Signal handlers do nothing (``signal.set_wakeup_fd`` writes the
+    signal's number to a pipe); the main loop reads the numbers and calls
+    one ``_on_SIGNAME`` method per signal.  The main process also answers
+    a Unix control socket (``ping``, ``status``, ``addresses``, ``sockets``
+    for a restarting brimd, ``retire`` from its own workers) and watches
+    the workers' heartbeats.
     """
 
     #: A worker that dies sooner than this after starting is backed off.
     STABLE_SECONDS = 10.0
     MAX_BACKOFF = 30.0
+    #: How long a hung worker gets to dump its stacks before SIGKILL.
+    ABORT_SECONDS = 2.0
 
     def __init__(self, conf, to_stderr=False):
         self.conf = conf
@@ -3560,11 +3881,17 @@ class Server(object):
         self.subservers = []
         self.start_time = int(time.time())
         self.forked = False
-        self.children = {}
+        self.foreground = False
+        self.children = {}      # pid: _Worker, for every serving process
+        self.retired = {}       # pid: SIGKILL deadline of a replaced one
+        self.replacing = {}     # ready pipe: pid its new worker replaces
+        self.aborted = {}       # pid: SIGKILL deadline of a hung one
         self.workers = []
         self.stopping = False
         self.control = None
         self.pid_file = None
+        self.generation = 0     # restarts in place so far
+        self.notifier = _Notifier()
         #: Where a daemonized brimd logs when there is no syslog socket.
         self.fallback_log_file = None
 
@@ -3596,11 +3923,15 @@ class Server(object):
             conf.get('brim', 'log_level', 'INFO'),
             conf.get('brim', 'log_facility', 'LOCAL0'),
             conf.get_path('brim', 'log_file') or self.fallback_log_file,
-            self.to_stderr)
+            self.to_stderr,
+            _log_format('brim', conf.get('brim', 'log_format', 'text')))
+        self.notifier.logger = self.logger
         self.stats = _StatsLayout(self.subservers)
         for subserver in self.subservers:
             for index in range(subserver.bucket_count):
-                self.workers.append(_Worker(subserver, index))
+                self.workers.append(_Worker(subserver, index,
+                                            self.stats.bucket(subserver,
+                                                              index)))
 
     def _resolve_user(self):
         """(name, uid, gid) to drop to in workers, or (None, None, None)."""
@@ -3634,8 +3965,11 @@ class Server(object):
         for subserver in self.subservers:
             if isinstance(subserver, _IPSubserver):
                 subserver.bind(inherited)
-        for sock in inherited.values():
-            sock.close()        # an old brimd's port this config dropped
+        for key, sock in inherited.items():
+            self.logger.warning('inherited listening socket %s matches no '
+                                'subserver in the configuration; closing '
+                                'it', key)
+            sock.close()
 
     def listening_sockets(self):
         return [s.sock for s in self.subservers
@@ -3644,10 +3978,13 @@ class Server(object):
     # -- workers -------------------------------------------------------------
 
     def _spawn(self, worker, ready_fd=None):
+        worker.bucket.reset()
+        worker.bucket.set('_restarts', worker.restarts)
         worker.pid = pid = os.fork()
         if pid == 0:
             self._run_child(worker, ready_fd)
         worker.started = time.monotonic()
+        worker.started_at = time.time()
         self.children[pid] = worker
 
     def _run_child(self, worker, ready_fd):
@@ -3657,24 +3994,24 @@ class Server(object):
         try:
             signal.set_wakeup_fd(-1)
             for signum in (signal.SIGTERM, signal.SIGCHLD, signal.SIGQUIT,
-                           signal.SIGUSR1, signal.SIGUSR2):
+                           signal.SIGUSR2, signal.SIGABRT):
                 signal.signal(signum, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGUSR1, lambda *_: subserver.note_reopen())
             if subserver.kind == 'daemons':
                 signal.signal(signal.SIGHUP, signal.SIG_DFL)
             else:
                 signal.signal(signal.SIGHUP, lambda *_: subserver.drain())
-            self._close_main_fds(subserver)
+            self._close_main_fds(subserver, ready_fd)
             subserver.open_log(self.to_stderr)
             self._drop_privileges()
-            bucket = self.stats.bucket(subserver, worker.index)
-            subserver.start_worker(worker.index, bucket)
-            bucket.beat()
+            subserver.start_worker(worker.index, worker.bucket)
+            worker.bucket.beat()
             if ready_fd is not None:
                 os.close(ready_fd)
                 ready_fd = None
             subserver.serve()
-            code = _EXIT_RECYCLED if subserver.recycling else 0
+            code = 0
         except BaseException as err:
             if isinstance(err, SystemExit) and not err.code:
                 code = 0
@@ -3688,12 +4025,13 @@ class Server(object):
         finally:
             os._exit(code)
 
-    def _close_main_fds(self, keep):
-        """A child needs its own listening socket only."""
+    def _close_main_fds(self, keep, ready_fd):
+        """A child needs its own listening socket and ready pipe only."""
         if self.control is not None:
             self.control.close()
-        for fd in self.wake_fds:
-            os.close(fd)
+        for fd in list(self.wake_fds) + list(self.replacing):
+            if fd != ready_fd:
+                os.close(fd)
         for subserver in self.subservers:
             if subserver is not keep and isinstance(subserver, _IPSubserver):
                 subserver.sock.close()
@@ -3706,36 +4044,37 @@ class Server(object):
         os.umask(self.umask)
 
     def _reap(self):
-        """Collect every exited child; schedule restarts for workers."""
+        """Collect every exited child; schedule restarts for workers.
+
+        As process 1 in a container brimd also inherits orphans; they are
+        reaped here too, and ignored.
+        """
         for pid, status in _reap_now():
+            hung = self.aborted.pop(pid, None) is not None
+            if self.retired.pop(pid, None) is not None:
+                continue
             worker = self.children.pop(pid, None)
             if worker is not None and not self.stopping:
-                self._schedule_restart(worker, pid, status)
+                self._schedule_restart(worker, pid, status, backoff=not hung)
 
-    def _schedule_restart(self, worker, pid, status):
-        """Log why ``worker`` died and when it starts again (backed off)."""
+    def _schedule_restart(self, worker, pid, status, backoff=True):
+        """Log why ``worker`` died and when it starts again (backed off,
+        unless brimd killed it for hanging: that is no crash loop)."""
         now = time.monotonic()
         lived = now - worker.started
-        bucket = self.stats.bucket(worker.subserver, worker.index)
-        bucket.set('_pid', 0)
-        bucket.incr('_restarts')
-        if os.WIFEXITED(status) and \
-                os.WEXITSTATUS(status) == _EXIT_RECYCLED:
-            worker.due = now
-            worker.pid = None
-            self.logger.info('%s (pid %d) recycled after %.1fs; starting a '
-                             'new one', worker.label(), pid, lived)
-            return
         worker.failures = worker.failures + 1 \
-            if lived < self.STABLE_SECONDS else 0
+            if lived < self.STABLE_SECONDS and backoff else 0
         delay = 0.0 if not worker.failures else min(
             self.MAX_BACKOFF, 2.0 ** (worker.failures - 1))
-        delay = max(delay, worker.started + 1.0 - now)
+        if backoff:
+            delay = max(delay, worker.started + 1.0 - now)
         worker.due = now + delay
         worker.pid = None
-        self.logger.error('%s (pid %d) %s after %.1fs; restarting in %.1fs',
-                          worker.label(), pid, _exit_reason(status), lived,
-                          delay)
+        worker.bucket.set('_pid', 0)        # the stats show it down
+        worker.restarts += 1
+        worker.last_exit = '%s after %.1fs' % (_exit_reason(status), lived)
+        self.logger.error('%s (pid %d) %s; restarting in %.1fs',
+                          worker.label(), pid, worker.last_exit, delay)
 
     def _respawn_due(self):
         now = time.monotonic()
@@ -3747,14 +4086,87 @@ class Server(object):
         waiting = [w.due for w in self.workers if w.pid is None]
         return min(waiting) - time.monotonic() if waiting else 1.0
 
+    def _replace(self, pid, reason):
+        """Start a new worker in ``pid``'s slot; drain ``pid`` once it serves.
+
+        The new worker's ready pipe reaches EOF when it serves (or dies);
+        the main loop then sends the old one SIGHUP.  Until then both
+        accept, so the port is never without a worker.
+        """
+        worker = self.children.pop(pid, None)
+        if worker is None or self.stopping:
+            return
+        self.logger.info('%s (pid %d) %s; starting its replacement',
+                         worker.label(), pid, reason)
+        self.retired[pid] = float('inf')
+        ready_r, ready_w = os.pipe()
+        self.replacing[ready_r] = pid
+        self._spawn(worker, ready_w)
+        os.close(ready_w)
+
+    def _replacement_ready(self, ready_r):
+        """A replacement started (or died): drain the worker it replaces."""
+        if os.read(ready_r, 4096):
+            return          # a failure line; the EOF follows
+        os.close(ready_r)
+        self._drain_retired([self.replacing.pop(ready_r)])
+
+    def _drain_retired(self, pids):
+        deadline = time.monotonic() + self.graceful_timeout
+        for pid in pids:
+            if pid in self.retired:
+                self.retired[pid] = deadline
+                _kill(pid, signal.SIGHUP)
+
+    def _check_heartbeats(self):
+        """Abort (stack dump, then SIGKILL) workers that stopped beating."""
+        now = time.time()
+        for pid, worker in list(self.children.items()):
+            timeout = worker.subserver.worker_timeout
+            if not timeout or pid in self.aborted:
+                continue
+            silent = now - max(worker.bucket.heartbeat(), worker.started_at)
+            if silent <= timeout:
+                continue
+            started, latest = worker.bucket.latest_request()
+            serving = ''
+            if latest:
+                serving = '; its latest request, %s, started %.0fs ago' % (
+                    latest, now - started)
+            self.logger.error(
+                '%s (pid %d) is hung: no heartbeat for %.0fs (worker_timeout '
+                '%gs)%s; aborting it for a stack dump, then killing it',
+                worker.label(), pid, silent, timeout, serving)
+            self.aborted[pid] = time.monotonic() + self.ABORT_SECONDS
+            _kill(pid, signal.SIGABRT)
+            _kill(pid, signal.SIGCONT)  # a stopped one dumps and dies too
+
+    def _kill_overdue(self):
+        """SIGKILL replaced workers past graceful_timeout, hung ones past
+        their stack dump."""
+        now = time.monotonic()
+        for pids, what in ((self.retired, 'did not finish draining within '
+                            'graceful_timeout'),
+                           (self.aborted, 'did not exit after SIGABRT')):
+            for pid, deadline in list(pids.items()):
+                if deadline <= now:
+                    self.logger.warning('pid %d %s; killing it', pid, what)
+                    pids[pid] = float('inf')
+                    _kill(pid, signal.SIGKILL)
+
     # -- running -------------------------------------------------------------
 
-    def run(self, ready_fd=None, pid_file=None):
-        """Fork the workers, report readiness, supervise until told to end."""
+    def run(self, ready_fd=None, pid_file=None, old_workers=()):
+        """Fork the workers, report readiness, supervise until told to end.
+
+        ``old_workers`` are the previous generation's processes after a
+        restart in place: they are drained once the new workers serve.
+        """
         self.forked = True
         self.pid_file = pid_file
         self._install_signals()
-        self._listen_control()
+        for pid in old_workers:
+            self.retired[pid] = float('inf')
         for worker in self.workers:
             self._spawn(worker, ready_fd)
         failure = self._wait_ready()
@@ -3764,10 +4176,15 @@ class Server(object):
                 _write_line(ready_fd, failure)
             self.stop()
             return 1
+        self._drain_retired(list(self.retired))
+        # Listening only now: a ``ping`` answer means the workers serve.
+        self._listen_control()
         if pid_file:
             _write_pid_file(pid_file, os.getpid())
         self.logger.info('brimd %s serving %s (pid %d)', __version__,
                          ', '.join(self._describe()), os.getpid())
+        self.notifier.send('READY=1\nMAINPID=%d\nSTATUS=serving %s'
+                           % (os.getpid(), ', '.join(self._describe())))
         if ready_fd is not None:
             _write_line(ready_fd, 'ready %d' % os.getpid())
             os.close(ready_fd)
@@ -3785,7 +4202,8 @@ class Server(object):
         self.wake_fds = (wake_r, wake_w)
         signal.set_wakeup_fd(wake_w)
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
-                       signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1):
+                       signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1,
+                       signal.SIGUSR2):
             # The handler does nothing: the wakeup fd carries the number.
             signal.signal(signum, _note_signal)
 
@@ -3793,56 +4211,91 @@ class Server(object):
         """The Unix socket a restarting or asking brimd talks to."""
         self.control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.control.bind(_control_address(os.getpid()))
-        self.control.listen(8)
+        self.control.listen(64)
 
     def _wait_ready(self, timeout=60.0):
         """None once every worker has beaten once, else why not."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for pid, status in _reap_now():
+                if self.retired.pop(pid, None) is not None:
+                    continue
                 worker = self.children.pop(pid, None)
                 if worker is None:
                     continue
-                if not self._beaten(worker):
+                if not worker.bucket.heartbeat():
                     return '%s exited while starting (%s).' % (
                         worker.label(), _exit_reason(status))
                 # It started, then died: a crash to restart, not a failure.
                 self._schedule_restart(worker, pid, status)
-            if all(self._beaten(w) for w in self.workers):
+            if all(w.bucket.heartbeat() for w in self.workers):
                 return None
             time.sleep(0.01)
         return 'workers did not start within %ds.' % timeout
 
-    def _beaten(self, worker):
-        return self.stats.bucket(worker.subserver, worker.index).heartbeat()
-
     def _main_loop(self):
+        """Wait for signals, control requests and ready pipes; tend the
+        workers at least once a second."""
         wake_r = self.wake_fds[0]
         while True:
-            timeout = max(0.0, min(1.0, self._next_due()))
+            timeout = max(0.0, min(1.0, self._next_due(),
+                                   self.notifier.watchdog_due()))
             try:
-                readable = select.select([wake_r, self.control], [], [],
-                                         timeout)[0]
+                readable = select.select(
+                    [wake_r, self.control] + list(self.replacing), [], [],
+                    timeout)[0]
             except InterruptedError:
                 readable = []
-            if self.control in readable:
-                self._answer_control()
             signums = b''
-            if wake_r in readable:
-                try:
-                    signums = os.read(wake_r, 512)
-                except BlockingIOError:
-                    pass
+            for ready in readable:
+                if ready is wake_r:
+                    try:
+                        signums = os.read(wake_r, 512)
+                    except BlockingIOError:
+                        pass
+                elif ready is self.control:
+                    self._answer_control()
+                else:
+                    self._replacement_ready(ready)
             for signum in signums:
-                if signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
-                    return self.stop()
-                if signum == signal.SIGHUP:
-                    return self.shutdown()
+                handler = getattr(self, '_on_' + _signal_name(signum), None)
+                code = handler() if handler else None
+                if code is not None:
+                    return code
             self._reap()
             self._respawn_due()
+            self._check_heartbeats()
+            self._kill_overdue()
+            self.notifier.watchdog()
+
+    # One method per signal.  Those that end brimd return its exit status.
+
+    def _on_SIGTERM(self):
+        # Container runtimes and systemd stop with SIGTERM and expect a
+        # graceful exit; a daemonized brimd keeps brimd's meaning: stop.
+        return self.shutdown() if self.foreground else self.stop()
+
+    def _on_SIGINT(self):
+        return self.stop()
+
+    _on_SIGQUIT = _on_SIGINT
+
+    def _on_SIGHUP(self):
+        return self.shutdown()
+
+    def _on_SIGUSR1(self):
+        """Reopen log files (after logrotate moved them), here and in
+        every worker."""
+        _reopen_logs()
+        self.logger.info('reopened the log files')
+        for pid in list(self.children) + list(self.retired):
+            _kill(pid, signal.SIGUSR1)
+
+    def _on_SIGUSR2(self):
+        self.restart_in_place()
 
     def _answer_control(self):
-        """One request on the control socket: ``ping`` or ``sockets``."""
+        """One request on the control socket."""
         try:
             conn, _ = self.control.accept()
         except OSError:
@@ -3850,14 +4303,31 @@ class Server(object):
         with conn:
             conn.settimeout(2.0)
             try:
-                creds = conn.getsockopt(socket.SOL_SOCKET,
-                                        socket.SO_PEERCRED, 12)
-                uid = int.from_bytes(creds[4:8], sys.byteorder)
+                pid, uid = struct.unpack('3i', conn.getsockopt(
+                    socket.SOL_SOCKET, socket.SO_PEERCRED,
+                    struct.calcsize('3i')))[:2]
+                request = conn.recv(64).strip()
+                if request == b'retire' and pid in self.children:
+                    # A worker (maybe running as another user) asks to be
+                    # replaced: max_requests or a stuck request.
+                    return self._replace(pid, 'asked to be replaced')
                 if uid not in (0, os.getuid()):
                     return
-                request = conn.recv(64).strip()
                 if request == b'ping':
-                    conn.sendall(b'pong')
+                    conn.sendall(b'pong %d' % self.generation)
+                elif request == b'status':
+                    conn.sendall(json.dumps(self.status()).encode('utf-8'))
+                elif request == b'addresses':
+                    conn.sendall(json.dumps(sorted(
+                        _socket_key_of(s) for s in self.listening_sockets()
+                    )).encode('utf-8'))
+                elif request == b'restart':
+                    problem = self._check_restart()
+                    conn.sendall(b'refused: %s' % problem.encode('utf-8')
+                                 if problem else b'restarting')
+                    if not problem:
+                        conn.close()
+                        self._exec_in_place()
                 elif request == b'sockets':
                     _send_sockets(conn, self.listening_sockets())
                     self.logger.info('handed the listening sockets to a new '
@@ -3865,10 +4335,84 @@ class Server(object):
             except OSError as err:
                 self.logger.warning('control request failed: %s', err)
 
+    def status(self):
+        """What ``brimd status`` shows: every worker of every subserver."""
+        now = time.time()
+        subservers = []
+        for subserver in self.subservers:
+            workers = []
+            for worker in self.workers:
+                if worker.subserver is subserver:
+                    workers.append({
+                        'label': subserver.bucket_labels()[worker.index],
+                        'pid': worker.pid,
+                        'uptime': round(now - worker.started_at, 1)
+                        if worker.pid else None,
+                        'served': worker.bucket.served(),
+                        'restarts': worker.restarts,
+                        'last_exit': worker.last_exit})
+            subservers.append({'name': subserver.name,
+                               'kind': subserver.kind,
+                               'addresses': subserver.addresses(),
+                               'workers': workers})
+        return {'pid': os.getpid(), 'uptime': round(now - self.start_time),
+                'generation': self.generation,
+                'foreground': self.foreground, 'subservers': subservers}
+
+    def restart_in_place(self):
+        """SIGUSR2: re-execute brimd in this same process, keeping the
+        listening sockets and the process id (PID 1 in a container,
+        systemd's main PID).  The new configuration is checked first; a
+        bad one is logged and the old brimd goes on serving.
+        """
+        problem = self._check_restart()
+        if problem:
+            self.logger.error('restart in place refused: %s', problem)
+        else:
+            self._exec_in_place()
+
+    def _check_restart(self):
+        """None when a restart in place may go ahead, else why not."""
+        self.notifier.send('RELOADING=1\nMONOTONIC_USEC=%d\nSTATUS=checking '
+                           'the configuration' % _monotonic_usec())
+        command = _restart_command()
+        if command is None:
+            problem = 'this brimd was not started from its command line'
+        else:
+            problem = _check_in_subprocess(command, [
+                _socket_key_of(s) for s in self.listening_sockets()])
+        if problem:
+            self.notifier.send('READY=1\nSTATUS=restart refused: %s'
+                               % problem)
+        return problem
+
+    def _exec_in_place(self):
+        """Become a new brimd (same pid) that inherits the listening
+        sockets and drains this one's workers once its own serve."""
+        self.logger.info('restarting in place (generation %d)',
+                         self.generation + 1)
+        socks = self.listening_sockets()
+        for sock in socks:
+            sock.set_inheritable(True)
+        os.environ[_INPLACE_ENV] = json.dumps({
+            'generation': self.generation + 1,
+            'start_time': self.start_time,
+            'fds': [sock.fileno() for sock in socks],
+            'workers': list(self.children) + list(self.retired)})
+        command = _restart_command()
+        try:
+            os.execv(command[0], command)   # handlers reset; sockets stay
+        except OSError as err:
+            os.environ.pop(_INPLACE_ENV, None)
+            for sock in socks:
+                sock.set_inheritable(False)
+            self.logger.error('restart in place failed: %s', err)
+
     def stop(self):
         """Immediate: workers get SIGTERM (then SIGKILL), brimd exits."""
         self.stopping = True
         self.logger.info('brimd stopping')
+        self.notifier.send('STOPPING=1')
         self._signal_children(signal.SIGTERM)
         self._wait_children(5.0)
         return self._exit()
@@ -3877,6 +4421,7 @@ class Server(object):
         """Graceful: release the ports now, let workers finish, then exit."""
         self.stopping = True
         self.logger.info('brimd shutting down gracefully')
+        self.notifier.send('STOPPING=1')
         for sock in self.listening_sockets():
             sock.close()
         self._signal_children(signal.SIGHUP)
@@ -3884,29 +4429,28 @@ class Server(object):
         return self._exit()
 
     def _signal_children(self, signum):
-        for pid in list(self.children):
-            try:
-                os.kill(pid, signum)
-            except ProcessLookupError:
-                pass
+        for pid in list(self.children) + list(self.retired):
+            _kill(pid, signum)
 
     def _wait_children(self, seconds):
         """Reap children until none is left or ``seconds`` pass; then kill."""
         deadline = time.monotonic() + seconds
-        while self.children and time.monotonic() < deadline:
-            for pid, _status in _reap_now():
-                self.children.pop(pid, None)
+        while (self.children or self.retired) and \
+                time.monotonic() < deadline:
+            self._reap()
             time.sleep(0.02)
-        if self.children:
+        if self.children or self.retired:
             self.logger.warning('killing %d workers that did not exit in '
-                                '%.0fs', len(self.children), seconds)
+                                '%.0fs', len(self.children) +
+                                len(self.retired), seconds)
             self._signal_children(signal.SIGKILL)
-            while self.children:
+            while self.children or self.retired:
                 try:
                     pid, _status = os.waitpid(-1, 0)
                 except ChildProcessError:
                     break
                 self.children.pop(pid, None)
+                self.retired.pop(pid, None)
 
     def _exit(self):
         if self.pid_file and _read_pid_file(self.pid_file) == os.getpid():
@@ -3947,6 +4491,73 @@ class Server(object):
 
 def _note_signal(signum, frame):
     """Signal handler: nothing; the wakeup fd already carries the number."""
+
+
+def _signal_name(signum):
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return str(signum)
+
+
+def _kill(pid, signum):
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _monotonic_usec():
+    return int(time.clock_gettime(time.CLOCK_MONOTONIC) * 1000000)
+
+
+class _Notifier(object):
+    """systemd's notify protocol: datagrams to ``$NOTIFY_SOCKET``.
+
+    READY=1, RELOADING=1, STOPPING=1 and STATUS= tell systemd (with
+    ``Type=notify``) where brimd is; with ``WatchdogSec=`` the main loop
+    sends WATCHDOG=1 at half the interval while it runs.  A socket that
+    cannot be reached is logged once and then left alone.
+    """
+
+    def __init__(self):
+        self.address = os.environ.get('NOTIFY_SOCKET') or None
+        if self.address and self.address[0] == '@':
+            self.address = '\0' + self.address[1:]     # abstract namespace
+        self.interval = None
+        usec = os.environ.get('WATCHDOG_USEC', '')
+        watchdog_pid = os.environ.get('WATCHDOG_PID', '')
+        if usec.isdigit() and int(usec) and \
+                watchdog_pid in ('', str(os.getpid())):
+            self.interval = int(usec) / 2e6
+        self.next_watchdog = time.monotonic()
+        self.logger = None
+
+    def send(self, state):
+        if not self.address:
+            return
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.sendto(state.encode('utf-8'), self.address)
+        except OSError as err:
+            if self.logger:
+                self.logger.warning('NOTIFY_SOCKET %s cannot be reached (%s);'
+                                    ' not notifying systemd',
+                                    os.environ.get('NOTIFY_SOCKET'), err)
+            self.address = None
+        finally:
+            sock.close()
+
+    def watchdog_due(self):
+        if self.interval is None or not self.address:
+            return 1.0
+        return self.next_watchdog - time.monotonic()
+
+    def watchdog(self):
+        if self.interval is not None and \
+                time.monotonic() >= self.next_watchdog:
+            self.next_watchdog = time.monotonic() + self.interval
+            self.send('WATCHDOG=1')
 
 
 def _reap_now():
@@ -4001,15 +4612,34 @@ def _ask(pid, request, timeout=5.0):
     return conn
 
 
-def _is_brimd(pid):
-    """True when ``pid`` is a running brimd (it answers on its socket)."""
+def _ping(pid):
+    """The generation of brimd ``pid`` (restarts in place), or None when
+    ``pid`` is not a running brimd (it does not answer on its socket)."""
     if not pid or not _pid_alive(pid):
-        return False
+        return None
     try:
         with _ask(pid, b'ping', 2.0) as conn:
-            return conn.recv(16) == b'pong'
+            answer = conn.recv(64).split()
     except OSError:
-        return False
+        return None
+    if len(answer) == 2 and answer[0] == b'pong' and answer[1].isdigit():
+        return int(answer[1])
+    return None
+
+
+def _is_brimd(pid):
+    return _ping(pid) is not None
+
+
+def _ask_json(pid, request):
+    """brimd ``pid``'s JSON answer to ``request``."""
+    with _ask(pid, request) as conn:
+        chunks = []
+        while True:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return json.loads(b''.join(chunks).decode('utf-8'))
+            chunks.append(chunk)
 
 
 # ---------------------------------------------------------------------------
@@ -4030,7 +4660,12 @@ commands (default: no-daemon):
   reload        the same as restart
   force-reload  the same as restart
   status        say whether brimd is running (exit 0 running, 1 dead with
-                a stale pid file, 3 not running)
+                a stale pid file, 3 not running), then its workers
+  check         check the configuration without serving: every option,
+                call, certificate, user and address; exit 0 when it is OK
+  foreground    what start runs, attached to the terminal (containers,
+                supervisors): logs to standard error, SIGTERM drains like
+                shutdown, SIGUSR2 restarts in place keeping the process id
   no-daemon     serve in the foreground in one process, logging to the
                 terminal, with no pid file: for debugging
   hash-password [NAME]
@@ -4040,7 +4675,18 @@ commands (default: no-daemon):
 '''
 
 _COMMANDS = ('start', 'stop', 'shutdown', 'restart', 'reload',
-             'force-reload', 'status', 'no-daemon', 'hash-password')
+             'force-reload', 'status', 'check', 'foreground', 'no-daemon',
+             'hash-password')
+
+#: Set by a brimd that re-executes itself (SIGUSR2): what the new image
+#: takes over.
+_INPLACE_ENV = 'BRIM_RESTART_IN_PLACE'
+#: Set for the ``check`` a restart in place runs: the addresses that
+#: brimd holds, which count as available.
+_HELD_ENV = 'BRIM_CHECK_HELD'
+
+#: (script path, parsed arguments) of this process's command line.
+_invocation = None
 
 
 def _parse_args(argv):
@@ -4071,6 +4717,59 @@ def _parse_args(argv):
     parser.add_argument('name', nargs='?', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     return parser, args
+
+
+def _command_line(args, command):
+    """The argv that runs brimd ``command`` with this process's options."""
+    script, _ = _invocation
+    argv = [sys.executable, script]
+    for path in args.conf or ():
+        argv += ['-c', path]
+    if args.pid_file:
+        argv += ['-p', args.pid_file]
+    if args.output:
+        argv.append('-o')
+    return argv + [command]
+
+
+def _restart_command():
+    """The argv a restart in place re-executes, or None when brimd was
+    not started from its command line."""
+    if _invocation is None:
+        return None
+    return _command_line(_invocation[1], _invocation[1].command)
+
+
+def _check_in_subprocess(command, held):
+    """Run ``check`` on the configuration ``command`` would load; None
+    when it passes, else its one-line reason.  ``held``: socket keys this
+    brimd holds (they need not be free)."""
+    import subprocess
+    argv = command[:-1] + ['check']
+    env = dict(os.environ)
+    env[_HELD_ENV] = json.dumps(held)
+    try:
+        done = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              timeout=120)
+    except (OSError, subprocess.SubprocessError) as err:
+        return 'could not run check: %s' % err
+    if done.returncode == 0:
+        return None
+    lines = done.stderr.decode('utf-8', 'replace').strip().splitlines()
+    return lines[-1] if lines else 'check exited %d' % done.returncode
+
+
+def _restarted_in_place():
+    """What the brimd this process was passed on, after a restart in
+    place (SIGUSR2): (generation, start time, sockets, old worker pids);
+    None for a fresh start."""
+    raw = os.environ.pop(_INPLACE_ENV, None)
+    if not raw:
+        return None
+    state = json.loads(raw)
+    return (state['generation'], state['start_time'],
+            _sockets_from_fds(state['fds']), state['workers'])
 
 
 def _pid_file_path(args, conf):
@@ -4122,16 +4821,35 @@ def _daemonize(server, pid_file, keep_output):
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
         os.close(devnull)
+    return True, _run_daemon(server, pid_file, keep_output, ready_w,
+                             bound=True)
+
+
+def _run_daemon(server, pid_file, keep_output, ready_fd=None, inplace=None,
+                bound=False):
+    """The daemonized main process: stray output goes to the log."""
+    if not keep_output:
         sys.stdout = _LogStream(server.logger, logging.INFO)
         sys.stderr = _LogStream(server.logger, logging.ERROR)
     sys.excepthook = lambda *exc: server.logger.critical(
         'uncaught exception:\n%s', ''.join(traceback.format_exception(*exc)))
     try:
-        code = server.run(ready_w, pid_file)
+        return _run_server(server, pid_file, ready_fd, inplace, bound)
     except BaseException:
         server.logger.exception('brimd main process failed')
-        code = 1
-    return True, code
+        return 1
+
+
+def _run_server(server, pid_file, ready_fd=None, inplace=None, bound=False):
+    """Bind (taking over inherited sockets), then serve until the end."""
+    old_workers = ()
+    if inplace:
+        server.generation, server.start_time, inherited, old_workers = \
+            inplace
+        server.bind(inherited)
+    elif not bound:
+        server.bind(_systemd_sockets())
+    return server.run(ready_fd, pid_file, old_workers)
 
 
 def _await_ready(ready_r, pid):
@@ -4163,11 +4881,65 @@ def _cmd_status(args):
     if pid is None:
         print('not running')
         return 3
-    if _is_brimd(pid):
-        print('%d is running' % pid)
+    if not _is_brimd(pid):
+        print('%d is not running' % pid)
+        return 1
+    print('%d is running' % pid)
+    try:
+        status = _ask_json(pid, b'status')
+    except (OSError, ValueError):
         return 0
-    print('%d is not running' % pid)
-    return 1
+    for line in _status_lines(status):
+        print(line)
+    return 0
+
+
+def _status_lines(status):
+    """``status``'s report after its first line, from brimd's answer."""
+    yield '  %s, up %s, restarted in place %d times' % (
+        'foreground' if status['foreground'] else 'daemon',
+        _duration(status['uptime']), status['generation'])
+    for sub in status['subservers']:
+        yield '  [%s] %s' % (sub['name'], ' '.join(sub['addresses']) or
+                             sub['kind'])
+        for worker in sub['workers']:
+            line = '    %s %s: ' % ('daemon' if sub['kind'] == 'daemons'
+                                    else 'worker', worker['label'])
+            if worker['pid']:
+                line += 'pid %d, up %s, served %d' % (
+                    worker['pid'], _duration(worker['uptime']),
+                    worker['served'])
+            else:
+                line += 'not running (waiting to restart)'
+            line += ', restarts %d' % worker['restarts']
+            if worker['last_exit']:
+                line += ', last exit: %s' % worker['last_exit']
+            yield line
+
+
+def _duration(seconds):
+    seconds = int(seconds)
+    if seconds < 60:
+        return '%ds' % seconds
+    if seconds < 3600:
+        return '%dm%02ds' % divmod(seconds, 60)
+    return '%dh%02dm' % divmod(seconds // 60, 60)
+
+
+def _cmd_check(args):
+    """Everything ``start`` would check, without serving."""
+    server = _load_server(args, to_stderr=True)
+    if _HELD_ENV in os.environ:
+        held = set(json.loads(os.environ[_HELD_ENV]))
+    else:
+        pid_file = _pid_file_path(args, server.conf)
+        holder = _read_pid_file(pid_file) if pid_file else None
+        held = set(_ask_json(holder, b'addresses')) \
+            if _is_brimd(holder) else set()
+    for subserver in server.subservers:
+        print(subserver.check(held))
+    print('configuration OK')
+    return 0
 
 
 def _try_conf(args):
@@ -4196,8 +4968,12 @@ def _signal_brimd(args, signum, verb, seconds):
 
 
 def _cmd_start(args, restart=False):
+    inplace = _restarted_in_place()
     server = _load_server(args, to_stderr=args.output, daemon=True)
     pid_file = _pid_file_path(args, server.conf)
+    if inplace:
+        # A daemonized brimd that re-executed itself (SIGUSR2).
+        return _run_daemon(server, pid_file, args.output, inplace=inplace)
     if server.fallback_log_file and not server.conf.get('brim', 'log_file'):
         print('brimd: no syslog socket here; logging to %s (set [brim] '
               'log_file to choose)' % server.fallback_log_file)
@@ -4207,6 +4983,8 @@ def _cmd_start(args, restart=False):
     if old_pid and not restart:
         print('%d already running' % old_pid, file=sys.stderr)
         return 1
+    if old_pid and _ask_json(old_pid, b'status')['foreground']:
+        return _restart_in_place_of(old_pid)
     inherited = {}
     if old_pid:
         inherited = _take_sockets(old_pid)
@@ -4215,7 +4993,7 @@ def _cmd_start(args, restart=False):
             os.kill(old_pid, signal.SIGHUP)
             _wait_gone(old_pid, server.graceful_timeout + 5)
             old_pid = None
-    server.bind(inherited)
+    server.bind(inherited or _systemd_sockets())
     if pid_file:
         _check_pid_file_writable(pid_file)
     in_child, code = _daemonize(server, pid_file, args.output)
@@ -4224,6 +5002,29 @@ def _cmd_start(args, restart=False):
     if code == 0 and old_pid:
         os.kill(old_pid, signal.SIGHUP)     # the new one serves: drain old
     return code
+
+
+def _restart_in_place_of(pid):
+    """``restart`` of a foreground brimd: it re-executes itself (same pid,
+    same sockets) once its ``check`` of the configuration passes."""
+    before = _ping(pid)
+    with _ask(pid, b'restart', timeout=150) as conn:
+        answer = conn.recv(4096).decode('utf-8', 'replace').strip()
+    if answer != 'restarting':
+        print(answer.replace('refused: ', '', 1) or 'brimd %d refused to '
+              'restart; see its log' % pid, file=sys.stderr)
+        return 1
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        generation = _ping(pid)
+        if generation is not None and generation > before:
+            return 0
+        if not _pid_alive(pid):
+            break
+        time.sleep(0.05)
+    print('brimd %d did not come back from its restart in place; see its '
+          'log' % pid, file=sys.stderr)
+    return 1
 
 
 def _take_sockets(pid):
@@ -4267,6 +5068,34 @@ def _cmd_hash_password(args):
     return 0
 
 
+def _cmd_foreground(args):
+    """start's process tree, attached: for containers and supervisors."""
+    inplace = _restarted_in_place()
+    server = _load_server(args, to_stderr=True)
+    server.foreground = True
+    _become_subreaper()
+    pid_file = None
+    if args.pid_file or server.conf.get('brim', 'pid_file'):
+        pid_file = _pid_file_path(args, server.conf)
+    if pid_file and not inplace:
+        running = _read_pid_file(pid_file)
+        if _is_brimd(running):
+            print('%d already running' % running, file=sys.stderr)
+            return 1
+        _check_pid_file_writable(pid_file)
+    return _run_server(server, pid_file, inplace=inplace)
+
+
+def _become_subreaper():
+    """Adopt orphaned descendants, as process 1 would, so an app's
+    double-forked helpers are reaped (Linux; elsewhere a no-op)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(36, 1, 0, 0, 0)      # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        pass
+
+
 def _cmd_no_daemon(args):
     server = _load_server(args, to_stderr=True)
     server.bind()
@@ -4275,7 +5104,10 @@ def _cmd_no_daemon(args):
 
 def main(argv=None):
     """brimd's command line; returns the exit status."""
+    global _invocation
     parser, args = _parse_args(sys.argv[1:] if argv is None else argv)
+    if argv is None:
+        _invocation = (os.path.abspath(sys.argv[0]), args)
     if args.help:
         parser.print_help()
         return 0
@@ -4303,7 +5135,13 @@ def main(argv=None):
             return _signal_brimd(args, signal.SIGHUP, 'shut down', 60)
         if args.command == 'status':
             return _cmd_status(args)
+        if args.command == 'check':
+            return _cmd_check(args)
+        if args.command == 'foreground':
+            return _cmd_foreground(args)
         return _cmd_no_daemon(args)
+    except BrokenPipeError:
+        return 0        # ``brimd status | head``: the reader has enough
     except Exception as err:
         if args.error_stack_trace:
             raise

@@ -1,6 +1,6 @@
 """Tests for brim.py: real brimd processes, real clients, loopback only.
 
-Run with ``cd /work/main && python3 -m unittest -v test_brim``.
+Run with ``python3 -m unittest -v test_brim`` from the checkout.
 
 Every test that starts a brimd does it with ``python3 brim.py -c CONF -p PID
 start`` in its own temporary directory, talks to it over 127.0.0.1 and stops
@@ -1268,10 +1268,31 @@ class TestCommands(EchoTestCase):
         self.echo_ok(self.port)
 
     def test_status_running(self):
-        self.echo_conf()
+        self.echo_conf(workers=2)
         pid = self.start()
+        for _ in range(3):
+            self.echo_ok(self.port)
         code, out, err = self.brim('status')
-        self.assertEqual((code, out, err), (0, '%d is running\n' % pid, ''))
+        lines = out.splitlines()
+        self.assertEqual((code, lines[0], err), (0, '%d is running' % pid, ''))
+        self.assertRegex(lines[1], r'^  daemon, up \d+s, restarted in place '
+                         r'0 times$')
+        self.assertEqual(lines[2], '  [wsgi] 127.0.0.1:%d' % self.port)
+        found = re.findall(r'^    worker ([01]): pid (\d+), up \d+s, served '
+                           r'(\d+), restarts 0$', '\n'.join(lines[3:]), re.M)
+        self.assertEqual(sorted(int(p) for _, p, _ in found),
+                         sorted(live_children_of(pid)), out)
+        self.assertEqual(sum(int(n) for _, _, n in found), 3, out)
+        # A replaced worker shows its restart and why the old one ended.
+        victim = int(found[0][1])
+        os.kill(victim, signal.SIGKILL)
+
+        def restarted():
+            out = self.brim('status')[1]
+            return out if 'worker %s: pid' % found[0][0] in out and \
+                'restarts 1, last exit: killed by signal SIGKILL after' \
+                in out and str(victim) not in out else None
+        wait_until(restarted, timeout=10)
 
     def test_status_not_running(self):
         self.echo_conf()
@@ -1433,7 +1454,8 @@ class TestCommands(EchoTestCase):
                          % len(results))
         self.assertGreater(len(results), count)
         code, out, err = self.brim('status')
-        self.assertEqual((code, out), (0, '%d is running\n' % new_pid))
+        self.assertEqual((code, out.splitlines()[0]),
+                         (0, '%d is running' % new_pid))
 
     def test_restart_with_broken_conf_keeps_old_server(self):
         self.echo_conf()
@@ -1450,7 +1472,8 @@ class TestCommands(EchoTestCase):
         self.assertTrue(pid_alive(pid))
         self.echo_ok(self.port)
         code, out, err = self.brim('status')
-        self.assertEqual((code, out), (0, '%d is running\n' % pid))
+        self.assertEqual((code, out.splitlines()[0]),
+                         (0, '%d is running' % pid))
 
     def test_restart_when_not_running_starts(self):
         self.echo_conf()
@@ -3618,7 +3641,8 @@ class TestBrimdScript(EchoTestCase):
         self.assertTrue(pid_alive(pid))
         self.echo_ok(self.port)
         code, out, err = self.brim('status', script=BRIMD, cwd=HERE)
-        self.assertEqual((code, out), (0, '%d is running\n' % pid))
+        self.assertEqual((code, out.splitlines()[0]),
+                         (0, '%d is running' % pid))
         code, out, err = self.brim('stop', script=BRIMD, cwd=HERE)
         self.assertEqual((code, err), (0, ''))
         self.assert_gone([pid])
@@ -3673,6 +3697,431 @@ class TestSampleConf(BrimTestCase):
         self.assertFalse(os.path.exists(self.pid_file))
         self.assertFalse(os.path.exists(os.path.join(home,
                                                      '.brimd-sample.pid')))
+
+
+# ---------------------------------------------------------------------------
+# 12. Operations: check, foreground, systemd, hung workers, log handling
+# ---------------------------------------------------------------------------
+
+APP_SOURCES['myops.py'] = '''
+import os
+import time
+
+
+class Orphan(object):
+    """/orphan: leaves a grandchild behind, as a careless app would."""
+
+    def __init__(self, name, conf, next_app):
+        self.next_app = next_app
+
+    def __call__(self, env, start_response):
+        if env['PATH_INFO'] != '/orphan':
+            return self.next_app(env, start_response)
+        read_end, write_end = os.pipe()
+        child = os.fork()
+        if child == 0:
+            grandchild = os.fork()
+            if grandchild == 0:
+                time.sleep(0.5)
+                os._exit(0)
+            os.write(write_end, str(grandchild).encode())
+            os._exit(0)
+        os.waitpid(child, 0)
+        body = os.read(read_end, 32)
+        os.close(read_end)
+        os.close(write_end)
+        start_response('200 OK', [('Content-Length', str(len(body)))])
+        return [body]
+'''
+
+
+class NotifyListener(object):
+    """A stand-in for systemd's NOTIFY_SOCKET: collects the datagrams."""
+
+    def __init__(self):
+        self.name = '@brim-test-notify-%d-%s' % (os.getpid(),
+                                                 os.urandom(4).hex())
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind('\0' + self.name[1:])
+        self.sock.settimeout(0.05)
+        self.messages = []
+
+    def poll(self):
+        """Every message so far, each as a dict of its assignments."""
+        while True:
+            try:
+                data = self.sock.recv(4096)
+            except socket.timeout:
+                return self.messages
+            self.messages.append(dict(line.split('=', 1) for line in
+                                      data.decode().splitlines()))
+
+    def wait_for(self, key, value=None, after=0, timeout=10):
+        """The index of the first message from ``after`` on with ``key``."""
+        def found():
+            for index, message in enumerate(self.poll()):
+                if index >= after and key in message and \
+                        (value is None or message[key] == value):
+                    return index + 1
+        return wait_until(found, timeout=timeout, msg='%s=%s' % (key, value)) \
+            - 1
+
+    def close(self):
+        self.sock.close()
+
+
+class TestOperations(EchoTestCase):
+    """check, foreground, systemd notify and socket activation, hung
+    workers, request_timeout, JSON logs and log reopening."""
+
+    def foreground(self, env=None, prefix=()):
+        """``brim.py -c CONF -p PID foreground`` (after ``prefix``)."""
+        out = open(os.path.join(self.tmp, 'foreground.out'), 'wb')
+        self.addCleanup(out.close)
+        proc = popen(list(prefix) + [sys.executable, BRIM, '-c',
+                                     self.conf_path, '-p', self.pid_file,
+                                     'foreground'],
+                     cwd=self.tmp, env=env or self.env, stdout=out,
+                     stderr=subprocess.STDOUT)
+        self.track(proc.pid)
+
+        def end():
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+            _protected.discard(proc.pid)
+        self.addCleanup(end)
+        return proc
+
+    def wait_serving(self, proc):
+        wait_until(lambda: proc.poll() is not None or
+                   self.read_pid() == proc.pid, timeout=15)
+        self.assertIsNone(proc.poll(), 'foreground exited: %s' % self.log_text(
+            os.path.join(self.tmp, 'foreground.out'))[-2000:])
+        self.seen_pids.update(descendants_of(proc.pid))
+
+    def in_background(self, fn, *args):
+        """Run ``fn(*args)`` in a thread; a dict gets 'result' or 'error'."""
+        box = {}
+
+        def call():
+            try:
+                box['result'] = fn(*args)
+            except Exception as err:
+                box['error'] = err
+        thread = threading.Thread(target=call)
+        thread.start()
+        self.addCleanup(thread.join, 30)
+        box['thread'] = thread
+        return box
+
+    def generation(self):
+        match = re.search(r'restarted in place (\d+) times',
+                          self.brim('status')[1])
+        return int(match.group(1)) if match else None
+
+    # -- check ------------------------------------------------------------
+
+    def test_check_passes_without_serving(self):
+        self.echo_conf(workers=2)
+        code, out, err = self.brim('check')
+        self.assertEqual((code, err), (0, ''), out)
+        self.assertEqual(out, '[wsgi] wsgi on 127.0.0.1:%d (free to bind), 2 '
+                         'workers\nconfiguration OK\n' % self.port)
+        self.assertFalse(os.path.exists(self.pid_file))
+        self.assertTrue(connect_refused(self.port))
+        # With brimd running, its own port counts as fine; it keeps serving.
+        pid = self.start()
+        code, out, err = self.brim('check')
+        self.assertEqual((code, err), (0, ''), out)
+        self.assertIn('(held by the running brimd)', out)
+        self.assertEqual(self.read_pid(), pid)
+        self.echo_ok(self.port)
+
+    def test_check_failures_match_start(self):
+        self.echo_conf()
+        with open(self.conf_path) as fp:
+            good = fp.read()
+        bad = good.replace('call = mywsgi.HelloWorld', 'call = mywsgi.Nope')
+        with open(self.conf_path, 'w') as fp:
+            fp.write(bad)
+        check = self.brim('check')
+        start = self.brim('start')
+        self.assertEqual(check[0], 1)
+        self.assertEqual(check[2], start[2])
+        self.assertEqual(len(check[2].splitlines()), 1, check[2])
+        self.assertIn('[hello] call = mywsgi.Nope', check[2])
+        # A port something else holds.
+        with open(self.conf_path, 'w') as fp:
+            fp.write(good)
+        holder = socket.socket()
+        self.addCleanup(holder.close)
+        holder.bind(('127.0.0.1', self.port))
+        holder.listen(1)
+        code, out, err = self.brim('check')
+        self.assertEqual(code, 1)
+        self.assertTrue(err.startswith('[wsgi] could not bind 127.0.0.1:%d'
+                                       % self.port), err)
+        # A certificate that is not there.
+        holder.close()
+        self.echo_conf(wsgi_extra='certfile = %s' % os.path.join(
+            self.tmp, 'missing.pem'))
+        code, out, err = self.brim('check')
+        self.assertEqual((code, err), (1, '[wsgi] certfile %s cannot be read: '
+                         'No such file or directory.\n'
+                         % os.path.join(self.tmp, 'missing.pem')))
+
+    # -- foreground -------------------------------------------------------
+
+    def test_foreground_sigterm_drains(self):
+        self.echo_conf(workers=2)
+        proc = self.foreground()
+        self.wait_serving(proc)
+        workers = live_children_of(proc.pid)
+        self.assertEqual(len(workers), 2)
+        slow = self.in_background(self.http, self.port, 'GET', '/slow?2')
+        wait_until(lambda: os.path.exists(os.path.join(self.tmp,
+                                                       'slow-started')))
+        os.kill(proc.pid, signal.SIGTERM)
+        wait_until(lambda: connect_refused(self.port), msg='port released')
+        self.assertTrue(slow['thread'].is_alive())
+        slow['thread'].join(20)
+        self.assertNotIn('error', slow)
+        self.assertEqual(slow['result'][0], 200)
+        self.assertTrue(slow['result'][2].endswith(b':done'))
+        self.assertEqual(proc.wait(20), 0)
+        self.assert_gone(workers)
+        self.assertFalse(os.path.exists(self.pid_file))
+
+    def test_foreground_sigint_stops_at_once(self):
+        self.echo_conf()
+        proc = self.foreground()
+        self.wait_serving(proc)
+        workers = live_children_of(proc.pid)
+        slow = self.in_background(self.http, self.port, 'GET', '/slow?20')
+        wait_until(lambda: os.path.exists(os.path.join(self.tmp,
+                                                       'slow-started')))
+        started = time.monotonic()
+        os.kill(proc.pid, signal.SIGINT)
+        self.assertEqual(proc.wait(10), 0)
+        self.assertLess(time.monotonic() - started, 5)
+        self.assert_gone(workers)
+        slow['thread'].join(10)
+        self.assertIn('error', slow)
+
+    def test_foreground_restart_in_place(self):
+        self.echo_conf(workers=2)
+        proc = self.foreground()
+        self.wait_serving(proc)
+        stop = threading.Event()
+        self.addCleanup(stop.set)
+        results = []
+
+        def hammer():
+            while not stop.is_set() and len(results) < 20000:
+                try:
+                    results.append(self.http(self.port, 'POST', '/echo',
+                                             b'in place'))
+                except Exception as err:
+                    results.append(('error', repr(err)))
+        clients = [threading.Thread(target=hammer) for _ in range(3)]
+        for client in clients:
+            client.start()
+        wait_until(lambda: len(results) > 10)
+        for signalled, generation in ((True, 1), (False, 2)):
+            old_workers = live_children_of(proc.pid)
+            if signalled:
+                os.kill(proc.pid, signal.SIGUSR2)
+                wait_until(lambda: self.generation() == generation,
+                           timeout=20)
+            else:
+                code, out, err = self.brim('restart')
+                self.assertEqual((code, err), (0, ''), out)
+                self.assertEqual(self.generation(), generation)
+            self.assert_gone(old_workers, timeout=15)
+            self.assertEqual(self.read_pid(), proc.pid)
+            self.assertIsNone(proc.poll())
+        count = len(results)
+        wait_until(lambda: len(results) > count + 10)
+        # A broken configuration: refused, the running brimd untouched.
+        with open(self.conf_path) as fp:
+            good = fp.read()
+        with open(self.conf_path, 'w') as fp:
+            fp.write(good.replace('workers = 2', 'workers = two'))
+        code, out, err = self.brim('restart')
+        self.assertEqual((code, err), (1, "Configuration value [wsgi] "
+                         "workers of 'two' cannot be converted to int.\n"))
+        self.assertEqual(self.generation(), 2)
+        os.kill(proc.pid, signal.SIGUSR2)
+        self.wait_for_log(r'restart in place refused: Configuration value '
+                          r'\[wsgi\] workers')
+        self.echo_ok(self.port)
+        stop.set()
+        for client in clients:
+            client.join(15)
+        errors = [r for r in results if r[0] != 200 or r[2] != b'in place']
+        self.assertEqual(errors, [], '%d requests' % len(results))
+
+    def test_daemon_restarts_in_place_on_sigusr2(self):
+        self.echo_conf(workers=2)
+        pid = self.start()
+        old_workers = live_children_of(pid)
+        os.kill(pid, signal.SIGUSR2)
+        wait_until(lambda: self.generation() == 1, timeout=20)
+        self.assert_gone(old_workers, timeout=15)
+        self.assertEqual(self.read_pid(), pid)
+        self.assertEqual(len(live_children_of(pid)), 2)
+        self.echo_ok(self.port)
+        self.stop()
+        self.assert_gone([pid])
+
+    def test_foreground_reaps_orphans(self):
+        self.echo_conf(wsgi_extra='')
+        with open(self.conf_path) as fp:
+            text = fp.read()
+        with open(self.conf_path, 'w') as fp:
+            fp.write(text.replace('apps = misc', 'apps = orphan misc') +
+                     '\n[orphan]\ncall = myops.Orphan\n')
+        proc = self.foreground()
+        self.wait_serving(proc)
+        status, _h, body = self.http(self.port, 'GET', '/orphan')
+        self.assertEqual(status, 200)
+        orphan = int(body)
+        # The orphan is adopted by brimd (not by this test process) ...
+        wait_until(lambda: proc_stat(orphan) is None or
+                   proc_stat(orphan)[1] == proc.pid, timeout=5)
+        # ... and reaped by it once it exits: never left a zombie.
+        wait_until(lambda: proc_stat(orphan) is None, timeout=10,
+                   msg='orphan %d reaped' % orphan)
+
+    # -- systemd ----------------------------------------------------------
+
+    def test_notify_protocol(self):
+        self.echo_conf()
+        listener = NotifyListener()
+        self.addCleanup(listener.close)
+        env = dict(self.env, NOTIFY_SOCKET=listener.name,
+                   WATCHDOG_USEC='400000')
+        proc = self.foreground(env=env)
+        ready = listener.wait_for('READY', '1')
+        self.assertEqual(listener.messages[ready]['MAINPID'], str(proc.pid))
+        self.assertIn('serving [wsgi] 127.0.0.1:%d' % self.port,
+                      listener.messages[ready]['STATUS'])
+        first = listener.wait_for('WATCHDOG', '1', after=ready)
+        listener.wait_for('WATCHDOG', '1', after=first + 1)
+        os.kill(proc.pid, signal.SIGUSR2)
+        reloading = listener.wait_for('RELOADING', '1', after=ready + 1)
+        self.assertTrue(listener.messages[reloading]['MONOTONIC_USEC']
+                        .isdigit())
+        listener.wait_for('READY', '1', after=reloading + 1, timeout=20)
+        os.kill(proc.pid, signal.SIGTERM)
+        listener.wait_for('STOPPING', '1')
+        self.assertEqual(proc.wait(15), 0)
+
+    def test_unreachable_notify_socket_is_logged_once(self):
+        self.echo_conf()
+        env = dict(self.env, NOTIFY_SOCKET=os.path.join(self.tmp, 'nothing'),
+                   WATCHDOG_USEC='400000')
+        proc = self.foreground(env=env)
+        self.wait_serving(proc)
+        self.echo_ok(self.port)
+        self.wait_for_log('NOTIFY_SOCKET .* cannot be reached')
+        os.kill(proc.pid, signal.SIGTERM)
+        self.assertEqual(proc.wait(15), 0)
+        self.assertEqual(len(re.findall('NOTIFY_SOCKET', self.log_text())), 1)
+
+    @unittest.skipUnless(shutil.which('systemd-socket-activate'),
+                         'needs systemd-socket-activate')
+    def test_socket_activation(self):
+        self.echo_conf(wsgi_extra='listen_retry = 0')
+        spare = free_port()
+        prefix = ['systemd-socket-activate', '-l', '127.0.0.1:%d' % self.port,
+                  '-l', '127.0.0.1:%d' % spare, '-E', 'PYTHONPATH']
+        proc = self.foreground(prefix=prefix)
+        # systemd-socket-activate starts brimd on the first connection.
+        wait_until(lambda: not connect_refused(self.port), timeout=10)
+        self.echo_ok(self.port)
+        self.wait_serving(proc)
+        self.wait_for_log(r'inherited listening socket tcp 127.0.0.1 %d '
+                          r'matches no subserver' % spare)
+        self.assertTrue(connect_refused(spare))
+        os.kill(proc.pid, signal.SIGTERM)
+        self.assertEqual(proc.wait(15), 0)
+
+    # -- hung workers and stuck requests ----------------------------------
+
+    def test_stopped_worker_is_replaced(self):
+        self.echo_conf(wsgi_extra='worker_timeout = 2')
+        pid = self.start()
+        status, _h, txn = self.http(self.port, 'GET', '/txn')
+        self.assertEqual(status, 200)
+        worker, = live_children_of(pid)
+        os.kill(worker, signal.SIGSTOP)
+        stopped = time.monotonic()
+        wait_until(lambda: live_children_of(pid) not in ([], [worker]),
+                   timeout=8)
+        self.assertLess(time.monotonic() - stopped, 2 + 2)
+        self.assert_gone([worker])
+        line = self.wait_for_log(r'is hung')[0]
+        self.assertIn('[wsgi] worker 0 (pid %d) is hung' % worker, line)
+        self.assertIn('%s GET /txn' % txn.decode(), line)
+        self.echo_ok(self.port)
+
+    def test_request_timeout_recycles_worker(self):
+        self.echo_conf(wsgi_extra='request_timeout = 1')
+        pid = self.start()
+        worker, = live_children_of(pid)
+        slow = self.in_background(self.http, self.port, 'GET', '/slow?3')
+        line = self.wait_for_log(r'over request_timeout \(1s\)')[0]
+        self.assertRegex(line, r'request \w+ GET /slow has run for \d+s')
+        # A replacement serves while the stuck request finishes.
+        wait_until(lambda: self.http(self.port, 'GET', '/pid')[2] !=
+                   str(worker).encode(), timeout=5)
+        self.assertTrue(slow['thread'].is_alive())
+        slow['thread'].join(20)
+        self.assertEqual(slow['result'][0], 200)
+        self.assert_gone([worker])
+
+    # -- logs -------------------------------------------------------------
+
+    def test_log_format_json(self):
+        self.echo_conf(wsgi_extra='log_format = json')
+        self.start()
+        self.http(self.port, 'POST', '/echo?x=1', b'abc',
+                  headers={'User-Agent': 'a "quoted"\tagent'})
+
+        def request_line():
+            for line in self.log_lines():
+                if '"method": "POST"' in line:
+                    return json.loads(line)
+        record = wait_until(request_line)
+        self.assertEqual(
+            {k: record[k] for k in ('client', 'method', 'path', 'query',
+                                    'protocol', 'status', 'bytes',
+                                    'user_agent', 'referer', 'log_info')},
+            {'client': '127.0.0.1', 'method': 'POST', 'path': '/echo',
+             'query': 'x=1', 'protocol': 'HTTP/1.1', 'status': 200,
+             'bytes': 3, 'user_agent': 'a "quoted"\tagent', 'referer': None,
+             'log_info': []})
+        self.assertRegex(record['txn'], r'^[0-9a-f]+$')
+        self.assertIsInstance(record['duration_ms'], float)
+        self.assertRegex(record['time'], r'^\d{4}-\d\d-\d\dT[\d:.]+Z$')
+
+    def test_bad_log_format(self):
+        self.echo_conf(wsgi_extra='log_format = xml')
+        self.assertEqual(self.brim('start')[1:], (
+            '', "[wsgi] log_format 'xml' is not text or json.\n"))
+
+    def test_sigusr1_reopens_log_files(self):
+        self.echo_conf()
+        pid = self.start()
+        self.echo_ok(self.port)
+        os.rename(self.log_file, self.log_file + '.1')
+        os.kill(pid, signal.SIGUSR1)
+        self.wait_for_log('reopened the log files')
+        # The worker reopens within a second; until then it writes to .1.
+        wait_until(lambda: self.http(self.port, 'GET', '/txn')[2].decode()
+                   in self.log_text(), timeout=5)
 
 
 if __name__ == '__main__':
