@@ -2682,8 +2682,8 @@ p.totals { color: var(--dim); font-size: 12px; margin: 8px 0 0; }
   var WINDOW = 300;   // seconds of history a chart shows
   var CLASSES = ['2xx', '3xx', '4xx', '5xx'];
   var source = document.body.getAttribute('data-source');
-  var refresh = Math.max(0.2, Number(
-    document.body.getAttribute('data-refresh')) || 2) * 1000;
+  var refresh = (Number(document.body.getAttribute('data-refresh')) ||
+                 2) * 1000;
   var samples = {};   // series name -> [[seconds, count], ...]
 
   function el(tag, className, text) {
@@ -3382,8 +3382,8 @@ class WSGIFS(object):
         return fd, os.fstat(fd)
 
     def _serve(self, env, start_response, names):
-        directory = os.path.join(self.root, *names)
-        fd, info = self._open(directory)
+        target = os.path.join(self.root, *names)
+        fd, info = self._open(target)
         slash = env['PATH_INFO'].endswith('/')
         if S_ISREG(info.st_mode) and not slash:
             return self._file(env, start_response, fd, info, names[-1])
@@ -3394,13 +3394,13 @@ class WSGIFS(object):
         if not slash:
             raise HTTPMovedPermanently(headers=[('Location', url)])
         try:
-            fd, info = self._open(os.path.join(directory, 'index.html'))
+            fd, info = self._open(os.path.join(target, 'index.html'))
         except HTTPNotFound:
-            return self._listing(start_response, directory, url, names)
+            return self._listing(start_response, target, url, names)
         if S_ISREG(info.st_mode):
             return self._file(env, start_response, fd, info, 'index.html')
         os.close(fd)
-        return self._listing(start_response, directory, url, names)
+        return self._listing(start_response, target, url, names)
 
     def _url(self, env, names):
         """The quoted URL path of directory ``names``, with its slash.
