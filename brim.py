@@ -31,6 +31,7 @@ import configparser
 import ctypes
 import errno
 import faulthandler
+import gc
 import hashlib
 import hmac
 import html
@@ -3827,13 +3828,19 @@ def _exit_reason(status):
 
 
 def _pid_alive(pid):
+    """True while ``pid`` runs (an exited one its parent has not reaped
+    yet, a zombie, counts as gone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
+        pass
+    try:
+        with open('/proc/%d/stat' % pid, 'rb') as fp:
+            return fp.read().rsplit(b')', 1)[1].split()[0] != b'Z'
+    except (OSError, IndexError):
         return True
-    return True
 
 
 class _Worker(object):
@@ -4167,6 +4174,7 @@ class Server(object):
         self._install_signals()
         for pid in old_workers:
             self.retired[pid] = float('inf')
+        _prepare_to_fork()
         for worker in self.workers:
             self._spawn(worker, ready_fd)
         failure = self._wait_ready()
@@ -4487,6 +4495,22 @@ class Server(object):
                          signal.SIGHUP) for s in signums):
                 self.logger.info('brimd exited')
                 return 0
+
+
+def _prepare_to_fork():
+    """Make the memory every worker starts with small and shared.
+
+    Compiling brim.py and the apps leaves megabytes of freed heap mapped;
+    malloc_trim hands it back to the kernel (glibc), so no worker carries
+    it.  gc.freeze keeps the collector from touching (and so copying) the
+    objects the workers inherit.
+    """
+    gc.collect()
+    gc.freeze()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _note_signal(signum, frame):
@@ -4906,9 +4930,10 @@ def _status_lines(status):
             line = '    %s %s: ' % ('daemon' if sub['kind'] == 'daemons'
                                     else 'worker', worker['label'])
             if worker['pid']:
-                line += 'pid %d, up %s, served %d' % (
-                    worker['pid'], _duration(worker['uptime']),
-                    worker['served'])
+                line += 'pid %d, up %s' % (worker['pid'],
+                                           _duration(worker['uptime']))
+                if sub['kind'] != 'daemons':
+                    line += ', served %d' % worker['served']
             else:
                 line += 'not running (waiting to restart)'
             line += ', restarts %d' % worker['restarts']
@@ -5130,7 +5155,9 @@ def main(argv=None):
         if args.command in ('restart', 'reload', 'force-reload'):
             return _cmd_start(args, restart=True)
         if args.command == 'stop':
-            return _signal_brimd(args, signal.SIGTERM, 'stop', 15)
+            # SIGQUIT: immediate in daemon and foreground mode alike (a
+            # foreground brimd drains on SIGTERM, as containers expect).
+            return _signal_brimd(args, signal.SIGQUIT, 'stop', 15)
         if args.command == 'shutdown':
             return _signal_brimd(args, signal.SIGHUP, 'shut down', 60)
         if args.command == 'status':

@@ -3909,6 +3909,20 @@ class TestOperations(EchoTestCase):
         slow['thread'].join(10)
         self.assertIn('error', slow)
 
+    def test_stop_command_on_foreground_is_immediate(self):
+        self.echo_conf()
+        proc = self.foreground()
+        self.wait_serving(proc)
+        slow = self.in_background(self.http, self.port, 'GET', '/slow?20')
+        wait_until(lambda: os.path.exists(os.path.join(self.tmp,
+                                                       'slow-started')))
+        started = time.monotonic()
+        self.stop()
+        self.assertLess(time.monotonic() - started, 5)
+        self.assertEqual(proc.wait(5), 0)
+        slow['thread'].join(10)
+        self.assertIn('error', slow)
+
     def test_foreground_restart_in_place(self):
         self.echo_conf(workers=2)
         proc = self.foreground()
