@@ -15,25 +15,33 @@ The file reads top to bottom in the order data flows:
     HTTP/WSGI         a strict, lean HTTP/1.1 parser and WSGI gateway
     TCP, UDP          connection and datagram subservers
     daemons           supervised background processes
-    apps              WSGIEcho, WSGIStats, TCPEcho, UDPEcho, DaemonSample
+    apps              WSGIEcho, WSGIStats (JSON and a live page), WSGIFS,
+                      WSGIBasicAuth, TCPEcho, UDPEcho, DaemonSample, and
+                      what apps use: brim.http responses, brim.httpform
     supervision       Server: the main process, its signals and children
-    command line      main(): start, stop, shutdown, restart, status, ...
+    command line      main(): start, stop, shutdown, restart, status,
+                      hash-password, ...
 
 Everything is standard library.  Names without a leading underscore are the
 ones configs and apps use.
 """
 
+import base64
 import configparser
 import ctypes
 import errno
 import faulthandler
 import gc
+import hashlib
+import hmac
+import html
 import importlib
 import io
 import itertools
 import json
 import logging
 import logging.handlers
+import mimetypes
 import multiprocessing
 import os
 import queue
@@ -42,13 +50,15 @@ import re
 import select
 import signal
 import socket
+import string
 import struct
 import sys
 import threading
 import time
 import traceback
 import types
-from urllib.parse import unquote_to_bytes
+from stat import S_ISDIR, S_ISREG
+from urllib.parse import parse_qs, quote, unquote_to_bytes
 
 __version__ = '1.0.0'
 
@@ -178,6 +188,23 @@ _SUBMODULES = {
     'brim.tcp_echo': ('TCPEcho',),
     'brim.udp_echo': ('UDPEcho',),
     'brim.daemon_sample': ('DaemonSample',),
+    'brim.wsgi_fs': ('WSGIFS',),
+    'brim.wsgi_basic_auth': ('WSGIBasicAuth',),
+    'brim.httpform': ('iter_form', 'parse_attrs', 'FormInvalid'),
+    'brim.http': (
+        'HTTPException', 'quote', 'http_date', 'parse_http_date',
+        'HTTPOk', 'HTTPCreated', 'HTTPAccepted', 'HTTPNoContent',
+        'HTTPPartialContent', 'HTTPMovedPermanently', 'HTTPFound',
+        'HTTPSeeOther', 'HTTPNotModified', 'HTTPTemporaryRedirect',
+        'HTTPPermanentRedirect', 'HTTPBadRequest', 'HTTPUnauthorized',
+        'HTTPForbidden', 'HTTPNotFound', 'HTTPMethodNotAllowed',
+        'HTTPRequestTimeout', 'HTTPConflict', 'HTTPGone',
+        'HTTPLengthRequired', 'HTTPPreconditionFailed',
+        'HTTPRequestEntityTooLarge', 'HTTPRequestURITooLong',
+        'HTTPUnsupportedMediaType', 'HTTPRequestedRangeNotSatisfiable',
+        'HTTPTooManyRequests', 'HTTPInternalServerError',
+        'HTTPNotImplemented', 'HTTPBadGateway', 'HTTPServiceUnavailable',
+        'HTTPGatewayTimeout'),
 }
 
 
@@ -474,13 +501,16 @@ class _StatsLayout(object):
     only ever writes its own bucket, so the hot path takes no
     cross-process lock.  Slot 0 of every bucket is the worker's heartbeat
     (milliseconds since the epoch), beaten by the worker at least once a
-    second and read by the main process.  Slot 1 counts what the worker served (requests, connections
-    or datagrams) for ``status``; slot 2 is when its latest request
-    started, for the log line about a hung worker.
+    second and read by the main process.  Slot 1 counts what the worker
+    served (requests, connections or datagrams) for ``status``; slot 2 is
+    when its latest request started, for the log line about a hung worker.
+    Slot 3 is the worker's pid, written by the worker (0 once it died) and
+    slot 4 its slot's restarts, written by the main process: so the stats
+    any worker answers can say what every other one is.
     """
 
-    HEARTBEAT, SERVED, REQUEST_START = range(3)
-    HIDDEN = ['_heartbeat', '_served', '_request_start']
+    HEARTBEAT, SERVED, REQUEST_START, PID, RESTARTS = range(5)
+    HIDDEN = ['_heartbeat', '_served', '_request_start', '_pid', '_restarts']
     #: Bytes per bucket of "txn METHOD path" of the latest request.
     LATEST_SIZE = 160
 
@@ -602,8 +632,14 @@ def _stat_values(server):
 
 
 def _stats_snapshot(server):
-    """Every subserver's stats as the nested dict WSGIStats answers."""
-    snapshot = {'start_time': server.start_time}
+    """Every subserver's stats as the nested dict WSGIStats answers.
+
+    Besides one entry per subserver, ``workers`` lists every worker and
+    daemon (subserver, kind, label, pid, uptime, restarts); pid is 0 while
+    one is down.  It is a list at the top, where no section name can clash.
+    """
+    snapshot = {'start_time': server.start_time,
+                'workers': list(_worker_records(server))}
     for subserver in server.subservers:
         snapshot[subserver.name] = {}
     for subserver, name, _type, per_worker, rolled in _stat_values(server):
@@ -613,6 +649,21 @@ def _stats_snapshot(server):
         for label, value in per_worker.items():
             entry.setdefault(label, {})[name] = value
     return snapshot
+
+
+def _worker_records(server):
+    """The ``workers`` entries: what each worker's bucket says of it."""
+    array = server.stats.array
+    now = int(time.time())
+    for subserver in server.subservers:
+        index = subserver.stat_index
+        for number, label in enumerate(subserver.bucket_labels()):
+            base = subserver.stats_offset + number * subserver.bucket_size
+            started = array[base + index['start_time']]
+            yield {'subserver': subserver.name, 'kind': subserver.kind,
+                   'label': label, 'pid': array[base + _StatsLayout.PID],
+                   'restarts': array[base + _StatsLayout.RESTARTS],
+                   'uptime': max(0, now - started) if started else 0}
 
 
 def _prometheus_text(server):
@@ -789,13 +840,18 @@ class _AppError(Exception):
 _RESPONSE_REASONS = {
     100: 'Continue', 200: 'OK', 201: 'Created', 202: 'Accepted',
     204: 'No Content', 206: 'Partial Content', 301: 'Moved Permanently',
-    302: 'Found', 304: 'Not Modified', 400: 'Bad Request',
-    401: 'Unauthorized', 403: 'Forbidden', 404: 'Not Found',
-    405: 'Method Not Allowed', 408: 'Request Timeout',
-    413: 'Content Too Large', 414: 'URI Too Long',
-    416: 'Range Not Satisfiable', 431: 'Request Header Fields Too Large',
+    302: 'Found', 303: 'See Other', 304: 'Not Modified',
+    307: 'Temporary Redirect', 308: 'Permanent Redirect',
+    400: 'Bad Request', 401: 'Unauthorized', 403: 'Forbidden',
+    404: 'Not Found', 405: 'Method Not Allowed', 408: 'Request Timeout',
+    409: 'Conflict', 410: 'Gone', 411: 'Length Required',
+    412: 'Precondition Failed', 413: 'Content Too Large',
+    414: 'URI Too Long', 415: 'Unsupported Media Type',
+    416: 'Range Not Satisfiable', 429: 'Too Many Requests',
+    431: 'Request Header Fields Too Large',
     500: 'Internal Server Error', 501: 'Not Implemented',
-    503: 'Service Unavailable', 505: 'HTTP Version Not Supported',
+    502: 'Bad Gateway', 503: 'Service Unavailable', 504: 'Gateway Timeout',
+    505: 'HTTP Version Not Supported',
 }
 
 # RFC 9110 tokens; methods are further limited to upper case, 3 to 20
@@ -859,8 +915,7 @@ class _DateCache(object):
     def __call__(self):
         now = int(time.time())
         if now != self.second:
-            self.value = time.strftime('%a, %d %b %Y %H:%M:%S GMT',
-                                       time.gmtime(now))
+            self.value = http_date(now)
             self.second = now
         return self.value
 
@@ -1636,6 +1691,8 @@ class _Response(object):
         if isinstance(err, OSError):
             self.code = self.code or 499
             return False       # the client went away mid-response
+        if isinstance(err, HTTPException) and not self.head_sent:
+            return self._answer_raised(err)
         if isinstance(err, _HTTPError):
             status, reason = err.status, err.reason
             logger.warning('%s refused %s: %s', conn.client, status, reason)
@@ -1661,6 +1718,17 @@ class _Response(object):
         except OSError:
             pass
         return False
+
+    def _answer_raised(self, response):
+        """The app raised a brim.http response (``raise HTTPNotFound()``):
+        it is the answer, as if the app had returned it."""
+        self.status = None
+        try:
+            body = b''.join(response(self.env, self.start_response))
+        except _AppError as err:
+            return self._fail(err)      # say what was wrong with it
+        self._send_whole(body)
+        return self.keep_alive
 
 
 class _ConnectionPool(object):
@@ -1849,6 +1917,7 @@ class Subserver(object):
         """Set up worker ``index`` in its own process (or thread)."""
         self.worker_index = index
         self.stats = bucket
+        bucket.set('_pid', os.getpid())
         if 'start_time' in self.stats_conf:
             bucket.set('start_time', time.time())
         self.parent_pid = os.getppid()
@@ -2421,31 +2490,73 @@ class WSGIEcho(object):
 
 
 class WSGIStats(object):
-    """Answers the server's stats as JSON at ``path`` (default /stats)."""
+    """Answers the server's stats at ``path`` (default /stats).
+
+    JSON, unless a browser asks (Accept: text/html) or ``?format=html``
+    does: then a live page that polls the JSON every ``refresh`` seconds
+    (default 2).  ``?format=json`` is JSON whatever Accept says.
+    """
 
     def __init__(self, name, parsed_conf, next_app):
         self.name = name
         self.next_app = next_app
-        self.path = parsed_conf
+        self.path, self.refresh = parsed_conf
 
     def __call__(self, env, start_response):
         if env['PATH_INFO'] != self.path:
             return self.next_app(env, start_response)
         if env['REQUEST_METHOD'] not in ('GET', 'HEAD'):
-            body = b'405 Method Not Allowed\n'
-            start_response('405 Method Not Allowed', [
-                ('Allow', 'GET, HEAD'), ('Content-Type', 'text/plain'),
-                ('Content-Length', str(len(body)))])
-            return [body]
+            return HTTPMethodNotAllowed(headers=[('Allow', 'GET, HEAD')])(
+                env, start_response)
+        answer = self._format(env)
+        if answer == 'json':
+            return self._json(env, start_response)
+        if answer == 'html':
+            return self._page(env, start_response)
+        return HTTPBadRequest('format must be json or html\n')(
+            env, start_response)
+
+    @staticmethod
+    def _format(env):
+        """The format asked for: ``?format=``, else html for a browser's
+        Accept, else json."""
+        asked = parse_qs(env.get('QUERY_STRING') or '').get('format')
+        if asked:
+            return asked[-1]
+        return 'html' if 'text/html' in env.get('HTTP_ACCEPT', '') else 'json'
+
+    def _json(self, env, start_response):
         snapshot = _stats_snapshot(env['brim'].server)
         body = env['brim.json_dumps'](snapshot, sort_keys=True).encode()
         start_response('200 OK', [('Content-Type', 'application/json'),
-                                  ('Content-Length', str(len(body)))])
+                                  ('Content-Length', str(len(body))),
+                                  ('Cache-Control', 'no-store'),
+                                  ('Vary', 'Accept')])
+        return [body]
+
+    def _page(self, env, start_response):
+        nonce = base64.b64encode(os.urandom(16)).decode('ascii')
+        body = _STATS_PAGE.substitute(
+            nonce=nonce, refresh='%g' % self.refresh).encode('utf-8')
+        start_response('200 OK', [
+            ('Content-Type', 'text/html; charset=utf-8'),
+            ('Content-Length', str(len(body))),
+            ('Cache-Control', 'no-store'), ('Vary', 'Accept'),
+            ('Content-Security-Policy',
+             "default-src 'none'; script-src 'nonce-%s'; style-src "
+             "'nonce-%s'; connect-src 'self'; base-uri 'none'; "
+             "form-action 'none'; frame-ancestors 'none'" % (nonce, nonce)),
+            ('X-Content-Type-Options', 'nosniff'),
+            ('Referrer-Policy', 'no-referrer')])
         return [body]
 
     @classmethod
     def parse_conf(cls, name, conf):
-        return conf.get(name, 'path', '/stats')
+        refresh = conf.get_float(name, 'refresh', 2.0)
+        if refresh <= 0:
+            raise ConfError('[%s] refresh must be above 0 (seconds between '
+                            'the page\'s updates).' % name)
+        return conf.get(name, 'path', '/stats'), refresh
 
 
 class TCPEcho(object):
@@ -2516,6 +2627,1202 @@ class DaemonSample(object):
     @classmethod
     def stats_conf(cls, name, conf):
         return [('iterations', 'daemon'), ('last_run', 'daemon')]
+
+
+# The page WSGIStats answers a browser: everything inline (no resource from
+# elsewhere, so it works on a server without internet), the data polled
+# from ?format=json and put in with textContent only.  $nonce lets the
+# Content-Security-Policy allow exactly this style and script.
+_STATS_PAGE = string.Template('''<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>brimd stats</title>
+<style nonce="$nonce">
+:root { --bg: #f4f5f7; --card: #fff; --ink: #1d2330; --dim: #6b7280;
+  --line: #e3e6eb; --accent: #2563eb; }
+* { box-sizing: border-box; }
+body { margin: 0; background: var(--bg); color: var(--ink);
+  font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; }
+header { display: flex; flex-wrap: wrap; align-items: baseline;
+  gap: 0 1.5em; padding: 12px 24px; background: #1d2330; color: #fff; }
+header h1 { font-size: 18px; margin: 0; }
+header span { color: #c5cad3; font-size: 13px; }
+header span.error { color: #fca5a5; }
+main { display: grid; gap: 16px; padding: 16px 24px;
+  grid-template-columns: repeat(auto-fill, minmax(440px, 1fr)); }
+section { background: var(--card); border: 1px solid var(--line);
+  border-radius: 8px; padding: 14px 16px; }
+h2 { margin: 0; font-size: 15px; display: flex;
+  justify-content: space-between; align-items: baseline; }
+h2 small { color: var(--dim); font-weight: normal; font-size: 12px;
+  text-transform: uppercase; letter-spacing: .05em; }
+.rate { font-size: 26px; font-weight: 600; margin-top: 4px;
+  font-variant-numeric: tabular-nums; }
+.rate small { font-size: 13px; font-weight: normal; color: var(--dim); }
+svg { display: block; width: 100%; height: 110px; margin-top: 6px;
+  background: #fafbfc; border: 1px solid var(--line); border-radius: 4px; }
+svg .grid { stroke: var(--line); stroke-width: 1;
+  vector-effect: non-scaling-stroke; }
+svg .line { fill: none; stroke: var(--accent); stroke-width: 2;
+  vector-effect: non-scaling-stroke; stroke-linejoin: round; }
+svg .area { fill: var(--accent); opacity: .12; }
+.axis { display: flex; justify-content: space-between; color: var(--dim);
+  font-size: 11px; margin-bottom: 10px; }
+.chips { display: flex; flex-wrap: wrap; gap: 6px; margin-bottom: 10px; }
+.chip { border-radius: 999px; padding: 2px 10px; font-size: 12px;
+  background: #eef0f3; font-variant-numeric: tabular-nums; }
+.chip b { margin-right: 4px; }
+.s2xx { background: #dcfce7; color: #14532d; }
+.s3xx { background: #dbeafe; color: #1e3a8a; }
+.s4xx { background: #fef3c7; color: #78350f; }
+.s5xx { background: #fee2e2; color: #7f1d1d; }
+table { width: 100%; border-collapse: collapse;
+  font-variant-numeric: tabular-nums; }
+th, td { text-align: right; padding: 3px 6px;
+  border-bottom: 1px solid var(--line); }
+th:first-child, td:first-child { text-align: left; }
+th { color: var(--dim); font-weight: 500; font-size: 12px; }
+td.down { color: #dc2626; font-weight: 600; }
+p.totals { color: var(--dim); font-size: 12px; margin: 8px 0 0; }
+</style>
+</head>
+<body data-source="?format=json" data-refresh="$refresh">
+<header><h1>brimd</h1><span id="started"></span>
+<span id="status">loading&hellip;</span></header>
+<main id="subservers"></main>
+<noscript><p>This page needs JavaScript; the numbers themselves are at
+<a href="?format=json">?format=json</a>.</p></noscript>
+<script nonce="$nonce">
+(function () {
+  'use strict';
+  var WINDOW = 300;   // seconds of history a chart shows
+  var CLASSES = ['2xx', '3xx', '4xx', '5xx'];
+  var source = document.body.getAttribute('data-source');
+  var refresh = (Number(document.body.getAttribute('data-refresh')) ||
+                 2) * 1000;
+  var samples = {};   // series name -> [[seconds, count], ...]
+
+  function el(tag, className, text) {
+    var node = document.createElement(tag);
+    if (className) { node.className = className; }
+    if (text !== undefined) { node.textContent = String(text); }
+    return node;
+  }
+
+  function svg(tag, attrs) {
+    var node = document.createElementNS('http://www.w3.org/2000/svg', tag);
+    Object.keys(attrs).forEach(function (name) {
+      node.setAttribute(name, attrs[name]);
+    });
+    return node;
+  }
+
+  function row(cells, tag) {
+    var tr = el('tr');
+    cells.forEach(function (cell) {
+      var td = el(tag || 'td', cell.className, cell.text);
+      tr.appendChild(td);
+    });
+    return tr;
+  }
+
+  function duration(seconds) {
+    var units = [[86400, 'd'], [3600, 'h'], [60, 'm'], [1, 's']];
+    var parts = [];
+    units.forEach(function (unit) {
+      if (parts.length < 2 && (seconds >= unit[0] || unit[0] === 1)) {
+        parts.push(Math.floor(seconds / unit[0]) + unit[1]);
+        seconds -= Math.floor(seconds / unit[0]) * unit[0];
+      }
+    });
+    return parts.join(' ');
+  }
+
+  function perSecond(value) {
+    if (value === null) { return '\\u2013'; }
+    return value.toFixed(value >= 100 ? 0 : value >= 10 ? 1 : 2);
+  }
+
+  // What a subserver's chart follows: requests for WSGI, else its first
+  // stat summed over the workers (bytes for TCP echo, datagrams for UDP).
+  function counterOf(entry) {
+    if (typeof entry.request_count === 'number') { return 'request_count'; }
+    return Object.keys(entry).filter(function (name) {
+      return typeof entry[name] === 'number' && name !== 'start_time';
+    }).sort()[0] || null;
+  }
+
+  // Adds a sample; keeps one older than the window so lines reach its edge.
+  function record(series, value, now) {
+    var list = samples[series] || (samples[series] = []);
+    list.push([now, value]);
+    while (list.length > 2 && list[1][0] < now - WINDOW) { list.shift(); }
+    return list;
+  }
+
+  function rates(list) {
+    var points = [];
+    for (var i = 1; i < list.length; i += 1) {
+      var seconds = list[i][0] - list[i - 1][0];
+      if (seconds > 0) {
+        points.push([list[i][0],
+                     Math.max(0, list[i][1] - list[i - 1][1]) / seconds]);
+      }
+    }
+    return points;
+  }
+
+  function latest(points) {
+    return points.length ? points[points.length - 1][1] : null;
+  }
+
+  // The chart spans the samples so far, up to WINDOW, then moves on.
+  function chart(points, now) {
+    var peak = 1;
+    var span = points.length ?
+      Math.min(WINDOW, Math.max(10, now - points[0][0])) : WINDOW;
+    points.forEach(function (point) { peak = Math.max(peak, point[1]); });
+    var root = svg('svg', {viewBox: '0 0 300 100',
+                           preserveAspectRatio: 'none', role: 'img'});
+    [25, 50, 75].forEach(function (y) {
+      root.appendChild(svg('line', {x1: 0, x2: 300, y1: y, y2: y,
+                                    'class': 'grid'}));
+    });
+    if (points.length) {
+      var xy = points.map(function (point) {
+        return ((point[0] - now + span) / span * 300).toFixed(1) + ',' +
+          (100 - point[1] / peak * 94).toFixed(1);
+      });
+      var left = xy[0].split(',')[0], right = xy[xy.length - 1].split(',')[0];
+      root.appendChild(svg('polygon', {
+        'class': 'area',
+        points: left + ',100 ' + xy.join(' ') + ' ' + right + ',100'}));
+      root.appendChild(svg('polyline', {'class': 'line',
+                                        points: xy.join(' ')}));
+    }
+    return {node: root, peak: peak, span: span};
+  }
+
+  function rateBlock(section, name, entry, counter, now) {
+    var points = rates(record(name, entry[counter], now));
+    var label = counter === 'request_count' ? 'requests' : counter;
+    var big = el('div', 'rate', perSecond(latest(points)));
+    big.appendChild(el('small', '', ' ' + label + '/s'));
+    section.appendChild(big);
+    var drawn = chart(points, now);
+    section.appendChild(drawn.node);
+    var axis = el('div', 'axis');
+    axis.appendChild(el('span', '', duration(drawn.span) + ' ago'));
+    axis.appendChild(el('span', '', 'peak ' + perSecond(drawn.peak) + '/s'));
+    axis.appendChild(el('span', '', 'now'));
+    section.appendChild(axis);
+  }
+
+  function statusChips(section, name, entry, now) {
+    var chips = el('div', 'chips');
+    CLASSES.forEach(function (cls) {
+      var total = entry['status_' + cls + '_count'] || 0;
+      var points = rates(record(name + ' ' + cls, total, now));
+      var chip = el('span', 'chip s' + cls);
+      chip.appendChild(el('b', '', cls));
+      chip.appendChild(document.createTextNode(
+        total.toLocaleString('en-US') + ' \\u00b7 ' +
+        perSecond(latest(points)) + '/s'));
+      chips.appendChild(chip);
+    });
+    section.appendChild(chips);
+  }
+
+  function workerTable(section, kind, entry, workers, counter) {
+    var daemon = kind === 'daemons';
+    var extra = [];
+    if (daemon) {
+      workers.forEach(function (w) {
+        Object.keys(entry[w.label] || {}).forEach(function (name) {
+          if (name !== 'start_time' && extra.indexOf(name) < 0) {
+            extra.push(name);
+          }
+        });
+      });
+    } else if (counter) {
+      extra.push(counter);
+    }
+    var heads = [daemon ? 'daemon' : 'worker', 'pid', 'uptime'];
+    var table = el('table');
+    table.appendChild(row(heads.concat(extra, ['restarts']).map(
+      function (text) { return {text: text === 'request_count' ?
+                                'requests' : text}; }), 'th'));
+    workers.forEach(function (w) {
+      var stats = entry[w.label] || {};
+      var cells = [{text: w.label},
+                   w.pid ? {text: w.pid, className: 'pid'} :
+                   {text: 'down', className: 'down'},
+                   {text: w.pid ? duration(w.uptime) : '\\u2013'}];
+      extra.forEach(function (name) {
+        cells.push({text: (stats[name] || 0).toLocaleString('en-US')});
+      });
+      cells.push({text: w.restarts});
+      table.appendChild(row(cells));
+    });
+    section.appendChild(table);
+  }
+
+  function otherTotals(section, entry, shown) {
+    var names = Object.keys(entry).filter(function (name) {
+      return typeof entry[name] === 'number' && shown.indexOf(name) < 0;
+    }).sort();
+    if (names.length) {
+      section.appendChild(el('p', 'totals', names.map(function (name) {
+        return name + ' ' + entry[name].toLocaleString('en-US');
+      }).join(' \\u00b7 ')));
+    }
+  }
+
+  function card(name, entry, workers, now) {
+    var kind = workers[0].kind;
+    var section = el('section');
+    section.setAttribute('data-subserver', name);
+    var title = el('h2', '', name);
+    title.appendChild(el('small', '', kind));
+    section.appendChild(title);
+    var counter = kind === 'daemons' ? null : counterOf(entry);
+    var shown = ['start_time', counter];
+    if (counter) { rateBlock(section, name, entry, counter, now); }
+    if (kind === 'wsgi') {
+      statusChips(section, name, entry, now);
+      shown = shown.concat(CLASSES.map(function (cls) {
+        return 'status_' + cls + '_count';
+      }));
+    }
+    workerTable(section, kind, entry, workers, counter);
+    otherTotals(section, entry, shown);
+    return section;
+  }
+
+  function render(data) {
+    var now = Date.now() / 1000;
+    var groups = {}, order = [];
+    (data.workers || []).forEach(function (w) {
+      if (!groups[w.subserver]) {
+        groups[w.subserver] = [];
+        order.push(w.subserver);
+      }
+      groups[w.subserver].push(w);
+    });
+    var main = document.getElementById('subservers');
+    main.textContent = '';
+    order.forEach(function (name) {
+      main.appendChild(card(name, data[name] || {}, groups[name], now));
+    });
+    document.getElementById('started').textContent = 'started ' +
+      new Date(data.start_time * 1000).toLocaleString();
+    var status = document.getElementById('status');
+    status.className = '';
+    status.textContent = 'updated ' + new Date().toLocaleTimeString() +
+      ', every ' + refresh / 1000 + ' s';
+  }
+
+  function fail(err) {
+    var status = document.getElementById('status');
+    status.className = 'error';
+    status.textContent = 'cannot read the stats (' + err.message +
+      '); trying again';
+  }
+
+  function poll() {
+    fetch(source, {cache: 'no-store', headers: {Accept: 'application/json'}})
+      .then(function (response) {
+        if (!response.ok) {
+          throw new Error(response.status + ' ' + response.statusText);
+        }
+        return response.json();
+      })
+      .then(render)
+      .catch(fail)
+      .then(function () { setTimeout(poll, refresh); });
+  }
+
+  poll();
+}());
+</script>
+</body>
+</html>
+''')
+
+
+# ---------------------------------------------------------------------------
+# brim.http: responses that are exceptions and WSGI apps; quoting; dates
+# ---------------------------------------------------------------------------
+
+class HTTPException(Exception):
+    """An HTTP response that can be raised, and is a WSGI app.
+
+    ``return HTTPNotFound()(env, start_response)`` answers with it under
+    any WSGI server; ``raise HTTPNotFound()`` from inside an app's call
+    makes brim answer with it.  ``body`` (str or bytes) defaults to the
+    status, such as ``404 Not Found``; ``headers`` is a dict or a list of
+    (name, value) pairs.  Subclasses set ``code``.
+    """
+
+    code = 500
+
+    def __init__(self, body=None, headers=None):
+        self.status = '%d %s' % (self.code,
+                                 _RESPONSE_REASONS.get(self.code, 'Unknown'))
+        Exception.__init__(self, self.status)
+        if body is None:
+            body = self.status + '\n'
+        self.body = body.encode('utf-8') if isinstance(body, str) else body
+        if hasattr(headers, 'items'):
+            headers = headers.items()
+        self.headers = [(str(name), str(value))
+                        for name, value in headers or ()]
+
+    def __call__(self, env, start_response):
+        has_body = self.code >= 200 and self.code not in _NO_BODY_STATUSES
+        body = self.body if has_body else b''
+        headers = list(self.headers)
+        named = {name.lower() for name, _value in headers}
+        if body and 'content-type' not in named:
+            headers.append(('Content-Type', 'text/plain; charset=utf-8'))
+        if has_body and 'content-length' not in named:
+            headers.append(('Content-Length', str(len(body))))
+        start_response(self.status, headers)
+        return [body]
+
+
+def _status_class(code, name):
+    """The HTTPException subclass answering ``code``."""
+    return type(name, (HTTPException,), {
+        'code': code, '__module__': __name__, '__qualname__': name,
+        '__doc__': 'Answers %d %s.' % (code, _RESPONSE_REASONS[code])})
+
+
+# One class per status, as raisable names; they differ only in the code.
+HTTPOk = _status_class(200, 'HTTPOk')
+HTTPCreated = _status_class(201, 'HTTPCreated')
+HTTPAccepted = _status_class(202, 'HTTPAccepted')
+HTTPNoContent = _status_class(204, 'HTTPNoContent')
+HTTPPartialContent = _status_class(206, 'HTTPPartialContent')
+HTTPMovedPermanently = _status_class(301, 'HTTPMovedPermanently')
+HTTPFound = _status_class(302, 'HTTPFound')
+HTTPSeeOther = _status_class(303, 'HTTPSeeOther')
+HTTPNotModified = _status_class(304, 'HTTPNotModified')
+HTTPTemporaryRedirect = _status_class(307, 'HTTPTemporaryRedirect')
+HTTPPermanentRedirect = _status_class(308, 'HTTPPermanentRedirect')
+HTTPBadRequest = _status_class(400, 'HTTPBadRequest')
+HTTPUnauthorized = _status_class(401, 'HTTPUnauthorized')
+HTTPForbidden = _status_class(403, 'HTTPForbidden')
+HTTPNotFound = _status_class(404, 'HTTPNotFound')
+HTTPMethodNotAllowed = _status_class(405, 'HTTPMethodNotAllowed')
+HTTPRequestTimeout = _status_class(408, 'HTTPRequestTimeout')
+HTTPConflict = _status_class(409, 'HTTPConflict')
+HTTPGone = _status_class(410, 'HTTPGone')
+HTTPLengthRequired = _status_class(411, 'HTTPLengthRequired')
+HTTPPreconditionFailed = _status_class(412, 'HTTPPreconditionFailed')
+HTTPRequestEntityTooLarge = _status_class(413, 'HTTPRequestEntityTooLarge')
+HTTPRequestURITooLong = _status_class(414, 'HTTPRequestURITooLong')
+HTTPUnsupportedMediaType = _status_class(415, 'HTTPUnsupportedMediaType')
+HTTPRequestedRangeNotSatisfiable = _status_class(
+    416, 'HTTPRequestedRangeNotSatisfiable')
+HTTPTooManyRequests = _status_class(429, 'HTTPTooManyRequests')
+HTTPInternalServerError = _status_class(500, 'HTTPInternalServerError')
+HTTPNotImplemented = _status_class(501, 'HTTPNotImplemented')
+HTTPBadGateway = _status_class(502, 'HTTPBadGateway')
+HTTPServiceUnavailable = _status_class(503, 'HTTPServiceUnavailable')
+HTTPGatewayTimeout = _status_class(504, 'HTTPGatewayTimeout')
+
+
+def http_date(when=None):
+    """``when`` (seconds since the epoch; default now) as an HTTP date:
+    ``Sun, 06 Nov 1994 08:49:37 GMT``."""
+    return time.strftime('%a, %d %b %Y %H:%M:%S GMT', time.gmtime(when))
+
+
+def parse_http_date(text):
+    """Seconds since the epoch for an HTTP date in any of the three forms
+    RFC 9110 allows, or None when ``text`` is not one."""
+    import email.utils      # only here: it costs every start some ms
+    try:
+        parsed = email.utils.parsedate_tz(text or '')
+        return None if parsed is None else email.utils.mktime_tz(parsed)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
+# ---------------------------------------------------------------------------
+# brim.httpform: multipart/form-data, streamed
+# ---------------------------------------------------------------------------
+
+class FormInvalid(Exception):
+    """A form body brim cannot parse; the text says why."""
+
+
+# '; name=value' or '; name="quoted \" value"' (or a stray ';').
+_PARAM_RE = re.compile(r'[ \t]*;[ \t]*(?:([^\s=;"]+)[ \t]*=[ \t]*'
+                       r'(?:"((?:[^"\\]|\\.)*)"|([^\s;"]*)))?[ \t]*')
+_QUOTED_PAIR_RE = re.compile(r'\\([\\"])')
+
+
+def parse_attrs(header):
+    """``form-data; name="x"; filename="y"`` as ``('form-data', {'name':
+    'x', 'filename': 'y'})``.
+
+    The value and the attribute names are lower-cased; attribute values
+    are kept as sent, with ``\\"`` and ``\\\\`` unescaped.  An RFC 2231
+    ``filename*=utf-8''caf%C3%A9`` (as the email package writes non-ASCII
+    names) is decoded into ``filename``, and wins over a plain one.  Raises
+    FormInvalid for text it cannot split into attributes or decode.
+    """
+    value, semicolon, rest = header.partition(';')
+    params = semicolon + rest
+    attrs = {}
+    extended = {}
+    pos = 0
+    while pos < len(params):
+        match = _PARAM_RE.match(params, pos)
+        if not match:
+            raise FormInvalid('cannot parse the attributes of %r'
+                              % header[:200])
+        name, quoted, plain = match.groups()
+        if name and name.endswith('*'):
+            extended[name[:-1].lower()] = _decode_rfc2231(plain or '')
+        elif name:
+            attrs[name.lower()] = plain if quoted is None else \
+                _QUOTED_PAIR_RE.sub(r'\1', quoted)
+        pos = match.end()
+    attrs.update(extended)
+    return value.strip().lower(), attrs
+
+
+def _decode_rfc2231(text):
+    """``charset'language'percent-encoded`` as text."""
+    charset, _, rest = text.partition("'")
+    encoded = rest.partition("'")[2]
+    try:
+        return unquote_to_bytes(encoded).decode(charset or 'us-ascii')
+    except (LookupError, UnicodeDecodeError):
+        raise FormInvalid('cannot decode the attribute value %r'
+                          % text[:100])
+
+
+def iter_form(env, read_size=65536, max_parts=1000, max_header_size=16384,
+              max_part_size=None):
+    """The parts of a ``multipart/form-data`` request body, streamed.
+
+    Yields ``(headers, part)`` per part: ``headers`` is a dict of its
+    header fields (lower-case names), ``part`` a file-like with ``read``
+    and ``readline`` that returns b'' at the part's end.  Read a part
+    before asking for the next; what is left of it is skipped.  Nothing is
+    held but about ``read_size`` bytes (or one part's header), so an upload
+    of any size passes in bounded memory.
+
+    Raises FormInvalid (at once for a wrong Content-Type, else while
+    iterating) for a malformed body, more than ``max_parts`` parts, a part
+    header over ``max_header_size`` bytes or, when set, a part over
+    ``max_part_size`` bytes.
+    """
+    content_type, attrs = parse_attrs(env.get('CONTENT_TYPE') or '')
+    if content_type != 'multipart/form-data':
+        raise FormInvalid('the Content-Type is %r, not multipart/form-data'
+                          % content_type[:100])
+    boundary = attrs.get('boundary', '')
+    if not 0 < len(boundary) <= 70 or not boundary.isascii():
+        raise FormInvalid('the boundary must be 1 to 70 ASCII characters')
+    if read_size < 1:
+        raise ValueError('read_size must be at least 1')
+    return _FormParts(env['wsgi.input'], boundary.encode('ascii'),
+                      read_size, max_parts, max_header_size, max_part_size)
+
+
+class _FormParts(object):
+    """iter_form's iterator: finds delimiters in a window over the body.
+
+    ``buf[pos:data_end]`` is known to be the current part's data;
+    ``found`` says a delimiter starts at ``data_end``.  Only the tail that
+    could still be the start of a delimiter is ever kept back, so a part's
+    data goes out in pieces of up to ``read_size`` bytes.
+    """
+
+    def __init__(self, body, boundary, read_size, max_parts,
+                 max_header_size, max_part_size):
+        self.body = body
+        self.delimiter = b'\r\n--' + boundary
+        # The first delimiter comes without the CRLF before it; one put in
+        # front lets every delimiter be found the same way.
+        self.buf = b'\r\n'
+        self.pos = self.data_end = 0
+        self.found = False
+        self.between = False        # past a delimiter, before a head
+        self.finished = False       # past the close delimiter
+        self.read_size = read_size
+        self.max_parts = max_parts
+        self.max_header_size = max_header_size
+        self.max_part_size = max_part_size
+        self.count = 0
+        self.part = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.part is not None:
+            self.part.skip()
+        else:
+            while self.chunk(self.read_size):
+                pass                # the preamble, which carries nothing
+        if self.finished:
+            raise StopIteration
+        self.count += 1
+        if self.count > self.max_parts:
+            raise FormInvalid('more than %d parts' % self.max_parts)
+        headers = self._headers()
+        self.between = False
+        self.part = _FormPart(self, self.count, self.max_part_size)
+        return headers, self.part
+
+    def chunk(self, size, until=None):
+        """Up to ``size`` bytes of the current part (ending at the first
+        ``until`` byte string, when given); b'' at the part's end."""
+        if self.between:
+            return b''
+        while self.pos == self.data_end:
+            if self.found:
+                self._pass_delimiter()
+                return b''
+            self._scan()
+        end = min(self.data_end, self.pos + size)
+        if until is not None:
+            at = self.buf.find(until, self.pos, end)
+            if at >= 0:
+                end = at + len(until)
+        data = self.buf[self.pos:end]
+        self.pos = end
+        return data
+
+    def _scan(self):
+        """Find how far the window holds part data; read when none."""
+        at = self.buf.find(self.delimiter, self.pos)
+        if at >= 0:
+            self.data_end, self.found = at, True
+            return
+        self.data_end = max(self.pos,
+                            len(self.buf) - len(self.delimiter) + 1)
+        if self.data_end == self.pos:
+            self._fill('a part')
+
+    def _fill(self, inside):
+        """Read more of the body, dropping what was consumed."""
+        data = self.body.read(self.read_size)
+        if not data:
+            raise FormInvalid('the body ended inside %s' % inside)
+        self.buf = self.buf[self.pos:] + data
+        self.data_end -= self.pos
+        self.pos = 0
+
+    def _ensure(self, size, inside):
+        while len(self.buf) - self.pos < size:
+            self._fill(inside)
+
+    def _pass_delimiter(self):
+        """Step over a delimiter onto the next head, or the close."""
+        self.pos += len(self.delimiter)
+        self.found = False
+        self.between = True
+        self._ensure(2, 'a boundary line')
+        if self.buf.startswith(b'--', self.pos):
+            self.finished = True    # what follows (the epilogue) is ignored
+            return
+        end = self._find(b'\r\n', 128, 'a boundary line')
+        if self.buf[self.pos:end].strip(b' \t'):
+            raise FormInvalid('a boundary is followed by %r'
+                              % self.buf[self.pos:end][:40])
+        self.pos = self.data_end = end + 2
+
+    def _find(self, marker, limit, inside):
+        """Where ``marker`` starts within ``limit`` bytes, reading more as
+        needed; FormInvalid when it is not there."""
+        while True:
+            at = self.buf.find(marker, self.pos,
+                               self.pos + limit + len(marker))
+            if at >= 0:
+                return at
+            if len(self.buf) - self.pos >= limit + len(marker):
+                raise FormInvalid('%s is over %d bytes' % (inside, limit))
+            self._fill(inside)
+
+    def _headers(self):
+        """The next part's header fields: {lower-case name: value}."""
+        self._ensure(2, 'a part header')
+        if self.buf.startswith(b'\r\n', self.pos):
+            end, after = self.pos, self.pos + 2     # no header fields
+        else:
+            end = self._find(b'\r\n\r\n', self.max_header_size,
+                             'a part header')
+            after = end + 4
+        block = self.buf[self.pos:end]
+        headers = {}
+        for line in block.split(b'\r\n') if block else ():
+            name, colon, value = line.partition(b':')
+            if not colon or not _TOKEN_RE.fullmatch(name) or \
+                    _BAD_VALUE_RE.search(value):
+                raise FormInvalid('bad part header line %r' % line[:80])
+            name = name.decode('ascii').lower()
+            if name in headers:
+                raise FormInvalid('a part has two %s headers' % name)
+            headers[name] = value.strip(b' \t').decode('utf-8', 'replace')
+        self.pos = self.data_end = after
+        return headers
+
+
+class _FormPart(object):
+    """One part's data as a file; b'' at its end, or once the next part
+    has been asked for."""
+
+    def __init__(self, parts, number, limit):
+        self.parts = parts
+        self.number = number
+        self.left = limit           # None: no limit
+
+    def _chunk(self, size, until=None):
+        if self.parts.count != self.number:
+            return b''
+        data = self.parts.chunk(size, until)
+        if self.left is not None:
+            self.left -= len(data)
+            if self.left < 0:
+                raise FormInvalid('a part is over max_part_size (%d bytes)'
+                                  % self.parts.max_part_size)
+        return data
+
+    def read(self, size=-1):
+        if size is not None and size >= 0:
+            return self._chunk(size)
+        return b''.join(iter(lambda: self._chunk(self.parts.read_size),
+                             b''))
+
+    def readline(self, size=-1):
+        """Through the next b'\\n', or at most ``size`` bytes of it."""
+        pieces = []
+        left = size if size is not None and size >= 0 else None
+        while left != 0:
+            data = self._chunk(self.parts.read_size if left is None else
+                               min(left, self.parts.read_size), b'\n')
+            if not data:
+                break
+            pieces.append(data)
+            if left is not None:
+                left -= len(data)
+            if data.endswith(b'\n'):
+                break
+        return b''.join(pieces)
+
+    def __iter__(self):
+        return iter(self.readline, b'')
+
+    def skip(self):
+        """Read and drop what is left of the part."""
+        while self._chunk(self.parts.read_size):
+            pass
+
+
+# ---------------------------------------------------------------------------
+# WSGIFS: files from a directory
+# ---------------------------------------------------------------------------
+
+# 'bytes=first-last', 'bytes=first-' or 'bytes=-suffix'; 19 digits at most,
+# so no number is too big to handle.  Several ranges do not match: brim
+# then answers the whole file, as RFC 9110 allows.
+_RANGE_RE = re.compile(r'(?i:bytes)[ \t]*=[ \t]*([0-9]{0,19})[ \t]*-'
+                       r'[ \t]*([0-9]{0,19})')
+
+
+class WSGIFS(object):
+    """Serves the files under ``serve_path`` at ``path`` (default /).
+
+    GET and HEAD, with Last-Modified, a strong ETag, 304 answers to
+    If-None-Match and If-Modified-Since, and one byte Range (206, or 416
+    when it starts past the end).  A directory answers its index.html, else
+    a listing.  Nothing outside ``serve_path`` is served: ``..`` segments
+    are 403, and a symlink that resolves outside it is 404.
+    """
+
+    def __init__(self, name, parsed_conf, next_app):
+        self.name = name
+        self.next_app = next_app
+        self.path, self.root = parsed_conf
+        self.root_prefix = os.path.join(self.root, '')
+
+    def __call__(self, env, start_response):
+        path = env['PATH_INFO']
+        if path != self.path and not path.startswith(self.path + '/'):
+            return self.next_app(env, start_response)
+        try:
+            if env['REQUEST_METHOD'] not in ('GET', 'HEAD'):
+                raise HTTPMethodNotAllowed(headers=[('Allow', 'GET, HEAD')])
+            return self._serve(env, start_response,
+                               self._names(path[len(self.path):]))
+        except HTTPException as response:
+            return response(env, start_response)
+
+    def _names(self, rest):
+        """The request path's names below serve_path.
+
+        A name that could climb out (``..`` however it was spelled; brim
+        has decoded %2e%2e already) or hold a separator is refused 403.
+        """
+        names = []
+        for name in rest.split('/'):
+            if name in ('', '.'):
+                continue
+            if name == '..' or '\\' in name or '\0' in name:
+                raise HTTPForbidden()
+            names.append(os.fsdecode(name.encode('latin-1')))
+        return names
+
+    def _open(self, path):
+        """(fd, stat) of ``path`` where it really is; 404 when that is
+        outside serve_path, or it cannot be opened.
+
+        O_NOFOLLOW: a symlink swapped in after the check is not followed;
+        O_NONBLOCK: a FIFO cannot hold the worker (only regular files and
+        directories are served).
+        """
+        real = os.path.realpath(path)
+        if real != self.root and not real.startswith(self.root_prefix):
+            raise HTTPNotFound()
+        try:
+            fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            raise HTTPNotFound()
+        return fd, os.fstat(fd)
+
+    def _serve(self, env, start_response, names):
+        target = os.path.join(self.root, *names)
+        fd, info = self._open(target)
+        slash = env['PATH_INFO'].endswith('/')
+        if S_ISREG(info.st_mode) and not slash:
+            return self._file(env, start_response, fd, info, names[-1])
+        os.close(fd)
+        if not S_ISDIR(info.st_mode):
+            raise HTTPNotFound()
+        url = self._url(env, names)
+        if not slash:
+            raise HTTPMovedPermanently(headers=[('Location', url)])
+        try:
+            fd, info = self._open(os.path.join(target, 'index.html'))
+        except HTTPNotFound:
+            return self._listing(start_response, target, url, names)
+        if S_ISREG(info.st_mode):
+            return self._file(env, start_response, fd, info, 'index.html')
+        os.close(fd)
+        return self._listing(start_response, target, url, names)
+
+    def _url(self, env, names):
+        """The quoted URL path of directory ``names``, with its slash.
+
+        Built from the checked names, so it never starts '//host/' (which
+        a browser would take for another site).
+        """
+        prefix = (env.get('SCRIPT_NAME', '') + self.path).encode('latin-1')
+        return quote(prefix + b'/' + b''.join(os.fsencode(name) + b'/'
+                                              for name in names))
+
+    def _file(self, env, start_response, fd, info, name):
+        """Answer the regular file open as ``fd``, whole or one range."""
+        fp = open(fd, 'rb', buffering=0)
+        try:
+            kind, coding = mimetypes.guess_type(name)
+            etag = '"%x-%x"' % (info.st_mtime_ns, info.st_size)
+            headers = [('ETag', etag),
+                       ('Last-Modified', http_date(info.st_mtime))]
+            if self._not_modified(env, etag, int(info.st_mtime)):
+                raise HTTPNotModified(headers=headers)
+            headers += [
+                ('Content-Type', kind if kind and not coding else
+                 'application/octet-stream'),
+                ('Accept-Ranges', 'bytes'),
+                ('X-Content-Type-Options', 'nosniff')]
+            first, length, status = self._range(env, info, etag)
+            if status.startswith('206'):
+                headers.append(('Content-Range', 'bytes %d-%d/%d' % (
+                    first, first + length - 1, info.st_size)))
+            headers.append(('Content-Length', str(length)))
+            fp.seek(first)
+            start_response(status, headers)
+        except BaseException:
+            fp.close()
+            raise
+        wrapper = env.get('wsgi.file_wrapper', _FileWrapper)
+        return wrapper(_FileRange(fp, length), 65536)
+
+    @staticmethod
+    def _not_modified(env, etag, mtime):
+        """True for a conditional GET the client's copy satisfies."""
+        tags = env.get('HTTP_IF_NONE_MATCH')
+        if tags is not None:
+            # The weak comparison RFC 9110 asks for here.
+            return any(tag.strip() in ('*', etag, 'W/' + etag)
+                       for tag in tags.split(','))
+        since = parse_http_date(env.get('HTTP_IF_MODIFIED_SINCE'))
+        return since is not None and mtime <= since
+
+    @staticmethod
+    def _range(env, info, etag):
+        """(first byte, length, status) to answer.
+
+        A Range that does not parse, asks for several ranges, or has a
+        stale If-Range is ignored (the whole file, 200); one that starts
+        past the end is 416.
+        """
+        size = info.st_size
+        whole = 0, size, '200 OK'
+        match = _RANGE_RE.fullmatch(env.get('HTTP_RANGE', '').strip())
+        if not match or not any(match.groups()):
+            return whole
+        if_range = env.get('HTTP_IF_RANGE', '').strip()
+        if if_range and if_range != etag and \
+                parse_http_date(if_range) != int(info.st_mtime):
+            return whole
+        first, last = match.groups()
+        if not first:                       # the last N bytes
+            first, last = max(0, size - int(last)), size - 1
+        elif last and int(last) < int(first):
+            return whole                    # 'bytes=5-2' is not a range
+        else:
+            first = int(first)
+            last = min(int(last), size - 1) if last else size - 1
+        if first >= size:
+            raise HTTPRequestedRangeNotSatisfiable(
+                headers=[('Content-Range', 'bytes */%d' % size)])
+        return first, last - first + 1, '206 Partial Content'
+
+    def _listing(self, start_response, directory, url, names):
+        """A page listing ``directory``: folders, then files, by name."""
+        rows = []
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                row = self._listing_row(entry)
+                if row is not None:
+                    rows.append(row)
+        rows.sort()
+        title = html.escape(_display_name(unquote_to_bytes(url)))
+        lines = [_LISTING_HEAD % (title, title)]
+        if names:
+            lines.append('<tr><td><a href="../">../</a></td><td></td>'
+                         '<td></td></tr>')
+        for is_file, name, size, mtime in rows:
+            slash = '' if is_file else '/'
+            lines.append('<tr><td><a href="%s%s">%s%s</a></td><td>%s</td>'
+                         '<td>%s</td></tr>' % (
+                             quote(name, safe=''), slash,
+                             html.escape(_display_name(name)), slash, size,
+                             time.strftime('%Y-%m-%d %H:%M',
+                                           time.gmtime(mtime))))
+        lines.append('</table>\n</body>\n</html>\n')
+        body = '\n'.join(lines).encode('utf-8')
+        start_response('200 OK', [('Content-Type', 'text/html; charset=utf-8'),
+                                  ('Content-Length', str(len(body)))])
+        return [body]
+
+    def _listing_row(self, entry):
+        """(is a file, name as bytes, size text, mtime), or None to leave
+        it out: a dangling link, or one that leads outside serve_path."""
+        try:
+            if entry.is_symlink():
+                real = os.path.realpath(entry.path)
+                if real != self.root and not real.startswith(
+                        self.root_prefix):
+                    return None
+            info = entry.stat()
+        except OSError:
+            return None
+        name = os.fsencode(entry.name)
+        if S_ISDIR(info.st_mode):
+            return False, name, '-', info.st_mtime
+        return True, name, '{:,}'.format(info.st_size), info.st_mtime
+
+    @classmethod
+    def parse_conf(cls, name, conf):
+        path = conf.get(name, 'path', '/').strip()
+        if not path.startswith('/'):
+            raise ConfError('[%s] path %r must start with /.' % (name, path))
+        serve_path = conf.get_path(name, 'serve_path')
+        if not serve_path:
+            raise ConfError('[%s] serve_path must be set to the directory '
+                            'to serve.' % name)
+        root = os.path.realpath(serve_path)
+        try:
+            os.listdir(root)
+        except OSError as err:
+            raise ConfError('[%s] serve_path %s is not a readable directory '
+                            '(%s).' % (name, serve_path,
+                                       err.strerror or err))
+        # As PATH_INFO spells it: the UTF-8 bytes, one character each.
+        return path.rstrip('/').encode('utf-8').decode('latin-1'), root
+
+
+_LISTING_HEAD = '''<!DOCTYPE html>
+<html>
+<head>
+<meta charset="utf-8">
+<title>Index of %s</title>
+<style>
+body { font: 14px/1.5 system-ui, sans-serif; margin: 2em; color: #222; }
+h1 { font-size: 1.2em; }
+td, th { padding: 0.1em 1.5em 0.1em 0; text-align: left; }
+td:nth-child(2) { text-align: right; }
+a { text-decoration: none; }
+</style>
+</head>
+<body>
+<h1>Index of %s</h1>
+<table>
+<tr><th>Name</th><th>Size</th><th>Modified (UTC)</th></tr>'''
+
+
+def _display_name(name):
+    """A file name (bytes) as text to show; undecodable bytes as U+FFFD."""
+    return name.decode('utf-8', 'replace')
+
+
+class _FileRange(object):
+    """``length`` bytes of an open file from where it stands.
+
+    WSGIFS hands this to wsgi.file_wrapper: a server that reads it stops at
+    the range's end, and brim's os.sendfile path still finds fileno() and
+    tell() (and sends no more than the Content-Length).
+    """
+
+    def __init__(self, fp, length):
+        self.fp = fp
+        self.left = length
+        self.fileno = fp.fileno
+        self.tell = fp.tell
+        self.close = fp.close
+
+    def read(self, size=-1):
+        if size is None or size < 0 or size > self.left:
+            size = self.left
+        data = self.fp.read(size) if size else b''
+        self.left -= len(data)
+        return data
+
+
+# ---------------------------------------------------------------------------
+# WSGIBasicAuth: HTTP Basic authentication against a file of scrypt hashes
+# ---------------------------------------------------------------------------
+
+# scrypt's cost: about 16 MiB and a few tens of ms per check, which is what
+# makes guessing slow.  Files may carry other costs, within these bounds.
+_SCRYPT_COST = (2 ** 14, 8, 1)
+_SCRYPT_MAXMEM = 2 ** 26
+# scrypt checks run at once per WSGIBasicAuth: each holds ~16 MiB, so a
+# crowd of wrong passwords cannot take a worker's memory.
+_HASH_SLOTS = 2
+_HASH_RE = re.compile(r'\$scrypt\$n=([0-9]{1,8}),r=([0-9]{1,3}),'
+                      r'p=([0-9]{1,3})\$([A-Za-z0-9+/]{16,}={0,2})'
+                      r'\$([A-Za-z0-9+/]{22,88}={0,2})')
+
+
+def _hash_password(password):
+    """``password`` (str) as ``$scrypt$n=N,r=R,p=P$salt$hash``."""
+    n, r, p = _SCRYPT_COST
+    salt = os.urandom(16)
+    digest = hashlib.scrypt(password.encode('utf-8'), salt=salt, n=n, r=r,
+                            p=p, maxmem=_SCRYPT_MAXMEM, dklen=32)
+    return '$scrypt$n=%d,r=%d,p=%d$%s$%s' % (
+        n, r, p, base64.b64encode(salt).decode('ascii'),
+        base64.b64encode(digest).decode('ascii'))
+
+
+def _parse_hash(text):
+    """(n, r, p, salt, digest) of a hash _hash_password made, or None."""
+    match = _HASH_RE.fullmatch(text)
+    if not match:
+        return None
+    n, r, p = (int(group) for group in match.groups()[:3])
+    if n < 2 or n & (n - 1) or not r or not p or \
+            128 * r * (n + p + 2) > _SCRYPT_MAXMEM:
+        return None
+    return (n, r, p, base64.b64decode(match.group(4)),
+            base64.b64decode(match.group(5)))
+
+
+def _check_password(password, params):
+    """True when ``password`` (bytes) hashes to ``params``' digest."""
+    n, r, p, salt, digest = params
+    candidate = hashlib.scrypt(password, salt=salt, n=n, r=r, p=p,
+                               maxmem=_SCRYPT_MAXMEM, dklen=len(digest))
+    return hmac.compare_digest(candidate, digest)
+
+
+def _read_users(path):
+    """{name: hash params} from an auth file of ``name hash`` lines.
+
+    Blank lines and ``#`` comments are skipped.  Raises ValueError naming
+    the first line that is wrong, and OSError when the file cannot be read.
+    """
+    users = {}
+    with open(path, encoding='utf-8') as fp:
+        for number, line in enumerate(fp, 1):
+            fields = line.split()
+            if not fields or fields[0].startswith('#'):
+                continue
+            params = _parse_hash(fields[-1]) if len(fields) == 2 else None
+            if params is None or ':' in fields[0]:
+                raise ValueError(
+                    'line %d is not "name $scrypt$..." (a name without a '
+                    'colon, then a hash from: python3 brim.py hash-password '
+                    'NAME)' % number)
+            if fields[0] in users:
+                raise ValueError('line %d names %s again'
+                                 % (number, fields[0]))
+            users[fields[0]] = params
+    return users
+
+
+def _file_version(path):
+    """What changes when the file at ``path`` is rewritten."""
+    info = os.stat(path)
+    return info.st_mtime_ns, info.st_size, info.st_ino
+
+
+class WSGIBasicAuth(object):
+    """Lets through requests with a right user and password (HTTP Basic).
+
+    Users are ``name hash`` lines in ``auth_path``; ``python3 brim.py
+    hash-password NAME`` makes a line.  Others get 401 with a Basic
+    challenge for ``realm``.  A right request goes on with REMOTE_USER set
+    (the request log shows it) and Authorization removed.  The file is
+    re-read when it changes (checked every ``check_interval`` seconds); a
+    file that does not parse leaves the users before in place, and the
+    worker logs why.  ``unauthed_paths`` (default /favicon.ico) pass
+    without credentials.
+    """
+
+    def __init__(self, name, parsed_conf, next_app):
+        self.name = name
+        self.next_app = next_app
+        (self.auth_path, realm, self.unauthed_paths, self.check_interval,
+         users, self.version) = parsed_conf
+        self.challenge = 'Basic realm="%s", charset="UTF-8"' % (
+            realm.replace('\\', '\\\\').replace('"', '\\"'))
+        # The users, and the passwords that passed since they were read
+        # (as HMACs with a key of this process): swapped as one, so a
+        # reload never pairs new users with old passwords.
+        self.table = (users, {})
+        self.key = os.urandom(32)
+        self.next_check = time.monotonic() + self.check_interval
+        self.trouble = None         # why the file was last refused
+        self.reload_lock = threading.Lock()
+        self.hash_slots = threading.BoundedSemaphore(_HASH_SLOTS)
+
+    def __call__(self, env, start_response):
+        if env['PATH_INFO'] in self.unauthed_paths:
+            return self.next_app(env, start_response)
+        self._reload_if_changed(env['brim.logger'])
+        # Popped either way: no app or header log downstream sees it.
+        user = self._authenticate(env.pop('HTTP_AUTHORIZATION', ''))
+        if user is None:
+            return HTTPUnauthorized(headers=[
+                ('WWW-Authenticate', self.challenge)])(env, start_response)
+        env['REMOTE_USER'] = user
+        return self.next_app(env, start_response)
+
+    def _authenticate(self, authorization):
+        """The user a Basic Authorization value proves, or None."""
+        scheme, _, credentials = authorization.strip().partition(' ')
+        if scheme.lower() != 'basic' or len(credentials) > 4096:
+            return None
+        try:
+            decoded = base64.b64decode(credentials.strip(), validate=True)
+            user, colon, password = decoded.decode('utf-8').partition(':')
+        except ValueError:      # binascii.Error and UnicodeDecodeError too
+            return None
+        if colon and self._check(user, password.encode('utf-8')):
+            return user
+        return None
+
+    def _check(self, user, password):
+        """True for ``user``'s right password, in a time that does not say
+        whether ``user`` exists."""
+        users, passed = self.table
+        mark = hmac.new(self.key, password, hashlib.sha256).digest()
+        if user in passed and hmac.compare_digest(mark, passed[user]):
+            return True         # no need to pay for scrypt again
+        params = users.get(user)
+        if params is None:
+            if not users:
+                return False
+            params = next(iter(users.values()))     # the same work
+        with self.hash_slots:
+            right = _check_password(password, params) and user in users
+        if right:
+            passed[user] = mark
+        return right
+
+    def _reload_if_changed(self, logger):
+        """Re-read auth_path when it changed; one thread does it."""
+        now = time.monotonic()
+        if now < self.next_check or \
+                not self.reload_lock.acquire(blocking=False):
+            return
+        try:
+            self.next_check = now + self.check_interval
+            try:
+                version = _file_version(self.auth_path)
+                if version == self.version:
+                    return
+                self.version = version
+                users = _read_users(self.auth_path)
+            except (OSError, ValueError) as err:
+                # Logged once, not at every check until it is fixed.
+                if self.trouble != str(err):
+                    self.trouble = str(err)
+                    logger.error('[%s] auth_path %s: %s; keeping the %d '
+                                 'users read before', self.name,
+                                 self.auth_path, _one_line(err),
+                                 len(self.table[0]))
+                return
+            self.table = (users, {})
+            self.trouble = None
+            logger.info('[%s] read %d users from %s', self.name, len(users),
+                        self.auth_path)
+        finally:
+            self.reload_lock.release()
+
+    @classmethod
+    def parse_conf(cls, name, conf):
+        auth_path = conf.get_path(name, 'auth_path')
+        if not auth_path:
+            raise ConfError('[%s] auth_path must name a file of "name hash" '
+                            'lines (python3 brim.py hash-password NAME '
+                            'prints one).' % name)
+        try:
+            version = _file_version(auth_path)
+            users = _read_users(auth_path)
+        except OSError as err:
+            raise ConfError('[%s] auth_path %s cannot be read: %s.'
+                            % (name, auth_path, err.strerror or err))
+        except ValueError as err:
+            raise ConfError('[%s] auth_path %s: %s.' % (name, auth_path, err))
+        realm = conf.get(name, 'realm', 'brim')
+        try:
+            bad_realm = _BAD_VALUE_RE.search(realm.encode('latin-1'))
+        except UnicodeEncodeError:
+            bad_realm = True
+        if bad_realm:
+            raise ConfError('[%s] realm %r must be Latin-1 text without '
+                            'control characters.' % (name, realm))
+        interval = conf.get_float(name, 'check_interval', 2.0)
+        if interval < 0:
+            raise ConfError('[%s] check_interval must be 0 or more.' % name)
+        unauthed = frozenset(
+            conf.get(name, 'unauthed_paths', '/favicon.ico').split())
+        return auth_path, realm, unauthed, interval, users, version
 
 
 # ---------------------------------------------------------------------------
@@ -2696,6 +4003,7 @@ class Server(object):
 
     def _spawn(self, worker, ready_fd=None):
         worker.bucket.reset()
+        worker.bucket.set('_restarts', worker.restarts)
         # Signals wait until the child has its own handlers: a SIGTERM
         # caught by the main process's no-op handler would be lost.
         signal.pthread_sigmask(signal.SIG_BLOCK, _CHILD_SIGNALS)
@@ -2793,6 +4101,7 @@ class Server(object):
             delay = max(delay, worker.started + 1.0 - now)
         worker.due = now + delay
         worker.pid = None
+        worker.bucket.set('_pid', 0)        # the stats show it down
         worker.restarts += 1
         worker.last_exit = '%s after %.1fs' % (_exit_reason(status), lived)
         self.logger.error('%s (pid %d) %s; restarting in %.1fs',
@@ -3414,10 +4723,15 @@ commands (default: no-daemon):
                 shutdown, SIGUSR2 restarts in place keeping the process id
   no-daemon     serve in the foreground in one process, logging to the
                 terminal, with no pid file: for debugging
+  hash-password [NAME]
+                read a password (without echo; or a line from standard
+                input when it is not a terminal) and print "NAME hash",
+                a line for a WSGIBasicAuth auth_path file
 '''
 
 _COMMANDS = ('start', 'stop', 'shutdown', 'restart', 'reload',
-             'force-reload', 'status', 'check', 'foreground', 'no-daemon')
+             'force-reload', 'status', 'check', 'foreground', 'no-daemon',
+             'hash-password')
 
 #: Set by a brimd that re-executes itself (SIGUSR2): what the new image
 #: takes over.
@@ -3455,6 +4769,7 @@ def _parse_args(argv):
                         help='show a full traceback for a start-up error')
     parser.add_argument('command', nargs='?', default='no-daemon',
                         help=argparse.SUPPRESS)
+    parser.add_argument('name', nargs='?', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     return parser, args
 
@@ -3784,6 +5099,31 @@ def _check_pid_file_writable(path):
                         'pid_file to name another.' % path)
 
 
+def _cmd_hash_password(args):
+    """Print an auth_path line (or just the hash, without a NAME)."""
+    name = args.name
+    if name is not None and (':' in name or name.split() != [name]):
+        print('A user name cannot be empty or hold spaces or a colon: %r.'
+              % name, file=sys.stderr)
+        return 1
+    if sys.stdin.isatty():
+        import getpass
+        password = getpass.getpass('Password: ')
+        if getpass.getpass('Again: ') != password:
+            print('The two passwords differ; nothing printed.',
+                  file=sys.stderr)
+            return 1
+    else:
+        password = sys.stdin.readline().rstrip('\r\n')
+    if not password:
+        print('The password is empty; type one, or pipe one in.',
+              file=sys.stderr)
+        return 1
+    encoded = _hash_password(password)
+    print(encoded if name is None else '%s %s' % (name, encoded))
+    return 0
+
+
 def _cmd_foreground(args):
     """start's process tree, attached: for containers and supervisors."""
     inplace = _restarted_in_place()
@@ -3834,7 +5174,13 @@ def main(argv=None):
         print('Unknown command %r; use one of: %s.' % (
             args.command, ', '.join(_COMMANDS)), file=sys.stderr)
         return 1
+    if args.name is not None and args.command != 'hash-password':
+        print('%s takes no argument (%r); only hash-password takes a '
+              'NAME.' % (args.command, args.name), file=sys.stderr)
+        return 1
     try:
+        if args.command == 'hash-password':
+            return _cmd_hash_password(args)
         if args.command == 'start':
             return _cmd_start(args)
         if args.command in ('restart', 'reload', 'force-reload'):

@@ -14,7 +14,6 @@ does not wait for a slow init to reap the exited main process.
 """
 
 import base64
-import errno
 import grp
 import hashlib
 import http.client as httpclient
@@ -3003,7 +3002,1026 @@ class TestHTTPRefusals(EchoTestCase):
 
 
 # ---------------------------------------------------------------------------
-# 9 and 10. The brimd script and the shipped sample configuration
+# 9. The apps and helpers that ship with brim: brim.http, brim.httpform,
+#    WSGIFS, WSGIBasicAuth and the live stats page
+# ---------------------------------------------------------------------------
+
+# Apps that use brim.http and brim.httpform, as an app author would.
+APP_SOURCES['myforms.py'] = '''
+import hashlib
+import json
+import resource
+
+from brim.http import HTTPBadRequest, HTTPForbidden
+from brim.httpform import FormInvalid, iter_form, parse_attrs
+
+
+def _peak_kib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+class Forms(object):
+    """/form: a summary of each part; /forbidden raises HTTPForbidden;
+    /whoami tells what reached it past an auth app."""
+
+    def __init__(self, name, conf, next_app):
+        self.next_app = next_app
+        self.read_size = conf
+
+    @classmethod
+    def parse_conf(cls, name, conf):
+        return conf.get_int(name, 'read_size', 65536)
+
+    def __call__(self, env, start_response):
+        path = env['PATH_INFO']
+        if path == '/forbidden':
+            raise HTTPForbidden()
+        if path == '/whoami':
+            body = json.dumps([env.get('REMOTE_USER'),
+                               'HTTP_AUTHORIZATION' in env]).encode()
+        elif path == '/form':
+            body = json.dumps(self.summary(env)).encode()
+        else:
+            return self.next_app(env, start_response)
+        start_response('200 OK', [('Content-Length', str(len(body)))])
+        return [body]
+
+    def summary(self, env):
+        before = _peak_kib()
+        parts = []
+        try:
+            for headers, part in iter_form(env, read_size=self.read_size):
+                _value, attrs = parse_attrs(headers['content-disposition'])
+                digest = hashlib.sha256()
+                size = 0
+                for data in iter(lambda: part.read(self.read_size), b''):
+                    digest.update(data)
+                    size += len(data)
+                parts.append([attrs.get('name'), attrs.get('filename'),
+                              size, digest.hexdigest()])
+        except FormInvalid as err:
+            raise HTTPBadRequest('%s\\n' % err)
+        return {'parts': parts, 'peak_growth_kib': _peak_kib() - before}
+'''
+
+
+class FakeInput(object):
+    """A wsgi.input that makes its body as it is read: ``pieces`` yields
+    bytes; nothing more than one piece is ever held here."""
+
+    def __init__(self, pieces):
+        self.pieces = iter(pieces)
+        self.pending = b''
+        self.reads = 0
+
+    def read(self, size):
+        self.reads += 1
+        while not self.pending:
+            self.pending = next(self.pieces, None)
+            if self.pending is None:
+                self.pending = b''
+                return b''
+        data, self.pending = self.pending[:size], self.pending[size:]
+        return data
+
+
+def form_env(body, boundary='b0undary', content_type=None):
+    """A WSGI environ with a multipart/form-data ``body`` (bytes or an
+    iterable of bytes)."""
+    pieces = [body] if isinstance(body, bytes) else body
+    return {'CONTENT_TYPE': content_type or
+            'multipart/form-data; boundary=%s' % boundary,
+            'wsgi.input': FakeInput(pieces)}
+
+
+def form_body(parts, boundary='b0undary'):
+    """A multipart/form-data body: ``parts`` is [(header lines, data)]."""
+    out = b''
+    for lines, data in parts:
+        out += b'--' + boundary.encode() + b'\r\n'
+        out += b''.join(line.encode() + b'\r\n' for line in lines)
+        out += b'\r\n' + data + b'\r\n'
+    return out + b'--' + boundary.encode() + b'--\r\n'
+
+
+def read_form(env, **kwargs):
+    """[(headers, data)] of every part, each read to its end."""
+    return [(headers, part.read())
+            for headers, part in brim.iter_form(env, **kwargs)]
+
+
+class StartResponse(object):
+    """A start_response that keeps what it was given."""
+
+    def __call__(self, status, headers, exc_info=None):
+        self.status = status
+        self.headers = dict(headers)
+
+
+class TestHTTPHelpers(BrimTestCase):
+    """brim.http: status classes, raising a response, quote, dates."""
+
+    def test_status_classes_answer_their_status(self):
+        from brim.http import HTTPException
+        import brim.http
+        names = [n for n in brim._SUBMODULES['brim.http']
+                 if n.startswith('HTTP') and n != 'HTTPException']
+        self.assertGreater(len(names), 25)
+        for name in names:
+            cls = getattr(brim.http, name)
+            self.assertTrue(issubclass(cls, HTTPException), name)
+            start = StartResponse()
+            body = b''.join(cls()({'REQUEST_METHOD': 'GET'}, start))
+            self.assertEqual(int(start.status[:3]), cls.code, name)
+            if cls.code in (204, 304):
+                self.assertEqual(body, b'', name)
+                self.assertNotIn('Content-Length', start.headers)
+            else:
+                self.assertEqual(body, start.status.encode() + b'\n', name)
+                self.assertEqual(start.headers['Content-Length'],
+                                 str(len(body)))
+        # Every response class in brim.py is importable from brim.http.
+        defined = {n for n, v in vars(brim).items()
+                   if isinstance(v, type) and issubclass(v, HTTPException)}
+        self.assertEqual(defined, set(names) | {'HTTPException'})
+        start = StartResponse()
+        body = brim.http.HTTPMovedPermanently(
+            'gone there', {'Location': '/there'})({}, start)
+        self.assertEqual((start.status, start.headers['Location'], body),
+                         ('301 Moved Permanently', '/there',
+                          [b'gone there']))
+        self.assertEqual(str(brim.http.HTTPNotFound()), '404 Not Found')
+
+    def test_quote_and_dates(self):
+        from brim.http import http_date, parse_http_date, quote
+        self.assertEqual(quote('/a b/caf\u00e9?'), '/a%20b/caf%C3%A9%3F')
+        self.assertEqual(http_date(784111777),
+                         'Sun, 06 Nov 1994 08:49:37 GMT')
+        for text in ('Sun, 06 Nov 1994 08:49:37 GMT',
+                     'Sunday, 06-Nov-94 08:49:37 GMT',
+                     'Sun Nov  6 08:49:37 1994'):
+            self.assertEqual(parse_http_date(text), 784111777, text)
+        for text in (None, '', 'yesterday', 'Sun, 06 Nov 99999 08:49 GMT'):
+            self.assertIsNone(parse_http_date(text), text)
+
+    def test_raised_response_is_the_answer(self):
+        port = free_port()
+        self.write_conf('''
+            [wsgi]
+            ip = 127.0.0.1
+            port = %d
+            apps = forms
+
+            [forms]
+            call = myforms.Forms
+            ''' % port)
+        self.start()
+        conn = httpclient.HTTPConnection('127.0.0.1', port, timeout=10)
+        try:
+            for _ in range(2):      # the connection stays usable
+                conn.request('GET', '/forbidden')
+                resp = conn.getresponse()
+                self.assertEqual((resp.status, resp.read()),
+                                 (403, b'403 Forbidden\n'))
+        finally:
+            conn.close()
+        self.assertNotIn('Traceback', self.log_text())
+
+
+class TestHTTPForm(BrimTestCase):
+    """brim.httpform: parse_attrs, and iter_form streaming parts."""
+
+    def test_parse_attrs(self):
+        parse = brim.httpform.parse_attrs
+        self.assertEqual(parse('form-data; name="a"; filename="b.txt"'),
+                         ('form-data', {'name': 'a', 'filename': 'b.txt'}))
+        self.assertEqual(parse('Form-Data;NAME="x;y \\"z\\"\\\\";n=plain;'),
+                         ('form-data', {'name': 'x;y "z"\\', 'n': 'plain'}))
+        self.assertEqual(
+            parse("form-data; filename=\"caf\"; filename*=utf-8''caf%C3%A9"),
+            ('form-data', {'filename': 'caf\u00e9'}))
+        self.assertEqual(parse('text/plain'), ('text/plain', {}))
+        for bad in ('form-data; name="unterminated',
+                    'form-data; name', "form-data; filename*=nope''%ff"):
+            with self.assertRaises(brim.httpform.FormInvalid, msg=bad):
+                parse(bad)
+
+    def test_bodies_built_by_the_email_package(self):
+        import base64
+        import email.mime.application
+        import email.mime.multipart
+        import email.mime.text
+        import email.policy
+        binary = bytes(range(256)) * 40 + b'\r\n--not-the-boundary\r\n--'
+        form = email.mime.multipart.MIMEMultipart('form-data')
+        text = email.mime.text.MIMEText('h\u00e9llo\r\nthere', 'plain',
+                                        'utf-8')
+        text.add_header('Content-Disposition', 'form-data', name='greeting')
+        form.attach(text)
+        upload = email.mime.application.MIMEApplication(binary)
+        upload.add_header('Content-Disposition', 'form-data', name='file',
+                          filename='d\u00e9j\u00e0 "vu".bin')
+        form.attach(upload)
+        body = form.as_bytes(policy=email.policy.HTTP)
+        body = body.split(b'\r\n\r\n', 1)[1]     # past the message head
+        for read_size in (1, 7, 65536):
+            env = form_env(body, content_type=form['Content-Type'])
+            parts = read_form(env, read_size=read_size)
+            self.assertEqual(len(parts), 2)
+            (first, data1), (second, data2) = parts
+            self.assertEqual(brim.parse_attrs(first['content-disposition']),
+                             ('form-data', {'name': 'greeting'}))
+            self.assertEqual(base64.b64decode(data1).decode('utf-8'),
+                             'h\u00e9llo\r\nthere')
+            self.assertEqual(brim.parse_attrs(second['content-disposition']),
+                             ('form-data', {'name': 'file',
+                                            'filename': 'd\u00e9j\u00e0 '
+                                                        '"vu".bin'}))
+            self.assertEqual(base64.b64decode(data2), binary)
+
+    def test_reading_by_size_and_line_and_skipping(self):
+        body = form_body([
+            (['Content-Disposition: form-data; name="lines"'],
+             b'one\r\ntwo\nthree'),
+            (['Content-Disposition: form-data; name="skipped"'], b'x' * 999),
+            ([], b'no headers'),
+            (['Content-Disposition: form-data; name="empty"'], b'')])
+        parts = brim.iter_form(form_env(body), read_size=4)
+        headers, part = next(parts)
+        self.assertEqual(headers, {'content-disposition':
+                                   'form-data; name="lines"'})
+        self.assertEqual(list(part), [b'one\r\n', b'two\n', b'three'])
+        self.assertEqual(part.read(), b'')
+        headers, part = next(parts)
+        self.assertEqual(part.read(2), b'xx')
+        headers, part = next(parts)     # the rest of "skipped" is skipped
+        self.assertEqual((headers, part.readline(3), part.read()),
+                         ({}, b'no ', b'headers'))
+        headers, part = next(parts)
+        self.assertEqual(part.read(), b'')
+        self.assertEqual(list(parts), [])
+
+    def test_malformed_bodies(self):
+        ok = [(['Content-Disposition: form-data; name="a"'], b'data')]
+        no_boundary = 'multipart/form-data'
+        long_boundary = 'multipart/form-data; boundary=' + 'b' * 71
+        cases = [
+            ('not multipart', form_env(form_body(ok),
+                                       content_type='text/plain')),
+            ('boundary', form_env(form_body(ok), content_type=no_boundary)),
+            ('boundary', form_env(form_body(ok), content_type=long_boundary)),
+            ('ended inside', form_env(b'')),
+            ('ended inside', form_env(form_body(ok)[:-30])),
+            ('bad part header', form_env(form_body([(['no colon'], b'')]))),
+            ('bad part header', form_env(form_body(
+                [(['A: b', ' folded: line'], b'')]))),
+            ('two content-disposition', form_env(form_body(
+                [(['Content-Disposition: a', 'content-disposition: b'],
+                  b'')]))),
+            ('followed by', form_env(b'--b0undary junk\r\n\r\nx\r\n'
+                                     b'--b0undary--')),
+            ('more than 2 parts', form_env(form_body(ok * 3)),
+             {'max_parts': 2}),
+            ('header is over 100', form_env(form_body(
+                [(['X-Long: ' + 'x' * 200], b'')])), {'max_header_size': 100}),
+            ('over max_part_size', form_env(form_body(
+                [([], b'x' * 101)])), {'max_part_size': 100}),
+        ]
+        for case in cases:
+            reason, env = case[:2]
+            kwargs = case[2] if len(case) > 2 else {}
+            with self.assertRaises(brim.httpform.FormInvalid, msg=reason) \
+                    as caught:
+                read_form(env, read_size=16, **kwargs)
+            self.assertIn(reason, str(caught.exception))
+
+    def test_fifty_megabytes_in_bounded_memory(self):
+        import hashlib
+        import tracemalloc
+        boundary = 'fifty-boundary'
+        # Data that keeps nearly matching the delimiter, a megabyte a piece.
+        block = (b'\r\n--fifty-boundar' + bytes(range(256)) * 16) * 256
+        block = block[:1 << 20]
+        expected = hashlib.sha256()
+
+        def pieces():
+            yield (b'--' + boundary.encode() + b'\r\nContent-Disposition: '
+                   b'form-data; name="big"; filename="big.bin"\r\n\r\n')
+            for _ in range(50):
+                expected.update(block)
+                yield block
+            yield b'\r\n--' + boundary.encode() + b'--\r\n'
+        env = form_env(pieces(), boundary=boundary)
+        tracemalloc.start()
+        try:
+            started = time.monotonic()
+            got = hashlib.sha256()
+            size = 0
+            for headers, part in brim.iter_form(env, read_size=1 << 20):
+                for data in iter(lambda: part.read(1 << 20), b''):
+                    got.update(data)
+                    size += len(data)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        self.assertEqual((size, got.hexdigest()),
+                         (50 << 20, expected.hexdigest()))
+        self.assertLess(peak, 8 << 20, 'held %d bytes at once' % peak)
+        self.assertLess(time.monotonic() - started, 10)
+
+    def form_server(self, read_size=1 << 20):
+        self.port = free_port()
+        self.write_conf('''
+            [wsgi]
+            ip = 127.0.0.1
+            port = %d
+            apps = forms
+
+            [forms]
+            call = myforms.Forms
+            read_size = %d
+            ''' % (self.port, read_size))
+        self.start()
+
+    def test_streamed_upload_to_brimd(self):
+        import hashlib
+        self.form_server()
+        self.assertEqual(self.http(self.port, 'GET', '/whoami')[0], 200)
+        block = os.urandom(1 << 20)
+        head = (b'--b0undary\r\nContent-Disposition: form-data; name="f"; '
+                b'filename="upload.bin"\r\n\r\n')
+        tail = b'\r\n--b0undary--\r\n'
+        total = len(head) + (50 << 20) + len(tail)
+
+        def body():
+            yield head
+            for _ in range(50):
+                yield block
+            yield tail
+        conn = httpclient.HTTPConnection('127.0.0.1', self.port, timeout=30)
+        try:
+            conn.putrequest('POST', '/form')
+            conn.putheader('Content-Type',
+                           'multipart/form-data; boundary=b0undary')
+            conn.putheader('Content-Length', str(total))
+            conn.endheaders()
+            for data in body():
+                conn.send(data)
+            resp = conn.getresponse()
+            status, reply = resp.status, resp.read()
+        finally:
+            conn.close()
+        self.assertEqual(status, 200, reply)
+        summary = json.loads(reply.decode())
+        expected = hashlib.sha256()
+        for _ in range(50):
+            expected.update(block)
+        self.assertEqual(summary['parts'], [
+            ['f', 'upload.bin', 50 << 20, expected.hexdigest()]])
+        # The worker's peak memory grew by far less than the upload.
+        self.assertLess(summary['peak_growth_kib'], 16 << 10, summary)
+
+    def test_curl_upload(self):
+        import hashlib
+        curl = shutil.which('curl')
+        if curl is None:
+            self.skipTest('no curl on this machine')
+        self.form_server(read_size=4096)
+        path = os.path.join(self.tmp, 'caf\u00e9 x.bin')
+        data = os.urandom(300000)
+        with open(path, 'wb') as fp:
+            fp.write(data)
+        code, out, err = run([curl, '-sS', '-F', 'note=hello there',
+                              '-F', 'upload=@%s' % path,
+                              'http://127.0.0.1:%d/form' % self.port])
+        self.assertEqual((code, err), (0, ''))
+        self.assertEqual(json.loads(out)['parts'], [
+            ['note', None, 11, hashlib.sha256(b'hello there').hexdigest()],
+            ['upload', 'caf\u00e9 x.bin', len(data),
+             hashlib.sha256(data).hexdigest()]])
+        code, out, err = run([curl, '-sS', '-H', 'Content-Type: text/plain',
+                              '--data-binary', 'x',
+                              'http://127.0.0.1:%d/form' % self.port])
+        self.assertIn('not multipart/form-data', out)
+
+
+class TestWSGIFS(BrimTestCase):
+    """WSGIFS serves files under serve_path and nothing outside it."""
+
+    def setUp(self):
+        BrimTestCase.setUp(self)
+        self.www = os.path.join(self.tmp, 'www')
+        self.files = {
+            'hello.txt': b'hello, world\n',
+            'hundred.bin': bytes(range(100)),
+            'empty.txt': b'',
+            'sub/index.html': b'<p>the index</p>\n',
+            'list/<b>&"odd name.txt': b'odd',
+            'list/b.txt': b'bb',
+            'list/zdir/x': b'x',
+            'list/adir/y': b'y',
+        }
+        for name, data in self.files.items():
+            path = os.path.join(self.www, name)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, 'wb') as fp:
+                fp.write(data)
+        with open(os.path.join(self.tmp, 'secret.txt'), 'wb') as fp:
+            fp.write(b'the-secret-marker')
+        os.symlink(os.path.join(self.tmp, 'secret.txt'),
+                   os.path.join(self.www, 'list', 'outside-link'))
+        os.symlink(self.tmp, os.path.join(self.www, 'outside-dir'))
+        os.symlink('hello.txt', os.path.join(self.www, 'inside-link'))
+        os.mkfifo(os.path.join(self.www, 'fifo'))
+
+    def fs_server(self, extra=''):
+        self.port, self.admin = free_port(), free_port()
+        self.write_conf('''
+            [wsgi]
+            ip = 127.0.0.1
+            port = %d
+            apps = fs echo
+
+            [wsgi#admin]
+            ip = 127.0.0.1
+            port = %d
+            apps = stats
+
+            [fs]
+            call = brim.wsgi_fs.WSGIFS
+            path = /files
+            serve_path = %s
+            %s
+
+            [echo]
+            call = brim.wsgi_echo.WSGIEcho
+
+            [stats]
+            call = brim.wsgi_stats.WSGIStats
+            ''' % (self.port, self.admin, self.www, extra))
+        self.start()
+
+    def get(self, path, headers=None, method='GET'):
+        return self.http(self.port, method, path, headers=headers)
+
+    def test_get_and_head(self):
+        self.fs_server()
+        status, headers, body = self.get('/files/hello.txt')
+        self.assertEqual((status, body), (200, self.files['hello.txt']))
+        self.assertEqual(headers['content-type'], 'text/plain')
+        self.assertEqual(headers['content-length'], '13')
+        mtime = os.stat(os.path.join(self.www, 'hello.txt')).st_mtime
+        self.assertEqual(brim.parse_http_date(headers['last-modified']),
+                         int(mtime))
+        self.assertRegex(headers['etag'], r'^"[0-9a-f]+-d"$')
+        self.assertEqual(headers['accept-ranges'], 'bytes')
+        head = self.get('/files/hello.txt', method='HEAD')
+        self.assertEqual((head[0], head[2]), (200, b''))
+        self.assertEqual({k: v for k, v in head[1].items() if k != 'date'},
+                         {k: v for k, v in headers.items() if k != 'date'})
+        self.assertEqual(self.get('/files/empty.txt')[:3:2], (200, b''))
+        self.assertEqual(self.get('/files/inside-link')[2],
+                         self.files['hello.txt'])
+        for method in ('POST', 'PUT', 'DELETE'):
+            status, headers, _body = self.get('/files/hello.txt',
+                                              method=method)
+            self.assertEqual((status, headers['allow']), (405, 'GET, HEAD'))
+        # Other paths go on down the chain.
+        self.echo_ok(self.port)
+        self.assertEqual(self.get('/filesystem')[0], 404)
+        self.assertEqual(self.get('/files/missing')[0], 404)
+        self.assertEqual(self.get('/files/hello.txt/')[0], 404)
+        # A FIFO would block an open() for reading: it is not served.
+        self.assertEqual(self.get('/files/fifo')[0], 404)
+
+    def test_conditional_requests(self):
+        self.fs_server()
+        _status, headers, _body = self.get('/files/hello.txt')
+        etag, modified = headers['etag'], headers['last-modified']
+        for condition in ({'If-None-Match': etag},
+                          {'If-None-Match': '"other", W/%s' % etag},
+                          {'If-None-Match': '*'},
+                          {'If-Modified-Since': modified},
+                          {'If-Modified-Since': brim.http_date(
+                              time.time() + 60)}):
+            status, headers, body = self.get('/files/hello.txt', condition)
+            self.assertEqual((status, body), (304, b''), condition)
+            self.assertEqual(headers['etag'], etag)
+        for condition in ({'If-None-Match': '"other"'},
+                          {'If-None-Match': '"other"',
+                           'If-Modified-Since': modified},
+                          {'If-Modified-Since': 'Sun, 06 Nov 1994 08:49:37 '
+                                                'GMT'},
+                          {'If-Modified-Since': 'not a date'}):
+            status, _headers, body = self.get('/files/hello.txt', condition)
+            self.assertEqual((status, body), (200, self.files['hello.txt']),
+                             condition)
+
+    def test_ranges(self):
+        self.fs_server()
+        data = self.files['hundred.bin']
+        etag = self.get('/files/hundred.bin')[1]['etag']
+        cases = [
+            ('bytes=0-9', 206, 0, 9), ('bytes=90-', 206, 90, 99),
+            ('bytes=-10', 206, 90, 99), ('bytes=95-200', 206, 95, 99),
+            ('bytes=-200', 206, 0, 99), ('BYTES = 5 - 5', 206, 5, 5),
+            ('bytes=99-99', 206, 99, 99),
+            ('bytes=100-', 416, None, None), ('bytes=100-200', 416, None,
+                                              None),
+            ('bytes=-0', 416, None, None),
+            ('bytes=5-2', 200, 0, 99), ('bytes=0-1,5-6', 200, 0, 99),
+            ('items=0-1', 200, 0, 99), ('bytes=abc', 200, 0, 99),
+            ('bytes=-', 200, 0, 99), ('bytes=' + '9' * 30 + '-', 200, 0, 99),
+        ]
+        for spec, code, first, last in cases:
+            status, headers, body = self.get('/files/hundred.bin',
+                                             {'Range': spec})
+            self.assertEqual(status, code, spec)
+            if code == 416:
+                self.assertEqual(headers['content-range'], 'bytes */100')
+                continue
+            self.assertEqual(body, data[first:last + 1], spec)
+            self.assertEqual(headers['content-length'],
+                             str(last - first + 1))
+            if code == 206:
+                self.assertEqual(headers['content-range'],
+                                 'bytes %d-%d/100' % (first, last), spec)
+            else:
+                self.assertNotIn('content-range', headers)
+        status, _headers, body = self.get(
+            '/files/hundred.bin', {'Range': 'bytes=10-19', 'If-Range': etag})
+        self.assertEqual((status, body), (206, data[10:20]))
+        status, _headers, body = self.get(
+            '/files/hundred.bin', {'Range': 'bytes=10-19',
+                                   'If-Range': '"stale"'})
+        self.assertEqual((status, body), (200, data))
+        self.assertEqual(self.get('/files/empty.txt',
+                                  {'Range': 'bytes=0-'})[0], 416)
+
+    def test_large_file_goes_out_with_sendfile(self):
+        import hashlib
+        path = os.path.join(self.www, 'large.bin')
+        block = os.urandom(1 << 20)
+        with open(path, 'wb') as fp:
+            for _ in range(64):
+                fp.write(block)
+        self.fs_server()
+        pid = [w['pid'] for w in self.stats(self.admin)['workers']
+               if w['subserver'] == 'wsgi'][0]
+        peak_before = self.peak_memory(pid)
+        status, headers, body = self.get('/files/large.bin')
+        self.assertEqual((status, len(body)), (200, 64 << 20))
+        self.assertEqual(hashlib.sha256(body).digest(),
+                         hashlib.sha256(block * 64).digest())
+        status, headers, body = self.get(
+            '/files/large.bin', {'Range': 'bytes=%d-' % ((63 << 20) + 5)})
+        self.assertEqual((status, body), (206, block[5:]))
+        # Sent by the kernel from the page cache, not read into the worker.
+        self.assertLess(self.peak_memory(pid) - peak_before, 16 << 20)
+
+    @staticmethod
+    def peak_memory(pid):
+        """The process's peak resident memory in bytes (VmHWM)."""
+        with open('/proc/%d/status' % pid) as fp:
+            for line in fp:
+                if line.startswith('VmHWM:'):
+                    return int(line.split()[1]) * 1024
+        raise AssertionError('no VmHWM for %d' % pid)
+
+    def test_directories(self):
+        self.fs_server()
+        for path, location in (('/files', '/files/'),
+                               ('/files/sub', '/files/sub/'),
+                               ('/files//sub', '/files/sub/')):
+            status, headers, _body = self.get(path)
+            self.assertEqual((status, headers['location']), (301, location))
+        status, headers, body = self.get('/files/sub/')
+        self.assertEqual((status, body), (200, self.files['sub/index.html']))
+        self.assertEqual(headers['content-type'], 'text/html')
+        status, headers, body = self.get('/files/list/')
+        self.assertEqual(status, 200)
+        self.assertEqual(headers['content-type'], 'text/html; charset=utf-8')
+        page = body.decode('utf-8')
+        self.assertIn('Index of /files/list/', page)
+        links = re.findall(r'<a href="([^"]*)">([^<]*)</a>', page)
+        self.assertEqual(links, [
+            ('../', '../'), ('adir/', 'adir/'), ('zdir/', 'zdir/'),
+            ('%3Cb%3E%26%22odd%20name.txt', '&lt;b&gt;&amp;&quot;odd '
+                                            'name.txt'),
+            ('b.txt', 'b.txt')])
+        self.assertNotIn('<b>', page)
+        self.assertNotIn('outside-link', page)     # leads outside
+        self.assertRegex(page, r'b\.txt</a></td><td>2</td><td>\d{4}-\d\d-\d\d')
+        status, _headers, body = self.get('/files/list/%3Cb%3E%26%22odd%20'
+                                          'name.txt')
+        self.assertEqual((status, body), (200, b'odd'))
+        self.assertNotIn('../', self.get('/files/')[2].decode())
+
+    def test_nothing_outside_serve_path(self):
+        self.fs_server()
+        forbidden = [
+            '/files/../secret.txt', '/files/%2e%2e/secret.txt',
+            '/files/%2E%2E/secret.txt', '/files/.%2e/secret.txt',
+            '/files/..%2fsecret.txt', '/files/..%2Fsecret.txt',
+            '/files/..\\secret.txt', '/files/..%5csecret.txt',
+            '/files/sub/../../secret.txt', '/files/sub/%2e%2e/%2e%2e/'
+            'secret.txt', '/files/..', '/files/../',
+            'http://127.0.0.1/files/../secret.txt']
+        missing = [
+            '/files//' + os.path.join(self.tmp, 'secret.txt').lstrip('/'),
+            '/files/%2f' + os.path.join(self.tmp,
+                                        'secret.txt').lstrip('/'),
+            '/files/%252e%252e/secret.txt', '/files/list/outside-link',
+            '/files/outside-dir/secret.txt', '/files/outside-dir/',
+            '/files/outside-dir']
+        for path, code in [(p, 403) for p in forbidden] + \
+                [(p, 404) for p in missing] + [('/files/%00', 400),
+                                               ('/files/a%00b', 400)]:
+            reply = self.raw(self.port, b'GET ' + path.encode() +
+                             b' HTTP/1.1\r\nHost: x\r\nConnection: close'
+                             b'\r\n\r\n')
+            self.assertTrue(reply.startswith(b'HTTP/1.1 %d ' % code),
+                            '%s: %r' % (path, reply[:80]))
+            self.assertNotIn(b'the-secret-marker', reply, path)
+
+    def test_serve_path_checked_at_start(self):
+        self.port = free_port()
+        for serve_path, message in (
+                (None, '[fs] serve_path must be set'),
+                (os.path.join(self.tmp, 'nowhere'),
+                 '[fs] serve_path %s is not a readable directory' %
+                 os.path.join(self.tmp, 'nowhere')),
+                (os.path.join(self.www, 'hello.txt'),
+                 'is not a readable directory')):
+            self.write_conf('''
+                [wsgi]
+                ip = 127.0.0.1
+                port = %d
+                apps = fs
+
+                [fs]
+                call = brim.wsgi_fs.WSGIFS
+                %s
+                ''' % (self.port, 'serve_path = %s' % serve_path
+                       if serve_path else ''))
+            code, out, err = self.brim('start')
+            self.track(self.read_pid())
+            self.assertEqual(code, 1, out)
+            self.assertEqual(len(err.splitlines()), 1, err)
+            self.assertIn(message, err)
+
+    def test_path_default_serves_from_the_root(self):
+        self.port = free_port()
+        self.write_conf('''
+            [wsgi]
+            ip = 127.0.0.1
+            port = %d
+            apps = fs
+
+            [fs]
+            call = brim.wsgi_fs.WSGIFS
+            serve_path = %s
+            ''' % (self.port, self.www))
+        self.start()
+        self.assertEqual(self.get('/hello.txt')[2], self.files['hello.txt'])
+        self.assertEqual(self.get('/sub/')[2], self.files['sub/index.html'])
+        self.assertIn(b'hundred.bin', self.get('/')[2])
+        self.assertEqual(self.get('/sub')[1]['location'], '/sub/')
+        self.assertEqual(self.get('/../secret.txt')[0], 403)
+
+
+AUTH_CONF = '''
+[wsgi]
+ip = 127.0.0.1
+port = %(port)d
+apps = auth forms
+
+[auth]
+call = brim.wsgi_basic_auth.WSGIBasicAuth
+auth_path = %(auth_path)s
+realm = Test "Realm"
+check_interval = 0.1
+
+[forms]
+call = myforms.Forms
+'''
+
+
+class TestWSGIBasicAuth(BrimTestCase):
+    """WSGIBasicAuth, and the hash-password command that feeds it."""
+
+    def hash_line(self, name, password):
+        proc = popen([sys.executable, BRIM, 'hash-password', name],
+                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                     stderr=subprocess.PIPE)
+        try:
+            out, err = proc.communicate(password.encode() + b'\n',
+                                        timeout=30)
+        finally:
+            _protected.discard(proc.pid)
+        self.assertEqual((proc.returncode, err), (0, b''))
+        return out.decode()
+
+    def write_users(self, text):
+        """Replace the auth file in one step, as an editor's save does."""
+        tmp = self.auth_path + '.tmp'
+        with open(tmp, 'w') as fp:
+            fp.write(text)
+        os.rename(tmp, self.auth_path)
+
+    def auth_server(self, users):
+        self.port = free_port()
+        self.auth_path = os.path.join(self.tmp, 'users')
+        self.write_users(users)
+        self.write_conf(AUTH_CONF % {'port': self.port,
+                                     'auth_path': self.auth_path})
+        self.start()
+
+    def whoami(self, user=None, password=None, authorization=None):
+        import base64
+        headers = {}
+        if user is not None:
+            authorization = 'Basic ' + base64.b64encode(
+                ('%s:%s' % (user, password)).encode()).decode()
+        if authorization is not None:
+            headers['Authorization'] = authorization
+        return self.http(self.port, 'GET', '/whoami', headers=headers)
+
+    def test_hash_password_command(self):
+        line = self.hash_line('alice', 's3cret')
+        name, encoded = line.split()
+        self.assertEqual(name, 'alice')
+        self.assertRegex(encoded, r'^\$scrypt\$n=16384,r=8,p=1\$[^$]+\$[^$]+$')
+        params = brim._parse_hash(encoded)
+        self.assertTrue(brim._check_password(b's3cret', params))
+        self.assertFalse(brim._check_password(b's3creT', params))
+        self.assertNotEqual(self.hash_line('alice', 's3cret'), line)  # salt
+        for args, stdin, message in (
+                (['hash-password', 'al:ice'], b'pw\n', 'colon'),
+                (['hash-password'], b'\n', 'empty'),
+                (['start', 'extra'], b'', 'takes no argument')):
+            code, out, err = run([sys.executable, BRIM] + args, env=self.env) \
+                if not stdin else self.piped(args, stdin)
+            self.assertEqual((code, out), (1, ''))
+            self.assertIn(message, err)
+
+    def piped(self, args, stdin):
+        proc = popen([sys.executable, BRIM] + args, stdin=subprocess.PIPE,
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            out, err = proc.communicate(stdin, timeout=30)
+        finally:
+            _protected.discard(proc.pid)
+        return proc.returncode, out.decode(), err.decode()
+
+    def test_right_wrong_and_missing_credentials(self):
+        import base64
+        self.auth_server('# users\n\n' + self.hash_line('alice', 'pw \u00e9'))
+        for kwargs in ({}, {'user': 'alice', 'password': 'wrong'},
+                       {'user': 'bob', 'password': 'pw \u00e9'},
+                       {'user': 'alice', 'password': 'pw \u00e9x'},
+                       {'authorization': 'Basic !!!not-base64'},
+                       {'authorization': 'Basic ' + base64.b64encode(
+                           b'alice').decode()},
+                       {'authorization': 'Bearer abc'}):
+            status, headers, _body = self.whoami(**kwargs)
+            self.assertEqual(status, 401, kwargs)
+            self.assertEqual(headers['www-authenticate'],
+                             'Basic realm="Test \\"Realm\\"", '
+                             'charset="UTF-8"')
+        for _ in range(2):      # the second is checked without scrypt
+            status, _headers, body = self.whoami('alice', 'pw \u00e9')
+            self.assertEqual((status, json.loads(body)), (200,
+                                                          ['alice', False]))
+        # A request's line is logged after its answer: wait for the last.
+        self.wait_for_log(r' GET /whoami HTTP/1.1 ', count=9)
+        lines = [f for f in self.request_lines() if f['path'] == '/whoami']
+        self.assertEqual([f['status'] for f in lines], ['401'] * 7 +
+                         ['200'] * 2)
+        self.assertIn(' alice ', lines[-1]['line'])
+        self.assertNotIn(' alice ', lines[1]['line'])
+        # unauthed_paths (default /favicon.ico) need no credentials.
+        self.assertEqual(self.http(self.port, 'GET', '/favicon.ico')[0], 404)
+
+    def test_reloaded_auth_file(self):
+        self.auth_server(self.hash_line('alice', 'old'))
+        self.assertEqual(self.whoami('alice', 'old')[0], 200)
+        self.write_users(self.hash_line('alice', 'new') +
+                         self.hash_line('bob', 'bobs'))
+        wait_until(lambda: self.whoami('bob', 'bobs')[0] == 200,
+                   timeout=15, msg='bob never got in')
+        self.assertEqual(self.whoami('alice', 'old')[0], 401)
+        self.assertEqual(self.whoami('alice', 'new')[0], 200)
+        self.write_users('bob this-is-not-a-hash\n')
+        # The file is looked at when requests come, at most every
+        # check_interval: ask until the worker has seen the broken one.
+        broken = re.compile(r'ERROR .*\[auth\] auth_path .*users: line 1 is '
+                            r'not "name \$scrypt\$\.\.\." .*; keeping the 2 '
+                            r'users read before')
+
+        def refused_the_file():
+            self.assertEqual(self.whoami('bob', 'bobs')[0], 200)
+            return broken.search(self.log_text())
+        wait_until(refused_the_file, timeout=15)
+        self.assertEqual(len(broken.findall(self.log_text())), 1)
+        self.assertEqual(self.whoami('alice', 'new')[0], 200)
+
+    def test_auth_path_checked_at_start(self):
+        self.port = free_port()
+        bad = os.path.join(self.tmp, 'bad-users')
+        with open(bad, 'w') as fp:
+            fp.write('alice $scrypt$n=16384,r=8,p=1$bad$bad\n')
+        for auth_path, message in (
+                (None, '[auth] auth_path must name a file'),
+                (os.path.join(self.tmp, 'nowhere'),
+                 '[auth] auth_path %s cannot be read' %
+                 os.path.join(self.tmp, 'nowhere')),
+                (bad, '[auth] auth_path %s: line 1 is not' % bad)):
+            self.write_conf(AUTH_CONF.replace(
+                'auth_path = %(auth_path)s\n', 'auth_path = %s\n' % auth_path
+                if auth_path else '') % {'port': self.port})
+            code, out, err = self.brim('start')
+            self.track(self.read_pid())
+            self.assertEqual(code, 1, out)
+            self.assertEqual(len(err.splitlines()), 1, err)
+            self.assertIn(message, err)
+
+
+class TestStatsPage(BrimTestCase):
+    """WSGIStats's live page for browsers, and the JSON it polls."""
+
+    def page_server(self):
+        self.port, self.admin = free_port(), free_port()
+        self.tcp_port, self.udp_port = free_port(), free_udp_port()
+        self.write_conf('''
+            [wsgi]
+            ip = 127.0.0.1
+            port = %d
+            apps = echo
+
+            [wsgi#admin]
+            ip = 127.0.0.1
+            port = %d
+            workers = 2
+            apps = stats
+
+            [tcp]
+            ip = 127.0.0.1
+            port = %d
+            call = brim.tcp_echo.TCPEcho
+
+            [udp]
+            ip = 127.0.0.1
+            port = %d
+            call = brim.udp_echo.UDPEcho
+
+            [daemons]
+            daemons = sample
+
+            [sample]
+            call = brim.daemon_sample.DaemonSample
+
+            [echo]
+            call = brim.wsgi_echo.WSGIEcho
+
+            [stats]
+            call = brim.wsgi_stats.WSGIStats
+            refresh = 0.25
+            ''' % (self.port, self.admin, self.tcp_port, self.udp_port))
+        return self.start()
+
+    def test_formats(self):
+        self.page_server()
+        browser = {'Accept': 'text/html,application/xhtml+xml,*/*;q=0.8'}
+        for path, headers, kind in (
+                ('/stats', {}, 'application/json'),
+                ('/stats', {'Accept': '*/*'}, 'application/json'),
+                ('/stats', browser, 'text/html; charset=utf-8'),
+                ('/stats?format=html', {}, 'text/html; charset=utf-8'),
+                ('/stats?format=json', browser, 'application/json')):
+            status, got, _body = self.http(self.admin, 'GET', path,
+                                           headers=headers)
+            self.assertEqual((status, got['content-type']), (200, kind),
+                             (path, headers))
+            self.assertEqual(got['vary'], 'Accept')
+        self.assertEqual(self.http(self.admin, 'GET', '/stats?format=xml')[0],
+                         400)
+
+    def test_page_is_self_contained(self):
+        from html.parser import HTMLParser
+        self.page_server()
+        status, headers, body = self.http(self.admin, 'GET',
+                                          '/stats?format=html')
+        page = body.decode('utf-8')
+        nonce = re.search(r"script-src 'nonce-([^']+)'",
+                          headers['content-security-policy']).group(1)
+        self.assertIn("default-src 'none'",
+                      headers['content-security-policy'])
+
+        class Page(HTMLParser):
+            tags = []
+
+            def handle_starttag(self, tag, attrs):
+                self.tags.append((tag, dict(attrs)))
+        parsed = Page()
+        parsed.feed(page)
+        for tag, attrs in parsed.tags:
+            self.assertNotIn('src', attrs, tag)
+            self.assertIn(attrs.get('href', '?format=json'),
+                          ('?format=json',), tag)
+            if tag in ('script', 'style'):
+                self.assertEqual(attrs.get('nonce'), nonce)
+        self.assertNotIn('<link', page)
+        self.assertNotIn('url(', page)
+        self.assertNotIn('@import', page)
+        # The one URL in it is SVG's namespace name, which is not fetched.
+        self.assertEqual(set(re.findall(r'https?://[^\'"\s]*', page)),
+                         {'http://www.w3.org/2000/svg'})
+        body_attrs = dict([a for t, a in parsed.tags if t == 'body'][0])
+        self.assertEqual((body_attrs['data-source'],
+                          body_attrs['data-refresh']), ('?format=json',
+                                                        '0.25'))
+
+    def test_json_the_page_polls(self):
+        main_pid = self.page_server()
+        stats = self.stats(self.admin, '/stats?format=json')
+        workers = stats['workers']
+        self.assertEqual([(w['subserver'], w['kind'], w['label'])
+                          for w in workers], [
+            ('wsgi', 'wsgi', '0'), ('wsgi#admin', 'wsgi', '0'),
+            ('wsgi#admin', 'wsgi', '1'), ('tcp', 'tcp', '0'),
+            ('udp', 'udp', '0'), ('daemons', 'daemons', 'sample')])
+        self.assertEqual(sorted(w['pid'] for w in workers),
+                         sorted(live_children_of(main_pid)))
+        for worker in workers:
+            self.assertEqual(worker['restarts'], 0)
+            self.assertLess(worker['uptime'], 60)
+        tcp = [w for w in workers if w['subserver'] == 'tcp'][0]
+        os.kill(tcp['pid'], signal.SIGKILL)
+
+        def replaced():
+            now = [w for w in self.stats(self.admin)['workers']
+                   if w['subserver'] == 'tcp'][0]
+            return now if now['pid'] not in (0, tcp['pid']) else None
+        now = wait_until(replaced, timeout=15)
+        self.assertEqual(now['restarts'], 1)
+        self.assertIn(now['pid'], live_children_of(main_pid))
+
+    def test_page_renders_in_chromium(self):
+        browser = shutil.which('chromium') or shutil.which('chromium-browser')
+        if browser is None:
+            self.skipTest('no chromium on this machine (apt-get install '
+                          'chromium) to render the stats page')
+        self.page_server()
+        for _ in range(7):
+            self.echo_ok(self.port)
+        udp_exchange(self.udp_port, b'hi')
+        pids = {w['subserver'] + '/' + w['label']: w['pid']
+                for w in self.stats(self.admin)['workers']}
+        code, dom, err = run([
+            browser, '--headless', '--no-sandbox', '--disable-gpu',
+            '--user-data-dir=' + os.path.join(self.tmp, 'chromium'),
+            '--virtual-time-budget=3000', '--dump-dom',
+            'http://127.0.0.1:%d/stats?format=html' % self.admin],
+            timeout=90)
+        self.assertEqual(code, 0, err[-2000:])
+        self.assertRegex(dom, r'<span id="status" class="">updated ')
+        cards = dict(re.findall(r'<section data-subserver="([^"]+)">(.*?)'
+                                r'</section>', dom, re.S))
+        self.assertEqual(sorted(cards), ['daemons', 'tcp', 'udp', 'wsgi',
+                                         'wsgi#admin'])
+        for key, pid in pids.items():
+            self.assertIn('<td class="pid">%d</td>' % pid,
+                          cards[key.split('/')[0]], key)
+        # wsgi's one worker served the seven echoes, and nothing else.
+        self.assertRegex(cards['wsgi'], r'<td>0</td><td class="pid">\d+'
+                                        r'</td><td>\d+s</td><td>7</td>'
+                                        r'<td>0</td>')
+        self.assertIn('requests/s', cards['wsgi'])
+        self.assertIn('<b>2xx</b>7', cards['wsgi'])
+        self.assertIn('<polyline', cards['wsgi'])
+        self.assertIn('datagram_count', cards['udp'])
+        self.assertIn('<td>sample</td>', cards['daemons'])
+
+    def test_refresh_checked_at_start(self):
+        self.write_conf('''
+            [wsgi]
+            ip = 127.0.0.1
+            port = %d
+            apps = stats
+
+            [stats]
+            call = brim.wsgi_stats.WSGIStats
+            refresh = 0
+            ''' % free_port())
+        code, out, err = self.brim('start')
+        self.track(self.read_pid())
+        self.assertEqual((code, err.count('\n')), (1, 1), out)
+        self.assertIn('[stats] refresh must be above 0', err)
+
+
+# ---------------------------------------------------------------------------
+# 10 and 11. The brimd script and the shipped sample configuration
 # ---------------------------------------------------------------------------
 
 class TestBrimdScript(EchoTestCase):
@@ -3077,7 +4095,7 @@ class TestSampleConf(BrimTestCase):
 
 
 # ---------------------------------------------------------------------------
-# 11. Operations: check, foreground, systemd, hung workers, log handling
+# 12. Operations: check, foreground, systemd, hung workers, log handling
 # ---------------------------------------------------------------------------
 
 APP_SOURCES['myops.py'] = '''
@@ -3985,7 +5003,7 @@ class TestPrivileges(EchoTestCase):
         temporary directory is 0700 root."""
         self.assertEqual(os.stat(self.tmp).st_mode & 0o777, 0o700)
         self.privileged_conf()
-        pid = self.start()
+        self.start()
         self.echo_ok(self.port)
         worker = int(self.http(self.port, 'GET', '/pid')[2])
         self.assertEqual(proc_status(worker)['Uid'].split()[0],
