@@ -9,18 +9,22 @@ beside them.  Workers share counters through shared memory.
 The file reads top to bottom in the order data flows:
 
     configuration     Conf, reading files, resolving ``call = dotted.Name``
-    logging           NOTICE level, txn-stamped lines, syslog or file
-    stats             one shared-memory bucket per worker, rolled up on read
-    listening sockets binding with retry, handing them to a new brimd
+    logging           NOTICE level, txn-stamped lines (text or JSON),
+                      syslog or a file reopened on SIGUSR1
+    stats             one shared-memory bucket per worker (and its
+                      heartbeat), rolled up on read, as JSON or Prometheus
+    listening sockets binding with retry, handing them to a new brimd,
+                      taking them from systemd (LISTEN_FDS)
     HTTP/WSGI         a strict, lean HTTP/1.1 parser and WSGI gateway
     TCP, UDP          connection and datagram subservers
     daemons           supervised background processes
     apps              WSGIEcho, WSGIStats (JSON and a live page), WSGIFS,
                       WSGIBasicAuth, TCPEcho, UDPEcho, DaemonSample, and
                       what apps use: brim.http responses, brim.httpform
-    supervision       Server: the main process, its signals and children
+    supervision       Server: the main process, its signals, children,
+                      heartbeats, restarts in place, systemd notify
     command line      main(): start, stop, shutdown, restart, status,
-                      hash-password, ...
+                      check, foreground, hash-password, ...
 
 Everything is standard library.  Names without a leading underscore are the
 ones configs and apps use.
@@ -2494,27 +2498,40 @@ class WSGIStats(object):
 
     JSON, unless a browser asks (Accept: text/html) or ``?format=html``
     does: then a live page that polls the JSON every ``refresh`` seconds
-    (default 2).  ``?format=json`` is JSON whatever Accept says.
+    (default 2).  ``?format=json`` is JSON whatever Accept says.  The
+    Prometheus text format is at ``metrics_path`` (default /metrics) and
+    at ``?format=prometheus``.
     """
 
     def __init__(self, name, parsed_conf, next_app):
         self.name = name
         self.next_app = next_app
-        self.path, self.refresh = parsed_conf
+        self.path, self.refresh, self.metrics_path = parsed_conf
 
     def __call__(self, env, start_response):
-        if env['PATH_INFO'] != self.path:
+        path = env['PATH_INFO']
+        if path != self.path and path != self.metrics_path:
             return self.next_app(env, start_response)
         if env['REQUEST_METHOD'] not in ('GET', 'HEAD'):
             return HTTPMethodNotAllowed(headers=[('Allow', 'GET, HEAD')])(
                 env, start_response)
-        answer = self._format(env)
+        answer = 'prometheus' if path == self.metrics_path else \
+            self._format(env)
         if answer == 'json':
             return self._json(env, start_response)
         if answer == 'html':
             return self._page(env, start_response)
-        return HTTPBadRequest('format must be json or html\n')(
+        if answer == 'prometheus':
+            return self._prometheus(env, start_response)
+        return HTTPBadRequest('format must be json, html or prometheus\n')(
             env, start_response)
+
+    def _prometheus(self, env, start_response):
+        body = _prometheus_text(env['brim'].server).encode('utf-8')
+        start_response('200 OK', [
+            ('Content-Type', 'text/plain; version=0.0.4; charset=utf-8'),
+            ('Content-Length', str(len(body))), ('Cache-Control', 'no-store')])
+        return [body]
 
     @staticmethod
     def _format(env):
@@ -2556,7 +2573,8 @@ class WSGIStats(object):
         if refresh <= 0:
             raise ConfError('[%s] refresh must be above 0 (seconds between '
                             'the page\'s updates).' % name)
-        return conf.get(name, 'path', '/stats'), refresh
+        return (conf.get(name, 'path', '/stats'), refresh,
+                conf.get(name, 'metrics_path', '/metrics'))
 
 
 class TCPEcho(object):

@@ -840,6 +840,29 @@ class InitRaises(object):
     def __init__(self, name, conf, next_app):
         time.sleep(float(conf.get(name, 'delay', '0')))
         raise RuntimeError('init-raises-marker')
+
+
+class Gauges(object):
+    """/gauge?N sets this worker's max stat ``peak`` and min stat ``low``
+    to N and adds N to the sum stat ``odd-name.total``."""
+
+    def __init__(self, name, conf, next_app):
+        self.next_app = next_app
+
+    @classmethod
+    def stats_conf(cls, name, conf):
+        return [('peak', 'max'), ('low', 'min'), ('odd-name.total', 'sum')]
+
+    def __call__(self, env, start_response):
+        if env['PATH_INFO'] != '/gauge':
+            return self.next_app(env, start_response)
+        value = int(env['QUERY_STRING'])
+        stats = env['brim.stats']
+        stats.set('peak', value)
+        stats.set('low', value)
+        stats.incr('odd-name.total', value)
+        start_response('200 OK', [('Content-Length', '0')])
+        return []
 '''
 
 # The documentation's TCP HelloWorld (final version), plus test handlers.
@@ -2659,6 +2682,281 @@ class TestStats(BrimTestCase):
         wsgi = self.stats(self.port)['wsgi']
         self.assertEqual(wsgi['status_405_count'], 1)
         self.assertNotIn('status_408_count', wsgi)
+
+
+_PROM_NAME = r'[a-zA-Z_:][a-zA-Z0-9_:]*'
+_PROM_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="')
+_PROM_LABEL_END = re.compile(r'(?:[^"\\\n]|\\.)*"')
+_PROM_VALUE = re.compile(r'[-+]?(?:[0-9]+\.?[0-9]*(?:[eE][-+]?[0-9]+)?|'
+                         r'NaN|Inf)')
+_PROM_TYPES = ('counter', 'gauge', 'histogram', 'summary', 'untyped')
+
+
+def parse_prometheus(text):
+    """Strictly parse the Prometheus text format (version 0.0.4).
+
+    {family: {'type', 'help', 'samples': {((label, value), ...): float}}};
+    raises ValueError naming the line for anything the format forbids or
+    brimd should not send: samples before their # TYPE, a family split in
+    two, a second HELP/TYPE, a repeated series, bad escapes or names.
+    """
+    if not text.endswith('\n'):
+        raise ValueError('no newline at the end')
+    families, done, current = {}, set(), None
+    for number, line in enumerate(text[:-1].split('\n'), 1):
+        where = 'line %d %r' % (number, line)
+        comment = re.fullmatch(r'# (HELP|TYPE) (%s) (.*)' % _PROM_NAME, line)
+        sample = re.fullmatch(r'(%s)(?:\{(.*)\})? (\S+)(?: -?[0-9]+)?'
+                              % _PROM_NAME, line)
+        if comment:
+            name = comment.group(2)
+        elif sample:
+            name = sample.group(1)
+        else:
+            raise ValueError('not HELP, TYPE or a sample: ' + where)
+        if name != current:
+            if name in done:
+                raise ValueError('%s split in two: %s' % (name, where))
+            if current is not None:
+                done.add(current)
+            current = name
+        family = families.setdefault(
+            name, {'type': None, 'help': None, 'samples': {}})
+        if comment:
+            keyword, rest = comment.group(1).lower(), comment.group(3)
+            if family['samples'] or family[keyword] is not None:
+                raise ValueError('misplaced or second %s: %s' % (
+                    keyword, where))
+            if keyword == 'type' and rest not in _PROM_TYPES:
+                raise ValueError('unknown type: ' + where)
+            family[keyword] = rest if keyword == 'type' else \
+                _prom_unescape(rest, '\\n', where)
+            continue
+        if family['type'] is None:
+            raise ValueError('sample before its # TYPE: ' + where)
+        labels = _prom_labels(sample.group(2) or '', where)
+        if sample.group(2) is not None and not labels:
+            raise ValueError('empty braces: ' + where)
+        if not _PROM_VALUE.fullmatch(sample.group(3)):
+            raise ValueError('bad value: ' + where)
+        key = tuple(sorted(labels.items()))
+        if key in family['samples']:
+            raise ValueError('repeated series: ' + where)
+        family['samples'][key] = float(sample.group(3))
+    return families
+
+
+def _prom_unescape(text, escapes, where):
+    r"""``text`` with its ``\x`` escapes (x among ``escapes``) undone."""
+    out, pos = [], 0
+    while pos < len(text):
+        char = text[pos]
+        if char == '\\':
+            escaped = text[pos + 1:pos + 2]
+            if not escaped or escaped not in escapes:
+                raise ValueError('bad escape: ' + where)
+            out.append('\n' if escaped == 'n' else escaped)
+            pos += 2
+        else:
+            out.append(char)
+            pos += 1
+    return ''.join(out)
+
+
+def _prom_labels(text, where):
+    """{name: value} from the inside of a sample's braces."""
+    labels, pos = {}, 0
+    while pos < len(text):
+        match = _PROM_LABEL.match(text, pos)
+        if not match:
+            raise ValueError('bad label: ' + where)
+        # The value ends at the first quote no backslash escapes.
+        end = _PROM_LABEL_END.match(text, match.end())
+        if not end:
+            raise ValueError('unterminated label value: ' + where)
+        if match.group(1) in labels:
+            raise ValueError('repeated label: ' + where)
+        labels[match.group(1)] = _prom_unescape(
+            text[match.end():end.end() - 1], '\\"n', where)
+        pos = end.end()
+        if pos < len(text):
+            if text[pos] != ',' or pos + 1 == len(text):
+                raise ValueError('bad label separator: ' + where)
+            pos += 1
+    return labels
+
+
+class TestPrometheusParser(unittest.TestCase):
+    """The test's own parser refuses what the format forbids."""
+
+    GOOD = ('# HELP a_total Some \\\\ help\\n.\n# TYPE a_total counter\n'
+            'a_total{x="q\\"\\\\\\n",y="2"} 3\na_total 4\n'
+            '# TYPE b gauge\n# HELP b B.\nb 1.5e3\n')
+
+    def test_good(self):
+        families = parse_prometheus(self.GOOD)
+        self.assertEqual(families['a_total']['help'], 'Some \\ help\n.')
+        self.assertEqual(families['a_total']['samples'], {
+            (('x', 'q"\\\n'), ('y', '2')): 3.0, (): 4.0})
+        self.assertEqual(families['b']['samples'], {(): 1500.0})
+
+    def test_refusals(self):
+        for bad in (self.GOOD[:-1],                              # no \n
+                    self.GOOD + 'a_total{x="1"} 5\n',            # split
+                    self.GOOD + '# TYPE b gauge\n',              # 2nd TYPE
+                    'c 1\n',                                     # no TYPE
+                    '# TYPE c gauge\nc 1\nc 2\n',                # repeated
+                    '# TYPE c gauge\nc{x="1",x="2"} 1\n',
+                    '# TYPE c gauge\nc{x="\\t"} 1\n',            # escape
+                    '# TYPE c gauge\nc{x="1",} 1\n',
+                    '# TYPE c gauge\nc{} 1\n',
+                    '# TYPE c gauge\nc{x="1} 1\n',
+                    '# TYPE c gauge\nc one\n',
+                    '# TYPE c gauge\n\nc 1\n',
+                    '# TYPE c-d gauge\n',
+                    '# TYPE c flavour\n',
+                    '# TYPE c gauge\nc 1\n# HELP c late\n'):
+            with self.assertRaises(ValueError, msg=bad):
+                parse_prometheus(bad)
+
+
+class TestPrometheus(BrimTestCase):
+    """WSGIStats in the Prometheus text format, read by a strict parser."""
+
+    def metrics_server(self):
+        self.port, self.admin, self.odd = free_port(), free_port(), \
+            free_port()
+        self.write_conf(r'''
+            [wsgi]
+            ip = 127.0.0.1
+            port = %d
+            workers = 2
+            apps = gauges echo
+
+            [wsgi#admin]
+            ip = 127.0.0.1
+            port = %d
+            apps = stats
+
+            [wsgi#say "hi"\now]
+            ip = 127.0.0.1
+            port = %d
+
+            [daemons]
+            daemons = sample
+
+            [sample]
+            call = brim.daemon_sample.DaemonSample
+
+            [gauges]
+            call = myapps.Gauges
+
+            [echo]
+            call = brim.wsgi_echo.WSGIEcho
+
+            [stats]
+            call = brim.wsgi_stats.WSGIStats
+            ''' % (self.port, self.admin, self.odd))
+        return self.start()
+
+    def metrics(self, path='/metrics'):
+        status, headers, body = self.http(self.admin, 'GET', path)
+        self.assertEqual(status, 200, body)
+        self.assertEqual(headers['content-type'],
+                         'text/plain; version=0.0.4; charset=utf-8')
+        return parse_prometheus(body.decode('utf-8'))
+
+    def counted(self, expected):
+        """The metrics once the wsgi subserver has counted ``expected``."""
+        def ready():
+            families = self.metrics()
+            samples = families['brim_request_count_total']['samples']
+            if samples[(('subserver', 'wsgi'),)] >= expected:
+                return families
+            return None
+        return wait_until(ready, timeout=10)
+
+    def test_every_stat_with_its_labels(self):
+        self.metrics_server()
+        for value in (5, 9, 3):
+            self.assertEqual(self.http(self.port, 'GET', '/nothing')[0], 404)
+            self.assertEqual(
+                self.http(self.port, 'GET', '/gauge?%d' % value)[0], 200)
+        families = self.counted(6)
+        for name, family in families.items():
+            self.assertTrue(name.startswith('brim_'), name)
+            self.assertTrue(family['help'], name)
+            self.assertEqual(family['type'], 'counter'
+                             if name.endswith('_total') else 'gauge', name)
+        snapshot = self.stats(self.admin)['wsgi']
+        for name in ('request_count', 'status_2xx_count', 'status_404_count',
+                     'peak', 'low', 'odd-name.total'):
+            metric = 'brim_' + re.sub('[-.]', '_', name)
+            if name not in ('peak', 'low'):
+                metric += '_total'
+            got = {dict(key).get('worker'): value for key, value in
+                   families[metric]['samples'].items()
+                   if dict(key)['subserver'] == 'wsgi'}
+            # per worker, and rolled up (no worker label), as the JSON has
+            expected = {label: snapshot[label][name] for label in '01'}
+            expected[None] = snapshot[name]
+            self.assertEqual(got, expected, metric)
+        wsgi = (('subserver', 'wsgi'),)
+        self.assertEqual(
+            families['brim_request_count_total']['samples'][wsgi], 6)
+        self.assertEqual(
+            families['brim_status_404_count_total']['samples'][wsgi], 3)
+        self.assertEqual(
+            families['brim_odd_name_total_total']['samples'][wsgi], 17)
+        peaks = families['brim_peak']['samples']
+        self.assertIn(peaks[wsgi], (5, 9, 3))
+        self.assertEqual(peaks[wsgi], max(
+            peaks[wsgi + (('worker', w),)] for w in '01'))
+        # daemon stats are gauges per daemon; nothing rolls them up
+        self.assertEqual(list(families['brim_iterations']['samples']), [
+            (('subserver', 'daemons'), ('worker', 'sample'))])
+        # start_time: brimd's own, then one per worker and daemon
+        starts = families['brim_start_time_seconds']['samples']
+        self.assertLess(abs(starts[()] - time.time()), 60)
+        self.assertIn((('subserver', 'daemons'), ('worker', 'sample')),
+                      starts)
+        self.assertIn((('subserver', 'wsgi'), ('worker', '1')), starts)
+        # a section name with a quote, a backslash and an n: escaped, and
+        # read back as it was written
+        self.assertIn((('subserver', 'wsgi#say "hi"\\now'), ('worker', '0')),
+                      starts)
+
+    def test_format_query_and_own_path(self):
+        self.metrics_server()
+        query = self.metrics('/stats?format=prometheus')
+        self.assertIn('brim_request_count_total', query)
+        self.assertEqual(set(self.metrics()), set(query))
+        # /metrics is WSGIStats's; no other subserver answers it
+        self.assertEqual(self.http(self.port, 'GET', '/metrics')[0], 404)
+        self.assertEqual(self.http(self.admin, 'POST', '/metrics', b'')[0],
+                         405)
+        status, _headers, body = self.http(self.admin, 'GET',
+                                           '/stats?format=xml')
+        self.assertEqual((status, body),
+                         (400, b'format must be json, html or prometheus\n'))
+
+    def test_metrics_path_option(self):
+        self.port = free_port()
+        self.write_conf('''
+            [wsgi]
+            ip = 127.0.0.1
+            port = %d
+            apps = stats
+
+            [stats]
+            call = brim.wsgi_stats.WSGIStats
+            metrics_path = /internal/metrics
+            ''' % self.port)
+        self.start()
+        self.admin = self.port
+        self.assertIn('brim_request_count_total',
+                      self.metrics('/internal/metrics'))
+        self.assertEqual(self.http(self.port, 'GET', '/metrics')[0], 404)
 
 
 # ---------------------------------------------------------------------------
