@@ -3871,11 +3871,16 @@ def _pid_alive(pid):
         return False
     except PermissionError:
         pass
+    return _proc_state(pid) != 'Z'
+
+
+def _proc_state(pid):
+    """The kernel's one-letter state of ``pid`` (R, S, D, Z, ...), or ''."""
     try:
         with open('/proc/%d/stat' % pid, 'rb') as fp:
-            return fp.read().rsplit(b')', 1)[1].split()[0] != b'Z'
+            return fp.read().rsplit(b')', 1)[1].split()[0].decode('ascii')
     except (OSError, IndexError):
-        return True
+        return ''
 
 
 class _Worker(object):
@@ -4485,24 +4490,33 @@ class Server(object):
             _kill(pid, signum)
 
     def _wait_children(self, seconds):
-        """Reap children until none is left or ``seconds`` pass; then kill."""
+        """Reap children until none is left or ``seconds`` pass; then kill
+        the rest.  Bounded even then: a child stuck in the kernel (a hung
+        disk, say) must not keep brimd from exiting."""
+        if self._reaped_all(seconds):
+            return
+        self.logger.warning('killing %d workers that did not exit in %.0fs',
+                            len(self.children) + len(self.retired), seconds)
+        self._signal_children(signal.SIGKILL)
+        if not self._reaped_all(5.0):
+            self.logger.error('workers %s outlived SIGKILL for 5s; exiting '
+                              'without them', ' '.join(map(str, sorted(
+                                  list(self.children) + list(self.retired)))))
+
+    def _reaped_all(self, seconds):
+        """True once every child is reaped, within ``seconds``."""
         deadline = time.monotonic() + seconds
-        while (self.children or self.retired) and \
-                time.monotonic() < deadline:
+        while True:
             self._reap()
+            if not (self.children or self.retired):
+                return True
+            try:
+                os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                return True             # no child at all: nothing to wait for
+            if time.monotonic() >= deadline:
+                return False
             time.sleep(0.02)
-        if self.children or self.retired:
-            self.logger.warning('killing %d workers that did not exit in '
-                                '%.0fs', len(self.children) +
-                                len(self.retired), seconds)
-            self._signal_children(signal.SIGKILL)
-            while self.children or self.retired:
-                try:
-                    pid, _status = os.waitpid(-1, 0)
-                except ChildProcessError:
-                    break
-                self.children.pop(pid, None)
-                self.retired.pop(pid, None)
 
     def _exit(self):
         if self.pid_file and _read_pid_file(self.pid_file) == os.getpid():
@@ -5035,8 +5049,16 @@ def _signal_brimd(args, signum, verb, seconds):
         return 0
     os.kill(pid, signum)
     if not _wait_gone(pid, seconds):
-        print('%d did not %s within %ds' % (pid, verb, seconds),
-              file=sys.stderr)
+        # Say what it is doing: a state D (stuck in the kernel) or a wait
+        # channel points at the cause, where a bare timeout does not.
+        try:
+            with open('/proc/%d/wchan' % pid) as fp:
+                waiting = fp.read().strip()
+        except OSError:
+            waiting = ''
+        print('%d did not %s within %ds (state %s, waiting in %s)' % (
+            pid, verb, seconds, _proc_state(pid) or '?', waiting or '?'),
+            file=sys.stderr)
         return 1
     return 0
 

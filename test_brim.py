@@ -667,6 +667,7 @@ class HelloWorld(object):
 # One WSGI app with a path per behaviour under test.
 APP_SOURCES['myapps.py'] = '''
 import os
+import signal
 import socket
 import time
 from wsgiref.validate import validator
@@ -840,6 +841,17 @@ class InitRaises(object):
     def __init__(self, name, conf, next_app):
         time.sleep(float(conf.get(name, 'delay', '0')))
         raise RuntimeError('init-raises-marker')
+
+
+class IgnoresTerm(object):
+    """A worker deaf to SIGTERM, as an app stuck in a C call can be."""
+
+    def __init__(self, name, conf, next_app):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        self.next_app = next_app
+
+    def __call__(self, env, start_response):
+        return self.next_app(env, start_response)
 
 
 class Gauges(object):
@@ -1748,6 +1760,33 @@ class TestCommands(EchoTestCase):
         self.assert_gone(workers)
         self.assertFalse(os.path.exists(self.pid_file))
         self.assertTrue(connect_refused(self.port))
+
+    def test_stop_kills_a_worker_deaf_to_sigterm(self):
+        self.port = free_port()
+        self.write_conf('''
+            [wsgi]
+            ip = 127.0.0.1
+            port = %d
+            workers = 2
+            apps = deaf echo
+
+            [deaf]
+            call = myapps.IgnoresTerm
+
+            [echo]
+            call = brim.wsgi_echo.WSGIEcho
+            ''' % self.port)
+        pid = self.start()
+        workers = live_children_of(pid)
+        self.echo_ok(self.port)
+        started = time.monotonic()
+        code, out, err = self.brim('stop')
+        self.assertEqual((code, err), (0, ''), self.log_text()[-4000:])
+        # 5 s for SIGTERM, then SIGKILL: well inside stop's 15 s
+        self.assertLess(time.monotonic() - started, 12)
+        self.assert_gone([pid] + workers)
+        self.assertIn('killing 2 workers that did not exit in 5s',
+                      self.log_text())
 
     def test_stop_and_status_ignore_unrelated_pid(self):
         self.echo_conf()
@@ -4358,7 +4397,7 @@ class TestBrimdScript(EchoTestCase):
         self.assertIn(os.path.join(bindir, 'brimd'), proc_cmdline(pid))
         code, out, err = self.brim('stop', script=script, env=env,
                                    cwd=self.tmp)
-        self.assertEqual((code, err), (0, ''))
+        self.assertEqual((code, err), (0, ''), self.log_text()[-4000:])
         self.assert_gone([pid])
 
 
