@@ -31,6 +31,7 @@ ones configs and apps use.
 """
 
 import base64
+import collections
 import configparser
 import ctypes
 import errno
@@ -1165,6 +1166,70 @@ def _log_words(words):
     return _UNSAFE_LOG_RE.sub(_percent, line).replace('\0', ' ')
 
 
+class _Turnstile(object):
+    """Lets a worker's requests run ``width`` at a time, first come first
+    served.
+
+    Under the GIL only one thread runs Python at a time, and a crowd of
+    threads contending for it is served in no order: with 250 keep-alive
+    connections per worker the unlucky requests waited seconds.  Queueing
+    them here, in arrival order, keeps the latency even and the throughput
+    up.  A request that holds its place for longer than ``stall`` seconds
+    is probably waiting on something (a database, a slow client) rather
+    than using the CPU: its place goes to the next in line, so blocking
+    apps are never limited to ``width`` requests at a time.
+    """
+
+    def __init__(self, width, stall):
+        self.lock = threading.Lock()
+        self.width = width
+        self.stall = stall
+        self.running = {}       # place (a lock) -> when its request began
+        self.waiting = collections.deque()
+        self.someone_waits = threading.Event()
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def enter(self):
+        """Wait for a place; returns it, for leave()."""
+        place = threading.Lock()
+        with self.lock:
+            if len(self.running) < self.width and not self.waiting:
+                self.running[place] = time.monotonic()
+                return place
+            place.acquire()
+            self.waiting.append(place)
+            self.someone_waits.set()
+        place.acquire()         # released when the place is handed over
+        return place
+
+    def leave(self, place):
+        with self.lock:
+            # A stalled request lost its place already: nothing to hand on.
+            if self.running.pop(place, None) is not None and self.waiting:
+                self._admit_next(time.monotonic())
+
+    def _admit_next(self, now):
+        place = self.waiting.popleft()
+        self.running[place] = now
+        place.release()
+
+    def _watch(self):
+        """While requests wait, hand the places of stalled ones on."""
+        while True:
+            self.someone_waits.wait()
+            time.sleep(self.stall)
+            with self.lock:
+                now = time.monotonic()
+                for place, began in list(self.running.items()):
+                    if not self.waiting:
+                        break
+                    if now - began >= self.stall:
+                        del self.running[place]
+                        self._admit_next(now)
+                if not self.waiting:
+                    self.someone_waits.clear()
+
+
 class _HTTPConnection(object):
     """One client connection: reads requests and answers them in turn.
 
@@ -1405,17 +1470,27 @@ class _HTTPConnection(object):
 
     def serve(self):
         """Answer requests until the client or brim ends the connection."""
+        turnstile = self.worker.turnstile
         try:
             while True:
                 try:
                     head = self.read_head()
                     if head is None:
                         return
-                    env = self.parse(head)
                 except _HTTPError as err:
                     self.refuse(err)
                     return
-                if not self.respond(env):
+                place = turnstile.enter()
+                try:
+                    try:
+                        env = self.parse(head)
+                    except _HTTPError as err:
+                        self.refuse(err)
+                        return
+                    keep = self.respond(env)
+                finally:
+                    turnstile.leave(place)
+                if not keep:
                     return
                 self.idle = True
         except (OSError, EOFError):
@@ -2198,6 +2273,9 @@ class WSGISubserver(_IPSubserver):
         self.connections = set()
         self.next_request_check = 0.0
         self.status_slots = self._status_slots()
+        # Two at a time: one request's Python runs while the other's
+        # response is being sent.  Measured best of 1, 2, 4 and 8.
+        self.turnstile = _Turnstile(2, 0.01)
         host, port = self.sock.getsockname()[:2]
         self.base_env = {
             'SCRIPT_NAME': '', 'SERVER_NAME': host, 'SERVER_PORT': str(port),

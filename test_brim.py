@@ -3279,6 +3279,75 @@ class TestHTTP(EchoTestCase):
         self.start()
         self.assertEqual(tcp_exchange(port, b''), b'nodelay=1')
 
+    def test_blocking_requests_are_not_held_two_at_a_time(self):
+        """Requests run two at a time in arrival order, but one that
+        waits (here: sleeps) gives its place up: twelve half-second
+        requests on one worker take about half a second, not three."""
+        self.echo_conf()
+        self.start()
+        results = []
+
+        def sleeper():
+            results.append(self.http(self.port, 'POST', '/slowecho?0.5',
+                                     b'z')[::2])
+        threads = [threading.Thread(target=sleeper) for _ in range(12)]
+        began = time.monotonic()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        took = time.monotonic() - began
+        self.assertEqual(results, [(200, b'z')] * 12)
+        self.assertLess(took, 2.0)
+
+
+class TestTurnstile(unittest.TestCase):
+    """The queue a worker's requests run through, in this process."""
+
+    def waiter(self, turnstile, order, name):
+        def run():
+            place = turnstile.enter()
+            order.append(name)
+            places[name] = place
+        places = self.places
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        return thread
+
+    def setUp(self):
+        self.places = {}
+
+    def test_first_come_first_served(self):
+        turnstile = brim._Turnstile(2, 30.0)
+        first, second = turnstile.enter(), turnstile.enter()
+        order = []
+        for name in 'abc':
+            self.waiter(turnstile, order, name)
+            wait_until(lambda: len(turnstile.waiting) == 'abc'.index(name)
+                       + 1)
+        self.assertEqual(order, [])
+        turnstile.leave(second)
+        wait_until(lambda: order == ['a'])
+        turnstile.leave(first)
+        wait_until(lambda: order == ['a', 'b'])
+        turnstile.leave(self.places['a'])
+        wait_until(lambda: order == ['a', 'b', 'c'])
+        self.assertEqual(len(turnstile.running), 2)
+
+    def test_stalled_places_are_handed_on(self):
+        turnstile = brim._Turnstile(2, 0.05)
+        stuck = [turnstile.enter(), turnstile.enter()]
+        order = []
+        threads = [self.waiter(turnstile, order, name) for name in 'ab']
+        for thread in threads:
+            thread.join(10)
+        self.assertEqual(sorted(order), ['a', 'b'])
+        # the stalled ones leaving later frees nothing twice
+        for place in stuck:
+            turnstile.leave(place)
+        self.assertEqual(len(turnstile.running), 2)
+        self.assertFalse(turnstile.waiting)
+
 
 class TestHTTPRefusals(EchoTestCase):
     """Requests brim refuses; the server keeps serving after each."""
