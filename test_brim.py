@@ -1295,6 +1295,21 @@ class BrimTestCase(unittest.TestCase):
         finally:
             sock.close()
 
+    def stats_only_conf(self, wsgi_extra='', stats_extra=''):
+        """One [wsgi] on ``self.port`` serving WSGIStats alone."""
+        self.port = free_port()
+        self.write_conf('''
+            [wsgi]
+            ip = 127.0.0.1
+            port = %d
+            apps = stats
+            %s
+
+            [stats]
+            call = brim.wsgi_stats.WSGIStats
+            %s
+            ''' % (self.port, wsgi_extra, stats_extra))
+
     def stats(self, port, path='/stats'):
         status, _headers, body = self.http(port, 'GET', path)
         self.assertEqual(status, 200, body)
@@ -2705,17 +2720,7 @@ class TestStats(BrimTestCase):
                                         if not isinstance(v, dict)})
 
     def test_custom_count_status_codes(self):
-        self.port = free_port()
-        self.write_conf('''
-            [wsgi]
-            ip = 127.0.0.1
-            port = %d
-            apps = stats
-            count_status_codes = 404 405
-
-            [stats]
-            call = brim.wsgi_stats.WSGIStats
-            ''' % self.port)
+        self.stats_only_conf(wsgi_extra='count_status_codes = 404 405')
         self.start()
         self.assertEqual(self.http(self.port, 'POST', '/stats', b'')[0], 405)
         wsgi = self.stats(self.port)['wsgi']
@@ -2980,17 +2985,7 @@ class TestPrometheus(BrimTestCase):
                          (400, b'format must be json, html or prometheus\n'))
 
     def test_metrics_path_option(self):
-        self.port = free_port()
-        self.write_conf('''
-            [wsgi]
-            ip = 127.0.0.1
-            port = %d
-            apps = stats
-
-            [stats]
-            call = brim.wsgi_stats.WSGIStats
-            metrics_path = /internal/metrics
-            ''' % self.port)
+        self.stats_only_conf(stats_extra='metrics_path = /internal/metrics')
         self.start()
         self.admin = self.port
         self.assertIn('brim_request_count_total',
@@ -4419,16 +4414,7 @@ class TestStatsPage(BrimTestCase):
         self.assertIn('<td>sample</td>', cards['daemons'])
 
     def test_refresh_checked_at_start(self):
-        self.write_conf('''
-            [wsgi]
-            ip = 127.0.0.1
-            port = %d
-            apps = stats
-
-            [stats]
-            call = brim.wsgi_stats.WSGIStats
-            refresh = 0
-            ''' % free_port())
+        self.stats_only_conf(stats_extra='refresh = 0')
         code, out, err = self.brim('start')
         self.track(self.read_pid())
         self.assertEqual((code, err.count('\n')), (1, 1), out)
