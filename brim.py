@@ -2882,10 +2882,11 @@ p.totals { color: var(--dim); font-size: 12px; margin: 8px 0 0; }
 
   // The chart spans the samples so far, up to WINDOW, then moves on.
   function chart(points, now) {
-    var peak = 1;
+    var peak = 0;
     var span = points.length ?
       Math.min(WINDOW, Math.max(10, now - points[0][0])) : WINDOW;
     points.forEach(function (point) { peak = Math.max(peak, point[1]); });
+    var scale = Math.max(peak, 1);     // a flat line sits at the bottom
     var root = svg('svg', {viewBox: '0 0 300 100',
                            preserveAspectRatio: 'none', role: 'img'});
     [25, 50, 75].forEach(function (y) {
@@ -2895,7 +2896,7 @@ p.totals { color: var(--dim); font-size: 12px; margin: 8px 0 0; }
     if (points.length) {
       var xy = points.map(function (point) {
         return ((point[0] - now + span) / span * 300).toFixed(1) + ',' +
-          (100 - point[1] / peak * 94).toFixed(1);
+          (100 - point[1] / scale * 94).toFixed(1);
       });
       var left = xy[0].split(',')[0], right = xy[xy.length - 1].split(',')[0];
       root.appendChild(svg('polygon', {
@@ -2963,12 +2964,21 @@ p.totals { color: var(--dim); font-size: 12px; margin: 8px 0 0; }
                    {text: 'down', className: 'down'},
                    {text: w.pid ? duration(w.uptime) : '\\u2013'}];
       extra.forEach(function (name) {
-        cells.push({text: (stats[name] || 0).toLocaleString('en-US')});
+        cells.push({text: statText(name, stats[name] || 0)});
       });
       cells.push({text: w.restarts});
       table.appendChild(row(cells));
     });
     section.appendChild(table);
+  }
+
+  // A stat named last_* or *_time holding seconds since the epoch (a
+  // daemon's last_run) reads as a time; the rest as counts.
+  function statText(name, value) {
+    if (/^last_|_time$$/.test(name) && value > 1e9) {
+      return new Date(value * 1000).toLocaleTimeString();
+    }
+    return value.toLocaleString('en-US');
   }
 
   function otherTotals(section, entry, shown) {
@@ -2977,7 +2987,7 @@ p.totals { color: var(--dim); font-size: 12px; margin: 8px 0 0; }
     }).sort();
     if (names.length) {
       section.appendChild(el('p', 'totals', names.map(function (name) {
-        return name + ' ' + entry[name].toLocaleString('en-US');
+        return name + ' ' + statText(name, entry[name]);
       }).join(' \\u00b7 ')));
     }
   }

@@ -4412,6 +4412,11 @@ class TestStatsPage(BrimTestCase):
         self.assertIn('<polyline', cards['wsgi'])
         self.assertIn('datagram_count', cards['udp'])
         self.assertIn('<td>sample</td>', cards['daemons'])
+        # last_run (seconds since the epoch) reads as a time of day, not
+        # as a ten-digit count
+        self.assertRegex(cards['daemons'], r'<td>\d{1,2}:\d\d:\d\d')
+        self.assertNotRegex(cards['daemons'], r'\d,\d{3},\d{3},\d{3}')
+        self.assertIn('peak 0.00/s', cards['udp'])
 
     def test_refresh_checked_at_start(self):
         self.stats_only_conf(stats_extra='refresh = 0')
