@@ -679,6 +679,7 @@ def _prometheus_text(server):
     without ``worker``.  ``start_time`` becomes brim_start_time_seconds.
     """
     families = {}
+    owners = {'brim_start_time_seconds': ('start_time', None)}
     start = families['brim_start_time_seconds'] = (
         'gauge', 'When brimd or a worker started (seconds since the epoch).',
         {(): server.start_time})
@@ -687,12 +688,10 @@ def _prometheus_text(server):
         if name == 'start_time':
             family = start
         else:
-            metric = 'brim_' + re.sub(r'[^a-zA-Z0-9_]', '_', name)
-            kind = 'counter' if stat_type == 'sum' else 'gauge'
-            if kind == 'counter':
-                metric += '_total'
-            family = families.setdefault(metric, (
-                kind, 'brim stat %s (%s).' % (name, stat_type), {}))
+            family = families.setdefault(
+                _prometheus_name(name, stat_type, owners),
+                ('counter' if stat_type == 'sum' else 'gauge',
+                 'brim stat %s (%s).' % (name, stat_type), {}))
         samples = family[2]
         base = (('subserver', subserver.name),)
         if rolled is not None:
@@ -711,6 +710,18 @@ def _prometheus_text(server):
             lines.append('%s%s %s' % (metric, '{%s}' % rendered if rendered
                                       else '', samples[labels]))
     return '\n'.join(lines) + '\n'
+
+
+def _prometheus_name(name, stat_type, owners):
+    """The metric for stat ``name``: brim_<name>, _total for a counter,
+    and one no other stat owns (``hits`` as a sum and ``hits_total`` as a
+    max would both be brim_hits_total)."""
+    base = 'brim_' + re.sub(r'[^a-zA-Z0-9_]', '_', name)
+    suffix = '_total' if stat_type == 'sum' else ''
+    while owners.setdefault(base + suffix, (name, stat_type)) != \
+            (name, stat_type):
+        base += '_'
+    return base + suffix
 
 
 def _prometheus_label(value):
@@ -1478,6 +1489,7 @@ class _HTTPConnection(object):
                     head = self.read_head()
                     if head is None:
                         return
+                    self.idle = False   # a pipelined head needs no recv
                 except _HTTPError as err:
                     self.refuse(err)
                     return
@@ -2658,7 +2670,7 @@ class WSGIStats(object):
             raise ConfError('[%s] refresh must be above 0 (seconds between '
                             'the page\'s updates).' % name)
         return (conf.get(name, 'path', '/stats'), refresh,
-                conf.get(name, 'metrics_path', '/metrics'))
+                conf.get(name, 'metrics_path', '/metrics') or None)
 
 
 class TCPEcho(object):
@@ -2886,7 +2898,7 @@ p.totals { color: var(--dim); font-size: 12px; margin: 8px 0 0; }
     var span = points.length ?
       Math.min(WINDOW, Math.max(10, now - points[0][0])) : WINDOW;
     points.forEach(function (point) { peak = Math.max(peak, point[1]); });
-    var scale = Math.max(peak, 1);     // a flat line sits at the bottom
+    var scale = peak > 0 ? peak : 1;   // a flat line sits at the bottom
     var root = svg('svg', {viewBox: '0 0 300 100',
                            preserveAspectRatio: 'none', role: 'img'});
     [25, 50, 75].forEach(function (y) {
@@ -2972,11 +2984,14 @@ p.totals { color: var(--dim); font-size: 12px; margin: 8px 0 0; }
     section.appendChild(table);
   }
 
-  // A stat named last_* or *_time holding seconds since the epoch (a
-  // daemon's last_run) reads as a time; the rest as counts.
+  // A stat named last_* holding seconds since the epoch (a daemon's
+  // last_run) reads as a time, with the date when not today; the rest as
+  // counts.
   function statText(name, value) {
-    if (/^last_|_time$$/.test(name) && value > 1e9) {
-      return new Date(value * 1000).toLocaleTimeString();
+    if (/^last_/.test(name) && value > 1e9) {
+      var when = new Date(value * 1000);
+      return when.toDateString() === new Date().toDateString() ?
+        when.toLocaleTimeString() : when.toLocaleString();
     }
     return value.toLocaleString('en-US');
   }
@@ -5133,9 +5148,18 @@ def _try_conf(args):
         return None
 
 
+#: How long past graceful_timeout a draining brimd may take to exit: a
+#: second for its workers' last words, 5 s after SIGKILL, and some spare.
+_EXIT_SLACK = 10.0
+
+
 def _signal_brimd(args, signum, verb, seconds):
-    """stop / shutdown: signal the running brimd and wait for it to go."""
+    """stop / shutdown: signal the running brimd and wait for it to go
+    (``seconds``, or None: as long as a graceful shutdown may take)."""
     conf = _try_conf(args)
+    if seconds is None:
+        seconds = _EXIT_SLACK + (conf.get_float(
+            'brim', 'graceful_timeout', 30.0) if conf else 30.0)
     pid_file = _pid_file_path(args, conf)
     pid = _read_pid_file(pid_file) if pid_file else None
     if not _is_brimd(pid):
@@ -5150,8 +5174,10 @@ def _signal_brimd(args, signum, verb, seconds):
                 waiting = fp.read().strip()
         except OSError:
             waiting = ''
+        if waiting in ('', '0'):        # some kernels hide it
+            waiting = '?'
         print('%d did not %s within %ds (state %s, waiting in %s)' % (
-            pid, verb, seconds, _proc_state(pid) or '?', waiting or '?'),
+            pid, verb, seconds, _proc_state(pid) or '?', waiting),
             file=sys.stderr)
         return 1
     return 0
@@ -5181,7 +5207,7 @@ def _cmd_start(args, restart=False):
         if not inherited:
             # No handover possible: the old brimd must let go of its ports.
             os.kill(old_pid, signal.SIGHUP)
-            _wait_gone(old_pid, server.graceful_timeout + 5)
+            _wait_gone(old_pid, server.graceful_timeout + _EXIT_SLACK)
             old_pid = None
     server.bind(inherited or _systemd_sockets())
     if pid_file:
@@ -5324,7 +5350,7 @@ def main(argv=None):
             # foreground brimd drains on SIGTERM, as containers expect).
             return _signal_brimd(args, signal.SIGQUIT, 'stop', 15)
         if args.command == 'shutdown':
-            return _signal_brimd(args, signal.SIGHUP, 'shut down', 60)
+            return _signal_brimd(args, signal.SIGHUP, 'shut down', None)
         if args.command == 'status':
             return _cmd_status(args)
         if args.command == 'check':
