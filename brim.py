@@ -1261,7 +1261,7 @@ class _HTTPConnection(object):
         # Idle means between keep-alive requests: a drain may close it then.
         # A new connection is not idle: its first request is always served.
         self.idle = False
-        self.served = 0         # requests answered on this connection
+        self.served = 0         # requests begun on this connection
 
     # -- reading -----------------------------------------------------------
 
@@ -1547,7 +1547,8 @@ class _HTTPConnection(object):
         method, path = env['REQUEST_METHOD'], env['PATH_INFO']
         self.current = (start, txn, method, path)
         worker.stats.note_request(start, txn, method, path)
-        worker.count_served()
+        # A connection's first request was counted when it was accepted.
+        worker.count_served(toward_limit=self.served > 1)
         try:
             keep = response.run(worker.app)
             if keep:
@@ -2097,11 +2098,18 @@ class _IPSubserver(Subserver):
             self.request_limit = self.max_requests + \
                 random.randint(0, self.max_requests_jitter)
 
-    def count_served(self):
-        """Count a connection or datagram as it starts (WSGI counts
-        requests); the one that reaches max_requests recycles the worker,
-        so this worker accepts nothing after it."""
+    def count_served(self, toward_limit=True):
+        """Count a request, connection or datagram as it starts, and
+        (unless the accept loop counted it already) toward max_requests."""
         self.stats.incr('_served')
+        if toward_limit:
+            self.count_toward_limit()
+
+    def count_toward_limit(self):
+        """The one that reaches max_requests recycles the worker.  New
+        connections are counted by the accept loop itself, as it accepts
+        them: counted on the serving thread, the next connection could be
+        accepted before the limit was seen."""
         if next(self.served) == self.request_limit:
             self.retire('served max_requests (%d)' % self.request_limit)
 
@@ -2203,6 +2211,7 @@ class _IPSubserver(Subserver):
                 except (BlockingIOError, InterruptedError):
                     pool.slots.release()
                     return
+                self.count_toward_limit()   # may start draining
                 client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 client.settimeout(self.client_timeout)
                 if tls is not None:
@@ -2461,7 +2470,7 @@ class TCPSubserver(_IPSubserver):
         self._accept_connections(self._handle)
 
     def _handle(self, sock, address):
-        self.count_served()
+        self.count_served(toward_limit=False)
         try:
             self.handler(self, self.stats, sock, address[0], address[1])
         except Exception:
