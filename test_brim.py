@@ -3370,6 +3370,111 @@ class TestTurnstile(unittest.TestCase):
         self.assertFalse(turnstile.waiting)
 
 
+class TestConnectionPool(unittest.TestCase):
+    """The threads that take turns to accept and serve, in this process,
+    fed from a queue instead of a listening socket."""
+
+    def setUp(self):
+        self.incoming = []
+        self.ready = threading.Condition()
+        self.stopped = False
+        self.accepted_on = {}       # connection -> thread that accepted it
+        self.served_on = {}         # connection -> thread that served it
+        self.released = {}          # connection -> Event ending its handler
+        self.told_to_stop = 0       # accept calls answered None
+
+    def accept(self):
+        with self.ready:
+            self.ready.wait_for(lambda: self.incoming or self.stopped)
+            if self.stopped:
+                self.told_to_stop += 1
+                return None
+            conn = self.incoming.pop(0)
+        self.accepted_on[conn] = threading.get_ident()
+        return conn, ('127.0.0.1', 0)
+
+    def arrive(self, *conns):
+        with self.ready:
+            self.incoming.extend(conns)
+            self.ready.notify()
+
+    def pool(self, limit=10, stall=30.0, waits=()):
+        """A pool whose handler returns at once, except for connections in
+        ``waits``: they pass the turn (or not: 'stall') and wait."""
+        def handle(conn, address, pass_turn):
+            self.served_on[conn] = threading.get_ident()
+            if conn in waits:
+                if not conn.startswith('stall'):
+                    pass_turn()
+                self.released[conn] = threading.Event()
+                self.released[conn].wait(10)
+        pool = brim._ConnectionPool(self.accept, handle, limit, stall,
+                                    brim.logging.getLogger('test'))
+        self.addCleanup(self.stop, pool)
+        return pool
+
+    def stop(self, pool):
+        with self.ready:
+            self.stopped = True
+            self.ready.notify_all()
+        for event in self.released.values():
+            event.set()
+        pool.stop()
+
+    def test_quick_connections_are_served_by_the_thread_that_accepts(self):
+        self.pool()
+        conns = ['c%d' % n for n in range(20)]
+        self.arrive(*conns)
+        wait_until(lambda: len(self.served_on) == 20)
+        self.assertEqual(self.served_on, self.accepted_on)
+        self.assertEqual(len(set(self.served_on.values())), 1,
+                         'quick connections were handed between threads')
+
+    def test_the_turn_passes_before_a_connection_waits(self):
+        pool = self.pool(waits={'waits'})
+        self.arrive('waits')
+        wait_until(lambda: 'waits' in self.released)
+        self.arrive('next')
+        wait_until(lambda: 'next' in self.served_on)
+        self.assertNotEqual(self.served_on['next'], self.served_on['waits'])
+        self.assertEqual(self.accepted_on['waits'], self.served_on['waits'])
+        # Its thread, done, waits for a turn: nothing new is started.
+        self.released['waits'].set()
+        wait_until(lambda: pool.idle == 1)
+        self.arrive('last')
+        wait_until(lambda: 'last' in self.served_on)
+        self.assertEqual(self.served_on['last'], self.served_on['next'])
+
+    def test_a_stalled_connection_loses_the_turn(self):
+        self.pool(stall=0.02, waits={'stalls'})
+        self.arrive('stalls')
+        wait_until(lambda: 'stalls' in self.released)
+        self.arrive('next')
+        wait_until(lambda: 'next' in self.served_on)
+        self.assertFalse(self.released['stalls'].is_set())
+        self.assertNotEqual(self.served_on['next'],
+                            self.served_on['stalls'])
+
+    def test_no_more_than_limit_connections_at_once(self):
+        pool = self.pool(limit=2, waits={'a', 'b'})
+        self.arrive('a', 'b', 'c')
+        wait_until(lambda: len(self.released) == 2)
+        self.assertEqual((pool.busy, self.incoming), (2, ['c']))
+        self.released['a'].set()
+        wait_until(lambda: 'c' in self.served_on)
+
+    def test_stop_reaches_a_thread_waiting_for_a_slot(self):
+        pool = self.pool(limit=1, waits={'a'})
+        self.arrive('a')
+        wait_until(lambda: 'a' in self.released)
+        with self.ready:
+            self.stopped = True
+        pool.stop()
+        wait_until(lambda: self.told_to_stop == 1 and pool.busy == 1)
+        self.released['a'].set()
+        wait_until(lambda: not pool.busy)
+
+
 class TestHTTPRefusals(EchoTestCase):
     """Requests brim refuses; the server keeps serving after each."""
 
