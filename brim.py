@@ -894,9 +894,9 @@ _FORBIDDEN_TRAILERS = frozenset((b'content-length', b'transfer-encoding',
 _NO_BODY_STATUSES = frozenset((204, 304))
 _DRAIN_LIMIT = 65536
 _RECV_SIZE = 65536
-# A request or a new connection that holds a worker's thread this long is
-# most likely waiting (on a database, a client), not using the CPU: what it
-# holds (a turnstile place, the turn to accept) goes to another thread.
+# A request that holds a worker's thread this long is most likely waiting
+# (on a database, a client), not using the CPU: the turn to accept and serve
+# goes to another thread.
 _STALL = 0.01
 
 
@@ -1193,67 +1193,6 @@ def _watch_stalls(watching, stall, lock, check):
     threading.Thread(target=watch, daemon=True).start()
 
 
-class _Turnstile(object):
-    """Lets a worker's requests run ``width`` at a time, first come first
-    served.
-
-    Under the GIL only one thread runs Python at a time, and a crowd of
-    threads contending for it is served in no order: with 250 keep-alive
-    connections per worker the unlucky requests waited seconds.  Queueing
-    them here, in arrival order, keeps the latency even and the throughput
-    up.  A request that holds its place for longer than ``stall`` seconds
-    is probably waiting on something (a database, a slow client) rather
-    than using the CPU: its place goes to the next in line, so blocking
-    apps are never limited to ``width`` requests at a time.
-    """
-
-    def __init__(self, width, stall):
-        self.lock = threading.Lock()
-        self.width = width
-        self.running = {}       # place (a lock) -> when its request began
-        self.waiting = collections.deque()
-        self.someone_waits = threading.Event()
-        _watch_stalls(self.someone_waits, stall, self.lock,
-                      self._hand_on_stalled)
-
-    def enter(self):
-        """Wait for a place; returns it, for leave()."""
-        place = threading.Lock()
-        with self.lock:
-            if len(self.running) < self.width and not self.waiting:
-                self.running[place] = time.monotonic()
-                return place
-            place.acquire()
-            self.waiting.append(place)
-            self.someone_waits.set()
-        place.acquire()         # released when the place is handed over
-        return place
-
-    def leave(self, place):
-        with self.lock:
-            # A stalled request lost its place already: nothing to hand on.
-            if self.running.pop(place, None) is not None and self.waiting:
-                self._admit_next(time.monotonic())
-
-    def _admit_next(self, now):
-        place = self.waiting.popleft()
-        self.running[place] = now
-        place.release()
-
-    def _hand_on_stalled(self, stall):
-        """Watch thread, lock held: stalled requests give their places to
-        waiting ones."""
-        now = time.monotonic()
-        for place, began in list(self.running.items()):
-            if not self.waiting:
-                break
-            if now - began >= stall:
-                del self.running[place]
-                self._admit_next(now)
-        if not self.waiting:
-            self.someone_waits.clear()
-
-
 class _HTTPConnection(object):
     """One client connection: reads requests and answers them in turn.
 
@@ -1261,12 +1200,16 @@ class _HTTPConnection(object):
     connection, so keep-alive requests create little garbage.
     """
 
-    def __init__(self, worker, sock, address, pass_turn=None):
+    def __init__(self, worker, sock, address):
         self.worker = worker
         self.sock = sock
-        # Set while this thread has the worker's turn to accept: a socket
-        # fresh from accept, without its timeout yet.
-        self.pass_turn = pass_turn
+        self.fresh = True       # no read yet (nor the socket's timeout)
+        # Between requests a plain connection is parked in the pool's epoll;
+        # TLS may hold decrypted bytes that epoll cannot see.
+        self.parkable = worker.tls is None
+        self.pass_turn = None   # set while this thread has the turn
+        self.readable = False   # epoll said a read will not wait
+        self.poll = None        # made when first needed
         self.buf = b''
         self.client = address[0] if address else '-'
         self.base_env = worker.base_env.copy()
@@ -1283,29 +1226,39 @@ class _HTTPConnection(object):
 
     def recv(self):
         """More bytes from the client; raises EOFError when it closed."""
-        self.before_waiting()
-        data = self.sock.recv(_RECV_SIZE)
+        data = self.recv_or_eof()
         if not data:
             raise EOFError
         return data
 
+    def recv_or_eof(self):
+        """What the client sent next, b'' if it closed.  A read that would
+        wait on the client passes this thread's turn on first."""
+        if self.readable:
+            self.readable = False   # epoll said so
+        elif self.pass_turn is not None and not self.arrived():
+            self.pass_turn()
+            self.pass_turn = None
+        return self.sock.recv(_RECV_SIZE)
+
+    def arrived(self):
+        """True if a read will not wait: a body coming right behind its
+        head is served on, with no turn passed."""
+        if self.poll is None:
+            self.poll = select.poll()
+            self.poll.register(self.sock, select.POLLIN)
+        return bool(self.poll.poll(0))
+
     def read_arrived(self):
-        """Take what a new client has sent already, without waiting; False
-        if it closed.  Then the socket gets its timeout for every wait."""
+        """What a new client has sent already (None: nothing yet, b'': it
+        closed), taken without waiting.  Then the socket gets its timeout
+        for every wait."""
         try:
             data = self.sock.recv(_RECV_SIZE, socket.MSG_DONTWAIT)
         except BlockingIOError:
             data = None
         self.sock.settimeout(self.worker.client_timeout)
-        self.buf = data or b''
-        return data != b''
-
-    def before_waiting(self):
-        """Before a read that may wait on the client: pass the turn to
-        accept on, if this thread has it."""
-        if self.pass_turn is not None:
-            self.pass_turn()
-            self.pass_turn = None
+        return data
 
     def take(self, size):
         """Up to ``size`` body bytes: buffered ones first, else one recv."""
@@ -1369,9 +1322,8 @@ class _HTTPConnection(object):
                 raise _HTTPError(414, 'request line over max_request_line')
             if len(buf) > worker.max_head:
                 raise _HTTPError(431, 'request head over the header limits')
-            self.before_waiting()
             try:
-                data = self.sock.recv(_RECV_SIZE)
+                data = self.recv_or_eof()
             except socket.timeout:
                 if buf:
                     raise _HTTPError(408, 'client timed out sending a head')
@@ -1516,46 +1468,56 @@ class _HTTPConnection(object):
 
     # -- serving -----------------------------------------------------------
 
-    def serve(self):
-        """Answer requests until the client or brim ends the connection."""
-        turnstile = self.worker.turnstile
+    def serve(self, pass_turn=None):
+        """Answer requests until the client or brim ends the connection, or
+        until it idles between requests: then it returns itself, to be
+        parked in the pool's epoll until the next request comes.
+
+        ``pass_turn``: this thread has the worker's turn to accept and
+        serve, to pass on before it waits on the client.
+        """
+        self.pass_turn = pass_turn
         try:
-            if self.pass_turn is not None and not self.read_arrived():
-                return
+            if not self.fresh:
+                self.readable = True    # epoll says so
+            elif pass_turn is not None:     # from the accept
+                self.fresh = False
+                data = self.read_arrived()
+                if data is None:
+                    return self     # no request yet: parked until it comes
+                if not data:
+                    return self.close()
+                self.buf = data
             while True:
                 try:
                     head = self.read_head()
                     if head is None:
-                        return
+                        return self.close()
                     self.idle = False   # a pipelined head needs no recv
+                    self.served += 1
+                    env = self.parse(head)
                 except _HTTPError as err:
                     self.refuse(err)
-                    return
-                # A new connection's first request waited its turn in the
-                # listen backlog already; queueing it twice costs -c50
-                # Connection: close throughput a tenth and gains nothing.
-                place = turnstile.enter() if self.served else None
-                self.served += 1
-                try:
-                    try:
-                        env = self.parse(head)
-                    except _HTTPError as err:
-                        self.refuse(err)
-                        return
-                    keep = self.respond(env)
-                finally:
-                    if place is not None:
-                        turnstile.leave(place)
-                if not keep:
-                    return
+                    return self.close()
+                if not self.respond(env):
+                    return self.close()
                 self.idle = True
+                if self.parkable and not self.buf:
+                    return self
         except (OSError, EOFError):
-            return      # the client went away or timed out: nothing to say
-        finally:
-            try:
-                self.sock.close()
-            except OSError:
-                pass
+            # The client went away or timed out: nothing to say.
+            return self.close()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self):
+        """Close the connection (for good); returns None."""
+        self.worker.connections.discard(self)
+        try:
+            self.sock.close()
+        except OSError:
+            pass
 
     def refuse(self, err):
         """Answer a request brim will not serve, then close."""
@@ -1868,87 +1830,191 @@ class _Response(object):
 
 
 class _ConnectionPool(object):
-    """Threads that accept connections and serve them, at most ``limit``
-    connections at once.
+    """Threads that take turns to accept connections and serve them.
 
-    One thread at a time has the turn to accept, and it serves what it
-    accepts itself: under the GIL, handing a short request to another
-    thread (a wake-up, a context switch, a contended lock) costs more than
-    the request, and -c50 ``Connection: close`` throughput went up 1.6x
-    without it.  The turn passes to an idle thread, or a new one, as soon
-    as the connection would keep it from accepting: when the handler is
-    about to wait on its client (it calls ``pass_turn``) or when it has
-    served for ``stall`` seconds (a watch thread notices: the app waits on
-    something).  So accepting never waits behind a slow client or app, and
-    a keep-alive connection stays on the thread that accepted it.
+    One thread at a time has the turn.  It waits in epoll for the listening
+    socket and for parked connections (keep-alive ones between requests,
+    new ones before their first), and serves whatever is ready itself:
+    under the GIL, handing a short request to another thread (a wake-up, a
+    context switch, a contended lock) costs more than serving it.  The turn
+    passes to an idle thread, or a new one, as soon as its holder would
+    wait: on a client in the middle of a request (the connection calls
+    ``pass_turn``) or on an app that has run for ``stall`` seconds (a watch
+    thread notices).  So accepting and the other connections never wait
+    behind one slow client or app, and there are only as many threads as
+    requests that wait.
+
+    ``handle(sock, address)`` makes a new connection's job: an object with
+    ``serve(pass_turn)``, which returns the job to park, or None once the
+    connection is closed, ``close()``, ``client``, and ``idle`` (true
+    between requests: a drain closes it).  At most ``limit`` connections
+    are open at once (then the worker stops accepting and new ones wait in
+    the backlog); parked ones are closed after ``idle_timeout`` seconds.
     """
 
-    def __init__(self, accept, handle, limit, stall, logger):
-        self.accept = accept        # () -> (sock, address), None: stop
-        self.handle = handle        # (sock, address, pass_turn)
-        self.slots = threading.Semaphore(limit)
+    def __init__(self, listener, stop_fd, accept, handle, limit,
+                 idle_timeout, stall, logger):
+        self.listening = listener
+        self.listener = listener.fileno()
+        self.stop_fd = stop_fd
+        self.accept = accept        # () -> (sock, address), or None
+        self.handle = handle
+        self.limit = limit
+        self.idle_timeout = idle_timeout
         self.logger = logger
         self.lock = threading.Lock()
+        self.epoll = select.epoll()
+        self.epoll.register(stop_fd, select.EPOLLIN)
+        self.epoll.register(self.listener, select.EPOLLIN)
+        self.accepting = True
+        self.stopping = False
+        self.open = 0               # connections open: served or parked
+        self.parked = collections.OrderedDict()     # fd -> (job, since)
+        self.ready = collections.deque()    # jobs to serve, in order
         self.turn = 0               # numbers turns: each passes once
-        self.serving_since = None   # when the turn's holder took its client
+        self.serving_since = None   # when the turn's holder took its job
         self.holder_serves = threading.Event()
         self.idle = 0               # threads waiting for a turn
         self.wake_idle = threading.Semaphore(0)
-        self.busy = 0               # slots taken: connections in hand,
-        #                             and the one being accepted
         _watch_stalls(self.holder_serves, stall, self.lock,
                       self._pass_stalled)
         threading.Thread(target=self._run, daemon=True).start()
 
     def _run(self):
-        """Take turns: accept and serve; when the turn has passed on, wait
-        idle until it comes back."""
+        """Take turns: serve what is ready; when the turn has passed on,
+        wait idle until it comes back."""
         while True:
             turn = self.turn        # only its holder changes it from here
-            taken = self._accept()
-            if taken is None:
+            job = self._next_job()
+            if job is None:
                 return              # stopped: no more turns
-            sock, address = taken
+            if job is _ACCEPT:
+                self._accept_waiting()
+                continue
             with self.lock:
                 self.serving_since = time.monotonic()
                 self.holder_serves.set()
             try:
-                self.handle(sock, address, lambda: self.pass_turn(turn))
-            except Exception:
-                self.logger.exception('connection from %s failed', address)
-                sock.close()
-            finally:
-                with self.lock:
-                    self._free_slot()
-                    holds_turn = self.turn == turn
-                    if holds_turn:
-                        self.serving_since = None
-                    else:
-                        self.idle += 1
+                job = job.serve(lambda: self.pass_turn(turn))
+            except BaseException:   # even sys.exit(): the turn goes on
+                self.logger.exception('connection from %s failed',
+                                      job.client)
+                job.close()
+                job = None
+            with self.lock:
+                if job is None:
+                    self._closed()
+                else:
+                    self._park(job)
+                holds_turn = self.turn == turn
+                if holds_turn:
+                    self.serving_since = None
+                else:
+                    self.idle += 1
             if not holds_turn:
                 self.wake_idle.acquire()
 
-    def _accept(self):
-        """The next connection, with a slot held; None when stopped."""
-        self.slots.acquire()
-        # Counted from now: a connection accepted as the worker starts to
-        # drain is in hand before it is served.
-        with self.lock:
-            self.busy += 1
-        taken = self.accept()
-        if taken is None:
+    def _next_job(self):
+        """What the turn's holder serves next: a connection with something
+        to read, or _ACCEPT; None once stopped and nothing is parked."""
+        while True:
             with self.lock:
-                self._free_slot()
-        return taken
+                while self.ready:
+                    job = self.ready.popleft()
+                    if job is not _ACCEPT or self.accepting:
+                        return job
+                if self.stopping and not self.parked:
+                    return None
+                timeout = self._close_parked(time.monotonic())
+            # At least once a second: a connection parked meanwhile may be
+            # the first to be due.
+            events = self.epoll.poll(1.0 if timeout is None else timeout)
+            with self.lock:
+                for fd, _mask in events:
+                    if fd == self.listener:
+                        self.ready.append(_ACCEPT)
+                    elif fd == self.stop_fd:
+                        self._stop()
+                    elif fd in self.parked:
+                        self.ready.append(self.parked.pop(fd)[0])
 
-    def _free_slot(self):
-        self.busy -= 1
-        self.slots.release()
+    def _accept_waiting(self):
+        """Accept what waits in the backlog, up to 128 (a burst is not
+        taken one per poll, nor does it hold up the parked connections);
+        the new connections join the ready jobs."""
+        for _ in range(128):
+            with self.lock:
+                if not self.accepting:
+                    return
+                # Counted first: an accept that begins the drain (at
+                # max_requests) must keep the worker until it is served.
+                self.open += 1
+                self._room_changed()
+            taken = self.accept()
+            if taken is None:
+                with self.lock:
+                    self._closed()
+                return
+            job = self.handle(*taken)
+            with self.lock:
+                self.ready.append(job)
 
-    def stop(self):
-        """After ``accept`` has begun to return None: wake a thread that
-        waits for a slot, so it learns that too."""
-        self.slots.release()
+    def _park(self, job):
+        """Lock held: wait in epoll for ``job``'s connection to be readable."""
+        if self.stopping and job.idle:
+            job.close()
+            self._closed()
+            return
+        fd = job.sock.fileno()
+        self.parked[fd] = (job, time.monotonic())
+        mask = select.EPOLLIN | select.EPOLLONESHOT
+        try:
+            self.epoll.modify(fd, mask)
+        except FileNotFoundError:   # parked for the first time
+            self.epoll.register(fd, mask)
+
+    def _close_parked(self, now):
+        """Lock held: close connections parked for ``idle_timeout`` by
+        ``now``; returns the seconds until the next is due, or None."""
+        while self.parked:
+            fd, (job, since) = next(iter(self.parked.items()))
+            if since + self.idle_timeout > now:
+                return since + self.idle_timeout - now
+            self._unpark(fd, job)
+        return None
+
+    def _unpark(self, fd, job):
+        del self.parked[fd]
+        self.epoll.unregister(fd)
+        job.close()
+        self._closed()
+
+    def _stop(self):
+        """Lock held: the drain began.  Stop accepting (the port is free
+        when every process has closed it) and close idle connections; new
+        ones still get their first request answered."""
+        if self.stopping:
+            return
+        self.stopping = True
+        self.accepting = False
+        self.epoll.unregister(self.stop_fd)     # it stays readable
+        self.epoll.unregister(self.listener)
+        self.listening.close()
+        for fd, (job, _since) in list(self.parked.items()):
+            if job.idle:
+                self._unpark(fd, job)
+
+    def _closed(self):
+        self.open -= 1
+        self._room_changed()
+
+    def _room_changed(self):
+        """Lock held: accept only while fewer than ``limit`` are open."""
+        accepting = self.open < self.limit and not self.stopping
+        if accepting != self.accepting:
+            self.accepting = accepting
+            self.epoll.modify(self.listener,
+                              select.EPOLLIN if accepting else 0)
 
     def pass_turn(self, turn):
         """Give turn ``turn`` to another thread, if it has not passed yet."""
@@ -1958,7 +2024,7 @@ class _ConnectionPool(object):
             threading.Thread(target=self._run, daemon=True).start()
 
     def _pass(self, turn):
-        """With the lock held: True if a new thread must take the turn."""
+        """Lock held: True if a new thread must take the turn."""
         if self.turn != turn:
             return False
         self.turn += 1
@@ -1976,6 +2042,30 @@ class _ConnectionPool(object):
             self.holder_serves.clear()
         elif time.monotonic() - since >= stall and self._pass(self.turn):
             threading.Thread(target=self._run, daemon=True).start()
+
+
+class _Call(object):
+    """The job of a connection served by one call of ``serve(sock,
+    address, pass_turn)``: a TCP handler, or a TLS handshake and then the
+    connection's own job."""
+
+    idle = False
+
+    def __init__(self, serve, sock, address):
+        self.call = serve
+        self.sock = sock
+        self.address = address
+        self.client = address[0]
+
+    def serve(self, pass_turn):
+        return self.call(self.sock, self.address, pass_turn)
+
+    def close(self):
+        self.sock.close()
+
+
+#: The job of accepting a connection, beside parked ones with a request.
+_ACCEPT = 'accept'
 
 
 # ---------------------------------------------------------------------------
@@ -2312,65 +2402,57 @@ class _IPSubserver(Subserver):
         # Readable from the drain on, never read: it wakes the accepting
         # thread whenever it looks.
         self.drained_r, self.drained_w = os.pipe()
-        pool = _ConnectionPool(self._accept, handle,
-                               self.concurrent_per_worker, _STALL,
-                               self.logger)
+        pool = _ConnectionPool(self.sock, self.drained_r, self._accept,
+                               handle, self.concurrent_per_worker,
+                               self.client_timeout, _STALL, self.logger)
         self._serve_loop()
-        pool.stop()
         deadline = time.monotonic() + self.server.graceful_timeout
-        while pool.busy and time.monotonic() < deadline and \
+        while pool.open and time.monotonic() < deadline and \
                 not self.orphaned():
             self._tick()
             self._close_idle()
             time.sleep(0.05)
-        if pool.busy:
+        if pool.open:
             self.logger.warning(
                 '[%s] worker %d: graceful_timeout (%gs) is over; exiting, '
                 'killing %d connections in flight%s', self.name,
-                self.worker_index, self.server.graceful_timeout, pool.busy,
+                self.worker_index, self.server.graceful_timeout, pool.open,
                 ''.join(
                     '; %s %s %s' % current[1:] for current in
                     self._requests_in_flight()))
 
     def _accept(self):
-        """The next connection, or None once draining; only the pooled
-        thread whose turn it is calls this, so it closes the listening
-        socket at the end (the port is free when every process has)."""
-        sock = self.sock
-        while not self.draining:
-            if sock not in select.select([sock, self.drained_r], [], [],
-                                         1.0)[0]:
-                continue
-            try:
-                client, address = sock.accept()
-            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                continue        # another worker took it, or the client left
-            except OSError as err:
-                # Out of file descriptors, most likely: a fresh worker
-                # starts with none of this one's connections.
-                self.logger.error('[%s] worker %d cannot accept: %s',
-                                  self.name, self.worker_index,
-                                  _one_line(err))
-                self.retire('cannot accept (%s)' % (err.strerror or err))
-                self.drain()    # without a main process, retire does not
-                break
-            self.count_toward_limit()   # may start draining
-            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self.tls is not None:
-                client = self.tls.wrap_socket(client, server_side=True,
-                                              do_handshake_on_connect=False)
-            return client, address
-        sock.close()
-        return None
+        """A new connection, or None: another worker was quicker, or this
+        one cannot accept (then it retires)."""
+        if self.draining:
+            return None
+        try:
+            client, address = self.sock.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return None
+        except OSError as err:
+            # Out of file descriptors, most likely: a fresh worker starts
+            # with none of this one's connections.
+            self.logger.error('[%s] worker %d cannot accept: %s', self.name,
+                              self.worker_index, _one_line(err))
+            self.retire('cannot accept (%s)' % (err.strerror or err))
+            self.drain()        # without a main process, retire does not
+            return None
+        self.count_toward_limit()   # may start draining
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.tls is not None:
+            client = self.tls.wrap_socket(client, server_side=True,
+                                          do_handshake_on_connect=False)
+        return client, address
 
     def _requests_in_flight(self):
         """(start, txn, method, path) of each request being served."""
         return []
 
     def _after_handshake(self, handle):
-        """``handle`` run after the TLS handshake, which waits on the
-        client: the accept turn passes on first."""
-        def handshake_and_handle(sock, address, pass_turn):
+        """Jobs that do the TLS handshake, then ``handle``'s job; the
+        handshake waits on the client, so the turn passes on first."""
+        def handshake_and_serve(sock, address, pass_turn):
             pass_turn()
             sock.settimeout(self.client_timeout)
             try:
@@ -2379,9 +2461,10 @@ class _IPSubserver(Subserver):
                 self.logger.info('[%s] TLS handshake with %s failed: %s',
                                  self.name, address[0], _one_line(err))
                 sock.close()
-                return
-            handle(sock, address, None)
-        return handshake_and_handle
+                return None
+            return handle(sock, address).serve(None)
+        return lambda sock, address: _Call(handshake_and_serve, sock,
+                                           address)
 
     def _close_idle(self):
         pass
@@ -2430,9 +2513,6 @@ class WSGISubserver(_IPSubserver):
         self.connections = set()
         self.next_request_check = 0.0
         self.status_slots = self._status_slots()
-        # Two at a time: one request's Python runs while the other's
-        # response is being sent.  Measured best of 1, 2, 4 and 8.
-        self.turnstile = _Turnstile(2, _STALL)
         host, port = self.sock.getsockname()[:2]
         self.base_env = {
             'SCRIPT_NAME': '', 'SERVER_NAME': host, 'SERVER_PORT': str(port),
@@ -2540,13 +2620,11 @@ class WSGISubserver(_IPSubserver):
     def serve(self):
         self._accept_connections(self._handle)
 
-    def _handle(self, sock, address, pass_turn):
-        conn = _HTTPConnection(self, sock, address, pass_turn)
+    def _handle(self, sock, address):
+        """A new connection's job, for the pool."""
+        conn = _HTTPConnection(self, sock, address)
         self.connections.add(conn)
-        try:
-            conn.serve()
-        finally:
-            self.connections.discard(conn)
+        return conn
 
     def _tick(self):
         _IPSubserver._tick(self)
@@ -2597,7 +2675,10 @@ class TCPSubserver(_IPSubserver):
         self.handler = self.handler_class(self.name, self.handler_conf)
 
     def serve(self):
-        self._accept_connections(self._handle)
+        self._accept_connections(self._job)
+
+    def _job(self, sock, address):
+        return _Call(self._handle, sock, address)
 
     def _handle(self, sock, address, pass_turn):
         if pass_turn is not None:       # None: after a TLS handshake

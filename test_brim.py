@@ -3291,10 +3291,27 @@ class TestHTTP(EchoTestCase):
         self.start()
         self.assertEqual(tcp_exchange(port, b''), b'nodelay=1')
 
-    def test_blocking_requests_are_not_held_two_at_a_time(self):
-        """Keep-alive requests run two at a time in arrival order, but one
-        that waits (here: sleeps) gives its place up: twelve half-second
-        requests on one worker take about half a second, not three."""
+    def test_idle_keep_alive_connections_hold_no_thread(self):
+        self.echo_conf()
+        pid = self.start()
+        [worker] = live_children_of(pid)
+        clients = []
+        for n in range(40):
+            client = HTTPClient(self.port)
+            self.addCleanup(client.close)
+            response = client.request('POST', '/echo', b'%d' % n)
+            self.assertEqual(response.body, b'%d' % n)
+            clients.append(client)
+        threads = len(os.listdir('/proc/%d/task' % worker))
+        self.assertLess(threads, 20, 'a thread per idle connection')
+        for n, client in enumerate(clients):   # all still served
+            response = client.request('POST', '/echo', b'again %d' % n)
+            self.assertEqual(response.body, b'again %d' % n)
+
+    def test_blocking_requests_run_at_once(self):
+        """A request that waits (here: sleeps) passes the turn on: twelve
+        half-second keep-alive requests on one worker take about half a
+        second, not six."""
         self.echo_conf()
         self.start()
         results = []
@@ -3322,157 +3339,163 @@ class TestHTTP(EchoTestCase):
         self.assertLess(took, 2.0)
 
 
-class TestTurnstile(unittest.TestCase):
-    """The queue a worker's requests run through, in this process."""
+class _PoolJob(object):
+    """A connection's job for TestConnectionPool: the client's first byte
+    says what its serve does."""
 
-    def waiter(self, turnstile, order, name):
-        def run():
-            place = turnstile.enter()
-            order.append(name)
-            places[name] = place
-        places = self.places
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        return thread
+    def __init__(self, test, sock, address):
+        self.test = test
+        self.sock = sock
+        self.client = address[0]
+        self.idle = False
+        self.kind = None
 
-    def setUp(self):
-        self.places = {}
+    def serve(self, pass_turn):
+        test = self.test
+        try:
+            data = self.sock.recv(1, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return self             # parked until the client sends
+        self.kind = self.kind or data.decode()
+        test.served.append((self.kind, threading.get_ident()))
+        if self.kind == 'p' and not self.idle:
+            self.idle = True
+            return self
+        if self.kind in 'ws':
+            if self.kind == 'w':
+                pass_turn()
+            test.released[self.kind].wait(10)
+        return self.close()
 
-    def test_first_come_first_served(self):
-        turnstile = brim._Turnstile(2, 30.0)
-        first, second = turnstile.enter(), turnstile.enter()
-        order = []
-        for name in 'abc':
-            self.waiter(turnstile, order, name)
-            wait_until(lambda: len(turnstile.waiting) == 'abc'.index(name)
-                       + 1)
-        self.assertEqual(order, [])
-        turnstile.leave(second)
-        wait_until(lambda: order == ['a'])
-        turnstile.leave(first)
-        wait_until(lambda: order == ['a', 'b'])
-        turnstile.leave(self.places['a'])
-        wait_until(lambda: order == ['a', 'b', 'c'])
-        self.assertEqual(len(turnstile.running), 2)
-
-    def test_stalled_places_are_handed_on(self):
-        turnstile = brim._Turnstile(2, 0.05)
-        stuck = [turnstile.enter(), turnstile.enter()]
-        order = []
-        threads = [self.waiter(turnstile, order, name) for name in 'ab']
-        for thread in threads:
-            thread.join(10)
-        self.assertEqual(sorted(order), ['a', 'b'])
-        # the stalled ones leaving later frees nothing twice
-        for place in stuck:
-            turnstile.leave(place)
-        self.assertEqual(len(turnstile.running), 2)
-        self.assertFalse(turnstile.waiting)
+    def close(self):
+        self.test.closed.append(self.kind)
+        self.sock.close()
 
 
 class TestConnectionPool(unittest.TestCase):
     """The threads that take turns to accept and serve, in this process,
-    fed from a queue instead of a listening socket."""
+    on a loopback listening socket."""
 
     def setUp(self):
-        self.incoming = []
-        self.ready = threading.Condition()
-        self.stopped = False
-        self.accepted_on = {}       # connection -> thread that accepted it
-        self.served_on = {}         # connection -> thread that served it
-        self.released = {}          # connection -> Event ending its handler
-        self.told_to_stop = 0       # accept calls answered None
+        self.listener = socket.socket()
+        self.listener.bind(('127.0.0.1', 0))
+        self.listener.listen(16)
+        self.listener.setblocking(False)
+        self.addCleanup(self.listener.close)
+        self.stop_r, self.stop_w = os.pipe()
+        self.addCleanup(os.close, self.stop_r)
+        self.addCleanup(os.close, self.stop_w)
+        self.accepted_on = []
+        self.served = []            # (kind, thread) in the order served
+        self.closed = []
+        self.released = {'w': threading.Event(), 's': threading.Event()}
+        for event in self.released.values():
+            self.addCleanup(event.set)
 
     def accept(self):
-        with self.ready:
-            self.ready.wait_for(lambda: self.incoming or self.stopped)
-            if self.stopped:
-                self.told_to_stop += 1
-                return None
-            conn = self.incoming.pop(0)
-        self.accepted_on[conn] = threading.get_ident()
-        return conn, ('127.0.0.1', 0)
+        try:
+            sock, address = self.listener.accept()
+        except BlockingIOError:
+            return None
+        self.accepted_on.append(threading.get_ident())
+        return sock, address
 
-    def arrive(self, *conns):
-        with self.ready:
-            self.incoming.extend(conns)
-            self.ready.notify()
-
-    def pool(self, limit=10, stall=30.0, waits=()):
-        """A pool whose handler returns at once, except for connections in
-        ``waits``: they pass the turn (or not: 'stall') and wait."""
-        def handle(conn, address, pass_turn):
-            self.served_on[conn] = threading.get_ident()
-            if conn in waits:
-                if not conn.startswith('stall'):
-                    pass_turn()
-                self.released[conn] = threading.Event()
-                self.released[conn].wait(10)
-        pool = brim._ConnectionPool(self.accept, handle, limit, stall,
-                                    brim.logging.getLogger('test'))
+    def pool(self, limit=10, idle_timeout=30.0, stall=30.0):
+        pool = brim._ConnectionPool(
+            self.listener, self.stop_r, self.accept,
+            lambda sock, address: _PoolJob(self, sock, address), limit,
+            idle_timeout, stall, brim.logging.getLogger('test'))
         self.addCleanup(self.stop, pool)
         return pool
 
     def stop(self, pool):
-        with self.ready:
-            self.stopped = True
-            self.ready.notify_all()
         for event in self.released.values():
             event.set()
-        pool.stop()
+        os.write(self.stop_w, b'\0')
+        wait_until(lambda: pool.stopping and not pool.open)
+
+    def client(self, kind):
+        sock = socket.create_connection(self.listener.getsockname(), 10)
+        self.addCleanup(sock.close)
+        sock.sendall(kind.encode())
+        return sock
+
+    def served_on(self, kind):
+        return [thread for k, thread in self.served if k == kind]
 
     def test_quick_connections_are_served_by_the_thread_that_accepts(self):
         self.pool()
-        conns = ['c%d' % n for n in range(20)]
-        self.arrive(*conns)
-        wait_until(lambda: len(self.served_on) == 20)
-        self.assertEqual(self.served_on, self.accepted_on)
-        self.assertEqual(len(set(self.served_on.values())), 1,
+        for _ in range(20):
+            self.client('q')
+        wait_until(lambda: len(self.closed) == 20)
+        threads = set(self.accepted_on) | set(self.served_on('q'))
+        self.assertEqual(len(threads), 1,
                          'quick connections were handed between threads')
 
     def test_the_turn_passes_before_a_connection_waits(self):
-        pool = self.pool(waits={'waits'})
-        self.arrive('waits')
-        wait_until(lambda: 'waits' in self.released)
-        self.arrive('next')
-        wait_until(lambda: 'next' in self.served_on)
-        self.assertNotEqual(self.served_on['next'], self.served_on['waits'])
-        self.assertEqual(self.accepted_on['waits'], self.served_on['waits'])
-        # Its thread, done, waits for a turn: nothing new is started.
-        self.released['waits'].set()
+        pool = self.pool()
+        self.client('w')
+        wait_until(lambda: self.served_on('w'))
+        self.client('q')
+        wait_until(lambda: 'q' in self.closed)
+        self.assertNotEqual(self.served_on('q'), self.served_on('w'))
+        self.assertEqual(self.closed, ['q'])
+        # Done, the thread waits for a turn: none is started for the next.
+        self.released['w'].set()
         wait_until(lambda: pool.idle == 1)
-        self.arrive('last')
-        wait_until(lambda: 'last' in self.served_on)
-        self.assertEqual(self.served_on['last'], self.served_on['next'])
+        self.client('q')
+        wait_until(lambda: self.closed.count('q') == 2)
+        [first, second] = self.served_on('q')
+        self.assertEqual(first, second)
 
     def test_a_stalled_connection_loses_the_turn(self):
-        self.pool(stall=0.02, waits={'stalls'})
-        self.arrive('stalls')
-        wait_until(lambda: 'stalls' in self.released)
-        self.arrive('next')
-        wait_until(lambda: 'next' in self.served_on)
-        self.assertFalse(self.released['stalls'].is_set())
-        self.assertNotEqual(self.served_on['next'],
-                            self.served_on['stalls'])
+        self.pool(stall=0.02)
+        self.client('s')
+        wait_until(lambda: self.served_on('s'))
+        self.client('q')
+        wait_until(lambda: 'q' in self.closed)
+        self.assertNotIn('s', self.closed)
+        self.assertNotEqual(self.served_on('q'), self.served_on('s'))
 
     def test_no_more_than_limit_connections_at_once(self):
-        pool = self.pool(limit=2, waits={'a', 'b'})
-        self.arrive('a', 'b', 'c')
-        wait_until(lambda: len(self.released) == 2)
-        self.assertEqual((pool.busy, self.incoming), (2, ['c']))
-        self.released['a'].set()
-        wait_until(lambda: 'c' in self.served_on)
+        pool = self.pool(limit=1)
+        self.client('w')
+        wait_until(lambda: not pool.accepting)
+        self.client('q')
+        self.assertEqual((pool.open, len(self.accepted_on)), (1, 1))
+        self.released['w'].set()
+        wait_until(lambda: 'q' in self.closed)
+        self.assertEqual(len(self.accepted_on), 2)
 
-    def test_stop_reaches_a_thread_waiting_for_a_slot(self):
-        pool = self.pool(limit=1, waits={'a'})
-        self.arrive('a')
-        wait_until(lambda: 'a' in self.released)
-        with self.ready:
-            self.stopped = True
-        pool.stop()
-        wait_until(lambda: self.told_to_stop == 1 and pool.busy == 1)
-        self.released['a'].set()
-        wait_until(lambda: not pool.busy)
+    def test_parked_connections_are_served_when_they_send(self):
+        pool = self.pool(idle_timeout=0.3)
+        parked = self.client('p')
+        wait_until(lambda: pool.parked)
+        self.client('q')
+        wait_until(lambda: 'q' in self.closed)
+        parked.sendall(b'.')
+        wait_until(lambda: 'p' in self.closed)
+        self.assertEqual(len(set(thread for _k, thread in self.served)), 1)
+        # Parked and silent: closed after idle_timeout.
+        self.client('p')
+        wait_until(lambda: self.closed.count('p') == 2)
+        self.assertEqual(len(self.served_on('p')), 3)
+        self.assertEqual(pool.open, 0)
+
+    def test_stop_closes_idle_connections_and_answers_new_ones(self):
+        pool = self.pool()
+        self.client('p')
+        wait_until(lambda: pool.parked)
+        fresh = socket.create_connection(self.listener.getsockname(), 10)
+        self.addCleanup(fresh.close)
+        wait_until(lambda: len(self.accepted_on) == 2 and
+                   len(pool.parked) == 2)
+        os.write(self.stop_w, b'\0')
+        wait_until(lambda: self.closed == ['p'])
+        self.assertEqual(self.listener.fileno(), -1)    # the port is free
+        fresh.sendall(b'q')             # its first request is still served
+        wait_until(lambda: self.closed == ['p', 'q'])
+        self.assertEqual(pool.open, 0)
 
 
 class TestHTTPRefusals(EchoTestCase):
