@@ -1876,6 +1876,7 @@ class _ConnectionPool(object):
         self.holder_serves = threading.Event()
         self.idle = 0               # threads waiting for a turn
         self.wake_idle = threading.Semaphore(0)
+        self.unheld = False         # passed, but no thread could take it
         _watch_stalls(self.holder_serves, stall, self.lock,
                       self._pass_stalled)
         threading.Thread(target=self._run, daemon=True).start()
@@ -1906,7 +1907,8 @@ class _ConnectionPool(object):
                     self._closed()
                 else:
                     self._park(job)
-                holds_turn = self.turn == turn
+                holds_turn = self.turn == turn or self.unheld
+                self.unheld = False
                 if holds_turn:
                     self.serving_since = None
                 else:
@@ -1916,14 +1918,15 @@ class _ConnectionPool(object):
 
     def _next_job(self):
         """What the turn's holder serves next: a connection with something
-        to read, or _ACCEPT; None once stopped and nothing is parked."""
+        to read, or _ACCEPT; None once stopped and every connection is
+        closed (one served elsewhere may yet be parked)."""
         while True:
             with self.lock:
                 while self.ready:
                     job = self.ready.popleft()
                     if job is not _ACCEPT or self.accepting:
                         return job
-                if self.stopping and not self.parked:
+                if self.stopping and not self.open:
                     return None
                 timeout = self._close_parked(time.monotonic())
             # At least once a second: a connection parked meanwhile may be
@@ -1966,12 +1969,19 @@ class _ConnectionPool(object):
             self._closed()
             return
         fd = job.sock.fileno()
-        self.parked[fd] = (job, time.monotonic())
         mask = select.EPOLLIN | select.EPOLLONESHOT
         try:
-            self.epoll.modify(fd, mask)
-        except FileNotFoundError:   # parked for the first time
-            self.epoll.register(fd, mask)
+            try:
+                self.epoll.modify(fd, mask)
+            except FileNotFoundError:   # parked for the first time
+                self.epoll.register(fd, mask)
+        except OSError as err:          # out of epoll watches, or memory
+            self.logger.error('cannot keep the connection from %s open: '
+                              '%s', job.client, _one_line(err))
+            job.close()
+            self._closed()
+            return
+        self.parked[fd] = (job, time.monotonic())
 
     def _close_parked(self, now):
         """Lock held: close connections parked for ``idle_timeout`` by
@@ -2019,29 +2029,32 @@ class _ConnectionPool(object):
     def pass_turn(self, turn):
         """Give turn ``turn`` to another thread, if it has not passed yet."""
         with self.lock:
-            spawn = self._pass(turn)
-        if spawn:
-            threading.Thread(target=self._run, daemon=True).start()
+            self._pass(turn)
 
     def _pass(self, turn):
-        """Lock held: True if a new thread must take the turn."""
+        """Lock held: give the turn to an idle thread, or a new one."""
         if self.turn != turn:
-            return False
+            return
         self.turn += 1
         self.serving_since = None
-        if not self.idle:
-            return True
-        self.idle -= 1
-        self.wake_idle.release()
-        return False
+        if self.idle:
+            self.idle -= 1
+            self.wake_idle.release()
+            return
+        try:
+            threading.Thread(target=self._run, daemon=True).start()
+        except RuntimeError as err:     # out of threads: pids.max, ulimit
+            self.logger.error('cannot start a thread (%s); the next '
+                              'request to end takes the turn', err)
+            self.unheld = True
 
     def _pass_stalled(self, stall):
         """Watch thread, lock held: the holder served too long."""
         since = self.serving_since
         if since is None:
             self.holder_serves.clear()
-        elif time.monotonic() - since >= stall and self._pass(self.turn):
-            threading.Thread(target=self._run, daemon=True).start()
+        elif time.monotonic() - since >= stall:
+            self._pass(self.turn)
 
 
 class _Call(object):
@@ -2402,6 +2415,7 @@ class _IPSubserver(Subserver):
         # Readable from the drain on, never read: it wakes the accepting
         # thread whenever it looks.
         self.drained_r, self.drained_w = os.pipe()
+        os.set_blocking(self.drained_w, False)
         pool = _ConnectionPool(self.sock, self.drained_r, self._accept,
                                handle, self.concurrent_per_worker,
                                self.client_timeout, _STALL, self.logger)
@@ -2439,10 +2453,14 @@ class _IPSubserver(Subserver):
             self.drain()        # without a main process, retire does not
             return None
         self.count_toward_limit()   # may start draining
-        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.tls is not None:
-            client = self.tls.wrap_socket(client, server_side=True,
-                                          do_handshake_on_connect=False)
+        try:
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.tls is not None:
+                client = self.tls.wrap_socket(client, server_side=True,
+                                              do_handshake_on_connect=False)
+        except OSError:     # reset already (wrap_socket reads to see)
+            client.close()
+            return None
         return client, address
 
     def _requests_in_flight(self):

@@ -3361,6 +3361,9 @@ class _PoolJob(object):
         if self.kind == 'p' and not self.idle:
             self.idle = True
             return self
+        if self.kind == 'f' and len(test.served_on('f')) == 1:
+            test.released['f'].wait(10)
+            return self             # parked before its first answer
         if self.kind in 'ws':
             if self.kind == 'w':
                 pass_turn()
@@ -3388,7 +3391,7 @@ class TestConnectionPool(unittest.TestCase):
         self.accepted_on = []
         self.served = []            # (kind, thread) in the order served
         self.closed = []
-        self.released = {'w': threading.Event(), 's': threading.Event()}
+        self.released = {kind: threading.Event() for kind in 'wsf'}
         for event in self.released.values():
             self.addCleanup(event.set)
 
@@ -3456,6 +3459,33 @@ class TestConnectionPool(unittest.TestCase):
         wait_until(lambda: 'q' in self.closed)
         self.assertNotIn('s', self.closed)
         self.assertNotEqual(self.served_on('q'), self.served_on('s'))
+
+    def test_a_turn_no_thread_could_take_goes_to_the_next_free(self):
+        pool = self.pool()
+        start = threading.Thread.start
+
+        def fail_once(thread):
+            threading.Thread.start = start
+            raise RuntimeError("can't start new thread")
+        self.addCleanup(setattr, threading.Thread, 'start', start)
+        with self.assertLogs('test', 'ERROR'):
+            threading.Thread.start = fail_once
+            self.client('w')        # passes the turn: no thread takes it
+            wait_until(lambda: pool.unheld)
+        self.client('q')
+        self.released['w'].set()    # its thread takes the turn, serves q
+        wait_until(lambda: 'q' in self.closed)
+
+    def test_a_connection_parked_as_the_drain_begins_is_served(self):
+        pool = self.pool(stall=0.02)
+        client = self.client('f')
+        wait_until(lambda: pool.turn == 1)      # it stalled: turn passed
+        os.write(self.stop_w, b'\0')
+        wait_until(lambda: pool.stopping)
+        self.released['f'].set()
+        wait_until(lambda: pool.parked)
+        client.sendall(b'.')
+        wait_until(lambda: self.closed == ['f'])
 
     def test_no_more_than_limit_connections_at_once(self):
         pool = self.pool(limit=1)
@@ -5701,6 +5731,22 @@ class TestTLS(EchoTestCase):
             return client.request(method, path, body)
         finally:
             client.close()
+
+    def test_clients_that_reset_before_the_handshake(self):
+        # ssl reads from a socket it wraps when the peer looks gone; a
+        # reset there must cost that connection only.
+        self.tls_conf(self.cert, self.key, extra='client_timeout = 2\n')
+        self.start()
+        for n in range(20):
+            client = socket.create_connection(('127.0.0.1', self.port))
+            if n % 2:
+                client.sendall(b'hello')
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                              b'\1\0\0\0\0\0\0\0')    # reset on close
+            client.close()
+        response = self.https('POST', '/echo', b'after resets')
+        self.assertEqual((response.status, response.body),
+                         (200, b'after resets'))
 
     def test_https(self):
         self.tls_conf(self.cert, self.key, extra='client_timeout = 2\n')
