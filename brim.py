@@ -1565,7 +1565,8 @@ class _HTTPConnection(object):
         body = env['wsgi.input']
         if body is _NO_BODY:
             return True
-        self.expect_continue = False    # never ask for a body nobody reads
+        if self.expect_continue:
+            return False        # the body may never come: see _Response._head
         try:
             return body.drain(_DRAIN_LIMIT)
         except _HTTPError:
@@ -1659,7 +1660,11 @@ class _Response(object):
             lines.append('Transfer-Encoding: chunked\r\n')
         else:
             self.keep_alive = False     # HTTP/1.0: the close ends the body
-        if self.keep_alive and self.conn.worker.draining:
+        if self.keep_alive and (self.conn.worker.draining or
+                                self.conn.expect_continue):
+            # Expect: 100-continue and the app read none of the body: the
+            # client, told nothing, may send it or not, so the connection
+            # has no sure next request.
             self.keep_alive = False
         if not self.keep_alive:
             lines.append('Connection: close\r\n')
@@ -2673,7 +2678,10 @@ class WSGISubserver(_IPSubserver):
         for conn in list(self.connections):
             if conn.idle:
                 try:
-                    conn.sock.shutdown(socket.SHUT_RDWR)
+                    # The plain socket's shutdown, also under TLS: the
+                    # SSLSocket's would drop its state under the thread
+                    # reading it.  The reader sees the end of the stream.
+                    socket.socket.shutdown(conn.sock, socket.SHUT_RDWR)
                 except OSError:
                     pass
 

@@ -3179,6 +3179,24 @@ class TestHTTP(EchoTestCase):
         self.assertEqual((response.status, response.body),
                          (200, b'Just a test.'))
 
+    def test_expect_100_continue_body_nobody_reads(self):
+        self.echo_conf()
+        self.start()
+        sock, fp = self.connect()
+        sock.sendall(b'POST /nowhere HTTP/1.1\r\nHost: x\r\nContent-Length: '
+                     b'12\r\nExpect: 100-continue\r\n\r\n')
+        response = read_response(fp)
+        self.assertEqual(response.status, 404)
+        self.assertEqual(response.headers.get('connection'), 'close')
+        # A client that took the answer and sends its next request, not
+        # the body, does not get it read as the body: the connection ends.
+        sock.sendall(b'GET /pid HTTP/1.1\r\nHost: x\r\n\r\n')
+        try:
+            rest = fp.read()
+        except ConnectionResetError:    # closed with that request unread
+            rest = b''
+        self.assertEqual(rest, b'')
+
     def test_chunked_request_body(self):
         self.echo_conf()
         self.start()
