@@ -1181,18 +1181,6 @@ def _log_words(words):
     return _UNSAFE_LOG_RE.sub(_percent, line).replace('\0', ' ')
 
 
-def _watch_stalls(watching, stall, lock, check):
-    """Start a thread that, while ``watching`` is set, calls
-    ``check(stall)`` with ``lock`` held every ``stall`` seconds."""
-    def watch():
-        while True:
-            watching.wait()
-            time.sleep(stall)
-            with lock:
-                check(stall)
-    threading.Thread(target=watch, daemon=True).start()
-
-
 class _HTTPConnection(object):
     """One client connection: reads requests and answers them in turn.
 
@@ -1859,8 +1847,8 @@ class _ConnectionPool(object):
 
     def __init__(self, listener, stop_fd, accept, handle, limit,
                  idle_timeout, stall, logger):
-        self.listening = listener
-        self.listener = listener.fileno()
+        self.listener = listener
+        self.listener_fd = listener.fileno()    # kept: closed, it is -1
         self.stop_fd = stop_fd
         self.accept = accept        # () -> (sock, address), or None
         self.handle = handle
@@ -1870,7 +1858,7 @@ class _ConnectionPool(object):
         self.lock = threading.Lock()
         self.epoll = select.epoll()
         self.epoll.register(stop_fd, select.EPOLLIN)
-        self.epoll.register(self.listener, select.EPOLLIN)
+        self.epoll.register(self.listener_fd, select.EPOLLIN)
         self.accepting = True
         self.stopping = False
         self.open = 0               # connections open: served or parked
@@ -1882,8 +1870,8 @@ class _ConnectionPool(object):
         self.idle = 0               # threads waiting for a turn
         self.wake_idle = threading.Semaphore(0)
         self.unheld = False         # passed, but no thread could take it
-        _watch_stalls(self.holder_serves, stall, self.lock,
-                      self._pass_stalled)
+        threading.Thread(target=self._watch, args=(stall,),
+                         daemon=True).start()
         threading.Thread(target=self._run, daemon=True).start()
 
     def _run(self):
@@ -1939,7 +1927,7 @@ class _ConnectionPool(object):
             events = self.epoll.poll(1.0 if timeout is None else timeout)
             with self.lock:
                 for fd, _mask in events:
-                    if fd == self.listener:
+                    if fd == self.listener_fd:
                         self.ready.append(_ACCEPT)
                     elif fd == self.stop_fd:
                         self._stop()
@@ -2013,8 +2001,8 @@ class _ConnectionPool(object):
         self.stopping = True
         self.accepting = False
         self.epoll.unregister(self.stop_fd)     # it stays readable
-        self.epoll.unregister(self.listener)
-        self.listening.close()
+        self.epoll.unregister(self.listener_fd)
+        self.listener.close()
         for fd, (job, _since) in list(self.parked.items()):
             if job.idle:
                 self._unpark(fd, job)
@@ -2028,7 +2016,7 @@ class _ConnectionPool(object):
         accepting = self.open < self.limit and not self.stopping
         if accepting != self.accepting:
             self.accepting = accepting
-            self.epoll.modify(self.listener,
+            self.epoll.modify(self.listener_fd,
                               select.EPOLLIN if accepting else 0)
 
     def pass_turn(self, turn):
@@ -2053,13 +2041,18 @@ class _ConnectionPool(object):
                               'request to end takes the turn', err)
             self.unheld = True
 
-    def _pass_stalled(self, stall):
-        """Watch thread, lock held: the holder served too long."""
-        since = self.serving_since
-        if since is None:
-            self.holder_serves.clear()
-        elif time.monotonic() - since >= stall:
-            self._pass(self.turn)
+    def _watch(self, stall):
+        """While the holder serves, pass its turn on once it has served
+        one job for ``stall`` seconds."""
+        while True:
+            self.holder_serves.wait()
+            time.sleep(stall)
+            with self.lock:
+                since = self.serving_since
+                if since is None:
+                    self.holder_serves.clear()
+                elif time.monotonic() - since >= stall:
+                    self._pass(self.turn)
 
 
 class _Call(object):
@@ -2306,8 +2299,8 @@ class _IPSubserver(Subserver):
 
     def start_worker(self, index, bucket):
         Subserver.start_worker(self, index, bucket)
-        # Workers wait for the socket in select, then take what is there:
-        # another worker may have been quicker.
+        # Workers wait for the socket (select, epoll), then take what is
+        # there: another worker may have been quicker.
         self.sock.setblocking(False)
         self.served = itertools.count(1)
         self.request_limit = 0
