@@ -1861,6 +1861,7 @@ class _ConnectionPool(object):
         self.epoll.register(self.listener_fd, select.EPOLLIN)
         self.accepting = True
         self.stopping = False
+        self.stopped = threading.Event()    # set once the listener is closed
         self.open = 0               # connections open: served or parked
         self.parked = collections.OrderedDict()     # fd -> (job, since)
         self.ready = collections.deque()    # jobs to serve, in order
@@ -2003,6 +2004,7 @@ class _ConnectionPool(object):
         self.epoll.unregister(self.stop_fd)     # it stays readable
         self.epoll.unregister(self.listener_fd)
         self.listener.close()
+        self.stopped.set()
         for fd, (job, _since) in list(self.parked.items()):
             if job.idle:
                 self._unpark(fd, job)
@@ -2418,6 +2420,9 @@ class _IPSubserver(Subserver):
                                handle, self.concurrent_per_worker,
                                self.client_timeout, _STALL, self.logger)
         self._serve_loop()
+        # The thread with the turn closes the listening socket; an orphaned
+        # worker ends at once, and must not hold the port while it does.
+        pool.stopped.wait(1.0)
         deadline = time.monotonic() + self.server.graceful_timeout
         while pool.open and time.monotonic() < deadline and \
                 not self.orphaned():
