@@ -535,8 +535,9 @@ class _StatsLayout(object):
             'c', max(ordinal, 1) * self.LATEST_SIZE)
 
     def bucket(self, subserver, index):
-        return _Bucket(self, subserver.stats_offset +
-                       index * subserver.bucket_size, subserver.stat_index,
+        return _Bucket(self, subserver.worker_label(index),
+                       subserver.stats_offset + index * subserver.bucket_size,
+                       subserver.stat_index,
                        (subserver.bucket_ordinal + index) * self.LATEST_SIZE)
 
 
@@ -545,35 +546,58 @@ class _Bucket(object):
 
     This is ``env['brim.stats']``.  Values are unsigned integers.  The lock
     makes increments from the worker's threads exact; other processes only
-    read.
+    read.  A name no stats_conf declared has no slot: as in the original
+    brimd, ``get`` gives 0 and ``set`` and ``incr`` do nothing, and the
+    worker logs it once per name, so the slip shows without failing the
+    request.
     """
 
-    def __init__(self, layout, offset, index, latest_offset):
+    def __init__(self, layout, owner, offset, index, latest_offset):
         self.array = layout.array
+        self.owner = owner          # "[wsgi] worker 0", for log lines
         self.offset = offset
         self.index = index
         self.lock = threading.Lock()
         self.latest = layout.latest
         self.latest_offset = latest_offset
         self.latest_address = ctypes.addressof(layout.latest) + latest_offset
+        self.logger = None          # the worker's, given as it starts
+        self.undeclared = set()     # names already logged
 
-    def _slot(self, name):
-        try:
-            return self.offset + self.index[name]
-        except KeyError:
-            raise KeyError('no stat named %r; declare it in stats_conf'
-                           % name)
+    # get, set and incr look the name up inline: they are on apps' hot
+    # path, and only an undeclared name pays for more.
 
     def get(self, name):
-        return self.array[self._slot(name)]
+        try:
+            return self.array[self.offset + self.index[name]]
+        except KeyError:
+            self._undeclared(name)
+            return 0
 
     def set(self, name, value):
-        self.array[self._slot(name)] = int(value)
+        try:
+            self.array[self.offset + self.index[name]] = int(value)
+        except KeyError:
+            self._undeclared(name)
 
     def incr(self, name, amount=1):
-        slot = self._slot(name)
+        try:
+            slot = self.offset + self.index[name]
+        except KeyError:
+            return self._undeclared(name)
         with self.lock:
             self.array[slot] += amount
+
+    def _undeclared(self, name):
+        with self.lock:
+            if name in self.undeclared:
+                return
+            self.undeclared.add(name)
+        declared = list(self.index)[len(_StatsLayout.HIDDEN):]
+        self.logger.warning(
+            '%s: stat %r is not declared, so it is not kept (get gives 0); '
+            'add it to a stats_conf (declared: %s)', self.owner, name,
+            ', '.join(declared) or 'none')
 
     def beat(self):
         self.array[self.offset + _StatsLayout.HEARTBEAT] = \
@@ -2185,6 +2209,11 @@ class Subserver(object):
     def bucket_labels(self):
         return [str(i) for i in range(self.bucket_count)]
 
+    def worker_label(self, index):
+        """'[wsgi] worker 0' or '[daemons] daemon name', for log lines."""
+        return '[%s] %s %s' % (self.name, 'daemon' if self.kind == 'daemons'
+                               else 'worker', self.bucket_labels()[index])
+
     def addresses(self):
         return []
 
@@ -2224,6 +2253,7 @@ class Subserver(object):
         """Set up worker ``index`` in its own process (or thread)."""
         self.worker_index = index
         self.stats = bucket
+        bucket.logger = self.logger     # the bucket was made before forking
         bucket.set('_pid', os.getpid())
         if 'start_time' in self.stats_conf:
             bucket.set('start_time', time.time())
@@ -4256,10 +4286,7 @@ class _Worker(object):
         self.last_exit = None   # why the previous process of this slot ended
 
     def label(self):
-        return '[%s] %s %s' % (self.subserver.name,
-                               'daemon' if self.subserver.kind == 'daemons'
-                               else 'worker',
-                               self.subserver.bucket_labels()[self.index])
+        return self.subserver.worker_label(self.index)
 
 
 class Server(object):

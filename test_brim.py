@@ -2730,6 +2730,144 @@ class TestStats(BrimTestCase):
         self.assertNotIn('status_408_count', wsgi)
 
 
+# The original brimd documentation's TCP stats example, verbatim but for
+# bytes: it counts '<name>.connections' where stats_conf declared
+# 'connections'.  Then a WSGI app and a daemon that use undeclared names.
+APP_SOURCES['myundeclared.py'] = '''
+from time import sleep, time
+
+import mytcp
+
+
+class HelloWorld(mytcp.HelloWorld):
+
+    def __call__(self, subserver, stats, sock, ip, port):
+        sock.send((self.message + '\\n').encode('utf-8'))
+        sock.close()
+        # Here's where we update the stats.
+        stats.incr('%s.connections' % self.name)
+        stats.set('%s.last_called' % self.name, time())
+
+    @classmethod
+    def stats_conf(cls, name, conf):
+        return [('connections', 'sum'), ('last_called', 'max')]
+
+
+class Tally(object):
+    """Answers "<undeclared get> <declared get>" after using both."""
+
+    def __init__(self, name, conf, next_app):
+        self.next_app = next_app
+
+    @classmethod
+    def stats_conf(cls, name, conf):
+        return [('tally', 'sum')]
+
+    def __call__(self, env, start_response):
+        stats = env['brim.stats']
+        stats.incr('tally')
+        stats.incr('nope')
+        stats.set('nope', 7)
+        stats.set('other', 1)
+        body = b'%d %d' % (stats.get('nope'), stats.get('tally'))
+        start_response('200 OK', [('Content-Length', str(len(body)))])
+        return [body]
+
+
+class TallyDaemon(object):
+    """Uses an undeclared stat three times, logs what it read, waits."""
+
+    def __init__(self, name, conf):
+        self.name = name
+
+    @classmethod
+    def stats_conf(cls, name, conf):
+        return [('rounds', 'daemon')]
+
+    def __call__(self, subserver, stats):
+        for _ in range(3):
+            stats.incr('rounds')
+            stats.incr('nope')
+        subserver.logger.info('tally daemon read nope=%d rounds=%d'
+                              % (stats.get('nope'), stats.get('rounds')))
+        sleep(600)
+'''
+
+
+class TestUndeclaredStats(BrimTestCase):
+    """A stat no stats_conf declared is ignored (get gives 0) and logged
+    once per name in each worker, as in the original brimd."""
+
+    def warnings(self, owner, name):
+        return [line for line in self.log_lines() if ' WARNING ' in line and
+                '%s: stat %r is not declared' % (owner, name) in line]
+
+    def test_documented_tcp_example_two_workers(self):
+        port = free_port()
+        self.write_conf('''
+            [tcp]
+            ip = 127.0.0.1
+            port = %d
+            call = myundeclared.HelloWorld
+            message = Hello, hello!
+            workers = 2
+            ''' % port)
+        self.start()
+        replies = []
+        owners = ['[tcp] worker 0', '[tcp] worker 1']
+
+        def both_workers_used_their_stats():
+            for _ in range(10):
+                replies.append(tcp_exchange(port, b''))
+            return all(self.warnings(owner, 'tcp.last_called')
+                       for owner in owners)
+        wait_until(both_workers_used_their_stats, timeout=20,
+                   msg='both workers served')
+        for _ in range(30):
+            replies.append(tcp_exchange(port, b''))
+        self.assertEqual(replies, [b'Hello, hello!\n'] * len(replies))
+        self.assertGreaterEqual(len(replies), 40)
+        self.assertNotIn('Traceback', self.log_text())
+        for owner in owners:
+            for name in ('tcp.connections', 'tcp.last_called'):
+                [line] = self.warnings(owner, name)
+                self.assertIn('add it to a stats_conf (declared: start_time, '
+                              'connections, last_called)', line)
+
+    def test_wsgi_app_and_daemon(self):
+        port = free_port()
+        self.write_conf('''
+            [wsgi]
+            ip = 127.0.0.1
+            port = %d
+            apps = tally
+
+            [tally]
+            call = myundeclared.Tally
+
+            [daemons]
+            daemons = counter
+
+            [counter]
+            call = myundeclared.TallyDaemon
+            ''' % port)
+        self.start()
+        for count in range(1, 4):
+            status, _headers, body = self.http(port)
+            self.assertEqual((status, body), (200, b'0 %d' % count))
+        self.wait_for_log(r'INFO - tally daemon read nope=0 rounds=3$')
+        self.assertNotIn('Traceback', self.log_text())
+        for owner, name in (('[wsgi] worker 0', 'nope'),
+                            ('[wsgi] worker 0', 'other'),
+                            ('[daemons] daemon counter', 'nope')):
+            [line] = self.warnings(owner, name)
+            self.assertNotIn('_heartbeat', line)
+        self.assertRegex(self.warnings('[wsgi] worker 0', 'nope')[0],
+                         r'WARNING [0-9a-f]+ \[wsgi\] worker 0: stat .*'
+                         r'\(declared: start_time, request_count, .*, '
+                         r'tally\)$')
+
+
 _PROM_NAME = r'[a-zA-Z_:][a-zA-Z0-9_:]*'
 _PROM_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="')
 _PROM_LABEL_END = re.compile(r'(?:[^"\\\n]|\\.)*"')
