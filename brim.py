@@ -2559,7 +2559,11 @@ class WSGISubserver(_IPSubserver):
 
     def start_worker(self, index, bucket):
         _IPSubserver.start_worker(self, index, bucket)
-        self.txn_prefix = os.urandom(5).hex()
+        # A txn is 32 lowercase hex digits, the shape of the original
+        # brimd's uuid4().hex, made cheaply: 64 random bits per worker
+        # (workers and restarts never share them in practice), then a
+        # 64-bit count that no worker lives long enough to wrap.
+        self.txn_prefix = os.urandom(8).hex()
         self.txn_counter = itertools.count(1)
         self.connections = set()
         self.next_request_check = 0.0
@@ -2606,7 +2610,7 @@ class WSGISubserver(_IPSubserver):
                 array[slot] += 1
 
     def next_txn(self):
-        return '%s%x' % (self.txn_prefix, next(self.txn_counter))
+        return '%s%016x' % (self.txn_prefix, next(self.txn_counter))
 
     def log_request(self, env, response, duration, txn):
         """The one NOTICE line per request, in the original brimd's order.

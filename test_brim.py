@@ -2868,6 +2868,54 @@ class TestUndeclaredStats(BrimTestCase):
                          r'tally\)$')
 
 
+class TestTxn(EchoTestCase):
+    """brim.txn has uuid.uuid4().hex's shape, 32 lowercase hex digits, and
+    never repeats across workers and restarts."""
+
+    def txns_from_every_worker(self, main_pid):
+        """(worker pid, txn) of /txn requests on new connections until
+        every worker of brimd ``main_pid`` has answered one."""
+        workers = set(live_children_of(main_pid))
+        self.assertEqual(len(workers), 2)
+        pairs = []
+
+        def every_worker_answered():
+            client = HTTPClient(self.port)
+            try:
+                pid = int(client.request('GET', '/pid').body)
+                txn = client.request('GET', '/txn').body.decode()
+            finally:
+                client.close()
+            pairs.append((pid, txn))
+            return workers <= {pid for pid, _txn in pairs}
+        wait_until(every_worker_answered, timeout=20,
+                   msg='every worker answered')
+        return pairs
+
+    def test_shape_and_uniqueness_across_workers_and_restart(self):
+        self.echo_conf(workers=2)
+        pairs = self.txns_from_every_worker(self.start())
+        code, out, err = self.brim('restart')
+        self.assertEqual((code, err), (0, ''), out)
+        self.track(self.read_pid())
+        pairs += self.txns_from_every_worker(self.read_pid())
+        self.assertGreaterEqual(len({pid for pid, _txn in pairs}), 4)
+        txns = [txn for _pid, txn in pairs]
+        for txn in txns:
+            self.assertRegex(txn, r'^[0-9a-f]{32}$')
+        self.assertEqual(len(set(txns)), len(txns), 'a txn repeated')
+        # The request log shows the same txns, and the /pid requests' are
+        # of the same shape and never one of them.
+        self.wait_for_log(r' GET /txn HTTP/1.1 200 ', count=len(txns))
+        lines = self.request_lines()
+        self.assertEqual(sorted(f['txn'] for f in lines
+                                if f['path'] == '/txn'), sorted(txns))
+        logged = [f['txn'] for f in lines]
+        for txn in logged:
+            self.assertRegex(txn, r'^[0-9a-f]{32}$')
+        self.assertEqual(len(set(logged)), len(logged), 'a txn repeated')
+
+
 _PROM_NAME = r'[a-zA-Z_:][a-zA-Z0-9_:]*'
 _PROM_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="')
 _PROM_LABEL_END = re.compile(r'(?:[^"\\\n]|\\.)*"')
