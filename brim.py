@@ -4069,28 +4069,45 @@ def _check_password(password, params):
 
 
 def _read_users(path):
-    """{name: hash params} from an auth file of ``name hash`` lines.
+    """({name: hash params}, [what is wrong with each bad line]) from an
+    auth file of ``name hash`` lines.
 
-    Blank lines and ``#`` comments are skipped.  Raises ValueError naming
-    the first line that is wrong, and OSError when the file cannot be read.
+    Blank lines and ``#`` comments are skipped, and so is a bad line: the
+    users are what the good lines say, whatever was read before, so every
+    worker holds the same ones for the same file, and a slip on one line
+    keeps nobody else out and lets nobody in.  A name on several lines
+    takes the last (appending a hash-password line changes a password).
+    Raises OSError when the file cannot be read.
     """
     users = {}
-    with open(path, encoding='utf-8') as fp:
+    problems = []
+    with open(path, 'rb') as fp:
         for number, line in enumerate(fp, 1):
-            fields = line.split()
-            if not fields or fields[0].startswith('#'):
-                continue
-            params = _parse_hash(fields[-1]) if len(fields) == 2 else None
-            if params is None or ':' in fields[0]:
-                raise ValueError(
+            try:
+                user = _parse_user_line(line)
+            except ValueError:
+                problems.append(
                     'line %d is not "name $scrypt$..." (a name without a '
                     'colon, then a hash from: python3 brim.py hash-password '
                     'NAME)' % number)
-            if fields[0] in users:
-                raise ValueError('line %d names %s again'
-                                 % (number, fields[0]))
-            users[fields[0]] = params
-    return users
+                continue
+            if user is not None:
+                name, params = user
+                users[name] = params
+    return users, problems
+
+
+def _parse_user_line(line):
+    """(name, hash params) of an auth file line (bytes), None for a blank
+    line or a comment; ValueError for anything else."""
+    fields = line.decode('utf-8').split()   # UnicodeDecodeError: ValueError
+    if not fields or fields[0].startswith('#'):
+        return None
+    name, encoded = fields                  # ValueError unless two
+    params = _parse_hash(encoded)           # binascii.Error: ValueError
+    if params is None or ':' in name:
+        raise ValueError('not a name and a hash')
+    return name, params
 
 
 def _file_version(path):
@@ -4107,9 +4124,10 @@ class WSGIBasicAuth(object):
     challenge for ``realm``.  A right request goes on with REMOTE_USER set
     (the request log shows it) and Authorization removed.  The file is
     re-read when it changes (checked every ``check_interval`` seconds); a
-    file that does not parse leaves the users before in place, and the
-    worker logs why.  ``unauthed_paths`` (default /favicon.ico) pass
-    without credentials.
+    bad line is skipped and logged, a file that cannot be read leaves the
+    users before in place.  ``start`` and ``check`` refuse a file with a
+    bad line.  ``unauthed_paths`` (default /favicon.ico) pass without
+    credentials.
     """
 
     def __init__(self, name, parsed_conf, next_app):
@@ -4186,8 +4204,8 @@ class WSGIBasicAuth(object):
                 if version == self.version:
                     return
                 self.version = version
-                users = _read_users(self.auth_path)
-            except (OSError, ValueError) as err:
+                users, problems = _read_users(self.auth_path)
+            except OSError as err:
                 # Logged once, not at every check until it is fixed.
                 if self.trouble != str(err):
                     self.trouble = str(err)
@@ -4198,6 +4216,9 @@ class WSGIBasicAuth(object):
                 return
             self.table = (users, {})
             self.trouble = None
+            for problem in problems:    # once: this version is read once
+                logger.error('[%s] auth_path %s: %s; skipping it',
+                             self.name, self.auth_path, problem)
             logger.info('[%s] read %d users from %s', self.name, len(users),
                         self.auth_path)
         finally:
@@ -4212,12 +4233,15 @@ class WSGIBasicAuth(object):
                             'prints one).' % name)
         try:
             version = _file_version(auth_path)
-            users = _read_users(auth_path)
+            users, problems = _read_users(auth_path)
         except OSError as err:
             raise ConfError('[%s] auth_path %s cannot be read: %s.'
                             % (name, auth_path, err.strerror or err))
-        except ValueError as err:
-            raise ConfError('[%s] auth_path %s: %s.' % (name, auth_path, err))
+        # Refused here, where someone is watching; a running brimd skips
+        # such a line instead (see _read_users).
+        if problems:
+            raise ConfError('[%s] auth_path %s: %s.'
+                            % (name, auth_path, problems[0]))
         realm = conf.get(name, 'realm', 'brim')
         try:
             bad_realm = _BAD_VALUE_RE.search(realm.encode('latin-1'))

@@ -4595,25 +4595,40 @@ class TestWSGIBasicAuth(BrimTestCase):
     def test_reloaded_auth_file(self):
         self.auth_server(self.hash_line('alice', 'old'))
         self.assertEqual(self.whoami('alice', 'old')[0], 200)
-        self.write_users(self.hash_line('alice', 'new') +
-                         self.hash_line('bob', 'bobs'))
+        alice, bob = self.hash_line('alice', 'new'), self.hash_line('bob',
+                                                                    'bobs')
+        self.write_users(alice + bob)
         wait_until(lambda: self.whoami('bob', 'bobs')[0] == 200,
                    timeout=15, msg='bob never got in')
         self.assertEqual(self.whoami('alice', 'old')[0], 401)
         self.assertEqual(self.whoami('alice', 'new')[0], 200)
-        self.write_users('bob this-is-not-a-hash\n')
+        self.write_users(alice + 'carol this-is-not-a-hash\n' + bob +
+                         'dave ' + bob.split()[1] + ' extra\n')
         # The file is looked at when requests come, at most every
-        # check_interval: ask until the worker has seen the broken one.
-        broken = re.compile(r'ERROR .*\[auth\] auth_path .*users: line 1 is '
-                            r'not "name \$scrypt\$\.\.\." .*; keeping the 2 '
-                            r'users read before')
+        # check_interval: ask until the worker has read this one.  Its bad
+        # lines are skipped, each logged once; the good one counts.
+        broken = re.compile(r'ERROR .*\[auth\] auth_path .*users: line (\d) '
+                            r'is not "name \$scrypt\$\.\.\." .*; skipping it$',
+                            re.M)
+
+        def skipped_the_bad_lines():
+            self.assertEqual(self.whoami('bob', 'bobs')[0], 200)
+            return broken.search(self.log_text())
+        wait_until(skipped_the_bad_lines, timeout=15)
+        self.assertEqual(broken.findall(self.log_text()), ['2', '4'])
+        self.assertEqual(self.whoami('alice', 'new')[0], 200)
+        self.assertEqual(self.whoami('dave', 'bobs')[0], 401)
+        # A file that cannot be read leaves the users before in place.
+        os.unlink(self.auth_path)
+        gone = re.compile(r'ERROR .*\[auth\] auth_path .*users: .*No such '
+                          r'file.*; keeping the 2 users read before')
 
         def refused_the_file():
             self.assertEqual(self.whoami('bob', 'bobs')[0], 200)
-            return broken.search(self.log_text())
+            return gone.search(self.log_text())
         wait_until(refused_the_file, timeout=15)
-        self.assertEqual(len(broken.findall(self.log_text())), 1)
-        self.assertEqual(self.whoami('alice', 'new')[0], 200)
+        self.assertEqual(len(gone.findall(self.log_text())), 1)
+        self.assertEqual(self.whoami('bob', 'bobs')[0], 200)
 
     def test_auth_path_checked_at_start(self):
         self.port = free_port()
@@ -4634,6 +4649,101 @@ class TestWSGIBasicAuth(BrimTestCase):
             self.assertEqual(code, 1, out)
             self.assertEqual(len(err.splitlines()), 1, err)
             self.assertIn(message, err)
+
+    def test_users_file_lines(self):
+        """Each bad line is skipped on its own; the last line of a name
+        counts; blank lines and comments are no users."""
+        good, other = brim._hash_password('pw'), brim._hash_password('pw2')
+        lines = [
+            b'# users', b'', b'alice ' + good.encode(),
+            b'bob this-is-not-a-hash',
+            b'carol ' + good.encode() + b' extra',         # three fields
+            b'da:ve ' + good.encode(),                     # a colon
+            b'\xffeve ' + good.encode(),                   # not UTF-8
+            b'fred ' + good.encode()[:-2] + b'x',          # hash's padding
+            b'alice ' + good.replace('n=16384', 'n=1000').encode(),
+            b'bob ' + good.encode(), b'  \t', b'gina',
+            b'alice ' + other.encode() + b'  ']
+        path = os.path.join(self.tmp, 'users')
+        with open(path, 'wb') as fp:
+            fp.write(b'\n'.join(lines))
+        users, problems = brim._read_users(path)
+        self.assertEqual(sorted(users), ['alice', 'bob'])
+        self.assertEqual(users['alice'], brim._parse_hash(other))
+        self.assertEqual([int(p.split()[1]) for p in problems],
+                         [4, 5, 6, 7, 8, 9, 12])
+        for problem in problems:
+            self.assertRegex(problem, r'^line \d+ is not "name \$scrypt\$'
+                                      r'\.\.\." \(a name without a colon, '
+                                      r'then a hash from: python3 brim\.py '
+                                      r'hash-password NAME\)$')
+
+    def test_bad_line_keeps_every_worker_on_the_same_users(self):
+        """A worker that never read the file with bob in it still lets
+        bob in once a bad line follows: it reads the good lines."""
+        self.port = free_port()
+        self.auth_path = os.path.join(self.tmp, 'users')
+        alice, bob = self.hash_line('alice', 'pw'), self.hash_line('bob',
+                                                                   'bobs')
+        self.write_users(alice)
+        self.write_conf('''
+            [wsgi]
+            ip = 127.0.0.1
+            port = %d
+            workers = 2
+            apps = auth misc
+
+            [auth]
+            call = brim.wsgi_basic_auth.WSGIBasicAuth
+            auth_path = %s
+            check_interval = 0.1
+
+            [misc]
+            call = myapps.Misc
+            ''' % (self.port, self.auth_path))
+        workers = set(live_children_of(self.start()))
+        self.assertEqual(len(workers), 2)
+        credentials = {'Authorization': 'Basic ' + base64.b64encode(
+            b'bob:bobs').decode()}
+
+        def bob_gets_pid():
+            status, _headers, body = self.http(self.port, 'GET', '/pid',
+                                               headers=credentials)
+            return status == 200 and int(body)
+        # Bob is added; the one worker that answers him reads that file.
+        self.write_users(alice + bob)
+        wait_until(bob_gets_pid, timeout=15, msg='bob got in')
+        self.write_users(alice + bob + 'garbage\n')
+        answered = set()
+
+        def every_worker_let_bob_in():
+            pid = bob_gets_pid()
+            if pid:
+                answered.add(pid)
+            return answered == workers
+        wait_until(every_worker_let_bob_in, timeout=20,
+                   msg='every worker let bob in')
+        for _ in range(20):
+            self.assertIn(bob_gets_pid(), workers)
+        self.assertEqual(self.http(self.port, 'GET', '/pid', headers={
+            'Authorization': 'Basic ' + base64.b64encode(
+                b'garbage:').decode()})[0], 401)
+        self.wait_for_log(r'ERROR .*\[auth\] auth_path .*users: line 3 is '
+                          r'not .*; skipping it$')
+
+    def test_check_and_start_refuse_a_bad_line(self):
+        self.port = free_port()
+        self.auth_path = os.path.join(self.tmp, 'users')
+        self.write_users(self.hash_line('alice', 'pw') + '\nbob nothing\n')
+        self.write_conf(AUTH_CONF % {'port': self.port,
+                                     'auth_path': self.auth_path})
+        for command in ('check', 'start'):
+            code, out, err = self.brim(command)
+            self.track(self.read_pid())
+            self.assertEqual((code, err.count('\n')), (1, 1), out)
+            self.assertIn('[auth] auth_path %s: line 3 is not "name '
+                          '$scrypt$..."' % self.auth_path, err)
+        self.assertTrue(connect_refused(self.port))
 
 
 class TestStatsPage(BrimTestCase):
