@@ -2421,8 +2421,12 @@ class _IPSubserver(Subserver):
         call ``on_ready``, or (None) just wait: pooled threads accept."""
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_w, False)
-        if threading.current_thread() is threading.main_thread():
-            signal.set_wakeup_fd(wake_w)
+        # A signal only needs to wake the select: with the pipe full, one
+        # already will, so that is no reason to complain.
+        wakes_on_signals = threading.current_thread() is \
+            threading.main_thread()
+        if wakes_on_signals:
+            signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
         self.wake_w = wake_w
         sock = self.sock
         waits = [wake_r] if on_ready is None else [sock, wake_r]
@@ -2434,6 +2438,12 @@ class _IPSubserver(Subserver):
             if sock in readable and not self.draining:
                 on_ready(sock)
         self.drain()
+        # Signals still come while the worker drains (SIGHUP, SIGUSR1):
+        # the wakeup fd goes before the pipe's read end, or each one logs
+        # "Exception ignored when trying to write to the signal wakeup
+        # fd: BrokenPipeError".  drain() ignores its own write failing.
+        if wakes_on_signals:
+            signal.set_wakeup_fd(-1)
         os.close(wake_r)
 
     def _accept_connections(self, handle):

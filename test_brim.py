@@ -2916,6 +2916,44 @@ class TestTxn(EchoTestCase):
         self.assertEqual(len(set(logged)), len(logged), 'a txn repeated')
 
 
+class TestSignalsWhileDraining(EchoTestCase):
+    """Signals that reach a worker while it drains are handled quietly."""
+
+    def test_worker_signalled_while_draining(self):
+        self.echo_conf()
+        main = self.start()
+        [worker] = live_children_of(main)
+        result = {}
+
+        def slow_request():
+            try:
+                result['response'] = self.http(self.port, 'GET', '/slow?1',
+                                               timeout=20)
+            except Exception as err:
+                result['error'] = err
+
+        client = threading.Thread(target=slow_request)
+        client.start()
+        self.addCleanup(client.join, 30)
+        wait_until(lambda: os.path.exists(os.path.join(self.tmp,
+                                                       'slow-started')))
+        os.kill(main, signal.SIGHUP)    # shutdown: the worker drains
+
+        def signalled_until_answered():
+            stat = proc_stat(worker)
+            if stat is not None and stat[1] == main:   # still that worker
+                for signum in (signal.SIGHUP, signal.SIGUSR1):
+                    os.kill(worker, signum)
+            return not client.is_alive()
+        wait_until(signalled_until_answered, timeout=20, interval=0.05)
+        status, _headers, body = result['response']
+        self.assertEqual((status, body), (200, b'slow:' + b'x' * 5000 +
+                                          b':done'))
+        self.assert_gone([main, worker])
+        self.assertEqual([line for line in self.log_lines()
+                          if 'wakeup fd' in line or 'Traceback' in line], [])
+
+
 _PROM_NAME = r'[a-zA-Z_:][a-zA-Z0-9_:]*'
 _PROM_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="')
 _PROM_LABEL_END = re.compile(r'(?:[^"\\\n]|\\.)*"')
