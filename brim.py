@@ -4685,6 +4685,8 @@ class Server(object):
                        signal.SIGUSR2):
             # The handler does nothing: the wakeup fd carries the number.
             signal.signal(signum, _note_signal)
+        # Blocked by a brimd that restarted in place (see _exec_in_place).
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _CHILD_SIGNALS)
 
     def _listen_control(self):
         """The Unix socket a restarting or asking brimd talks to."""
@@ -4879,9 +4881,14 @@ class Server(object):
             'fds': [sock.fileno() for sock in socks],
             'workers': list(self.children) + list(self.retired)})
         command = _restart_command()
+        # Until the new brimd has its handlers, SIGHUP or SIGUSR1 (say,
+        # from logrotate) would end it: they wait, blocked, and the
+        # blocked set survives exec.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _CHILD_SIGNALS)
         try:
             os.execv(command[0], command)   # handlers reset; sockets stay
         except OSError as err:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _CHILD_SIGNALS)
             os.environ.pop(_INPLACE_ENV, None)
             for sock in socks:
                 sock.set_inheritable(False)

@@ -2916,8 +2916,9 @@ class TestTxn(EchoTestCase):
         self.assertEqual(len(set(logged)), len(logged), 'a txn repeated')
 
 
-class TestSignalsWhileDraining(EchoTestCase):
-    """Signals that reach a worker while it drains are handled quietly."""
+class TestSignalsInTransitions(EchoTestCase):
+    """Signals that come while a worker drains or brimd restarts in place
+    are handled quietly."""
 
     def test_worker_signalled_while_draining(self):
         self.echo_conf()
@@ -2952,6 +2953,24 @@ class TestSignalsWhileDraining(EchoTestCase):
         self.assert_gone([main, worker])
         self.assertEqual([line for line in self.log_lines()
                           if 'wakeup fd' in line or 'Traceback' in line], [])
+
+    def test_brimd_signalled_while_restarting_in_place(self):
+        """logrotate's SIGUSR1 just after a SIGUSR2 does not end brimd."""
+        self.echo_conf()
+        main = self.start()
+        os.kill(main, signal.SIGUSR2)
+
+        def restarted_or_gone():
+            if not pid_alive(main):
+                return 'gone'
+            os.kill(main, signal.SIGUSR1)
+            return len([line for line in self.log_lines()
+                        if ' serving [wsgi] ' in line]) == 2 and 'restarted'
+        self.assertEqual(wait_until(restarted_or_gone, timeout=20,
+                                    interval=0.01), 'restarted')
+        self.assertTrue(pid_alive(main))
+        self.assertEqual(self.read_pid(), main)
+        self.echo_ok(self.port)
 
 
 _PROM_NAME = r'[a-zA-Z_:][a-zA-Z0-9_:]*'
