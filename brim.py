@@ -584,11 +584,13 @@ class _Bucket(object):
         try:
             slot = self.offset + self.index[name]
         except KeyError:
-            return self._undeclared(name)
+            self._undeclared(name)
+            return
         with self.lock:
             self.array[slot] += amount
 
     def _undeclared(self, name):
+        """Log, the first time only, that ``name`` has no slot."""
         with self.lock:
             if name in self.undeclared:
                 return
