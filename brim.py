@@ -535,8 +535,9 @@ class _StatsLayout(object):
             'c', max(ordinal, 1) * self.LATEST_SIZE)
 
     def bucket(self, subserver, index):
-        return _Bucket(self, subserver.stats_offset +
-                       index * subserver.bucket_size, subserver.stat_index,
+        return _Bucket(self, subserver.worker_label(index),
+                       subserver.stats_offset + index * subserver.bucket_size,
+                       subserver.stat_index,
                        (subserver.bucket_ordinal + index) * self.LATEST_SIZE)
 
 
@@ -545,35 +546,60 @@ class _Bucket(object):
 
     This is ``env['brim.stats']``.  Values are unsigned integers.  The lock
     makes increments from the worker's threads exact; other processes only
-    read.
+    read.  A name no stats_conf declared has no slot: as in the original
+    brimd, ``get`` gives 0 and ``set`` and ``incr`` do nothing, and the
+    worker logs it once per name, so the slip shows without failing the
+    request.
     """
 
-    def __init__(self, layout, offset, index, latest_offset):
+    def __init__(self, layout, owner, offset, index, latest_offset):
         self.array = layout.array
+        self.owner = owner          # "[wsgi] worker 0", for log lines
         self.offset = offset
         self.index = index
         self.lock = threading.Lock()
         self.latest = layout.latest
         self.latest_offset = latest_offset
         self.latest_address = ctypes.addressof(layout.latest) + latest_offset
+        self.logger = None          # the worker's, given as it starts
+        self.undeclared = set()     # names already logged
 
-    def _slot(self, name):
-        try:
-            return self.offset + self.index[name]
-        except KeyError:
-            raise KeyError('no stat named %r; declare it in stats_conf'
-                           % name)
+    # get, set and incr look the name up inline: they are on apps' hot
+    # path, and only an undeclared name pays for more.
 
     def get(self, name):
-        return self.array[self._slot(name)]
+        try:
+            return self.array[self.offset + self.index[name]]
+        except KeyError:
+            self._undeclared(name)
+            return 0
 
     def set(self, name, value):
-        self.array[self._slot(name)] = int(value)
+        try:
+            self.array[self.offset + self.index[name]] = int(value)
+        except KeyError:
+            self._undeclared(name)
 
     def incr(self, name, amount=1):
-        slot = self._slot(name)
+        try:
+            slot = self.offset + self.index[name]
+        except KeyError:
+            self._undeclared(name)
+            return
         with self.lock:
             self.array[slot] += amount
+
+    def _undeclared(self, name):
+        """Log, the first time only, that ``name`` has no slot."""
+        with self.lock:
+            if name in self.undeclared:
+                return
+            self.undeclared.add(name)
+        declared = list(self.index)[len(_StatsLayout.HIDDEN):]
+        self.logger.warning(
+            '%s: stat %r is not declared, so it is not kept (get gives 0); '
+            'add it to a stats_conf (declared: %s)', self.owner, name,
+            ', '.join(declared) or 'none')
 
     def beat(self):
         self.array[self.offset + _StatsLayout.HEARTBEAT] = \
@@ -2185,6 +2211,11 @@ class Subserver(object):
     def bucket_labels(self):
         return [str(i) for i in range(self.bucket_count)]
 
+    def worker_label(self, index):
+        """'[wsgi] worker 0' or '[daemons] daemon name', for log lines."""
+        return '[%s] %s %s' % (self.name, 'daemon' if self.kind == 'daemons'
+                               else 'worker', self.bucket_labels()[index])
+
     def addresses(self):
         return []
 
@@ -2224,6 +2255,7 @@ class Subserver(object):
         """Set up worker ``index`` in its own process (or thread)."""
         self.worker_index = index
         self.stats = bucket
+        bucket.logger = self.logger     # the bucket was made before forking
         bucket.set('_pid', os.getpid())
         if 'start_time' in self.stats_conf:
             bucket.set('start_time', time.time())
@@ -2391,8 +2423,12 @@ class _IPSubserver(Subserver):
         call ``on_ready``, or (None) just wait: pooled threads accept."""
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_w, False)
-        if threading.current_thread() is threading.main_thread():
-            signal.set_wakeup_fd(wake_w)
+        # A signal only needs to wake the select: with the pipe full, one
+        # already will, so that is no reason to complain.
+        wakes_on_signals = threading.current_thread() is \
+            threading.main_thread()
+        if wakes_on_signals:
+            signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
         self.wake_w = wake_w
         sock = self.sock
         waits = [wake_r] if on_ready is None else [sock, wake_r]
@@ -2404,6 +2440,12 @@ class _IPSubserver(Subserver):
             if sock in readable and not self.draining:
                 on_ready(sock)
         self.drain()
+        # Signals still come while the worker drains (SIGHUP, SIGUSR1):
+        # the wakeup fd goes before the pipe's read end, or each one logs
+        # "Exception ignored when trying to write to the signal wakeup
+        # fd: BrokenPipeError".  drain() ignores its own write failing.
+        if wakes_on_signals:
+            signal.set_wakeup_fd(-1)
         os.close(wake_r)
 
     def _accept_connections(self, handle):
@@ -2529,7 +2571,11 @@ class WSGISubserver(_IPSubserver):
 
     def start_worker(self, index, bucket):
         _IPSubserver.start_worker(self, index, bucket)
-        self.txn_prefix = os.urandom(5).hex()
+        # A txn is 32 lowercase hex digits, the shape of the original
+        # brimd's uuid4().hex, made cheaply: 64 random bits per worker
+        # (workers and restarts never share them in practice), then a
+        # 64-bit count that no worker lives long enough to wrap.
+        self.txn_prefix = os.urandom(8).hex()
         self.txn_counter = itertools.count(1)
         self.connections = set()
         self.next_request_check = 0.0
@@ -2576,7 +2622,7 @@ class WSGISubserver(_IPSubserver):
                 array[slot] += 1
 
     def next_txn(self):
-        return '%s%x' % (self.txn_prefix, next(self.txn_counter))
+        return '%s%016x' % (self.txn_prefix, next(self.txn_counter))
 
     def log_request(self, env, response, duration, txn):
         """The one NOTICE line per request, in the original brimd's order.
@@ -4035,28 +4081,45 @@ def _check_password(password, params):
 
 
 def _read_users(path):
-    """{name: hash params} from an auth file of ``name hash`` lines.
+    """({name: hash params}, [what is wrong with each bad line]) from an
+    auth file of ``name hash`` lines.
 
-    Blank lines and ``#`` comments are skipped.  Raises ValueError naming
-    the first line that is wrong, and OSError when the file cannot be read.
+    Blank lines and ``#`` comments are skipped, and so is a bad line: the
+    users are what the good lines say, whatever was read before, so every
+    worker holds the same ones for the same file, and a slip on one line
+    keeps nobody else out and lets nobody in.  A name on several lines
+    takes the last (appending a hash-password line changes a password).
+    Raises OSError when the file cannot be read.
     """
     users = {}
-    with open(path, encoding='utf-8') as fp:
+    problems = []
+    with open(path, 'rb') as fp:
         for number, line in enumerate(fp, 1):
-            fields = line.split()
-            if not fields or fields[0].startswith('#'):
-                continue
-            params = _parse_hash(fields[-1]) if len(fields) == 2 else None
-            if params is None or ':' in fields[0]:
-                raise ValueError(
+            try:
+                user = _parse_user_line(line)
+            except ValueError:
+                problems.append(
                     'line %d is not "name $scrypt$..." (a name without a '
                     'colon, then a hash from: python3 brim.py hash-password '
                     'NAME)' % number)
-            if fields[0] in users:
-                raise ValueError('line %d names %s again'
-                                 % (number, fields[0]))
-            users[fields[0]] = params
-    return users
+                continue
+            if user is not None:
+                name, params = user
+                users[name] = params
+    return users, problems
+
+
+def _parse_user_line(line):
+    """(name, hash params) of an auth file line (bytes), None for a blank
+    line or a comment; ValueError for anything else."""
+    fields = line.decode('utf-8').split()   # UnicodeDecodeError: ValueError
+    if not fields or fields[0].startswith('#'):
+        return None
+    name, encoded = fields                  # ValueError unless two
+    params = _parse_hash(encoded)           # binascii.Error: ValueError
+    if params is None or ':' in name:
+        raise ValueError('not a name and a hash')
+    return name, params
 
 
 def _file_version(path):
@@ -4073,9 +4136,10 @@ class WSGIBasicAuth(object):
     challenge for ``realm``.  A right request goes on with REMOTE_USER set
     (the request log shows it) and Authorization removed.  The file is
     re-read when it changes (checked every ``check_interval`` seconds); a
-    file that does not parse leaves the users before in place, and the
-    worker logs why.  ``unauthed_paths`` (default /favicon.ico) pass
-    without credentials.
+    bad line is skipped and logged, a file that cannot be read leaves the
+    users before in place.  ``start`` and ``check`` refuse a file with a
+    bad line.  ``unauthed_paths`` (default /favicon.ico) pass without
+    credentials.
     """
 
     def __init__(self, name, parsed_conf, next_app):
@@ -4152,8 +4216,8 @@ class WSGIBasicAuth(object):
                 if version == self.version:
                     return
                 self.version = version
-                users = _read_users(self.auth_path)
-            except (OSError, ValueError) as err:
+                users, problems = _read_users(self.auth_path)
+            except OSError as err:
                 # Logged once, not at every check until it is fixed.
                 if self.trouble != str(err):
                     self.trouble = str(err)
@@ -4164,6 +4228,9 @@ class WSGIBasicAuth(object):
                 return
             self.table = (users, {})
             self.trouble = None
+            for problem in problems:    # once: this version is read once
+                logger.error('[%s] auth_path %s: %s; skipping it',
+                             self.name, self.auth_path, problem)
             logger.info('[%s] read %d users from %s', self.name, len(users),
                         self.auth_path)
         finally:
@@ -4178,12 +4245,15 @@ class WSGIBasicAuth(object):
                             'prints one).' % name)
         try:
             version = _file_version(auth_path)
-            users = _read_users(auth_path)
+            users, problems = _read_users(auth_path)
         except OSError as err:
             raise ConfError('[%s] auth_path %s cannot be read: %s.'
                             % (name, auth_path, err.strerror or err))
-        except ValueError as err:
-            raise ConfError('[%s] auth_path %s: %s.' % (name, auth_path, err))
+        # Refused here, where someone is watching; a running brimd skips
+        # such a line instead (see _read_users).
+        if problems:
+            raise ConfError('[%s] auth_path %s: %s.'
+                            % (name, auth_path, problems[0]))
         realm = conf.get(name, 'realm', 'brim')
         try:
             bad_realm = _BAD_VALUE_RE.search(realm.encode('latin-1'))
@@ -4256,10 +4326,7 @@ class _Worker(object):
         self.last_exit = None   # why the previous process of this slot ended
 
     def label(self):
-        return '[%s] %s %s' % (self.subserver.name,
-                               'daemon' if self.subserver.kind == 'daemons'
-                               else 'worker',
-                               self.subserver.bucket_labels()[self.index])
+        return self.subserver.worker_label(self.index)
 
 
 class Server(object):
@@ -4620,6 +4687,8 @@ class Server(object):
                        signal.SIGUSR2):
             # The handler does nothing: the wakeup fd carries the number.
             signal.signal(signum, _note_signal)
+        # Blocked by a brimd that restarted in place (see _exec_in_place).
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _CHILD_SIGNALS)
 
     def _listen_control(self):
         """The Unix socket a restarting or asking brimd talks to."""
@@ -4814,9 +4883,14 @@ class Server(object):
             'fds': [sock.fileno() for sock in socks],
             'workers': list(self.children) + list(self.retired)})
         command = _restart_command()
+        # Until the new brimd has its handlers, SIGHUP or SIGUSR1 (say,
+        # from logrotate) would end it: they wait, blocked, and the
+        # blocked set survives exec.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _CHILD_SIGNALS)
         try:
             os.execv(command[0], command)   # handlers reset; sockets stay
         except OSError as err:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _CHILD_SIGNALS)
             os.environ.pop(_INPLACE_ENV, None)
             for sock in socks:
                 sock.set_inheritable(False)

@@ -2730,6 +2730,249 @@ class TestStats(BrimTestCase):
         self.assertNotIn('status_408_count', wsgi)
 
 
+# The original brimd documentation's TCP stats example, verbatim but for
+# bytes: it counts '<name>.connections' where stats_conf declared
+# 'connections'.  Then a WSGI app and a daemon that use undeclared names.
+APP_SOURCES['myundeclared.py'] = '''
+from time import sleep, time
+
+import mytcp
+
+
+class HelloWorld(mytcp.HelloWorld):
+
+    def __call__(self, subserver, stats, sock, ip, port):
+        sock.send((self.message + '\\n').encode('utf-8'))
+        sock.close()
+        # Here's where we update the stats.
+        stats.incr('%s.connections' % self.name)
+        stats.set('%s.last_called' % self.name, time())
+
+    @classmethod
+    def stats_conf(cls, name, conf):
+        return [('connections', 'sum'), ('last_called', 'max')]
+
+
+class Tally(object):
+    """Answers "<undeclared get> <declared get>" after using both."""
+
+    def __init__(self, name, conf, next_app):
+        self.next_app = next_app
+
+    @classmethod
+    def stats_conf(cls, name, conf):
+        return [('tally', 'sum')]
+
+    def __call__(self, env, start_response):
+        stats = env['brim.stats']
+        stats.incr('tally')
+        stats.incr('nope')
+        stats.set('nope', 7)
+        stats.set('other', 1)
+        body = b'%d %d' % (stats.get('nope'), stats.get('tally'))
+        start_response('200 OK', [('Content-Length', str(len(body)))])
+        return [body]
+
+
+class TallyDaemon(object):
+    """Uses an undeclared stat three times, logs what it read, waits."""
+
+    def __init__(self, name, conf):
+        self.name = name
+
+    @classmethod
+    def stats_conf(cls, name, conf):
+        return [('rounds', 'daemon')]
+
+    def __call__(self, subserver, stats):
+        for _ in range(3):
+            stats.incr('rounds')
+            stats.incr('nope')
+        subserver.logger.info('tally daemon read nope=%d rounds=%d'
+                              % (stats.get('nope'), stats.get('rounds')))
+        sleep(600)
+'''
+
+
+class TestUndeclaredStats(BrimTestCase):
+    """A stat no stats_conf declared is ignored (get gives 0) and logged
+    once per name in each worker, as in the original brimd."""
+
+    def warnings(self, owner, name):
+        return [line for line in self.log_lines() if ' WARNING ' in line and
+                '%s: stat %r is not declared' % (owner, name) in line]
+
+    def test_documented_tcp_example_two_workers(self):
+        port = free_port()
+        self.write_conf('''
+            [tcp]
+            ip = 127.0.0.1
+            port = %d
+            call = myundeclared.HelloWorld
+            message = Hello, hello!
+            workers = 2
+            ''' % port)
+        self.start()
+        replies = []
+        owners = ['[tcp] worker 0', '[tcp] worker 1']
+
+        def both_workers_used_their_stats():
+            for _ in range(10):
+                replies.append(tcp_exchange(port, b''))
+            return all(self.warnings(owner, 'tcp.last_called')
+                       for owner in owners)
+        wait_until(both_workers_used_their_stats, timeout=20,
+                   msg='both workers served')
+        for _ in range(30):
+            replies.append(tcp_exchange(port, b''))
+        self.assertEqual(replies, [b'Hello, hello!\n'] * len(replies))
+        self.assertGreaterEqual(len(replies), 40)
+        self.assertNotIn('Traceback', self.log_text())
+        for owner in owners:
+            for name in ('tcp.connections', 'tcp.last_called'):
+                [line] = self.warnings(owner, name)
+                self.assertIn('add it to a stats_conf (declared: start_time, '
+                              'connections, last_called)', line)
+
+    def test_wsgi_app_and_daemon(self):
+        port = free_port()
+        self.write_conf('''
+            [wsgi]
+            ip = 127.0.0.1
+            port = %d
+            apps = tally
+
+            [tally]
+            call = myundeclared.Tally
+
+            [daemons]
+            daemons = counter
+
+            [counter]
+            call = myundeclared.TallyDaemon
+            ''' % port)
+        self.start()
+        for count in range(1, 4):
+            status, _headers, body = self.http(port)
+            self.assertEqual((status, body), (200, b'0 %d' % count))
+        self.wait_for_log(r'INFO - tally daemon read nope=0 rounds=3$')
+        self.assertNotIn('Traceback', self.log_text())
+        for owner, name in (('[wsgi] worker 0', 'nope'),
+                            ('[wsgi] worker 0', 'other'),
+                            ('[daemons] daemon counter', 'nope')):
+            [line] = self.warnings(owner, name)
+            self.assertNotIn('_heartbeat', line)
+        self.assertRegex(self.warnings('[wsgi] worker 0', 'nope')[0],
+                         r'WARNING [0-9a-f]+ \[wsgi\] worker 0: stat .*'
+                         r'\(declared: start_time, request_count, .*, '
+                         r'tally\)$')
+
+
+class TestTxn(EchoTestCase):
+    """brim.txn has uuid.uuid4().hex's shape, 32 lowercase hex digits, and
+    never repeats across workers and restarts."""
+
+    def txns_from_every_worker(self, main_pid):
+        """(worker pid, txn) of /txn requests on new connections until
+        every worker of brimd ``main_pid`` has answered one."""
+        workers = set(live_children_of(main_pid))
+        self.assertEqual(len(workers), 2)
+        pairs = []
+
+        def every_worker_answered():
+            client = HTTPClient(self.port)
+            try:
+                pid = int(client.request('GET', '/pid').body)
+                txn = client.request('GET', '/txn').body.decode()
+            finally:
+                client.close()
+            pairs.append((pid, txn))
+            return workers <= {pid for pid, _txn in pairs}
+        wait_until(every_worker_answered, timeout=20,
+                   msg='every worker answered')
+        return pairs
+
+    def test_shape_and_uniqueness_across_workers_and_restart(self):
+        self.echo_conf(workers=2)
+        pairs = self.txns_from_every_worker(self.start())
+        code, out, err = self.brim('restart')
+        self.assertEqual((code, err), (0, ''), out)
+        self.track(self.read_pid())
+        pairs += self.txns_from_every_worker(self.read_pid())
+        self.assertGreaterEqual(len({pid for pid, _txn in pairs}), 4)
+        txns = [txn for _pid, txn in pairs]
+        for txn in txns:
+            self.assertRegex(txn, r'^[0-9a-f]{32}$')
+        self.assertEqual(len(set(txns)), len(txns), 'a txn repeated')
+        # The request log shows the same txns, and the /pid requests' are
+        # of the same shape and never one of them.
+        self.wait_for_log(r' GET /txn HTTP/1.1 200 ', count=len(txns))
+        lines = self.request_lines()
+        self.assertEqual(sorted(f['txn'] for f in lines
+                                if f['path'] == '/txn'), sorted(txns))
+        logged = [f['txn'] for f in lines]
+        for txn in logged:
+            self.assertRegex(txn, r'^[0-9a-f]{32}$')
+        self.assertEqual(len(set(logged)), len(logged), 'a txn repeated')
+
+
+class TestSignalsInTransitions(EchoTestCase):
+    """Signals that come while a worker drains or brimd restarts in place
+    are handled quietly."""
+
+    def test_worker_signalled_while_draining(self):
+        self.echo_conf()
+        main = self.start()
+        [worker] = live_children_of(main)
+        result = {}
+
+        def slow_request():
+            try:
+                result['response'] = self.http(self.port, 'GET', '/slow?1',
+                                               timeout=20)
+            except Exception as err:
+                result['error'] = err
+
+        client = threading.Thread(target=slow_request)
+        client.start()
+        self.addCleanup(client.join, 30)
+        wait_until(lambda: os.path.exists(os.path.join(self.tmp,
+                                                       'slow-started')))
+        os.kill(main, signal.SIGHUP)    # shutdown: the worker drains
+
+        def signalled_until_answered():
+            stat = proc_stat(worker)
+            if stat is not None and stat[1] == main:   # still that worker
+                for signum in (signal.SIGHUP, signal.SIGUSR1):
+                    os.kill(worker, signum)
+            return not client.is_alive()
+        wait_until(signalled_until_answered, timeout=20, interval=0.05)
+        status, _headers, body = result['response']
+        self.assertEqual((status, body), (200, b'slow:' + b'x' * 5000 +
+                                          b':done'))
+        self.assert_gone([main, worker])
+        self.assertEqual([line for line in self.log_lines()
+                          if 'wakeup fd' in line or 'Traceback' in line], [])
+
+    def test_brimd_signalled_while_restarting_in_place(self):
+        """logrotate's SIGUSR1 just after a SIGUSR2 does not end brimd."""
+        self.echo_conf()
+        main = self.start()
+        os.kill(main, signal.SIGUSR2)
+
+        def restarted_or_gone():
+            if not pid_alive(main):
+                return 'gone'
+            os.kill(main, signal.SIGUSR1)
+            return len([line for line in self.log_lines()
+                        if ' serving [wsgi] ' in line]) == 2 and 'restarted'
+        self.assertEqual(wait_until(restarted_or_gone, timeout=20,
+                                    interval=0.01), 'restarted')
+        self.assertTrue(pid_alive(main))
+        self.assertEqual(self.read_pid(), main)
+        self.echo_ok(self.port)
+
+
 _PROM_NAME = r'[a-zA-Z_:][a-zA-Z0-9_:]*'
 _PROM_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="')
 _PROM_LABEL_END = re.compile(r'(?:[^"\\\n]|\\.)*"')
@@ -4409,25 +4652,40 @@ class TestWSGIBasicAuth(BrimTestCase):
     def test_reloaded_auth_file(self):
         self.auth_server(self.hash_line('alice', 'old'))
         self.assertEqual(self.whoami('alice', 'old')[0], 200)
-        self.write_users(self.hash_line('alice', 'new') +
-                         self.hash_line('bob', 'bobs'))
+        alice, bob = self.hash_line('alice', 'new'), self.hash_line('bob',
+                                                                    'bobs')
+        self.write_users(alice + bob)
         wait_until(lambda: self.whoami('bob', 'bobs')[0] == 200,
                    timeout=15, msg='bob never got in')
         self.assertEqual(self.whoami('alice', 'old')[0], 401)
         self.assertEqual(self.whoami('alice', 'new')[0], 200)
-        self.write_users('bob this-is-not-a-hash\n')
+        self.write_users(alice + 'carol this-is-not-a-hash\n' + bob +
+                         'dave ' + bob.split()[1] + ' extra\n')
         # The file is looked at when requests come, at most every
-        # check_interval: ask until the worker has seen the broken one.
-        broken = re.compile(r'ERROR .*\[auth\] auth_path .*users: line 1 is '
-                            r'not "name \$scrypt\$\.\.\." .*; keeping the 2 '
-                            r'users read before')
+        # check_interval: ask until the worker has read this one.  Its bad
+        # lines are skipped, each logged once; the good one counts.
+        broken = re.compile(r'ERROR .*\[auth\] auth_path .*users: line (\d) '
+                            r'is not "name \$scrypt\$\.\.\." .*; skipping it$',
+                            re.M)
+
+        def skipped_the_bad_lines():
+            self.assertEqual(self.whoami('bob', 'bobs')[0], 200)
+            return broken.search(self.log_text())
+        wait_until(skipped_the_bad_lines, timeout=15)
+        self.assertEqual(broken.findall(self.log_text()), ['2', '4'])
+        self.assertEqual(self.whoami('alice', 'new')[0], 200)
+        self.assertEqual(self.whoami('dave', 'bobs')[0], 401)
+        # A file that cannot be read leaves the users before in place.
+        os.unlink(self.auth_path)
+        gone = re.compile(r'ERROR .*\[auth\] auth_path .*users: .*No such '
+                          r'file.*; keeping the 2 users read before')
 
         def refused_the_file():
             self.assertEqual(self.whoami('bob', 'bobs')[0], 200)
-            return broken.search(self.log_text())
+            return gone.search(self.log_text())
         wait_until(refused_the_file, timeout=15)
-        self.assertEqual(len(broken.findall(self.log_text())), 1)
-        self.assertEqual(self.whoami('alice', 'new')[0], 200)
+        self.assertEqual(len(gone.findall(self.log_text())), 1)
+        self.assertEqual(self.whoami('bob', 'bobs')[0], 200)
 
     def test_auth_path_checked_at_start(self):
         self.port = free_port()
@@ -4448,6 +4706,101 @@ class TestWSGIBasicAuth(BrimTestCase):
             self.assertEqual(code, 1, out)
             self.assertEqual(len(err.splitlines()), 1, err)
             self.assertIn(message, err)
+
+    def test_users_file_lines(self):
+        """Each bad line is skipped on its own; the last line of a name
+        counts; blank lines and comments are no users."""
+        good, other = brim._hash_password('pw'), brim._hash_password('pw2')
+        lines = [
+            b'# users', b'', b'alice ' + good.encode(),
+            b'bob this-is-not-a-hash',
+            b'carol ' + good.encode() + b' extra',         # three fields
+            b'da:ve ' + good.encode(),                     # a colon
+            b'\xffeve ' + good.encode(),                   # not UTF-8
+            b'fred ' + good.encode()[:-2] + b'x',          # hash's padding
+            b'alice ' + good.replace('n=16384', 'n=1000').encode(),
+            b'bob ' + good.encode(), b'  \t', b'gina',
+            b'alice ' + other.encode() + b'  ']
+        path = os.path.join(self.tmp, 'users')
+        with open(path, 'wb') as fp:
+            fp.write(b'\n'.join(lines))
+        users, problems = brim._read_users(path)
+        self.assertEqual(sorted(users), ['alice', 'bob'])
+        self.assertEqual(users['alice'], brim._parse_hash(other))
+        self.assertEqual([int(p.split()[1]) for p in problems],
+                         [4, 5, 6, 7, 8, 9, 12])
+        for problem in problems:
+            self.assertRegex(problem, r'^line \d+ is not "name \$scrypt\$'
+                                      r'\.\.\." \(a name without a colon, '
+                                      r'then a hash from: python3 brim\.py '
+                                      r'hash-password NAME\)$')
+
+    def test_bad_line_keeps_every_worker_on_the_same_users(self):
+        """A worker that never read the file with bob in it still lets
+        bob in once a bad line follows: it reads the good lines."""
+        self.port = free_port()
+        self.auth_path = os.path.join(self.tmp, 'users')
+        alice, bob = self.hash_line('alice', 'pw'), self.hash_line('bob',
+                                                                   'bobs')
+        self.write_users(alice)
+        self.write_conf('''
+            [wsgi]
+            ip = 127.0.0.1
+            port = %d
+            workers = 2
+            apps = auth misc
+
+            [auth]
+            call = brim.wsgi_basic_auth.WSGIBasicAuth
+            auth_path = %s
+            check_interval = 0.1
+
+            [misc]
+            call = myapps.Misc
+            ''' % (self.port, self.auth_path))
+        workers = set(live_children_of(self.start()))
+        self.assertEqual(len(workers), 2)
+        credentials = {'Authorization': 'Basic ' + base64.b64encode(
+            b'bob:bobs').decode()}
+
+        def bob_gets_pid():
+            status, _headers, body = self.http(self.port, 'GET', '/pid',
+                                               headers=credentials)
+            return status == 200 and int(body)
+        # Bob is added; the one worker that answers him reads that file.
+        self.write_users(alice + bob)
+        wait_until(bob_gets_pid, timeout=15, msg='bob got in')
+        self.write_users(alice + bob + 'garbage\n')
+        answered = set()
+
+        def every_worker_let_bob_in():
+            pid = bob_gets_pid()
+            if pid:
+                answered.add(pid)
+            return answered == workers
+        wait_until(every_worker_let_bob_in, timeout=20,
+                   msg='every worker let bob in')
+        for _ in range(20):
+            self.assertIn(bob_gets_pid(), workers)
+        self.assertEqual(self.http(self.port, 'GET', '/pid', headers={
+            'Authorization': 'Basic ' + base64.b64encode(
+                b'garbage:').decode()})[0], 401)
+        self.wait_for_log(r'ERROR .*\[auth\] auth_path .*users: line 3 is '
+                          r'not .*; skipping it$')
+
+    def test_check_and_start_refuse_a_bad_line(self):
+        self.port = free_port()
+        self.auth_path = os.path.join(self.tmp, 'users')
+        self.write_users(self.hash_line('alice', 'pw') + '\nbob nothing\n')
+        self.write_conf(AUTH_CONF % {'port': self.port,
+                                     'auth_path': self.auth_path})
+        for command in ('check', 'start'):
+            code, out, err = self.brim(command)
+            self.track(self.read_pid())
+            self.assertEqual((code, err.count('\n')), (1, 1), out)
+            self.assertIn('[auth] auth_path %s: line 3 is not "name '
+                          '$scrypt$..."' % self.auth_path, err)
+        self.assertTrue(connect_refused(self.port))
 
 
 class TestStatsPage(BrimTestCase):
