@@ -228,12 +228,62 @@ def import_call(section, dotted):
     if not module_name:
         raise ConfError('[%s] call = %s is not a dotted name like '
                         'package.module.Class.' % (section, dotted))
+    return _import_name(section, dotted, module_name, attr)
+
+
+def _import_name(section, spec, module_name, attr):
+    """``attr`` of module ``module_name``; a module that is not found
+    says where the import looked."""
     try:
         module = importlib.import_module(module_name)
         return getattr(module, attr)
     except Exception as err:
-        raise ConfError('[%s] call = %s could not be imported: %s'
-                        % (section, dotted, _one_line(err)))
+        where = ''
+        if isinstance(err, ModuleNotFoundError):
+            where = ' (looked in %s; add its directory to [brim] ' \
+                'pythonpath)' % ', '.join(_import_places())
+        raise ConfError('[%s] call = %s could not be imported: %s%s'
+                        % (section, spec, _one_line(err), where))
+
+
+def _import_places():
+    """sys.path as an import error shows it: the current directory as .,
+    the home directory as ~, without the standard library (no app is
+    there)."""
+    stdlib = os.path.dirname(os.__file__)
+    skip = (stdlib, os.path.join(os.path.dirname(stdlib), 'python%d%d.zip'
+                                 % sys.version_info[:2]))
+    cwd = os.getcwd()
+    home = os.path.expanduser('~')
+    places = []
+    for entry in sys.path:
+        path = os.path.abspath(entry)       # '' is the current directory
+        if path in skip or (path.startswith(stdlib + os.sep) and
+                            not path.endswith('-packages')):
+            continue
+        if path == cwd:
+            path = '.'
+        elif path.startswith(home + os.sep):
+            path = '~' + path[len(home):]
+        if path not in places:
+            places.append(path)
+    return places
+
+
+def _put_on_sys_path(conf):
+    """Put ``[brim] pythonpath``'s directories (comma-separated), then the
+    current directory, first on sys.path, before any call is imported.
+
+    As with gunicorn, an app in the directory brimd starts from needs no
+    PYTHONPATH.  A relative directory is taken from the current
+    directory, as every relative path in the configuration is, and made
+    absolute now: an app that changes directory changes nothing.
+    """
+    places = [os.path.abspath(os.path.expanduser(path.strip()))
+              for path in conf.get('brim', 'pythonpath', '').split(',')
+              if path.strip()]
+    places.append(os.getcwd())
+    sys.path[:] = places + [path for path in sys.path if path not in places]
 
 
 # ---------------------------------------------------------------------------
@@ -5238,6 +5288,7 @@ def _load_server(args, to_stderr, daemon=False):
     ``start`` says where.
     """
     conf = read_conf(args.conf or DEFAULT_CONF_FILES, explicit=bool(args.conf))
+    _put_on_sys_path(conf)
     server = Server(conf, to_stderr)
     if daemon and not to_stderr and not _syslog_socket():
         pid_file = _pid_file_path(args, conf)

@@ -5133,6 +5133,75 @@ class TestOperations(EchoTestCase):
 
 
 # ---------------------------------------------------------------------------
+# 12. What a first run meets: imports
+# ---------------------------------------------------------------------------
+
+LIBAPP = '''
+class App(object):
+
+    def __init__(self, name, conf, next_app):
+        pass
+
+    def __call__(self, env, start_response):
+        start_response('200 OK', [('Content-Length', '6')])
+        return [b'libapp']
+'''
+
+
+class TestFirstRun(EchoTestCase):
+    """What a first run meets: an app it cannot import."""
+
+    def test_import_error_says_where_it_looked(self):
+        os.mkdir(os.path.join(self.tmp, 'lib'))
+        with open(os.path.join(self.tmp, 'lib', 'libapp.py'), 'w') as fp:
+            fp.write(LIBAPP)
+        self.env['PYTHONPATH'] = HERE       # not the temporary directory
+        cwd = os.path.join(self.tmp, 'elsewhere')
+        os.mkdir(cwd)
+        port = free_port()
+        conf = '''
+            [brim]
+            %s
+
+            [wsgi]
+            ip = 127.0.0.1
+            port = %d
+            apps = app
+
+            [app]
+            call = libapp.App
+            '''
+        self.write_conf(conf % ('', port))
+        code, out, err = self.brim('check', cwd=cwd)
+        self.assertEqual(code, 1, out)
+        match = re.match(r"\[app\] call = libapp.App could not be imported: "
+                         r"No module named 'libapp' \(looked in (.*); add its "
+                         r"directory to \[brim\] pythonpath\)\n\Z", err)
+        self.assertTrue(match, err)
+        places = match.group(1).split(', ')
+        self.assertEqual(places[0], '.')     # the current directory first
+        self.assertIn(HERE.replace(os.path.expanduser('~'), '~', 1), places)
+        self.assertNotIn(os.path.dirname(os.__file__), places)  # stdlib
+        # pythonpath: a relative directory is taken from the current one,
+        # not from the configuration's (their ../lib differ).
+        self.write_conf(conf % ('pythonpath = ../nowhere, ../lib', port))
+        pid = self.start(cwd=cwd)
+        self.assertEqual(self.http(port, 'GET', '/')[2], b'libapp')
+        self.stop()
+        self.assert_gone([pid])
+
+    def test_pythonpath_goes_first(self):
+        saved = list(sys.path)
+        self.addCleanup(sys.path.__setitem__, slice(None), saved)
+        brim._put_on_sys_path(brim.Conf({'brim': {
+            'pythonpath': ' lib ,~/code,, /opt/app '}}))
+        self.assertEqual(sys.path[:4], [
+            os.path.abspath('lib'), os.path.expanduser('~/code'), '/opt/app',
+            os.getcwd()])
+        self.assertEqual(sys.path[4:], [p for p in saved if p not in
+                                        sys.path[:4]])
+
+# ---------------------------------------------------------------------------
 # 12. Reliability: restarts under load, faults, slow and stalled clients
 # ---------------------------------------------------------------------------
 
