@@ -9,6 +9,8 @@ beside them.  Workers share counters through shared memory.
 The file reads top to bottom in the order data flows:
 
     configuration     Conf, reading files, resolving ``call = dotted.Name``
+                      (a brim app class) and ``call = module:app`` (a
+                      plain WSGI app, or a factory of one)
     logging           NOTICE level, txn-stamped lines (text or JSON),
                       syslog or a file reopened on SIGUSR1
     stats             one shared-memory bucket per worker (and its
@@ -225,10 +227,37 @@ def _register_submodules(module):
 def import_call(section, dotted):
     """Resolve ``call = package.module.Name`` for ``[section]``."""
     module_name, _, attr = dotted.strip().rpartition('.')
-    if not module_name:
+    if not module_name or ':' in dotted:
         raise ConfError('[%s] call = %s is not a dotted name like '
                         'package.module.Class.' % (section, dotted))
     return _import_name(section, dotted, module_name, attr)
+
+
+# ``call = package.module:name``, the colon as gunicorn and uWSGI spell it:
+# a plain WSGI app, served as it is; ``package.module:factory()``: a
+# function that makes one (Flask's create_app()).
+_PLAIN_APP = re.compile(r'([A-Za-z_][\w.]*):([A-Za-z_]\w*)(\(\))?\Z')
+
+
+def import_app(section, spec):
+    """(object, is_factory) for ``call = package.module:name`` or
+    ``package.module:factory()`` in ``[section]``.
+
+    The module is imported here, in the main process, as classes are: a
+    broken import stops ``check`` and ``start``.  A factory is called
+    later, once in each worker.
+    """
+    match = _PLAIN_APP.match(spec.strip())
+    if not match:
+        raise ConfError('[%s] call = %s is not package.module:app or '
+                        'package.module:factory().' % (section, spec))
+    module_name, attr, parens = match.groups()
+    app = _import_name(section, spec, module_name, attr)
+    if not callable(app):
+        raise ConfError('[%s] call = %s is a %s, not callable as a WSGI app%s.'
+                        % (section, spec, type(app).__name__,
+                           ' factory' if parens else ''))
+    return app, bool(parens)
 
 
 def _import_name(section, spec, module_name, attr):
@@ -2541,6 +2570,11 @@ class _IPSubserver(Subserver):
         pass
 
 
+def _as_it_is(app):
+    """A plain WSGI app as a link of an app chain: it takes no next app."""
+    return lambda name, parsed, next_app: app
+
+
 class WSGISubserver(_IPSubserver):
     """``[wsgi]`` / ``[wsgi#name]``: serves a chain of WSGI apps."""
 
@@ -2572,10 +2606,44 @@ class WSGISubserver(_IPSubserver):
                      'status_4xx_count', 'status_5xx_count'] + \
                 ['status_%d_count' % c for c in self.count_status_codes]:
             self.stats_conf[stat] = 'sum'
+        # (name, make, parsed): make(name, parsed, next_app) is the app; for
+        # brim's apps, their class.
         self.apps = []
-        for app_name in conf.get(self.name, 'apps', '').split():
-            cls, parsed = self._load_call(conf, app_name)
-            self.apps.append((app_name, cls, parsed))
+        names = conf.get(self.name, 'apps', '').split()
+        for app_name, after in zip(names, names[1:] + [None]):
+            spec = conf.get(app_name, 'call') or ''
+            if ':' in spec:
+                self.apps.append((app_name, self._load_plain_app(
+                    app_name, spec, after), None))
+            else:
+                cls, parsed = self._load_call(conf, app_name)
+                self.apps.append((app_name, cls, parsed))
+
+    def _load_plain_app(self, section, spec, after):
+        """What makes ``call = package.module:app`` (or ``:factory()``)
+        in each worker; it ends the chain, as it takes no next app."""
+        if after is not None:
+            raise ConfError('[%s] apps: [%s] call = %s is a plain WSGI app, '
+                            'which ends the chain, so [%s] after it would '
+                            'never be reached; list %s last.' % (
+                                self.name, section, spec, after, section))
+        app, is_factory = import_app(section, spec)
+        if not is_factory:
+            return _as_it_is(app)
+
+        def make(name, parsed, next_app):
+            try:
+                made = app()
+            except Exception as err:
+                raise ConfError('[%s] call = %s raised %s: %s' % (
+                    section, spec, type(err).__name__, _one_line(err))) \
+                    from err
+            if not callable(made):
+                raise ConfError('[%s] call = %s returned a %s, not a WSGI '
+                                'app.' % (section, spec,
+                                          type(made).__name__))
+            return made
+        return make
 
     def start_worker(self, index, bucket):
         _IPSubserver.start_worker(self, index, bucket)
@@ -2600,8 +2668,8 @@ class WSGISubserver(_IPSubserver):
         if self.tls is not None:
             self.base_env['HTTPS'] = 'on'
         app = self._not_found
-        for app_name, cls, parsed in reversed(self.apps):
-            app = cls(app_name, parsed, app)
+        for app_name, make, parsed in reversed(self.apps):
+            app = make(app_name, parsed, app)
         self.app = app
 
     def _status_slots(self):

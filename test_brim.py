@@ -5133,8 +5133,151 @@ class TestOperations(EchoTestCase):
 
 
 # ---------------------------------------------------------------------------
-# 12. What a first run meets: imports
+# 12. Plain WSGI apps (call = module:app), and what a first run meets:
+#     imports
 # ---------------------------------------------------------------------------
+
+# Stand-ins for a framework's app, standard library only: a package with
+# a plain WSGI callable ``application`` (as Django's mysite/wsgi.py), and
+# a module with ``app`` and a ``create_app()`` factory (as Flask's).
+PLAIN_APP_SOURCES = {
+    'mysite/__init__.py': '',
+    'mysite/wsgi.py': '''
+import os
+
+
+def application(environ, start_response):
+    body = ('mysite %d %s' % (os.getpid(), environ['PATH_INFO'])).encode()
+    start_response('200 OK', [('Content-Type', 'text/plain'),
+                              ('Content-Length', str(len(body)))])
+    return [body]
+''',
+    'flaskish.py': '''
+import os
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class Flaskish(object):
+    """/slow?S sleeps S seconds (noting its start in slow-started)."""
+
+    def __call__(self, environ, start_response):
+        if environ['PATH_INFO'] == '/slow':
+            open(os.path.join(HERE, 'slow-started'), 'w').close()
+            time.sleep(float(environ['QUERY_STRING']))
+        body = ('flaskish %d' % os.getpid()).encode()
+        start_response('200 OK', [('Content-Length', str(len(body)))])
+        return [body]
+
+
+app = Flaskish()
+not_an_app = 'a str'
+
+
+def create_app():
+    with open(os.path.join(HERE, 'factory-calls'), 'a') as fp:
+        fp.write('%d\\n' % os.getpid())
+    return Flaskish()
+
+
+def create_broken():
+    raise RuntimeError('factory-marker')
+''',
+}
+
+class TestPlainApps(BrimTestCase):
+    """call = package.module:app and :factory()."""
+
+    def setUp(self):
+        BrimTestCase.setUp(self)
+        os.mkdir(os.path.join(self.tmp, 'mysite'))
+        for name, source in PLAIN_APP_SOURCES.items():
+            with open(os.path.join(self.tmp, name), 'w') as fp:
+                fp.write(source)
+        # The apps are found in the current directory, not on PYTHONPATH.
+        self.env['PYTHONPATH'] = HERE
+
+    def plain_conf(self, apps, call, workers=1):
+        self.port = free_port()
+        self.write_conf('''
+            [wsgi]
+            ip = 127.0.0.1
+            port = %d
+            workers = %d
+            apps = %s
+
+            [app]
+            call = %s
+
+            [stats]
+            call = brim.wsgi_stats.WSGIStats
+            ''' % (self.port, workers, apps, call))
+
+    def get(self, path='/', port=None):
+        status, _headers, body = self.http(port or self.port, 'GET', path)
+        self.assertEqual(status, 200, body)
+        return body.decode()
+
+    # -- call = package.module:name --------------------------------------
+
+    def test_call_names_a_plain_wsgi_app(self):
+        self.plain_conf('stats app', 'mysite.wsgi:application', workers=2)
+        code, out, err = self.brim('check')
+        self.assertEqual((code, err), (0, ''), out)
+        pid = self.start()
+        workers = live_children_of(pid)
+        words = self.get('/any/path').split()
+        self.assertEqual((words[0], words[2]), ('mysite', '/any/path'))
+        self.assertIn(int(words[1]), workers)
+        # WSGIStats in front answers its path; the app gets the rest.
+        wait_until(lambda: self.stats(self.port)['wsgi']['request_count'])
+
+    def test_factory_runs_once_in_each_worker(self):
+        self.plain_conf('stats app', 'flaskish:create_app()', workers=2)
+        pid = self.start()
+        workers = sorted(live_children_of(pid))
+        self.assertEqual(len(workers), 2)
+        for _ in range(6):
+            self.assertIn(int(self.get('/').split()[1]), workers)
+        with open(os.path.join(self.tmp, 'factory-calls')) as fp:
+            calls = sorted(int(line) for line in fp)
+        self.assertEqual(calls, workers)    # never in the main process
+
+    def test_factory_that_raises_fails_the_start(self):
+        self.plain_conf('app', 'flaskish:create_broken()')
+        self.assert_start_refused(
+            self.port, r'^\[wsgi\] worker 0 failed to start: \[app\] call = '
+            r'flaskish:create_broken\(\) raised RuntimeError: factory-marker'
+            r'\n$')
+
+    def test_plain_app_ends_the_chain(self):
+        self.plain_conf('app stats', 'flaskish:app')
+        line = ('[wsgi] apps: [app] call = flaskish:app is a plain WSGI app, '
+                'which ends the chain, so [stats] after it would never be '
+                'reached; list app last.\n')
+        self.assertEqual(self.brim('check'), (1, '', line))
+        self.assertEqual(self.assert_start_refused(self.port), line)
+
+    def test_plain_app_spelling_and_type(self):
+        for call, line in (
+                ('flaskish:not_an_app', '[app] call = flaskish:not_an_app is '
+                 'a str, not callable as a WSGI app.\n'),
+                ('flaskish:create(x)', '[app] call = flaskish:create(x) is '
+                 'not package.module:app or package.module:factory().\n')):
+            self.plain_conf('app', call)
+            self.assertEqual(self.brim('check'), (1, '', line))
+        # The colon spelling serves a WSGI app as it is; a handler is a
+        # class, named with dots.
+        self.write_conf('''
+            [tcp]
+            ip = 127.0.0.1
+            port = %d
+            call = brim.tcp_echo:TCPEcho
+            ''' % free_port())
+        self.assertEqual(self.brim('check'), (
+            1, '', '[tcp] call = brim.tcp_echo:TCPEcho is not a dotted name '
+            'like package.module.Class.\n'))
 
 LIBAPP = '''
 class App(object):
