@@ -25,8 +25,8 @@ The file reads top to bottom in the order data flows:
                       what apps use: brim.http responses, brim.httpform
     supervision       Server: the main process, its signals, children,
                       heartbeats, restarts in place, systemd notify
-    command line      main(): start, stop, shutdown, restart, status,
-                      check, foreground, hash-password, ...
+    command line      main(): serve, start, stop, shutdown, restart,
+                      status, check, foreground, hash-password, ...
 
 Everything is standard library.  Names without a leading underscore are the
 ones configs and apps use.
@@ -4907,7 +4907,7 @@ class Server(object):
         """None when a restart in place may go ahead, else why not."""
         self.notifier.send('RELOADING=1\nMONOTONIC_USEC=%d\nSTATUS=checking '
                            'the configuration' % _monotonic_usec())
-        command = _restart_command()
+        command = _restart_command('check')
         if command is None:
             problem = 'this brimd was not started from its command line'
         else:
@@ -5213,6 +5213,13 @@ _USAGE = '''%(prog)s [options] [command]
 brimd: a pre-fork server launcher.
 
 commands (default: no-daemon):
+  serve APP     serve the WSGI app APP (package.module:app, or
+                package.module:factory() called in each worker; a bare
+                package.module means package.module:application) in the
+                foreground on 127.0.0.1:8000 with 2 workers, logging to
+                standard error; Ctrl-C stops, SIGTERM drains.  No
+                configuration is needed; with -c, APP goes last in
+                [wsgi]'s apps
   start         start brimd in the background; returns once it serves
   stop          stop brimd at once, cutting off requests in flight
   shutdown      release the ports at once; workers finish what they are
@@ -5223,8 +5230,9 @@ commands (default: no-daemon):
   force-reload  the same as restart
   status        say whether brimd is running (exit 0 running, 1 dead with
                 a stale pid file, 3 not running), then its workers
-  check         check the configuration without serving: every option,
+  check [APP]   check the configuration without serving: every option,
                 call, certificate, user and address; exit 0 when it is OK
+                (with APP, what serve APP would run)
   foreground    what start runs, attached to the terminal (containers,
                 supervisors): logs to standard error, SIGTERM drains like
                 shutdown, SIGUSR2 restarts in place keeping the process id
@@ -5236,9 +5244,13 @@ commands (default: no-daemon):
                 a line for a WSGIBasicAuth auth_path file
 '''
 
-_COMMANDS = ('start', 'stop', 'shutdown', 'restart', 'reload',
+_COMMANDS = ('serve', 'start', 'stop', 'shutdown', 'restart', 'reload',
              'force-reload', 'status', 'check', 'foreground', 'no-daemon',
              'hash-password')
+
+#: Where ``serve`` listens, and with how many workers, unless the command
+#: line or the configuration says otherwise.
+_SERVE_DEFAULTS = {'ip': '127.0.0.1', 'port': '8000', 'workers': '2'}
 
 #: Set by a brimd that re-executes itself (SIGUSR2): what the new image
 #: takes over.
@@ -5274,15 +5286,28 @@ def _parse_args(argv):
                         help='show the version and exit')
     parser.add_argument('-x', '--error-stack-trace', action='store_true',
                         help='show a full traceback for a start-up error')
+    parser.add_argument('--ip', metavar='ADDRESS',
+                        help='serve: the address to listen on; default '
+                             '[wsgi] ip, else 127.0.0.1')
+    parser.add_argument('--port', type=int, metavar='PORT',
+                        help='serve: the port to listen on; default [wsgi] '
+                             'port, else 8000')
+    parser.add_argument('--workers', type=int, metavar='N',
+                        help='serve: how many worker processes; default '
+                             '[wsgi] workers, else 2')
     parser.add_argument('command', nargs='?', default='no-daemon',
                         help=argparse.SUPPRESS)
     parser.add_argument('name', nargs='?', help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    # Intermixed: options may come between the command and its argument
+    # (serve --port 8080 myapp:app).
+    args = parser.parse_intermixed_args(argv)
+    args.app = args.name if args.command in ('serve', 'check') else None
     return parser, args
 
 
 def _command_line(args, command):
-    """The argv that runs brimd ``command`` with this process's options."""
+    """The argv that runs brimd ``command`` with this process's options
+    (and the app that ``serve`` serves)."""
     script, _ = _invocation
     argv = [sys.executable, script]
     for path in args.conf or ():
@@ -5291,27 +5316,31 @@ def _command_line(args, command):
         argv += ['-p', args.pid_file]
     if args.output:
         argv.append('-o')
-    return argv + [command]
+    for flag in ('ip', 'port', 'workers'):
+        if getattr(args, flag) is not None:
+            argv += ['--' + flag, str(getattr(args, flag))]
+    return argv + [command] + ([args.app] if args.app else [])
 
 
-def _restart_command():
-    """The argv a restart in place re-executes, or None when brimd was
-    not started from its command line."""
+def _restart_command(command=None):
+    """The argv a restart in place re-executes (or, given ``command``,
+    that command with the same options), or None when brimd was not
+    started from its command line."""
     if _invocation is None:
         return None
-    return _command_line(_invocation[1], _invocation[1].command)
+    args = _invocation[1]
+    return _command_line(args, command or args.command)
 
 
 def _check_in_subprocess(command, held):
-    """Run ``check`` on the configuration ``command`` would load; None
-    when it passes, else its one-line reason.  ``held``: socket keys this
-    brimd holds (they need not be free)."""
+    """Run ``command``, a ``check``; None when it passes, else its one-line
+    reason.  ``held``: socket keys this brimd holds (they need not be
+    free)."""
     import subprocess
-    argv = command[:-1] + ['check']
     env = dict(os.environ)
     env[_HELD_ENV] = json.dumps(held)
     try:
-        done = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL,
+        done = subprocess.run(command, env=env, stdin=subprocess.DEVNULL,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               timeout=120)
     except (OSError, subprocess.SubprocessError) as err:
@@ -5355,7 +5384,7 @@ def _load_server(args, to_stderr, daemon=False):
     logs would vanish, so they go to a file beside the pid file and
     ``start`` says where.
     """
-    conf = read_conf(args.conf or DEFAULT_CONF_FILES, explicit=bool(args.conf))
+    conf = _conf_of(args)
     _put_on_sys_path(conf)
     server = Server(conf, to_stderr)
     if daemon and not to_stderr and not _syslog_socket():
@@ -5364,6 +5393,30 @@ def _load_server(args, to_stderr, daemon=False):
             pid_file or os.path.expanduser('~/.brimd.pid'))[0] + '.log'
     server.parse_conf()
     return server
+
+
+def _conf_of(args):
+    """The configuration the command line names.  ``serve APP`` needs none:
+    with -c, APP goes last in that configuration's [wsgi] apps."""
+    if not args.app:
+        return read_conf(args.conf or DEFAULT_CONF_FILES,
+                         explicit=bool(args.conf))
+    conf = read_conf(args.conf, explicit=True) if args.conf else Conf({})
+    if 'serve' in conf.store:
+        raise ConfError('%s has a [serve] section, the name serve gives '
+                        'its app; rename that section.'
+                        % ', '.join(conf.files))
+    spec = args.app if ':' in args.app else args.app + ':application'
+    conf.store['serve'] = {'call': spec}
+    wsgi = conf.store.setdefault('wsgi', {})
+    wsgi['apps'] = ' '.join(wsgi.get('apps', '').split() + ['serve'])
+    for option, default in _SERVE_DEFAULTS.items():
+        flag = getattr(args, option)
+        if flag is not None:
+            wsgi[option] = str(flag)
+        elif conf.get('wsgi', option, conf.get('brim', option)) is None:
+            wsgi[option] = default
+    return conf
 
 
 def _daemonize(server, pid_file, keep_output):
@@ -5652,11 +5705,10 @@ def _cmd_hash_password(args):
 
 
 def _cmd_foreground(args):
-    """start's process tree, attached: for containers and supervisors."""
+    """start's process tree, attached: for containers and supervisors, and
+    for ``serve``."""
     inplace = _restarted_in_place()
     server = _load_server(args, to_stderr=True)
-    server.foreground = True
-    _become_subreaper()
     pid_file = None
     if args.pid_file or server.conf.get('brim', 'pid_file'):
         pid_file = _pid_file_path(args, server.conf)
@@ -5666,6 +5718,13 @@ def _cmd_foreground(args):
             print('%d already running' % running, file=sys.stderr)
             return 1
         _check_pid_file_writable(pid_file)
+    return _serve_attached(server, pid_file, inplace)
+
+
+def _serve_attached(server, pid_file=None, inplace=None):
+    """Run ``server`` in this process, attached: SIGTERM drains."""
+    server.foreground = True
+    _become_subreaper()
     return _run_server(server, pid_file, inplace=inplace)
 
 
@@ -5701,9 +5760,22 @@ def main(argv=None):
         print('Unknown command %r; use one of: %s.' % (
             args.command, ', '.join(_COMMANDS)), file=sys.stderr)
         return 1
-    if args.name is not None and args.command != 'hash-password':
-        print('%s takes no argument (%r); only hash-password takes a '
-              'NAME.' % (args.command, args.name), file=sys.stderr)
+    if args.name is not None and args.command not in ('hash-password',
+                                                      'serve', 'check'):
+        print('%s takes no argument (%r); only serve APP, check APP and '
+              'hash-password NAME do.' % (args.command, args.name),
+              file=sys.stderr)
+        return 1
+    if args.command == 'serve' and args.app is None:
+        print('serve needs the app to serve: serve package.module:app.',
+              file=sys.stderr)
+        return 1
+    flags = [flag for flag in ('ip', 'port', 'workers')
+             if getattr(args, flag) is not None]
+    if flags and args.app is None:
+        print('--%s is for serve APP (and check APP); set [wsgi] %s in the '
+              'configuration instead.' % (flags[0], flags[0]),
+              file=sys.stderr)
         return 1
     try:
         if args.command == 'hash-password':
@@ -5722,7 +5794,7 @@ def main(argv=None):
             return _cmd_status(args)
         if args.command == 'check':
             return _cmd_check(args)
-        if args.command == 'foreground':
+        if args.command in ('foreground', 'serve'):
             return _cmd_foreground(args)
         return _cmd_no_daemon(args)
     except BrokenPipeError:

@@ -5133,8 +5133,8 @@ class TestOperations(EchoTestCase):
 
 
 # ---------------------------------------------------------------------------
-# 12. Plain WSGI apps (call = module:app), and what a first run meets:
-#     imports
+# 12. Plain WSGI apps (call = module:app, serve), and what a first run
+#     meets: imports
 # ---------------------------------------------------------------------------
 
 # Stand-ins for a framework's app, standard library only: a package with
@@ -5187,7 +5187,7 @@ def create_broken():
 }
 
 class TestPlainApps(BrimTestCase):
-    """call = package.module:app and :factory()."""
+    """call = package.module:app and :factory(), serve APP."""
 
     def setUp(self):
         BrimTestCase.setUp(self)
@@ -5218,6 +5218,46 @@ class TestPlainApps(BrimTestCase):
         status, _headers, body = self.http(port or self.port, 'GET', path)
         self.assertEqual(status, 200, body)
         return body.decode()
+
+    def run_attached(self, argv, name):
+        """``argv`` (a brimd that stays attached): its stdout and stderr go
+        to ``name``.out and ``name``.err; killed by pid at the end."""
+        paths = [os.path.join(self.tmp, name + ext) for ext in ('.out',
+                                                                '.err')]
+        with open(paths[0], 'wb') as out, open(paths[1], 'wb') as err:
+            proc = popen(argv, cwd=self.tmp, env=self.env, stdout=out,
+                         stderr=err)
+        self.track(proc.pid)
+
+        def end():
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+            _protected.discard(proc.pid)
+        self.addCleanup(end)
+        proc.err_path = paths[1]
+        return proc
+
+    def serve(self, *args):
+        """``brim.py [args]``, args ending with ``serve APP``."""
+        return self.run_attached([sys.executable, BRIM] + list(args),
+                                 'serve')
+
+    def wait_serving(self, proc, port):
+        """The workers, once ``proc`` logs (to stderr or to its log_file)
+        that it serves ``port``."""
+        line = re.compile(r'serving \[wsgi\] 127\.0\.0\.1:%d\b' % port)
+        wait_until(lambda: proc.poll() is not None or line.search(
+            self.log_text(proc.err_path) + self.log_text()), timeout=15)
+        self.assertIsNone(proc.poll(), self.log_text(proc.err_path))
+        self.seen_pids.update(descendants_of(proc.pid))
+        return live_children_of(proc.pid)
+
+    def stopped(self, proc, workers, code=0):
+        self.assertEqual(proc.wait(15), code, self.log_text(proc.err_path))
+        _protected.discard(proc.pid)
+        self.assert_gone(workers)
+        self.assertTrue(connect_refused(self.port))
 
     # -- call = package.module:name --------------------------------------
 
@@ -5278,6 +5318,112 @@ class TestPlainApps(BrimTestCase):
         self.assertEqual(self.brim('check'), (
             1, '', '[tcp] call = brim.tcp_echo:TCPEcho is not a dotted name '
             'like package.module.Class.\n'))
+
+    # -- serve APP --------------------------------------------------------
+
+    def test_serve_defaults_and_precedence(self):
+        _parser, args = brim._parse_args(['serve', 'mysite.wsgi'])
+        conf = brim._conf_of(args)
+        self.assertEqual(conf.store, {
+            'wsgi': {'apps': 'serve', 'ip': '127.0.0.1', 'port': '8000',
+                     'workers': '2'},
+            'serve': {'call': 'mysite.wsgi:application'}})
+        # The flags win over the configuration, which wins over serve's
+        # defaults; the app goes last in [wsgi]'s apps.
+        path = self.write_conf('''
+            [brim]
+            workers = 3
+
+            [wsgi]
+            port = 8123
+            apps = stats
+            ''')
+        _parser, args = brim._parse_args(['-c', path, '--ip', '::1', 'serve',
+                                          'flaskish:create_app()'])
+        conf = brim._conf_of(args)
+        self.assertEqual(conf.store['wsgi'], {
+            'apps': 'stats serve', 'ip': '::1', 'port': '8123'})
+        self.assertEqual(conf.get_int('brim', 'workers', 0), 3)
+        self.assertEqual(conf.store['serve'],
+                         {'call': 'flaskish:create_app()'})
+        with open(path, 'a') as fp:
+            fp.write('\n[serve]\ncall = mine.Mine\n')
+        with self.assertRaises(brim.ConfError) as caught:
+            brim._conf_of(args)
+        self.assertEqual(str(caught.exception), '%s has a [serve] section, '
+                         'the name serve gives its app; rename that section.'
+                         % path)
+
+    def test_serve_without_a_configuration(self):
+        self.port = free_port()
+        proc = self.serve('serve', '--port', str(self.port),
+                          'mysite.wsgi:application')
+        workers = self.wait_serving(proc, self.port)
+        self.assertEqual(len(workers), 2)
+        self.assertEqual(listening_addresses(self.port), ['127.0.0.1'])
+        words = self.get('/hello').split()
+        self.assertEqual((words[0], words[2]), ('mysite', '/hello'))
+        self.assertIn(int(words[1]), workers)
+        self.assertFalse(os.path.exists(self.pid_file))
+        # Logs on standard error: the request line among them.
+        wait_until(lambda: ' GET /hello HTTP/1.1 200 ' in
+                   self.log_text(proc.err_path))
+        os.kill(proc.pid, signal.SIGINT)
+        self.stopped(proc, workers)
+
+    def test_serve_with_a_configuration_drains_on_sigterm(self):
+        self.port = free_port()
+        tcp_port = free_port()
+        self.write_conf('''
+            [wsgi]
+            apps = stats
+
+            [stats]
+            call = brim.wsgi_stats.WSGIStats
+
+            [tcp]
+            ip = 127.0.0.1
+            port = %d
+            call = brim.tcp_echo.TCPEcho
+            ''' % tcp_port)
+        proc = self.serve('-c', self.conf_path, '--port', str(self.port),
+                          '--workers', '1', 'serve', 'flaskish:app')
+        self.wait_serving(proc, self.port)
+        self.assertEqual(self.stats(self.port)['wsgi']['request_count'], 0)
+        self.assertEqual(self.get('/other').split()[0], 'flaskish')
+        self.assertEqual(tcp_exchange(tcp_port, b'echo me'), b'echo me')
+        self.wait_for_log(r' GET /other HTTP/1.1 200 ')   # [brim] log_file
+        workers = live_children_of(proc.pid)
+        slow = {}
+
+        def slow_request():
+            slow['answer'] = self.http(self.port, 'GET', '/slow?1')
+        client = threading.Thread(target=slow_request)
+        client.start()
+        self.addCleanup(client.join, 20)
+        wait_until(lambda: os.path.exists(os.path.join(self.tmp,
+                                                       'slow-started')))
+        os.kill(proc.pid, signal.SIGTERM)
+        client.join(20)
+        self.assertEqual(slow['answer'][0], 200)
+        self.stopped(proc, workers)
+
+    def test_serve_restarts_in_place(self):
+        self.port = free_port()
+        proc = self.serve('-p', self.pid_file, '--port', str(self.port),
+                          '--workers', '1', 'serve', 'flaskish:create_app()')
+        old_worker, = self.wait_serving(proc, self.port)
+        os.kill(proc.pid, signal.SIGUSR2)
+        # The re-executed brimd serves the same app, on the same port.
+        wait_until(lambda: 'restarted in place 1 times' in
+                   self.brim('status', conf=os.devnull)[1], timeout=20)
+        self.assert_gone([old_worker])
+        new_worker, = live_children_of(proc.pid)
+        self.assertEqual(self.get('/').split(), ['flaskish', str(new_worker)])
+        self.assertEqual(self.read_pid(), proc.pid)
+        os.kill(proc.pid, signal.SIGINT)
+        self.stopped(proc, [new_worker])
+
 
 LIBAPP = '''
 class App(object):
