@@ -26,7 +26,8 @@ The file reads top to bottom in the order data flows:
     supervision       Server: the main process, its signals, children,
                       heartbeats, restarts in place, systemd notify
     command line      main(): serve, start, stop, shutdown, restart,
-                      status, check, foreground, hash-password, ...
+                      status, check, foreground, hash-password, ...; and
+                      serve(app) for projects that vendor brim.py
 
 Everything is standard library.  Names without a leading underscore are the
 ones configs and apps use.
@@ -5719,6 +5720,26 @@ def _cmd_foreground(args):
             return 1
         _check_pid_file_writable(pid_file)
     return _serve_attached(server, pid_file, inplace)
+
+
+def serve(app, ip='127.0.0.1', port=8000, workers=2, **options):
+    """Serve the WSGI app ``app`` (an object) as ``brim.py serve`` does.
+
+    For projects that vendor brim.py: the calling process becomes brimd's
+    main process, forks ``workers`` worker processes and supervises them
+    until Ctrl-C (SIGINT) stops it or SIGTERM drains it; then it returns
+    brimd's exit status, 0 (1 when a worker could not start).  Logs go to
+    standard error.  ``options`` are [wsgi] options (log_format='json',
+    max_body=65536, ...), as strings or numbers.  A bad option or a port
+    that stays busy raises ConfError.  Call it last: it leaves its signal
+    handlers installed.
+    """
+    wsgi = {option: str(value) for option, value in options.items()}
+    wsgi.update(ip=str(ip), port=str(port), workers=str(workers))
+    server = Server(Conf({'wsgi': wsgi}), to_stderr=True)
+    server.parse_conf()
+    server.subservers[0].apps.append(('serve', _as_it_is(app), None))
+    return _serve_attached(server)
 
 
 def _serve_attached(server, pid_file=None, inplace=None):

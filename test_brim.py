@@ -5133,8 +5133,8 @@ class TestOperations(EchoTestCase):
 
 
 # ---------------------------------------------------------------------------
-# 12. Plain WSGI apps (call = module:app, serve), and what a first run
-#     meets: imports
+# 12. Plain WSGI apps (call = module:app, serve, brim.serve), and what a
+#     first run meets: imports
 # ---------------------------------------------------------------------------
 
 # Stand-ins for a framework's app, standard library only: a package with
@@ -5186,8 +5186,28 @@ def create_broken():
 ''',
 }
 
+# A project that vendors brim.py and serves its app from Python.
+SERVE_SCRIPT = '''
+import os
+import sys
+
+import brim
+
+
+def application(environ, start_response):
+    body = ('script %d %d' % (os.getpid(), len(environ['wsgi.input'].read()))
+            ).encode()
+    start_response('200 OK', [('Content-Length', str(len(body)))])
+    return [body]
+
+
+sys.exit(brim.serve(application, port=int(sys.argv[1]), max_body=8,
+                    log_format='json'))
+'''
+
+
 class TestPlainApps(BrimTestCase):
-    """call = package.module:app and :factory(), serve APP."""
+    """call = package.module:app and :factory(), serve APP, brim.serve()."""
 
     def setUp(self):
         BrimTestCase.setUp(self)
@@ -5423,6 +5443,31 @@ class TestPlainApps(BrimTestCase):
         self.assertEqual(self.read_pid(), proc.pid)
         os.kill(proc.pid, signal.SIGINT)
         self.stopped(proc, [new_worker])
+
+    def test_brim_serve_from_python(self):
+        self.port = free_port()
+        script = os.path.join(self.tmp, 'vendored.py')
+        with open(script, 'w') as fp:
+            fp.write(SERVE_SCRIPT)
+        proc = self.run_attached([sys.executable, script, str(self.port)],
+                                 'script')
+        workers = self.wait_serving(proc, self.port)
+        self.assertEqual(len(workers), 2)
+        status, _headers, body = self.http(self.port, 'POST', '/', b'12345')
+        self.assertEqual(status, 200, body)
+        words = body.split()
+        self.assertEqual((words[0], words[2]), (b'script', b'5'))
+        self.assertIn(int(words[1]), workers)   # served by a forked worker
+        # The options are [wsgi]'s: max_body (a number), log_format.
+        self.assertEqual(self.http(self.port, 'POST', '/', b'x' * 9)[0], 413)
+
+        def request_record():
+            for line in self.log_text(proc.err_path).splitlines():
+                if line.startswith('{') and '"status": 200' in line:
+                    return json.loads(line)
+        self.assertEqual(wait_until(request_record)['bytes_in'], 5)
+        os.kill(proc.pid, signal.SIGTERM)
+        self.stopped(proc, workers)     # serve returned 0: the exit status
 
 
 LIBAPP = '''
