@@ -832,6 +832,7 @@ def _bind(section, ip, port, kind, backlog, retry_seconds):
     family, host = _address_family(ip)
     sock_type = socket.SOCK_DGRAM if kind == 'udp' else socket.SOCK_STREAM
     deadline = time.monotonic() + retry_seconds
+    waiting = False
     while True:
         sock = socket.socket(family, sock_type)
         try:
@@ -846,6 +847,12 @@ def _bind(section, ip, port, kind, backlog, retry_seconds):
             sock.close()
             if err.errno == errno.EADDRINUSE and \
                     time.monotonic() < deadline:
+                if not waiting:     # say so, rather than wait in silence
+                    waiting = True
+                    print('[%s] %s:%s is in use; retrying for %gs '
+                          '(listen_retry)' % (section, ip, port,
+                                              retry_seconds),
+                          file=sys.stderr)
                 time.sleep(0.1)
                 continue
             raise ConfError('[%s] could not bind %s:%s: %s (change ip/port '

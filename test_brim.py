@@ -1836,9 +1836,12 @@ class TestCommands(EchoTestCase):
         holder.listen(1)
         code, out, err = self.brim('start')
         self.assertEqual(code, 1, out)
-        self.assertTrue(err.startswith('[wsgi] could not bind '), err)
-        self.assertIn(str(self.port), err)
-        self.assertEqual(err.count('\n'), 1)
+        # What it waits for, then the one-line reason it gave up.
+        notice, failure = err.splitlines(True)
+        self.assertEqual(notice, '[wsgi] 127.0.0.1:%d is in use; retrying '
+                         'for 0.2s (listen_retry)\n' % self.port)
+        self.assertTrue(failure.startswith('[wsgi] could not bind '), err)
+        self.assertIn(str(self.port), failure)
         self.assertFalse(os.path.exists(self.pid_file))
 
     def test_stop_when_not_running(self):
@@ -5134,7 +5137,7 @@ class TestOperations(EchoTestCase):
 
 # ---------------------------------------------------------------------------
 # 12. Plain WSGI apps (call = module:app, serve, brim.serve), and what a
-#     first run meets: imports
+#     first run meets: a busy port, imports
 # ---------------------------------------------------------------------------
 
 # Stand-ins for a framework's app, standard library only: a package with
@@ -5483,7 +5486,36 @@ class App(object):
 
 
 class TestFirstRun(EchoTestCase):
-    """What a first run meets: an app it cannot import."""
+    """What a first run meets: a busy port, an app it cannot import."""
+
+    def test_busy_port_says_what_it_waits_for(self):
+        self.echo_conf()
+        holder = socket.socket()
+        self.addCleanup(holder.close)
+        holder.bind(('127.0.0.1', self.port))
+        holder.listen(1)
+        # check fails at once.
+        started = time.monotonic()
+        code, out, err = self.brim('check')
+        self.assertEqual(code, 1)
+        self.assertTrue(err.startswith('[wsgi] could not bind'), err)
+        self.assertLess(time.monotonic() - started, 10)
+        # start says at once what it waits for, and starts once it can.
+        err_path = os.path.join(self.tmp, 'start.err')
+        with open(err_path, 'wb') as err_file:
+            proc = popen([sys.executable, BRIM, '-c', self.conf_path, '-p',
+                          self.pid_file, 'start'], cwd=self.tmp, env=self.env,
+                         stdout=subprocess.DEVNULL, stderr=err_file)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        notice = ('[wsgi] 127.0.0.1:%d is in use; retrying for 30s '
+                  '(listen_retry)\n' % self.port)
+        wait_until(lambda: self.log_text(err_path) == notice, timeout=5)
+        holder.close()
+        self.assertEqual(proc.wait(20), 0)
+        _protected.discard(proc.pid)
+        self.track(self.read_pid())
+        self.assertEqual(self.log_text(err_path), notice)
+        self.echo_ok(self.port)
 
     def test_import_error_says_where_it_looked(self):
         os.mkdir(os.path.join(self.tmp, 'lib'))
