@@ -5390,16 +5390,31 @@ def _load_server(args, to_stderr, daemon=False):
 
     A daemon has no terminal: without a syslog socket or a log_file its
     logs would vanish, so they go to a file beside the pid file and
-    ``start`` says where.
+    ``start`` says where.  Each log file is opened once here first: one
+    that cannot be opened stops the start with a line that names what to
+    change, where the open itself would give a bare errno.
     """
     conf = _conf_of(args)
     _put_on_sys_path(conf)
     server = Server(conf, to_stderr)
-    if daemon and not to_stderr and not _syslog_socket():
+    fallback_why = None
+    if daemon:
         pid_file = _pid_file_path(args, conf)
-        server.fallback_log_file = os.path.splitext(
-            pid_file or os.path.expanduser('~/.brimd.pid'))[0] + '.log'
+        if pid_file:
+            _check_pid_file_writable(pid_file)
+        if not to_stderr and not _syslog_socket():
+            server.fallback_log_file, fallback_why = \
+                _fallback_log_file(pid_file)
+    if conf.get('brim', 'log_file'):
+        _check_log_file(conf.get_path('brim', 'log_file'),
+                        'change [brim] log_file')
+    elif fallback_why:
+        _check_log_file(server.fallback_log_file, fallback_why)
     server.parse_conf()
+    for subserver in server.subservers:
+        if conf.get(subserver.name, 'log_file'):
+            _check_log_file(subserver.log_file,
+                            'change [%s] log_file' % subserver.name)
     return server
 
 
@@ -5425,6 +5440,29 @@ def _conf_of(args):
         elif conf.get('wsgi', option, conf.get('brim', option)) is None:
             wsgi[option] = default
     return conf
+
+
+def _fallback_log_file(pid_file):
+    """(path, why there) of the log a daemon writes with neither log_file
+    nor a syslog socket: beside its pid file, or ~/.brimd.log without one."""
+    if pid_file:
+        return (os.path.splitext(pid_file)[0] + '.log',
+                'a daemon with no syslog socket (/dev/log) and no [brim] '
+                'log_file logs beside its pid file; set log_file, or move '
+                'the pid file with -p or [brim] pid_file')
+    return (os.path.expanduser('~/.brimd.log'),
+            'a daemon with no syslog socket (/dev/log), no [brim] log_file '
+            'and no pid file (-p -) logs to ~/.brimd.log; set log_file')
+
+
+def _check_log_file(path, what_to_change):
+    """Open ``path`` as a log file is opened (appending, creating it)."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+                         0o644))
+    except OSError as err:
+        raise ConfError('Cannot open the log file %s (%s); %s.'
+                        % (path, err.strerror or err, what_to_change))
 
 
 def _daemonize(server, pid_file, keep_output):
@@ -5638,8 +5676,6 @@ def _cmd_start(args, restart=False):
             _wait_gone(old_pid, server.graceful_timeout + _EXIT_SLACK)
             old_pid = None
     server.bind(inherited or _systemd_sockets())
-    if pid_file:
-        _check_pid_file_writable(pid_file)
     in_child, code = _daemonize(server, pid_file, args.output)
     if in_child:
         os._exit(code)
@@ -5682,9 +5718,14 @@ def _take_sockets(pid):
 
 def _check_pid_file_writable(path):
     directory = os.path.dirname(path) or '.'
-    if not os.access(directory, os.W_OK):
-        raise ConfError('Cannot write the pid file %s; use -p or [brim] '
-                        'pid_file to name another.' % path)
+    if not os.path.isdir(directory):
+        why = 'there is no directory %s' % directory
+    elif not os.access(directory, os.W_OK):
+        why = 'directory %s is not writable' % directory
+    else:
+        return
+    raise ConfError('Cannot write the pid file %s (%s); use -p or [brim] '
+                    'pid_file to name another.' % (path, why))
 
 
 def _cmd_hash_password(args):

@@ -5137,7 +5137,7 @@ class TestOperations(EchoTestCase):
 
 # ---------------------------------------------------------------------------
 # 12. Plain WSGI apps (call = module:app, serve, brim.serve), and what a
-#     first run meets: a busy port, imports
+#     first run meets: a busy port, paths it cannot write, imports
 # ---------------------------------------------------------------------------
 
 # Stand-ins for a framework's app, standard library only: a package with
@@ -5486,7 +5486,8 @@ class App(object):
 
 
 class TestFirstRun(EchoTestCase):
-    """What a first run meets: a busy port, an app it cannot import."""
+    """What a first run meets: a busy port, a pid file or log it cannot
+    write, an app it cannot import."""
 
     def test_busy_port_says_what_it_waits_for(self):
         self.echo_conf()
@@ -5516,6 +5517,60 @@ class TestFirstRun(EchoTestCase):
         self.track(self.read_pid())
         self.assertEqual(self.log_text(err_path), notice)
         self.echo_ok(self.port)
+
+    def test_pid_file_in_a_missing_directory(self):
+        self.port = free_port()
+        self.write_conf(ECHO_CONF % {'port': self.port, 'workers': 1,
+                                     'dir': self.tmp, 'wsgi_extra': ''},
+                        log_file=False)
+        missing = os.path.join(self.tmp, 'missing')
+        pid_file = os.path.join(missing, 'brimd.pid')
+        line = ('Cannot write the pid file %s (there is no directory %s); '
+                'use -p or [brim] pid_file to name another.\n'
+                % (pid_file, missing))
+        for command in ('start', 'foreground'):
+            self.assertEqual(self.brim(command, pid_file=pid_file),
+                             (1, '', line))
+        self.assertTrue(connect_refused(self.port))
+
+    @unittest.skipIf(brim._syslog_socket(), 'this host has a syslog socket')
+    def test_fallback_log_that_cannot_be_opened(self):
+        self.port = free_port()
+        self.write_conf(ECHO_CONF % {'port': self.port, 'workers': 1,
+                                     'dir': self.tmp, 'wsgi_extra': ''},
+                        log_file=False)
+        beside = os.path.join(self.tmp, 'brimd.log')
+        os.mkdir(beside)
+        self.assertEqual(self.brim('start'), (
+            1, '', 'Cannot open the log file %s (Is a directory); a daemon '
+            'with no syslog socket (/dev/log) and no [brim] log_file logs '
+            'beside its pid file; set log_file, or move the pid file with -p '
+            'or [brim] pid_file.\n' % beside))
+        home = os.path.join(self.tmp, 'home')
+        os.makedirs(os.path.join(home, '.brimd.log'))
+        env = dict(self.env, HOME=home)
+        self.assertEqual(self.brim('start', pid_file='-', env=env), (
+            1, '', 'Cannot open the log file %s/.brimd.log (Is a directory); '
+            'a daemon with no syslog socket (/dev/log), no [brim] log_file '
+            'and no pid file (-p -) logs to ~/.brimd.log; set log_file.\n'
+            % home))
+        self.assertTrue(connect_refused(self.port))
+
+    def test_log_file_that_cannot_be_opened(self):
+        missing = os.path.join(self.tmp, 'missing', 'brim.log')
+        self.port = free_port()
+        self.write_conf('[brim]\nlog_file = %s\n' % missing + ECHO_CONF % {
+            'port': self.port, 'workers': 1, 'dir': self.tmp,
+            'wsgi_extra': ''}, log_file=False)
+        line = ('Cannot open the log file %s (No such file or directory); '
+                'change [brim] log_file.\n' % missing)
+        self.assertEqual(self.brim('check'), (1, '', line))
+        self.assertEqual(self.assert_start_refused(self.port), line)
+        # A section's own log_file, which only its workers open.
+        self.echo_conf(wsgi_extra='log_file = %s' % missing)
+        self.assertEqual(self.assert_start_refused(self.port), (
+            'Cannot open the log file %s (No such file or directory); '
+            'change [wsgi] log_file.\n' % missing))
 
     def test_import_error_says_where_it_looked(self):
         os.mkdir(os.path.join(self.tmp, 'lib'))
