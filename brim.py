@@ -153,6 +153,7 @@ def read_conf(paths, explicit=False):
     parser = configparser.RawConfigParser()
     read = []
     pending = [os.path.expanduser(p) for p in paths]
+    looked_for = list(pending)
     while pending:
         path = pending.pop(0)
         if path in read:
@@ -173,7 +174,8 @@ def read_conf(paths, explicit=False):
                        if os.path.expanduser(p) not in read)
         explicit = True     # files a config names must exist
     if not read:
-        raise ConfError('No configuration found.')
+        raise ConfError('No configuration found: there is no %s; name a '
+                        'file with -c CONF.' % ' or '.join(looked_for))
     store = {section: dict(parser.items(section))
              for section in parser.sections()}
     return Conf(store, read)

@@ -1472,8 +1472,10 @@ class TestConfInProcess(unittest.TestCase):
         self.assertEqual(str(caught.exception),
                          'Configuration file %s was not found.' % missing)
         with self.assertRaises(brim.ConfError) as caught:
-            brim.read_conf([missing], explicit=False)
-        self.assertEqual(str(caught.exception), 'No configuration found.')
+            brim.read_conf([missing, '~/x.conf'], explicit=False)
+        self.assertEqual(str(caught.exception), 'No configuration found: '
+                         'there is no %s or %s; name a file with -c CONF.'
+                         % (missing, os.path.expanduser('~/x.conf')))
 
     def test_read_conf_syntax_error(self):
         path = self.write('bad.conf', 'no section header here\n')
@@ -1563,7 +1565,9 @@ class TestConfCommandLine(BrimTestCase):
         code, out, err = run([sys.executable, BRIM, '-p', self.pid_file,
                               'start'], cwd=self.tmp, env=env)
         self.assertEqual(code, 1, out)
-        self.assertEqual(err, 'No configuration found.\n')
+        self.assertEqual(err, 'No configuration found: there is no '
+                         '/etc/brimd.conf or %s/.brimd.conf; name a file with '
+                         '-c CONF.\n' % home)
         self.assertFalse(os.path.exists(self.pid_file))
         self.assertEqual(os.listdir(home), [])
 
