@@ -5231,6 +5231,7 @@ commands (default: no-daemon):
                 configuration is needed; with -c, APP goes last in
                 [wsgi]'s apps
   start         start brimd in the background; returns once it serves
+                (exit 0 too when it is already running)
   stop          stop brimd at once, cutting off requests in flight
   shutdown      release the ports at once; workers finish what they are
                 serving, then exit
@@ -5665,8 +5666,10 @@ def _cmd_start(args, restart=False):
     if not _is_brimd(old_pid):
         old_pid = None
     if old_pid and not restart:
-        print('%d already running' % old_pid, file=sys.stderr)
-        return 1
+        # Not an error: init scripts (LSB) expect start to succeed when
+        # the service runs already.
+        print('%d already running' % old_pid)
+        return 0
     if old_pid and _ask_json(old_pid, b'status')['foreground']:
         return _restart_in_place_of(old_pid)
     inherited = {}
@@ -5757,7 +5760,12 @@ def _cmd_hash_password(args):
 
 def _cmd_foreground(args):
     """start's process tree, attached: for containers and supervisors, and
-    for ``serve``."""
+    for ``serve``.
+
+    A running brimd of the same pid file is an error here, unlike for
+    start: the supervisor that runs foreground expects this process to be
+    the server, and an exit 0 would read as the server having ended.
+    """
     inplace = _restarted_in_place()
     server = _load_server(args, to_stderr=True)
     pid_file = None

@@ -1713,8 +1713,8 @@ class TestCommands(EchoTestCase):
         self.echo_conf()
         pid = self.start()
         code, out, err = self.brim('start')
-        self.assertEqual(code, 1)
-        self.assertEqual(err, '%d already running\n' % pid)
+        self.assertEqual((code, out, err), (0, '%d already running\n' % pid,
+                                            ''))
         self.assertEqual(self.read_pid(), pid)
         self.echo_ok(self.port)
 
@@ -5491,7 +5491,7 @@ class App(object):
 
 class TestFirstRun(EchoTestCase):
     """What a first run meets: a busy port, a pid file or log it cannot
-    write, an app it cannot import."""
+    write, an app it cannot import, a brimd running."""
 
     def test_busy_port_says_what_it_waits_for(self):
         self.echo_conf()
@@ -5625,6 +5625,18 @@ class TestFirstRun(EchoTestCase):
             os.getcwd()])
         self.assertEqual(sys.path[4:], [p for p in saved if p not in
                                         sys.path[:4]])
+
+    def test_start_when_running_succeeds_foreground_does_not(self):
+        self.echo_conf()
+        pid = self.start()
+        # init scripts (LSB): start of a running service succeeds.
+        self.assertEqual(self.brim('start'),
+                         (0, '%d already running\n' % pid, ''))
+        # A supervisor's foreground must not exit 0 as if it had served.
+        self.assertEqual(self.brim('foreground'),
+                         (1, '', '%d already running\n' % pid))
+        self.assertEqual(self.read_pid(), pid)
+        self.echo_ok(self.port)
 
 # ---------------------------------------------------------------------------
 # 12. Reliability: restarts under load, faults, slow and stalled clients
