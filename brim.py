@@ -5252,7 +5252,8 @@ commands (default: no-daemon):
   hash-password [NAME]
                 read a password (without echo; or a line from standard
                 input when it is not a terminal) and print "NAME hash",
-                a line for a WSGIBasicAuth auth_path file
+                a line for a WSGIBasicAuth auth_path file; without NAME,
+                just the hash
 '''
 
 _COMMANDS = ('serve', 'start', 'stop', 'shutdown', 'restart', 'reload',

@@ -5491,7 +5491,8 @@ class App(object):
 
 class TestFirstRun(EchoTestCase):
     """What a first run meets: a busy port, a pid file or log it cannot
-    write, an app it cannot import, a brimd running."""
+    write, an app it cannot import, a brimd running, hash-password
+    without a NAME."""
 
     def test_busy_port_says_what_it_waits_for(self):
         self.echo_conf()
@@ -5637,6 +5638,22 @@ class TestFirstRun(EchoTestCase):
                          (1, '', '%d already running\n' % pid))
         self.assertEqual(self.read_pid(), pid)
         self.echo_ok(self.port)
+
+    def test_hash_password_without_name_prints_the_hash(self):
+        code, out, err = run([sys.executable, BRIM, '-h'], env=self.env)
+        self.assertIn('"NAME hash",', out)
+        self.assertIn('without NAME,\n                just the hash', out)
+        proc = popen([sys.executable, BRIM, 'hash-password'],
+                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                     stderr=subprocess.PIPE)
+        try:
+            out, err = proc.communicate(b'pw\n', timeout=30)
+        finally:
+            _protected.discard(proc.pid)
+        self.assertEqual((proc.returncode, err), (0, b''))
+        encoded, = out.decode().split()
+        self.assertTrue(brim._check_password(b'pw', brim._parse_hash(encoded)))
+
 
 # ---------------------------------------------------------------------------
 # 12. Reliability: restarts under load, faults, slow and stalled clients
