@@ -9,6 +9,8 @@ beside them.  Workers share counters through shared memory.
 The file reads top to bottom in the order data flows:
 
     configuration     Conf, reading files, resolving ``call = dotted.Name``
+                      (a brim app class) and ``call = module:app`` (a
+                      plain WSGI app, or a factory of one)
     logging           NOTICE level, txn-stamped lines (text or JSON),
                       syslog or a file reopened on SIGUSR1
     stats             one shared-memory bucket per worker (and its
@@ -23,8 +25,9 @@ The file reads top to bottom in the order data flows:
                       what apps use: brim.http responses, brim.httpform
     supervision       Server: the main process, its signals, children,
                       heartbeats, restarts in place, systemd notify
-    command line      main(): start, stop, shutdown, restart, status,
-                      check, foreground, hash-password, ...
+    command line      main(): serve, start, stop, shutdown, restart,
+                      status, check, foreground, hash-password, ...; and
+                      serve(app) for projects that vendor brim.py
 
 Everything is standard library.  Names without a leading underscore are the
 ones configs and apps use.
@@ -150,6 +153,7 @@ def read_conf(paths, explicit=False):
     parser = configparser.RawConfigParser()
     read = []
     pending = [os.path.expanduser(p) for p in paths]
+    looked_for = list(pending)
     while pending:
         path = pending.pop(0)
         if path in read:
@@ -170,7 +174,8 @@ def read_conf(paths, explicit=False):
                        if os.path.expanduser(p) not in read)
         explicit = True     # files a config names must exist
     if not read:
-        raise ConfError('No configuration found.')
+        raise ConfError('No configuration found: there is no %s; name a '
+                        'file with -c CONF.' % ' or '.join(looked_for))
     store = {section: dict(parser.items(section))
              for section in parser.sections()}
     return Conf(store, read)
@@ -225,15 +230,92 @@ def _register_submodules(module):
 def import_call(section, dotted):
     """Resolve ``call = package.module.Name`` for ``[section]``."""
     module_name, _, attr = dotted.strip().rpartition('.')
-    if not module_name:
+    if not module_name or ':' in dotted:
         raise ConfError('[%s] call = %s is not a dotted name like '
                         'package.module.Class.' % (section, dotted))
+    return _import_name(section, dotted, module_name, attr)
+
+
+# ``call = package.module:name``, the colon as gunicorn and uWSGI spell it:
+# a plain WSGI app, served as it is; ``package.module:factory()``: a
+# function that makes one (Flask's create_app()).
+_PLAIN_APP = re.compile(r'([A-Za-z_][\w.]*):([A-Za-z_]\w*)(\(\))?\Z')
+
+
+def import_app(section, spec):
+    """(object, is_factory) for ``call = package.module:name`` or
+    ``package.module:factory()`` in ``[section]``.
+
+    The module is imported here, in the main process, as classes are: a
+    broken import stops ``check`` and ``start``.  A factory is called
+    later, once in each worker.
+    """
+    match = _PLAIN_APP.match(spec.strip())
+    if not match:
+        raise ConfError('[%s] call = %s is not package.module:app or '
+                        'package.module:factory().' % (section, spec))
+    module_name, attr, parens = match.groups()
+    app = _import_name(section, spec, module_name, attr)
+    if not callable(app):
+        raise ConfError('[%s] call = %s is a %s, not callable as a WSGI app%s.'
+                        % (section, spec, type(app).__name__,
+                           ' factory' if parens else ''))
+    return app, bool(parens)
+
+
+def _import_name(section, spec, module_name, attr):
+    """``attr`` of module ``module_name``; a module that is not found
+    says where the import looked."""
     try:
         module = importlib.import_module(module_name)
         return getattr(module, attr)
     except Exception as err:
-        raise ConfError('[%s] call = %s could not be imported: %s'
-                        % (section, dotted, _one_line(err)))
+        where = ''
+        if isinstance(err, ModuleNotFoundError):
+            where = ' (looked in %s; add its directory to [brim] ' \
+                'pythonpath)' % ', '.join(_import_places())
+        raise ConfError('[%s] call = %s could not be imported: %s%s'
+                        % (section, spec, _one_line(err), where))
+
+
+def _import_places():
+    """sys.path as an import error shows it: the current directory as .,
+    the home directory as ~, without the standard library (no app is
+    there)."""
+    stdlib = os.path.dirname(os.__file__)
+    skip = (stdlib, os.path.join(os.path.dirname(stdlib), 'python%d%d.zip'
+                                 % sys.version_info[:2]))
+    cwd = os.getcwd()
+    home = os.path.expanduser('~')
+    places = []
+    for entry in sys.path:
+        path = os.path.abspath(entry)       # '' is the current directory
+        if path in skip or (path.startswith(stdlib + os.sep) and
+                            not path.endswith('-packages')):
+            continue
+        if path == cwd:
+            path = '.'
+        elif path.startswith(home + os.sep):
+            path = '~' + path[len(home):]
+        if path not in places:
+            places.append(path)
+    return places
+
+
+def _put_on_sys_path(conf):
+    """Put ``[brim] pythonpath``'s directories (comma-separated), then the
+    current directory, first on sys.path, before any call is imported.
+
+    As with gunicorn, an app in the directory brimd starts from needs no
+    PYTHONPATH.  A relative directory is taken from the current
+    directory, as every relative path in the configuration is, and made
+    absolute now: an app that changes directory changes nothing.
+    """
+    places = [os.path.abspath(os.path.expanduser(path.strip()))
+              for path in conf.get('brim', 'pythonpath', '').split(',')
+              if path.strip()]
+    places.append(os.getcwd())
+    sys.path[:] = places + [path for path in sys.path if path not in places]
 
 
 # ---------------------------------------------------------------------------
@@ -778,6 +860,7 @@ def _bind(section, ip, port, kind, backlog, retry_seconds):
     family, host = _address_family(ip)
     sock_type = socket.SOCK_DGRAM if kind == 'udp' else socket.SOCK_STREAM
     deadline = time.monotonic() + retry_seconds
+    waiting = False
     while True:
         sock = socket.socket(family, sock_type)
         try:
@@ -792,6 +875,12 @@ def _bind(section, ip, port, kind, backlog, retry_seconds):
             sock.close()
             if err.errno == errno.EADDRINUSE and \
                     time.monotonic() < deadline:
+                if not waiting:     # say so, rather than wait in silence
+                    waiting = True
+                    print('[%s] %s:%s is in use; retrying for %gs '
+                          '(listen_retry)' % (section, ip, port,
+                                              retry_seconds),
+                          file=sys.stderr)
                 time.sleep(0.1)
                 continue
             raise ConfError('[%s] could not bind %s:%s: %s (change ip/port '
@@ -2533,6 +2622,11 @@ class _IPSubserver(Subserver):
         pass
 
 
+def _as_it_is(app):
+    """A plain WSGI app as a link of an app chain: it takes no next app."""
+    return lambda name, parsed, next_app: app
+
+
 class WSGISubserver(_IPSubserver):
     """``[wsgi]`` / ``[wsgi#name]``: serves a chain of WSGI apps."""
 
@@ -2564,10 +2658,44 @@ class WSGISubserver(_IPSubserver):
                      'status_4xx_count', 'status_5xx_count'] + \
                 ['status_%d_count' % c for c in self.count_status_codes]:
             self.stats_conf[stat] = 'sum'
+        # (name, make, parsed): make(name, parsed, next_app) is the app; for
+        # brim's apps, their class.
         self.apps = []
-        for app_name in conf.get(self.name, 'apps', '').split():
-            cls, parsed = self._load_call(conf, app_name)
-            self.apps.append((app_name, cls, parsed))
+        names = conf.get(self.name, 'apps', '').split()
+        for app_name, after in zip(names, names[1:] + [None]):
+            spec = conf.get(app_name, 'call') or ''
+            if ':' in spec:
+                self.apps.append((app_name, self._load_plain_app(
+                    app_name, spec, after), None))
+            else:
+                cls, parsed = self._load_call(conf, app_name)
+                self.apps.append((app_name, cls, parsed))
+
+    def _load_plain_app(self, section, spec, after):
+        """What makes ``call = package.module:app`` (or ``:factory()``)
+        in each worker; it ends the chain, as it takes no next app."""
+        if after is not None:
+            raise ConfError('[%s] apps: [%s] call = %s is a plain WSGI app, '
+                            'which ends the chain, so [%s] after it would '
+                            'never be reached; list %s last.' % (
+                                self.name, section, spec, after, section))
+        app, is_factory = import_app(section, spec)
+        if not is_factory:
+            return _as_it_is(app)
+
+        def make(name, parsed, next_app):
+            try:
+                made = app()
+            except Exception as err:
+                raise ConfError('[%s] call = %s raised %s: %s' % (
+                    section, spec, type(err).__name__, _one_line(err))) \
+                    from err
+            if not callable(made):
+                raise ConfError('[%s] call = %s returned a %s, not a WSGI '
+                                'app.' % (section, spec,
+                                          type(made).__name__))
+            return made
+        return make
 
     def start_worker(self, index, bucket):
         _IPSubserver.start_worker(self, index, bucket)
@@ -2596,8 +2724,8 @@ class WSGISubserver(_IPSubserver):
         if self.tls is not None:
             self.base_env['HTTPS'] = 'on'
         app = self._not_found
-        for app_name, cls, parsed in reversed(self.apps):
-            app = cls(app_name, parsed, app)
+        for app_name, make, parsed in reversed(self.apps):
+            app = make(app_name, parsed, app)
         self.app = app
 
     def _status_slots(self):
@@ -4858,7 +4986,7 @@ class Server(object):
         """None when a restart in place may go ahead, else why not."""
         self.notifier.send('RELOADING=1\nMONOTONIC_USEC=%d\nSTATUS=checking '
                            'the configuration' % _monotonic_usec())
-        command = _restart_command()
+        command = _restart_command('check')
         if command is None:
             problem = 'this brimd was not started from its command line'
         else:
@@ -5169,7 +5297,15 @@ _USAGE = '''%(prog)s [options] [command]
 brimd: a pre-fork server launcher.
 
 commands (default: no-daemon):
+  serve APP     serve the WSGI app APP (package.module:app, or
+                package.module:factory() called in each worker; a bare
+                package.module means package.module:application) in the
+                foreground on 127.0.0.1:8000 with 2 workers, logging to
+                standard error; Ctrl-C stops, SIGTERM drains.  No
+                configuration is needed; with -c, APP goes last in
+                [wsgi]'s apps
   start         start brimd in the background; returns once it serves
+                (exit 0 too when it is already running)
   stop          stop brimd at once, cutting off requests in flight
   shutdown      release the ports at once; workers finish what they are
                 serving, then exit
@@ -5179,8 +5315,9 @@ commands (default: no-daemon):
   force-reload  the same as restart
   status        say whether brimd is running (exit 0 running, 1 dead with
                 a stale pid file, 3 not running), then its workers
-  check         check the configuration without serving: every option,
+  check [APP]   check the configuration without serving: every option,
                 call, certificate, user and address; exit 0 when it is OK
+                (with APP, what serve APP would run)
   foreground    what start runs, attached to the terminal (containers,
                 supervisors): logs to standard error, SIGTERM drains like
                 shutdown, SIGUSR2 restarts in place keeping the process id
@@ -5189,12 +5326,17 @@ commands (default: no-daemon):
   hash-password [NAME]
                 read a password (without echo; or a line from standard
                 input when it is not a terminal) and print "NAME hash",
-                a line for a WSGIBasicAuth auth_path file
+                a line for a WSGIBasicAuth auth_path file; without NAME,
+                just the hash
 '''
 
-_COMMANDS = ('start', 'stop', 'shutdown', 'restart', 'reload',
+_COMMANDS = ('serve', 'start', 'stop', 'shutdown', 'restart', 'reload',
              'force-reload', 'status', 'check', 'foreground', 'no-daemon',
              'hash-password')
+
+#: Where ``serve`` listens, and with how many workers, unless the command
+#: line or the configuration says otherwise.
+_SERVE_DEFAULTS = {'ip': '127.0.0.1', 'port': '8000', 'workers': '2'}
 
 #: Set by a brimd that re-executes itself (SIGUSR2): what the new image
 #: takes over.
@@ -5230,15 +5372,28 @@ def _parse_args(argv):
                         help='show the version and exit')
     parser.add_argument('-x', '--error-stack-trace', action='store_true',
                         help='show a full traceback for a start-up error')
+    parser.add_argument('--ip', metavar='ADDRESS',
+                        help='serve: the address to listen on; default '
+                             '[wsgi] ip, else 127.0.0.1')
+    parser.add_argument('--port', type=int, metavar='PORT',
+                        help='serve: the port to listen on; default [wsgi] '
+                             'port, else 8000')
+    parser.add_argument('--workers', type=int, metavar='N',
+                        help='serve: how many worker processes; default '
+                             '[wsgi] workers, else 2')
     parser.add_argument('command', nargs='?', default='no-daemon',
                         help=argparse.SUPPRESS)
     parser.add_argument('name', nargs='?', help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    # Intermixed: options may come between the command and its argument
+    # (serve --port 8080 myapp:app).
+    args = parser.parse_intermixed_args(argv)
+    args.app = args.name if args.command in ('serve', 'check') else None
     return parser, args
 
 
 def _command_line(args, command):
-    """The argv that runs brimd ``command`` with this process's options."""
+    """The argv that runs brimd ``command`` with this process's options
+    (and the app that ``serve`` serves)."""
     script, _ = _invocation
     argv = [sys.executable, script]
     for path in args.conf or ():
@@ -5247,27 +5402,31 @@ def _command_line(args, command):
         argv += ['-p', args.pid_file]
     if args.output:
         argv.append('-o')
-    return argv + [command]
+    for flag in ('ip', 'port', 'workers'):
+        if getattr(args, flag) is not None:
+            argv += ['--' + flag, str(getattr(args, flag))]
+    return argv + [command] + ([args.app] if args.app else [])
 
 
-def _restart_command():
-    """The argv a restart in place re-executes, or None when brimd was
-    not started from its command line."""
+def _restart_command(command=None):
+    """The argv a restart in place re-executes (or, given ``command``,
+    that command with the same options), or None when brimd was not
+    started from its command line."""
     if _invocation is None:
         return None
-    return _command_line(_invocation[1], _invocation[1].command)
+    args = _invocation[1]
+    return _command_line(args, command or args.command)
 
 
 def _check_in_subprocess(command, held):
-    """Run ``check`` on the configuration ``command`` would load; None
-    when it passes, else its one-line reason.  ``held``: socket keys this
-    brimd holds (they need not be free)."""
+    """Run ``command``, a ``check``; None when it passes, else its one-line
+    reason.  ``held``: socket keys this brimd holds (they need not be
+    free)."""
     import subprocess
-    argv = command[:-1] + ['check']
     env = dict(os.environ)
     env[_HELD_ENV] = json.dumps(held)
     try:
-        done = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL,
+        done = subprocess.run(command, env=env, stdin=subprocess.DEVNULL,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               timeout=120)
     except (OSError, subprocess.SubprocessError) as err:
@@ -5309,16 +5468,79 @@ def _load_server(args, to_stderr, daemon=False):
 
     A daemon has no terminal: without a syslog socket or a log_file its
     logs would vanish, so they go to a file beside the pid file and
-    ``start`` says where.
+    ``start`` says where.  Each log file is opened once here first: one
+    that cannot be opened stops the start with a line that names what to
+    change, where the open itself would give a bare errno.
     """
-    conf = read_conf(args.conf or DEFAULT_CONF_FILES, explicit=bool(args.conf))
+    conf = _conf_of(args)
+    _put_on_sys_path(conf)
     server = Server(conf, to_stderr)
-    if daemon and not to_stderr and not _syslog_socket():
+    fallback_why = None
+    if daemon:
         pid_file = _pid_file_path(args, conf)
-        server.fallback_log_file = os.path.splitext(
-            pid_file or os.path.expanduser('~/.brimd.pid'))[0] + '.log'
+        if pid_file:
+            _check_pid_file_writable(pid_file)
+        if not to_stderr and not _syslog_socket():
+            server.fallback_log_file, fallback_why = \
+                _fallback_log_file(pid_file)
+    if conf.get('brim', 'log_file'):
+        _check_log_file(conf.get_path('brim', 'log_file'),
+                        'change [brim] log_file')
+    elif fallback_why:
+        _check_log_file(server.fallback_log_file, fallback_why)
     server.parse_conf()
+    for subserver in server.subservers:
+        if conf.get(subserver.name, 'log_file'):
+            _check_log_file(subserver.log_file,
+                            'change [%s] log_file' % subserver.name)
     return server
+
+
+def _conf_of(args):
+    """The configuration the command line names.  ``serve APP`` needs none:
+    with -c, APP goes last in that configuration's [wsgi] apps."""
+    if not args.app:
+        return read_conf(args.conf or DEFAULT_CONF_FILES,
+                         explicit=bool(args.conf))
+    conf = read_conf(args.conf, explicit=True) if args.conf else Conf({})
+    if 'serve' in conf.store:
+        raise ConfError('%s has a [serve] section, the name serve gives '
+                        'its app; rename that section.'
+                        % ', '.join(conf.files))
+    spec = args.app if ':' in args.app else args.app + ':application'
+    conf.store['serve'] = {'call': spec}
+    wsgi = conf.store.setdefault('wsgi', {})
+    wsgi['apps'] = ' '.join(wsgi.get('apps', '').split() + ['serve'])
+    for option, default in _SERVE_DEFAULTS.items():
+        flag = getattr(args, option)
+        if flag is not None:
+            wsgi[option] = str(flag)
+        elif conf.get('wsgi', option, conf.get('brim', option)) is None:
+            wsgi[option] = default
+    return conf
+
+
+def _fallback_log_file(pid_file):
+    """(path, why there) of the log a daemon writes with neither log_file
+    nor a syslog socket: beside its pid file, or ~/.brimd.log without one."""
+    if pid_file:
+        return (os.path.splitext(pid_file)[0] + '.log',
+                'a daemon with no syslog socket (/dev/log) and no [brim] '
+                'log_file logs beside its pid file; set log_file, or move '
+                'the pid file with -p or [brim] pid_file')
+    return (os.path.expanduser('~/.brimd.log'),
+            'a daemon with no syslog socket (/dev/log), no [brim] log_file '
+            'and no pid file (-p -) logs to ~/.brimd.log; set log_file')
+
+
+def _check_log_file(path, what_to_change):
+    """Open ``path`` as a log file is opened (appending, creating it)."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+                         0o644))
+    except OSError as err:
+        raise ConfError('Cannot open the log file %s (%s); %s.'
+                        % (path, err.strerror or err, what_to_change))
 
 
 def _daemonize(server, pid_file, keep_output):
@@ -5519,8 +5741,10 @@ def _cmd_start(args, restart=False):
     if not _is_brimd(old_pid):
         old_pid = None
     if old_pid and not restart:
-        print('%d already running' % old_pid, file=sys.stderr)
-        return 1
+        # Not an error: init scripts (LSB) expect start to succeed when
+        # the service runs already.
+        print('%d already running' % old_pid)
+        return 0
     if old_pid and _ask_json(old_pid, b'status')['foreground']:
         return _restart_in_place_of(old_pid)
     inherited = {}
@@ -5532,8 +5756,6 @@ def _cmd_start(args, restart=False):
             _wait_gone(old_pid, server.graceful_timeout + _EXIT_SLACK)
             old_pid = None
     server.bind(inherited or _systemd_sockets())
-    if pid_file:
-        _check_pid_file_writable(pid_file)
     in_child, code = _daemonize(server, pid_file, args.output)
     if in_child:
         os._exit(code)
@@ -5576,9 +5798,14 @@ def _take_sockets(pid):
 
 def _check_pid_file_writable(path):
     directory = os.path.dirname(path) or '.'
-    if not os.access(directory, os.W_OK):
-        raise ConfError('Cannot write the pid file %s; use -p or [brim] '
-                        'pid_file to name another.' % path)
+    if not os.path.isdir(directory):
+        why = 'there is no directory %s' % directory
+    elif not os.access(directory, os.W_OK):
+        why = 'directory %s is not writable' % directory
+    else:
+        return
+    raise ConfError('Cannot write the pid file %s (%s); use -p or [brim] '
+                    'pid_file to name another.' % (path, why))
 
 
 def _cmd_hash_password(args):
@@ -5607,11 +5834,15 @@ def _cmd_hash_password(args):
 
 
 def _cmd_foreground(args):
-    """start's process tree, attached: for containers and supervisors."""
+    """start's process tree, attached: for containers and supervisors, and
+    for ``serve``.
+
+    A running brimd of the same pid file is an error here, unlike for
+    start: the supervisor that runs foreground expects this process to be
+    the server, and an exit 0 would read as the server having ended.
+    """
     inplace = _restarted_in_place()
     server = _load_server(args, to_stderr=True)
-    server.foreground = True
-    _become_subreaper()
     pid_file = None
     if args.pid_file or server.conf.get('brim', 'pid_file'):
         pid_file = _pid_file_path(args, server.conf)
@@ -5621,6 +5852,33 @@ def _cmd_foreground(args):
             print('%d already running' % running, file=sys.stderr)
             return 1
         _check_pid_file_writable(pid_file)
+    return _serve_attached(server, pid_file, inplace)
+
+
+def serve(app, ip='127.0.0.1', port=8000, workers=2, **options):
+    """Serve the WSGI app ``app`` (an object) as ``brim.py serve`` does.
+
+    For projects that vendor brim.py: the calling process becomes brimd's
+    main process, forks ``workers`` worker processes and supervises them
+    until Ctrl-C (SIGINT) stops it or SIGTERM drains it; then it returns
+    brimd's exit status, 0 (1 when a worker could not start).  Logs go to
+    standard error.  ``options`` are [wsgi] options (log_format='json',
+    max_body=65536, ...), as strings or numbers.  A bad option or a port
+    that stays busy raises ConfError.  Call it last: it leaves its signal
+    handlers installed.
+    """
+    wsgi = {option: str(value) for option, value in options.items()}
+    wsgi.update(ip=str(ip), port=str(port), workers=str(workers))
+    server = Server(Conf({'wsgi': wsgi}), to_stderr=True)
+    server.parse_conf()
+    server.subservers[0].apps.append(('serve', _as_it_is(app), None))
+    return _serve_attached(server)
+
+
+def _serve_attached(server, pid_file=None, inplace=None):
+    """Run ``server`` in this process, attached: SIGTERM drains."""
+    server.foreground = True
+    _become_subreaper()
     return _run_server(server, pid_file, inplace=inplace)
 
 
@@ -5656,9 +5914,22 @@ def main(argv=None):
         print('Unknown command %r; use one of: %s.' % (
             args.command, ', '.join(_COMMANDS)), file=sys.stderr)
         return 1
-    if args.name is not None and args.command != 'hash-password':
-        print('%s takes no argument (%r); only hash-password takes a '
-              'NAME.' % (args.command, args.name), file=sys.stderr)
+    if args.name is not None and args.command not in ('hash-password',
+                                                      'serve', 'check'):
+        print('%s takes no argument (%r); only serve APP, check APP and '
+              'hash-password NAME do.' % (args.command, args.name),
+              file=sys.stderr)
+        return 1
+    if args.command == 'serve' and args.app is None:
+        print('serve needs the app to serve: serve package.module:app.',
+              file=sys.stderr)
+        return 1
+    flags = [flag for flag in ('ip', 'port', 'workers')
+             if getattr(args, flag) is not None]
+    if flags and args.app is None:
+        print('--%s is for serve APP (and check APP); set [wsgi] %s in the '
+              'configuration instead.' % (flags[0], flags[0]),
+              file=sys.stderr)
         return 1
     try:
         if args.command == 'hash-password':
@@ -5677,7 +5948,7 @@ def main(argv=None):
             return _cmd_status(args)
         if args.command == 'check':
             return _cmd_check(args)
-        if args.command == 'foreground':
+        if args.command in ('foreground', 'serve'):
             return _cmd_foreground(args)
         return _cmd_no_daemon(args)
     except BrokenPipeError:

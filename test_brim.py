@@ -1472,8 +1472,10 @@ class TestConfInProcess(unittest.TestCase):
         self.assertEqual(str(caught.exception),
                          'Configuration file %s was not found.' % missing)
         with self.assertRaises(brim.ConfError) as caught:
-            brim.read_conf([missing], explicit=False)
-        self.assertEqual(str(caught.exception), 'No configuration found.')
+            brim.read_conf([missing, '~/x.conf'], explicit=False)
+        self.assertEqual(str(caught.exception), 'No configuration found: '
+                         'there is no %s or %s; name a file with -c CONF.'
+                         % (missing, os.path.expanduser('~/x.conf')))
 
     def test_read_conf_syntax_error(self):
         path = self.write('bad.conf', 'no section header here\n')
@@ -1563,7 +1565,9 @@ class TestConfCommandLine(BrimTestCase):
         code, out, err = run([sys.executable, BRIM, '-p', self.pid_file,
                               'start'], cwd=self.tmp, env=env)
         self.assertEqual(code, 1, out)
-        self.assertEqual(err, 'No configuration found.\n')
+        self.assertEqual(err, 'No configuration found: there is no '
+                         '/etc/brimd.conf or %s/.brimd.conf; name a file with '
+                         '-c CONF.\n' % home)
         self.assertFalse(os.path.exists(self.pid_file))
         self.assertEqual(os.listdir(home), [])
 
@@ -1709,8 +1713,8 @@ class TestCommands(EchoTestCase):
         self.echo_conf()
         pid = self.start()
         code, out, err = self.brim('start')
-        self.assertEqual(code, 1)
-        self.assertEqual(err, '%d already running\n' % pid)
+        self.assertEqual((code, out, err), (0, '%d already running\n' % pid,
+                                            ''))
         self.assertEqual(self.read_pid(), pid)
         self.echo_ok(self.port)
 
@@ -1836,9 +1840,12 @@ class TestCommands(EchoTestCase):
         holder.listen(1)
         code, out, err = self.brim('start')
         self.assertEqual(code, 1, out)
-        self.assertTrue(err.startswith('[wsgi] could not bind '), err)
-        self.assertIn(str(self.port), err)
-        self.assertEqual(err.count('\n'), 1)
+        # What it waits for, then the one-line reason it gave up.
+        notice, failure = err.splitlines(True)
+        self.assertEqual(notice, '[wsgi] 127.0.0.1:%d is in use; retrying '
+                         'for 0.2s (listen_retry)\n' % self.port)
+        self.assertTrue(failure.startswith('[wsgi] could not bind '), err)
+        self.assertIn(str(self.port), failure)
         self.assertFalse(os.path.exists(self.pid_file))
 
     def test_stop_when_not_running(self):
@@ -5483,6 +5490,522 @@ class TestOperations(EchoTestCase):
         # The worker reopens within a second; until then it writes to .1.
         wait_until(lambda: self.http(self.port, 'GET', '/txn')[2].decode()
                    in self.log_text(), timeout=5)
+
+
+# ---------------------------------------------------------------------------
+# 12. Plain WSGI apps (call = module:app, serve, brim.serve), and what a
+#     first run meets: a busy port, paths it cannot write, imports
+# ---------------------------------------------------------------------------
+
+# Stand-ins for a framework's app, standard library only: a package with
+# a plain WSGI callable ``application`` (as Django's mysite/wsgi.py), and
+# a module with ``app`` and a ``create_app()`` factory (as Flask's).
+PLAIN_APP_SOURCES = {
+    'mysite/__init__.py': '',
+    'mysite/wsgi.py': '''
+import os
+
+
+def application(environ, start_response):
+    body = ('mysite %d %s' % (os.getpid(), environ['PATH_INFO'])).encode()
+    start_response('200 OK', [('Content-Type', 'text/plain'),
+                              ('Content-Length', str(len(body)))])
+    return [body]
+''',
+    'flaskish.py': '''
+import os
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class Flaskish(object):
+    """/slow?S sleeps S seconds (noting its start in slow-started)."""
+
+    def __call__(self, environ, start_response):
+        if environ['PATH_INFO'] == '/slow':
+            open(os.path.join(HERE, 'slow-started'), 'w').close()
+            time.sleep(float(environ['QUERY_STRING']))
+        body = ('flaskish %d' % os.getpid()).encode()
+        start_response('200 OK', [('Content-Length', str(len(body)))])
+        return [body]
+
+
+app = Flaskish()
+not_an_app = 'a str'
+
+
+def create_app():
+    with open(os.path.join(HERE, 'factory-calls'), 'a') as fp:
+        fp.write('%d\\n' % os.getpid())
+    return Flaskish()
+
+
+def create_broken():
+    raise RuntimeError('factory-marker')
+''',
+}
+
+# A project that vendors brim.py and serves its app from Python.
+SERVE_SCRIPT = '''
+import os
+import sys
+
+import brim
+
+
+def application(environ, start_response):
+    body = ('script %d %d' % (os.getpid(), len(environ['wsgi.input'].read()))
+            ).encode()
+    start_response('200 OK', [('Content-Length', str(len(body)))])
+    return [body]
+
+
+sys.exit(brim.serve(application, port=int(sys.argv[1]), max_body=8,
+                    log_format='json'))
+'''
+
+
+class TestPlainApps(BrimTestCase):
+    """call = package.module:app and :factory(), serve APP, brim.serve()."""
+
+    def setUp(self):
+        BrimTestCase.setUp(self)
+        os.mkdir(os.path.join(self.tmp, 'mysite'))
+        for name, source in PLAIN_APP_SOURCES.items():
+            with open(os.path.join(self.tmp, name), 'w') as fp:
+                fp.write(source)
+        # The apps are found in the current directory, not on PYTHONPATH.
+        self.env['PYTHONPATH'] = HERE
+
+    def plain_conf(self, apps, call, workers=1):
+        self.port = free_port()
+        self.write_conf('''
+            [wsgi]
+            ip = 127.0.0.1
+            port = %d
+            workers = %d
+            apps = %s
+
+            [app]
+            call = %s
+
+            [stats]
+            call = brim.wsgi_stats.WSGIStats
+            ''' % (self.port, workers, apps, call))
+
+    def get(self, path='/', port=None):
+        status, _headers, body = self.http(port or self.port, 'GET', path)
+        self.assertEqual(status, 200, body)
+        return body.decode()
+
+    def run_attached(self, argv, name):
+        """``argv`` (a brimd that stays attached): its stdout and stderr go
+        to ``name``.out and ``name``.err; killed by pid at the end."""
+        paths = [os.path.join(self.tmp, name + ext) for ext in ('.out',
+                                                                '.err')]
+        with open(paths[0], 'wb') as out, open(paths[1], 'wb') as err:
+            proc = popen(argv, cwd=self.tmp, env=self.env, stdout=out,
+                         stderr=err)
+        self.track(proc.pid)
+
+        def end():
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+            _protected.discard(proc.pid)
+        self.addCleanup(end)
+        proc.err_path = paths[1]
+        return proc
+
+    def serve(self, *args):
+        """``brim.py [args]``, args ending with ``serve APP``."""
+        return self.run_attached([sys.executable, BRIM] + list(args),
+                                 'serve')
+
+    def wait_serving(self, proc, port):
+        """The workers, once ``proc`` logs (to stderr or to its log_file)
+        that it serves ``port``."""
+        line = re.compile(r'serving \[wsgi\] 127\.0\.0\.1:%d\b' % port)
+        wait_until(lambda: proc.poll() is not None or line.search(
+            self.log_text(proc.err_path) + self.log_text()), timeout=15)
+        self.assertIsNone(proc.poll(), self.log_text(proc.err_path))
+        self.seen_pids.update(descendants_of(proc.pid))
+        return live_children_of(proc.pid)
+
+    def stopped(self, proc, workers, code=0):
+        self.assertEqual(proc.wait(15), code, self.log_text(proc.err_path))
+        _protected.discard(proc.pid)
+        self.assert_gone(workers)
+        self.assertTrue(connect_refused(self.port))
+
+    # -- call = package.module:name --------------------------------------
+
+    def test_call_names_a_plain_wsgi_app(self):
+        self.plain_conf('stats app', 'mysite.wsgi:application', workers=2)
+        code, out, err = self.brim('check')
+        self.assertEqual((code, err), (0, ''), out)
+        pid = self.start()
+        workers = live_children_of(pid)
+        words = self.get('/any/path').split()
+        self.assertEqual((words[0], words[2]), ('mysite', '/any/path'))
+        self.assertIn(int(words[1]), workers)
+        # WSGIStats in front answers its path; the app gets the rest.
+        wait_until(lambda: self.stats(self.port)['wsgi']['request_count'])
+
+    def test_factory_runs_once_in_each_worker(self):
+        self.plain_conf('stats app', 'flaskish:create_app()', workers=2)
+        pid = self.start()
+        workers = sorted(live_children_of(pid))
+        self.assertEqual(len(workers), 2)
+        for _ in range(6):
+            self.assertIn(int(self.get('/').split()[1]), workers)
+        with open(os.path.join(self.tmp, 'factory-calls')) as fp:
+            calls = sorted(int(line) for line in fp)
+        self.assertEqual(calls, workers)    # never in the main process
+
+    def test_factory_that_raises_fails_the_start(self):
+        self.plain_conf('app', 'flaskish:create_broken()')
+        self.assert_start_refused(
+            self.port, r'^\[wsgi\] worker 0 failed to start: \[app\] call = '
+            r'flaskish:create_broken\(\) raised RuntimeError: factory-marker'
+            r'\n$')
+
+    def test_plain_app_ends_the_chain(self):
+        self.plain_conf('app stats', 'flaskish:app')
+        line = ('[wsgi] apps: [app] call = flaskish:app is a plain WSGI app, '
+                'which ends the chain, so [stats] after it would never be '
+                'reached; list app last.\n')
+        self.assertEqual(self.brim('check'), (1, '', line))
+        self.assertEqual(self.assert_start_refused(self.port), line)
+
+    def test_plain_app_spelling_and_type(self):
+        for call, line in (
+                ('flaskish:not_an_app', '[app] call = flaskish:not_an_app is '
+                 'a str, not callable as a WSGI app.\n'),
+                ('flaskish:create(x)', '[app] call = flaskish:create(x) is '
+                 'not package.module:app or package.module:factory().\n')):
+            self.plain_conf('app', call)
+            self.assertEqual(self.brim('check'), (1, '', line))
+        # The colon spelling serves a WSGI app as it is; a handler is a
+        # class, named with dots.
+        self.write_conf('''
+            [tcp]
+            ip = 127.0.0.1
+            port = %d
+            call = brim.tcp_echo:TCPEcho
+            ''' % free_port())
+        self.assertEqual(self.brim('check'), (
+            1, '', '[tcp] call = brim.tcp_echo:TCPEcho is not a dotted name '
+            'like package.module.Class.\n'))
+
+    # -- serve APP --------------------------------------------------------
+
+    def test_serve_defaults_and_precedence(self):
+        _parser, args = brim._parse_args(['serve', 'mysite.wsgi'])
+        conf = brim._conf_of(args)
+        self.assertEqual(conf.store, {
+            'wsgi': {'apps': 'serve', 'ip': '127.0.0.1', 'port': '8000',
+                     'workers': '2'},
+            'serve': {'call': 'mysite.wsgi:application'}})
+        # The flags win over the configuration, which wins over serve's
+        # defaults; the app goes last in [wsgi]'s apps.
+        path = self.write_conf('''
+            [brim]
+            workers = 3
+
+            [wsgi]
+            port = 8123
+            apps = stats
+            ''')
+        _parser, args = brim._parse_args(['-c', path, '--ip', '::1', 'serve',
+                                          'flaskish:create_app()'])
+        conf = brim._conf_of(args)
+        self.assertEqual(conf.store['wsgi'], {
+            'apps': 'stats serve', 'ip': '::1', 'port': '8123'})
+        self.assertEqual(conf.get_int('brim', 'workers', 0), 3)
+        self.assertEqual(conf.store['serve'],
+                         {'call': 'flaskish:create_app()'})
+        with open(path, 'a') as fp:
+            fp.write('\n[serve]\ncall = mine.Mine\n')
+        with self.assertRaises(brim.ConfError) as caught:
+            brim._conf_of(args)
+        self.assertEqual(str(caught.exception), '%s has a [serve] section, '
+                         'the name serve gives its app; rename that section.'
+                         % path)
+
+    def test_serve_without_a_configuration(self):
+        self.port = free_port()
+        proc = self.serve('serve', '--port', str(self.port),
+                          'mysite.wsgi:application')
+        workers = self.wait_serving(proc, self.port)
+        self.assertEqual(len(workers), 2)
+        self.assertEqual(listening_addresses(self.port), ['127.0.0.1'])
+        words = self.get('/hello').split()
+        self.assertEqual((words[0], words[2]), ('mysite', '/hello'))
+        self.assertIn(int(words[1]), workers)
+        self.assertFalse(os.path.exists(self.pid_file))
+        # Logs on standard error: the request line among them.
+        wait_until(lambda: ' GET /hello HTTP/1.1 200 ' in
+                   self.log_text(proc.err_path))
+        os.kill(proc.pid, signal.SIGINT)
+        self.stopped(proc, workers)
+
+    def test_serve_with_a_configuration_drains_on_sigterm(self):
+        self.port = free_port()
+        tcp_port = free_port()
+        self.write_conf('''
+            [wsgi]
+            apps = stats
+
+            [stats]
+            call = brim.wsgi_stats.WSGIStats
+
+            [tcp]
+            ip = 127.0.0.1
+            port = %d
+            call = brim.tcp_echo.TCPEcho
+            ''' % tcp_port)
+        proc = self.serve('-c', self.conf_path, '--port', str(self.port),
+                          '--workers', '1', 'serve', 'flaskish:app')
+        self.wait_serving(proc, self.port)
+        self.assertEqual(self.stats(self.port)['wsgi']['request_count'], 0)
+        self.assertEqual(self.get('/other').split()[0], 'flaskish')
+        self.assertEqual(tcp_exchange(tcp_port, b'echo me'), b'echo me')
+        self.wait_for_log(r' GET /other HTTP/1.1 200 ')   # [brim] log_file
+        workers = live_children_of(proc.pid)
+        slow = {}
+
+        def slow_request():
+            slow['answer'] = self.http(self.port, 'GET', '/slow?1')
+        client = threading.Thread(target=slow_request)
+        client.start()
+        self.addCleanup(client.join, 20)
+        wait_until(lambda: os.path.exists(os.path.join(self.tmp,
+                                                       'slow-started')))
+        os.kill(proc.pid, signal.SIGTERM)
+        client.join(20)
+        self.assertEqual(slow['answer'][0], 200)
+        self.stopped(proc, workers)
+
+    def test_serve_restarts_in_place(self):
+        self.port = free_port()
+        proc = self.serve('-p', self.pid_file, '--port', str(self.port),
+                          '--workers', '1', 'serve', 'flaskish:create_app()')
+        old_worker, = self.wait_serving(proc, self.port)
+        os.kill(proc.pid, signal.SIGUSR2)
+        # The re-executed brimd serves the same app, on the same port.
+        wait_until(lambda: 'restarted in place 1 times' in
+                   self.brim('status', conf=os.devnull)[1], timeout=20)
+        self.assert_gone([old_worker])
+        new_worker, = live_children_of(proc.pid)
+        self.assertEqual(self.get('/').split(), ['flaskish', str(new_worker)])
+        self.assertEqual(self.read_pid(), proc.pid)
+        os.kill(proc.pid, signal.SIGINT)
+        self.stopped(proc, [new_worker])
+
+    def test_brim_serve_from_python(self):
+        self.port = free_port()
+        script = os.path.join(self.tmp, 'vendored.py')
+        with open(script, 'w') as fp:
+            fp.write(SERVE_SCRIPT)
+        proc = self.run_attached([sys.executable, script, str(self.port)],
+                                 'script')
+        workers = self.wait_serving(proc, self.port)
+        self.assertEqual(len(workers), 2)
+        status, _headers, body = self.http(self.port, 'POST', '/', b'12345')
+        self.assertEqual(status, 200, body)
+        words = body.split()
+        self.assertEqual((words[0], words[2]), (b'script', b'5'))
+        self.assertIn(int(words[1]), workers)   # served by a forked worker
+        # The options are [wsgi]'s: max_body (a number), log_format.
+        self.assertEqual(self.http(self.port, 'POST', '/', b'x' * 9)[0], 413)
+
+        def request_record():
+            for line in self.log_text(proc.err_path).splitlines():
+                if line.startswith('{') and '"status": 200' in line:
+                    return json.loads(line)
+        self.assertEqual(wait_until(request_record)['bytes_in'], 5)
+        os.kill(proc.pid, signal.SIGTERM)
+        self.stopped(proc, workers)     # serve returned 0: the exit status
+
+
+LIBAPP = '''
+class App(object):
+
+    def __init__(self, name, conf, next_app):
+        pass
+
+    def __call__(self, env, start_response):
+        start_response('200 OK', [('Content-Length', '6')])
+        return [b'libapp']
+'''
+
+
+class TestFirstRun(EchoTestCase):
+    """What a first run meets: a busy port, a pid file or log it cannot
+    write, an app it cannot import, a brimd running, hash-password
+    without a NAME."""
+
+    def test_busy_port_says_what_it_waits_for(self):
+        self.echo_conf()
+        holder = socket.socket()
+        self.addCleanup(holder.close)
+        holder.bind(('127.0.0.1', self.port))
+        holder.listen(1)
+        # check fails at once.
+        started = time.monotonic()
+        code, out, err = self.brim('check')
+        self.assertEqual(code, 1)
+        self.assertTrue(err.startswith('[wsgi] could not bind'), err)
+        self.assertLess(time.monotonic() - started, 10)
+        # start says at once what it waits for, and starts once it can.
+        err_path = os.path.join(self.tmp, 'start.err')
+        with open(err_path, 'wb') as err_file:
+            proc = popen([sys.executable, BRIM, '-c', self.conf_path, '-p',
+                          self.pid_file, 'start'], cwd=self.tmp, env=self.env,
+                         stdout=subprocess.DEVNULL, stderr=err_file)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        notice = ('[wsgi] 127.0.0.1:%d is in use; retrying for 30s '
+                  '(listen_retry)\n' % self.port)
+        wait_until(lambda: self.log_text(err_path) == notice, timeout=5)
+        holder.close()
+        self.assertEqual(proc.wait(20), 0)
+        _protected.discard(proc.pid)
+        self.track(self.read_pid())
+        self.assertEqual(self.log_text(err_path), notice)
+        self.echo_ok(self.port)
+
+    def test_pid_file_in_a_missing_directory(self):
+        self.port = free_port()
+        self.write_conf(ECHO_CONF % {'port': self.port, 'workers': 1,
+                                     'dir': self.tmp, 'wsgi_extra': ''},
+                        log_file=False)
+        missing = os.path.join(self.tmp, 'missing')
+        pid_file = os.path.join(missing, 'brimd.pid')
+        line = ('Cannot write the pid file %s (there is no directory %s); '
+                'use -p or [brim] pid_file to name another.\n'
+                % (pid_file, missing))
+        for command in ('start', 'foreground'):
+            self.assertEqual(self.brim(command, pid_file=pid_file),
+                             (1, '', line))
+        self.assertTrue(connect_refused(self.port))
+
+    @unittest.skipIf(brim._syslog_socket(), 'this host has a syslog socket')
+    def test_fallback_log_that_cannot_be_opened(self):
+        self.port = free_port()
+        self.write_conf(ECHO_CONF % {'port': self.port, 'workers': 1,
+                                     'dir': self.tmp, 'wsgi_extra': ''},
+                        log_file=False)
+        beside = os.path.join(self.tmp, 'brimd.log')
+        os.mkdir(beside)
+        self.assertEqual(self.brim('start'), (
+            1, '', 'Cannot open the log file %s (Is a directory); a daemon '
+            'with no syslog socket (/dev/log) and no [brim] log_file logs '
+            'beside its pid file; set log_file, or move the pid file with -p '
+            'or [brim] pid_file.\n' % beside))
+        home = os.path.join(self.tmp, 'home')
+        os.makedirs(os.path.join(home, '.brimd.log'))
+        env = dict(self.env, HOME=home)
+        self.assertEqual(self.brim('start', pid_file='-', env=env), (
+            1, '', 'Cannot open the log file %s/.brimd.log (Is a directory); '
+            'a daemon with no syslog socket (/dev/log), no [brim] log_file '
+            'and no pid file (-p -) logs to ~/.brimd.log; set log_file.\n'
+            % home))
+        self.assertTrue(connect_refused(self.port))
+
+    def test_log_file_that_cannot_be_opened(self):
+        missing = os.path.join(self.tmp, 'missing', 'brim.log')
+        self.port = free_port()
+        self.write_conf('[brim]\nlog_file = %s\n' % missing + ECHO_CONF % {
+            'port': self.port, 'workers': 1, 'dir': self.tmp,
+            'wsgi_extra': ''}, log_file=False)
+        line = ('Cannot open the log file %s (No such file or directory); '
+                'change [brim] log_file.\n' % missing)
+        self.assertEqual(self.brim('check'), (1, '', line))
+        self.assertEqual(self.assert_start_refused(self.port), line)
+        # A section's own log_file, which only its workers open.
+        self.echo_conf(wsgi_extra='log_file = %s' % missing)
+        self.assertEqual(self.assert_start_refused(self.port), (
+            'Cannot open the log file %s (No such file or directory); '
+            'change [wsgi] log_file.\n' % missing))
+
+    def test_import_error_says_where_it_looked(self):
+        os.mkdir(os.path.join(self.tmp, 'lib'))
+        with open(os.path.join(self.tmp, 'lib', 'libapp.py'), 'w') as fp:
+            fp.write(LIBAPP)
+        self.env['PYTHONPATH'] = HERE       # not the temporary directory
+        cwd = os.path.join(self.tmp, 'elsewhere')
+        os.mkdir(cwd)
+        port = free_port()
+        conf = '''
+            [brim]
+            %s
+
+            [wsgi]
+            ip = 127.0.0.1
+            port = %d
+            apps = app
+
+            [app]
+            call = libapp.App
+            '''
+        self.write_conf(conf % ('', port))
+        code, out, err = self.brim('check', cwd=cwd)
+        self.assertEqual(code, 1, out)
+        match = re.match(r"\[app\] call = libapp.App could not be imported: "
+                         r"No module named 'libapp' \(looked in (.*); add its "
+                         r"directory to \[brim\] pythonpath\)\n\Z", err)
+        self.assertTrue(match, err)
+        places = match.group(1).split(', ')
+        self.assertEqual(places[0], '.')     # the current directory first
+        self.assertIn(HERE.replace(os.path.expanduser('~'), '~', 1), places)
+        self.assertNotIn(os.path.dirname(os.__file__), places)  # stdlib
+        # pythonpath: a relative directory is taken from the current one,
+        # not from the configuration's (their ../lib differ).
+        self.write_conf(conf % ('pythonpath = ../nowhere, ../lib', port))
+        pid = self.start(cwd=cwd)
+        self.assertEqual(self.http(port, 'GET', '/')[2], b'libapp')
+        self.stop()
+        self.assert_gone([pid])
+
+    def test_pythonpath_goes_first(self):
+        saved = list(sys.path)
+        self.addCleanup(sys.path.__setitem__, slice(None), saved)
+        brim._put_on_sys_path(brim.Conf({'brim': {
+            'pythonpath': ' lib ,~/code,, /opt/app '}}))
+        self.assertEqual(sys.path[:4], [
+            os.path.abspath('lib'), os.path.expanduser('~/code'), '/opt/app',
+            os.getcwd()])
+        self.assertEqual(sys.path[4:], [p for p in saved if p not in
+                                        sys.path[:4]])
+
+    def test_start_when_running_succeeds_foreground_does_not(self):
+        self.echo_conf()
+        pid = self.start()
+        # init scripts (LSB): start of a running service succeeds.
+        self.assertEqual(self.brim('start'),
+                         (0, '%d already running\n' % pid, ''))
+        # A supervisor's foreground must not exit 0 as if it had served.
+        self.assertEqual(self.brim('foreground'),
+                         (1, '', '%d already running\n' % pid))
+        self.assertEqual(self.read_pid(), pid)
+        self.echo_ok(self.port)
+
+    def test_hash_password_without_name_prints_the_hash(self):
+        code, out, err = run([sys.executable, BRIM, '-h'], env=self.env)
+        self.assertIn('"NAME hash",', out)
+        self.assertIn('without NAME,\n                just the hash', out)
+        proc = popen([sys.executable, BRIM, 'hash-password'],
+                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                     stderr=subprocess.PIPE)
+        try:
+            out, err = proc.communicate(b'pw\n', timeout=30)
+        finally:
+            _protected.discard(proc.pid)
+        self.assertEqual((proc.returncode, err), (0, b''))
+        encoded, = out.decode().split()
+        self.assertTrue(brim._check_password(b'pw', brim._parse_hash(encoded)))
 
 
 # ---------------------------------------------------------------------------
