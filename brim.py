@@ -1009,10 +1009,22 @@ _FORBIDDEN_TRAILERS = frozenset((b'content-length', b'transfer-encoding',
 _NO_BODY_STATUSES = frozenset((204, 304))
 _DRAIN_LIMIT = 65536
 _RECV_SIZE = 65536
-# A request that holds a worker's thread this long is most likely waiting
-# (on a database, a client), not using the CPU: the turn to accept and serve
-# goes to another thread.
+# How the thread with the turn is watched (see _ConnectionPool): looked at
+# every _WATCH_TICK seconds; found blocked, the worker's apps count as
+# waiting ones for _APPS_WAIT_SECONDS.  One that keeps the CPU busy for
+# _STALL keeps the other connections waiting: the turn passes on all the
+# same.
+_WATCH_TICK = 0.005
+# The least time off the CPU that counts as a request that waited.
+_WAITED = 0.001
+_APPS_WAIT_SECONDS = 1.0
 _STALL = 0.01
+# Threads beyond those serving end after this long without a turn.
+_IDLE_THREAD_SECONDS = 5.0
+# Out of file descriptors: parked connections closed per failed accept,
+# and with none parked, how long accepting pauses.
+_ROOM_PER_SHORTAGE = 8
+_ACCEPT_PAUSE = 0.1
 
 
 class _HeaderNames(dict):
@@ -1310,7 +1322,7 @@ class _HTTPConnection(object):
         # Between requests a plain connection is parked in the pool's epoll;
         # TLS may hold decrypted bytes that epoll cannot see.
         self.parkable = worker.tls is None
-        self.pass_turn = None   # set while this thread has the turn
+        self.turn = None        # a _Turn while this thread has it
         self.readable = False   # epoll said a read will not wait
         self.poll = None        # made when first needed
         self.buf = b''
@@ -1339,9 +1351,9 @@ class _HTTPConnection(object):
         wait on the client passes this thread's turn on first."""
         if self.readable:
             self.readable = False   # epoll said so
-        elif self.pass_turn is not None and not self.arrived():
-            self.pass_turn()
-            self.pass_turn = None
+        elif self.turn is not None and not self.arrived():
+            self.turn.pass_on()
+            self.turn = None
         return self.sock.recv(_RECV_SIZE)
 
     def arrived(self):
@@ -1571,19 +1583,20 @@ class _HTTPConnection(object):
 
     # -- serving -----------------------------------------------------------
 
-    def serve(self, pass_turn=None):
+    def serve(self, turn=None):
         """Answer requests until the client or brim ends the connection, or
         until it idles between requests: then it returns itself, to be
         parked in the pool's epoll until the next request comes.
 
-        ``pass_turn``: this thread has the worker's turn to accept and
-        serve, to pass on before it waits on the client.
+        ``turn``: this thread has the worker's turn to accept and serve
+        (a _Turn), to pass on before it waits on the client or on an app
+        that waits.
         """
-        self.pass_turn = pass_turn
+        self.turn = turn
         try:
             if not self.fresh:
                 self.readable = True    # epoll says so
-            elif pass_turn is not None:     # from the accept
+            elif turn is not None:     # from the accept
                 self.fresh = False
                 data = self.read_arrived()
                 if data is None:
@@ -1602,6 +1615,8 @@ class _HTTPConnection(object):
                 except _HTTPError as err:
                     self.refuse(err)
                     return self.close()
+                if self.turn is not None and self.turn.before_app():
+                    self.turn = None
                 if not self.respond(env):
                     return self.close()
                 self.idle = True
@@ -1946,30 +1961,44 @@ class _ConnectionPool(object):
     under the GIL, handing a short request to another thread (a wake-up, a
     context switch, a contended lock) costs more than serving it.  The turn
     passes to an idle thread, or a new one, as soon as its holder would
-    wait: on a client in the middle of a request (the connection calls
-    ``pass_turn``) or on an app that has run for ``stall`` seconds (a watch
-    thread notices).  So accepting and the other connections never wait
-    behind one slow client or app, and there are only as many threads as
-    requests that wait.
+    wait: on a client in the middle of a request (the job calls
+    ``turn.pass_on()``), or on an app.  A watch thread looks at the holder
+    every ``_WATCH_TICK``: one that since the last look has mostly been
+    neither on a CPU nor waiting for one is blocked (on a database, a lock,
+    a socket), so its turn passes on at once, and for the next second the
+    worker's apps count as ones that wait: every request then passes the
+    turn on before its app runs (``turn.before_app()``), each in a thread
+    of its own, and the requests of waiting apps run side by side.  Apps
+    that only compute are never blocked and keep the no-hand-off path; one
+    that computes for ``_STALL`` passes the turn on all the same.  So accepting and the other
+    connections never wait long behind one slow client or app, and there
+    are only as many threads as requests in hand (at most ``limit``, plus
+    the one with the turn); a thread idle for ``_IDLE_THREAD_SECONDS``
+    ends.
 
     ``handle(sock, address)`` makes a new connection's job: an object with
-    ``serve(pass_turn)``, which returns the job to park, or None once the
+    ``serve(turn)``, which returns the job to park, or None once the
     connection is closed, ``close()``, ``client``, and ``idle`` (true
     between requests: a drain closes it).  At most ``limit`` connections
     are open at once (then the worker stops accepting and new ones wait in
     the backlog); parked ones are closed after ``idle_timeout`` seconds.
+    ``accept()`` returns (sock, address), None when there was nothing to
+    take, or _NO_DESCRIPTORS when the process is out of file descriptors:
+    then the oldest parked connections are closed to make room, as nginx
+    does, or accepting pauses while none is parked.
     """
 
     def __init__(self, listener, stop_fd, accept, handle, limit,
-                 idle_timeout, stall, logger):
+                 idle_timeout, logger, label='worker'):
         self.listener = listener
         self.listener_fd = listener.fileno()    # kept: closed, it is -1
         self.stop_fd = stop_fd
-        self.accept = accept        # () -> (sock, address), or None
+        self.accept = accept
         self.handle = handle
         self.limit = limit
         self.idle_timeout = idle_timeout
         self.logger = logger
+        self.label = label          # names the worker in log lines
         self.lock = threading.Lock()
         self.epoll = select.epoll()
         self.epoll.register(stop_fd, select.EPOLLIN)
@@ -1981,18 +2010,28 @@ class _ConnectionPool(object):
         self.parked = collections.OrderedDict()     # fd -> (job, since)
         self.ready = collections.deque()    # jobs to serve, in order
         self.turn = 0               # numbers turns: each passes once
-        self.serving_since = None   # when the turn's holder took its job
+        self.holder = None          # (turn, job, _PoolThread) serving
         self.holder_serves = threading.Event()
-        self.idle = 0               # threads waiting for a turn
-        self.wake_idle = threading.Semaphore(0)
+        self.idle = []              # the Events of threads waiting, newest last
         self.unheld = False         # passed, but no thread could take it
-        threading.Thread(target=self._watch, args=(stall,),
-                         daemon=True).start()
+        self.apps_wait_until = 0.0  # monotonic: pass the turn before apps
+        self.paused_until = 0.0     # monotonic: no accepting (out of fds)
+        self.fd_shortage = None     # [open when it began, closed since]
+        threading.Thread(target=self._watch, daemon=True).start()
         threading.Thread(target=self._run, daemon=True).start()
+
+    # -- the threads -----------------------------------------------------
 
     def _run(self):
         """Take turns: serve what is ready; when the turn has passed on,
-        wait idle until it comes back."""
+        wait idle until it comes back (or end, idle too long)."""
+        me = _PoolThread()
+        try:
+            self._take_turns(me)
+        finally:
+            me.close()
+
+    def _take_turns(self, me):
         while True:
             turn = self.turn        # only its holder changes it from here
             job = self._next_job()
@@ -2002,10 +2041,11 @@ class _ConnectionPool(object):
                 self._accept_waiting()
                 continue
             with self.lock:
-                self.serving_since = time.monotonic()
+                # A new tuple per job: the watch tells jobs apart by it.
+                self.holder = (turn, job, me)
                 self.holder_serves.set()
             try:
-                job = job.serve(lambda: self.pass_turn(turn))
+                job = job.serve(_Turn(self, turn))
             except BaseException:   # even sys.exit(): the turn goes on
                 self.logger.exception('connection from %s failed',
                                       job.client)
@@ -2019,11 +2059,54 @@ class _ConnectionPool(object):
                 holds_turn = self.turn == turn or self.unheld
                 self.unheld = False
                 if holds_turn:
-                    self.serving_since = None
-                else:
-                    self.idle += 1
-            if not holds_turn:
-                self.wake_idle.acquire()
+                    self.holder = None
+                    continue
+                wake = threading.Event()
+                self.idle.append(wake)
+            if not self._wait_for_turn(wake):
+                return
+
+    def _wait_for_turn(self, wake):
+        """An idle thread's wait; False when it is to end instead."""
+        if wake.wait(_IDLE_THREAD_SECONDS):
+            return True
+        with self.lock:
+            if wake in self.idle:
+                self.idle.remove(wake)
+                return False
+        return True     # woken as the wait ran out: the turn is its
+
+    def _watch(self):
+        """While the holder serves, look at it every _WATCH_TICK: pass its
+        turn on when it has waited since the last look (on a database, a
+        lock, a socket), or once it has served one job for _STALL."""
+        me = _PoolThread()
+        seen = None     # (holder, first seen, its times at the last look)
+        while True:
+            self.holder_serves.wait()
+            time.sleep(_WATCH_TICK)
+            holder = self.holder
+            if holder is None:
+                with self.lock:
+                    if self.holder is None:
+                        self.holder_serves.clear()
+                seen = None
+                continue
+            try:
+                times = holder[2].times_seen_by(me)
+            except OSError:         # its thread just ended
+                continue
+            if seen is None or seen[0] is not holder:
+                seen = (holder, times[0], times)
+            elif _waited(seen[2], times) and holder[2].sleeps():
+                self.apps_wait_until = times[0] + _APPS_WAIT_SECONDS
+                self.pass_turn(holder[0])
+            elif times[0] - seen[1] >= _STALL:
+                self.pass_turn(holder[0])
+            else:
+                seen = (holder, seen[1], times)
+
+    # -- what the holder serves --------------------------------------------
 
     def _next_job(self):
         """What the turn's holder serves next: a connection with something
@@ -2037,7 +2120,15 @@ class _ConnectionPool(object):
                         return job
                 if self.stopping and not self.open:
                     return None
-                timeout = self._close_parked(time.monotonic())
+                now = time.monotonic()
+                timeout = self._close_parked(now)
+                if self.paused_until:
+                    if now >= self.paused_until:
+                        self.paused_until = 0.0
+                        self._room_changed()
+                    else:
+                        timeout = min(timeout or 1.0,
+                                      self.paused_until - now)
             # At least once a second: a connection parked meanwhile may be
             # the first to be due.
             events = self.epoll.poll(1.0 if timeout is None else timeout)
@@ -2063,13 +2154,57 @@ class _ConnectionPool(object):
                 self.open += 1
                 self._room_changed()
             taken = self.accept()
-            if taken is None:
+            if taken is None or taken is _NO_DESCRIPTORS:
                 with self.lock:
                     self._closed()
+                    if taken is _NO_DESCRIPTORS:
+                        self._make_room()
                 return
-            job = self.handle(*taken)
+            try:
+                job = self.handle(*taken)
+            except Exception:       # the turn must go on: accept the next
+                self.logger.exception('connection from %s failed',
+                                      taken[1][0] if taken[1] else '-')
+                taken[0].close()
+                with self.lock:
+                    self._closed()
+                continue
             with self.lock:
                 self.ready.append(job)
+                if self.fd_shortage is not None:
+                    self._shortage_over()
+
+    def _make_room(self):
+        """Lock held: out of file descriptors.  Close the connections
+        parked longest (idle keep-alive ones, and new ones yet to send a
+        request): any client may see an idle connection closed.  With none
+        parked, stop accepting for a moment; the backlog holds the rest.
+        Logged once, until the shortage is over."""
+        if self.fd_shortage is None:
+            self.fd_shortage = [self.open, 0]   # open then, closed since
+            self.logger.error(
+                '%s is out of file descriptors with %d connections open; '
+                'closing the longest idle ones to accept new ones (raise '
+                'the limit: ulimit -n, or systemd LimitNOFILE=; or lower '
+                'concurrent_per_worker)', self.label, self.open)
+        closing = min(len(self.parked), _ROOM_PER_SHORTAGE)
+        for _ in range(closing):
+            fd, (job, _since) = next(iter(self.parked.items()))
+            self._unpark(fd, job)
+        self.fd_shortage[1] += closing
+        if not closing:
+            self.paused_until = time.monotonic() + _ACCEPT_PAUSE
+            self._room_changed()
+
+    def _shortage_over(self):
+        """Lock held, after an accept: the shortage is over once the
+        connections open fell well below where it began."""
+        began_at, closed = self.fd_shortage
+        if self.open < began_at * 0.9:
+            self.fd_shortage = None
+            self.logger.warning('%s has file descriptors to spare again; '
+                                'it closed %d idle connections for room',
+                                self.label, closed)
 
     def _park(self, job):
         """Lock held: wait in epoll for ``job``'s connection to be readable."""
@@ -2129,52 +2264,127 @@ class _ConnectionPool(object):
         self._room_changed()
 
     def _room_changed(self):
-        """Lock held: accept only while fewer than ``limit`` are open."""
-        accepting = self.open < self.limit and not self.stopping
+        """Lock held: accept only while fewer than ``limit`` are open (and
+        not paused for want of file descriptors)."""
+        accepting = self.open < self.limit and not self.stopping and \
+            not self.paused_until
         if accepting != self.accepting:
             self.accepting = accepting
             self.epoll.modify(self.listener_fd,
                               select.EPOLLIN if accepting else 0)
 
+    # -- passing the turn --------------------------------------------------
+
     def pass_turn(self, turn):
         """Give turn ``turn`` to another thread, if it has not passed yet."""
         with self.lock:
-            self._pass(turn)
+            if self.turn != turn:
+                return
+            self.turn += 1
+            self.holder = None
+            if self.idle:
+                self.idle.pop().set()   # the newest: its stack is warm
+                return
+            try:
+                threading.Thread(target=self._run, daemon=True).start()
+            except RuntimeError as err:     # out of threads: pids.max
+                self.logger.error('cannot start a thread (%s); the next '
+                                  'request to end takes the turn', err)
+                self.unheld = True
 
-    def _pass(self, turn):
-        """Lock held: give the turn to an idle thread, or a new one."""
-        if self.turn != turn:
-            return
-        self.turn += 1
-        self.serving_since = None
-        if self.idle:
-            self.idle -= 1
-            self.wake_idle.release()
-            return
+    def apps_wait(self):
+        """True while the worker's apps are known to wait."""
+        return time.monotonic() < self.apps_wait_until
+
+
+class _Turn(object):
+    """A job's hold on the turn: ``pass_on()`` before it waits on its
+    client; ``before_app()`` before it runs an app, which passes the turn
+    on when the worker's apps wait."""
+
+    __slots__ = ('pool', 'number')
+
+    def __init__(self, pool, number):
+        self.pool = pool
+        self.number = number
+
+    def pass_on(self):
+        self.pool.pass_turn(self.number)
+
+    def before_app(self):
+        """True when the turn passed on."""
+        if self.pool.apps_wait():
+            self.pool.pass_turn(self.number)
+            return True
+        return False
+
+
+class _PoolThread(object):
+    """A pool thread's times, to tell an app that waits from one that
+    computes: how long the thread ran (its CPU clock, exact even for
+    another thread to read), how long it waited for a CPU (the kernel's
+    schedstat: exact for the thread itself, up to a scheduler tick late
+    for another) and how long the process's other threads ran meanwhile.
+    Where there is no /proc, the clocks alone."""
+
+    def __init__(self):
+        self.clock = time.pthread_getcpuclockid(threading.get_ident())
+        self.stat = self._open('stat')
+        self.schedstat = self._open('schedstat')
+
+    @staticmethod
+    def _open(name):
         try:
-            threading.Thread(target=self._run, daemon=True).start()
-        except RuntimeError as err:     # out of threads: pids.max, ulimit
-            self.logger.error('cannot start a thread (%s); the next '
-                              'request to end takes the turn', err)
-            self.unheld = True
+            return os.open('/proc/thread-self/' + name,
+                           os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
 
-    def _watch(self, stall):
-        """While the holder serves, pass its turn on once it has served
-        one job for ``stall`` seconds."""
-        while True:
-            self.holder_serves.wait()
-            time.sleep(stall)
-            with self.lock:
-                since = self.serving_since
-                if since is None:
-                    self.holder_serves.clear()
-                elif time.monotonic() - since >= stall:
-                    self._pass(self.turn)
+    def times(self):
+        """(now, ran, waited for a CPU, the process ran), in seconds, of
+        this thread, read by itself."""
+        delayed = 0.0
+        if self.schedstat is not None:
+            delayed = int(os.pread(self.schedstat, 128, 0).split()[1]) / 1e9
+        return (time.monotonic(), time.clock_gettime(self.clock), delayed,
+                time.process_time())
+
+    def times_seen_by(self, watch):
+        """times() of this thread as ``watch`` reads them: what this
+        thread waited for a CPU is not known yet, so the watch's own wait
+        stands in (while the watch waited, holding the GIL, nobody ran)."""
+        return (time.monotonic(), time.clock_gettime(self.clock),
+                watch.times()[2], time.process_time())
+
+    def sleeps(self):
+        """True unless the kernel says this thread is ready to run."""
+        if self.stat is None:
+            return True
+        state = os.pread(self.stat, 512, 0).rpartition(b')')[2].split()[:1]
+        return state != [b'R']
+
+    def close(self):
+        for fd in (self.stat, self.schedstat):
+            if fd is not None:
+                os.close(fd)
+
+
+def _waited(before, after):
+    """True when a thread mostly waited between two times() readings: it
+    spent more than half the time neither running nor waiting for a CPU
+    (_WAITED), and the process's other threads did not run through most
+    of that time, as they would if it had waited for the GIL: that is an
+    app computing, not one that waits."""
+    span = after[0] - before[0]
+    ran = after[1] - before[1]
+    blocked = span - ran - (after[2] - before[2])
+    others_ran = after[3] - before[3] - ran
+    return blocked >= max(_WAITED, span / 2) and others_ran < blocked / 2
 
 
 class _Call(object):
     """The job of a connection served by one call of ``serve(sock,
-    address, pass_turn)``: a TCP handler, or a TLS handshake and then the
+    address, turn)``: a TCP handler, or a TLS handshake and then the
     connection's own job."""
 
     idle = False
@@ -2185,8 +2395,8 @@ class _Call(object):
         self.address = address
         self.client = address[0]
 
-    def serve(self, pass_turn):
-        return self.call(self.sock, self.address, pass_turn)
+    def serve(self, turn):
+        return self.call(self.sock, self.address, turn)
 
     def close(self):
         self.sock.close()
@@ -2194,6 +2404,10 @@ class _Call(object):
 
 #: The job of accepting a connection, beside parked ones with a request.
 _ACCEPT = 'accept'
+#: What accept() returns when the process is out of file descriptors.
+_NO_DESCRIPTORS = 'no descriptors'
+_OUT_OF_DESCRIPTORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS,
+                                 errno.ENOMEM))
 
 
 # ---------------------------------------------------------------------------
@@ -2547,9 +2761,10 @@ class _IPSubserver(Subserver):
         # thread whenever it looks.
         self.drained_r, self.drained_w = os.pipe()
         os.set_blocking(self.drained_w, False)
-        pool = _ConnectionPool(self.sock, self.drained_r, self._accept,
-                               handle, self.concurrent_per_worker,
-                               self.client_timeout, _STALL, self.logger)
+        pool = _ConnectionPool(
+            self.sock, self.drained_r, self._accept, handle,
+            self.concurrent_per_worker, self.client_timeout, self.logger,
+            '[%s] worker %d' % (self.name, self.worker_index))
         self._serve_loop()
         # The thread with the turn closes the listening socket; an orphaned
         # worker ends at once, and must not hold the port while it does.
@@ -2570,8 +2785,10 @@ class _IPSubserver(Subserver):
                     self._requests_in_flight()))
 
     def _accept(self):
-        """A new connection, or None: another worker was quicker, or this
-        one cannot accept (then it retires)."""
+        """A new connection; None: another worker was quicker, or this one
+        cannot accept (then it retires); _NO_DESCRIPTORS: the pool is to
+        make room.  A replacement would inherit the same limit and the same
+        clients, so running out of descriptors is no reason to retire."""
         if self.draining:
             return None
         try:
@@ -2579,8 +2796,8 @@ class _IPSubserver(Subserver):
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return None
         except OSError as err:
-            # Out of file descriptors, most likely: a fresh worker starts
-            # with none of this one's connections.
+            if err.errno in _OUT_OF_DESCRIPTORS:
+                return _NO_DESCRIPTORS
             self.logger.error('[%s] worker %d cannot accept: %s', self.name,
                               self.worker_index, _one_line(err))
             self.retire('cannot accept (%s)' % (err.strerror or err))
@@ -2604,8 +2821,8 @@ class _IPSubserver(Subserver):
     def _after_handshake(self, handle):
         """Jobs that do the TLS handshake, then ``handle``'s job; the
         handshake waits on the client, so the turn passes on first."""
-        def handshake_and_serve(sock, address, pass_turn):
-            pass_turn()
+        def handshake_and_serve(sock, address, turn):
+            turn.pass_on()
             sock.settimeout(self.client_timeout)
             try:
                 sock.do_handshake()
@@ -2878,9 +3095,9 @@ class TCPSubserver(_IPSubserver):
     def _job(self, sock, address):
         return _Call(self._handle, sock, address)
 
-    def _handle(self, sock, address, pass_turn):
-        if pass_turn is not None:       # None: after a TLS handshake
-            pass_turn()     # a handler may wait on its client at once
+    def _handle(self, sock, address, turn):
+        if turn is not None:        # None: after a TLS handshake
+            turn.pass_on()  # a handler may wait on its client at once
             sock.settimeout(self.client_timeout)
         self.count_served(toward_limit=False)
         try:

@@ -175,10 +175,11 @@ def popen(cmd, **kwargs):
     return proc
 
 
-def run(cmd, cwd=None, env=None, timeout=40):
+def run(cmd, cwd=None, env=None, timeout=40, preexec_fn=None):
     """Run ``cmd``; (exit code, stdout text, stderr text)."""
     proc = popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                 preexec_fn=preexec_fn)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -1119,7 +1120,7 @@ class BrimTestCase(unittest.TestCase):
     # -- running brim ---------------------------------------------------------
 
     def brim(self, *args, conf=None, pid_file=None, script=BRIM, env=None,
-             cwd=None, timeout=40):
+             cwd=None, timeout=40, preexec_fn=None):
         """Run ``brim.py -c CONF -p PID args``: (code, stdout, stderr)."""
         cmd = [sys.executable, script] if script.endswith('.py') else [script]
         conf = conf or self.conf_path
@@ -1130,7 +1131,7 @@ class BrimTestCase(unittest.TestCase):
             cmd += ['-p', pid_file]
         cmd += list(args)
         return run(cmd, cwd=cwd or self.tmp, env=env or self.env,
-                   timeout=timeout)
+                   timeout=timeout, preexec_fn=preexec_fn)
 
     def read_pid(self, pid_file=None):
         try:
@@ -3618,7 +3619,7 @@ class _PoolJob(object):
         self.idle = False
         self.kind = None
 
-    def serve(self, pass_turn):
+    def serve(self, turn):
         test = self.test
         try:
             data = self.sock.recv(1, socket.MSG_DONTWAIT)
@@ -3632,10 +3633,16 @@ class _PoolJob(object):
         if self.kind == 'f' and len(test.served_on('f')) == 1:
             test.released['f'].wait(10)
             return self             # parked before its first answer
-        if self.kind in 'ws':
+        if self.kind in 'wsb':
             if self.kind == 'w':
-                pass_turn()
+                turn.pass_on()
             test.released[self.kind].wait(10)
+        if self.kind == 'c':        # computes for 8 ms, under _STALL
+            end = time.thread_time() + 0.008
+            while time.thread_time() < end:
+                pass
+        if self.kind == 'a':
+            test.passed_before_app.append(turn.before_app())
         return self.close()
 
     def close(self):
@@ -3659,7 +3666,8 @@ class TestConnectionPool(unittest.TestCase):
         self.accepted_on = []
         self.served = []            # (kind, thread) in the order served
         self.closed = []
-        self.released = {kind: threading.Event() for kind in 'wsf'}
+        self.released = {kind: threading.Event() for kind in 'wsfb'}
+        self.passed_before_app = []
         for event in self.released.values():
             self.addCleanup(event.set)
 
@@ -3671,11 +3679,11 @@ class TestConnectionPool(unittest.TestCase):
         self.accepted_on.append(threading.get_ident())
         return sock, address
 
-    def pool(self, limit=10, idle_timeout=30.0, stall=30.0):
+    def pool(self, limit=10, idle_timeout=30.0):
         pool = brim._ConnectionPool(
             self.listener, self.stop_r, self.accept,
             lambda sock, address: _PoolJob(self, sock, address), limit,
-            idle_timeout, stall, brim.logging.getLogger('test'))
+            idle_timeout, brim.logging.getLogger('test'))
         self.addCleanup(self.stop, pool)
         return pool
 
@@ -3713,20 +3721,40 @@ class TestConnectionPool(unittest.TestCase):
         self.assertEqual(self.closed, ['q'])
         # Done, the thread waits for a turn: none is started for the next.
         self.released['w'].set()
-        wait_until(lambda: pool.idle == 1)
+        wait_until(lambda: len(pool.idle) == 1)
         self.client('q')
         wait_until(lambda: self.closed.count('q') == 2)
         [first, second] = self.served_on('q')
         self.assertEqual(first, second)
 
     def test_a_stalled_connection_loses_the_turn(self):
-        self.pool(stall=0.02)
+        self.pool()
         self.client('s')
         wait_until(lambda: self.served_on('s'))
         self.client('q')
         wait_until(lambda: 'q' in self.closed)
         self.assertNotIn('s', self.closed)
         self.assertNotEqual(self.served_on('q'), self.served_on('s'))
+
+    def test_an_app_that_waits_has_the_next_ones_pass_the_turn(self):
+        pool = self.pool()
+        self.client('a')
+        wait_until(lambda: self.passed_before_app == [False])
+        self.client('b')        # blocked, without passing the turn on
+        wait_until(lambda: pool.apps_wait())
+        self.assertEqual(pool.turn, 1)
+        self.client('a')
+        wait_until(lambda: len(self.passed_before_app) == 2)
+        self.assertEqual(self.passed_before_app, [False, True])
+        self.released['b'].set()
+
+    def test_an_app_that_computes_keeps_the_turn(self):
+        pool = self.pool()
+        for kind in 'cccca':
+            self.client(kind)
+        wait_until(lambda: self.passed_before_app)
+        self.assertEqual(self.passed_before_app, [False])
+        self.assertFalse(pool.apps_wait())
 
     def test_a_turn_no_thread_could_take_goes_to_the_next_free(self):
         pool = self.pool()
@@ -3745,7 +3773,7 @@ class TestConnectionPool(unittest.TestCase):
         wait_until(lambda: 'q' in self.closed)
 
     def test_a_connection_parked_as_the_drain_begins_is_served(self):
-        pool = self.pool(stall=0.02)
+        pool = self.pool()
         client = self.client('f')
         wait_until(lambda: pool.turn == 1)      # it stalled: turn passed
         os.write(self.stop_w, b'\0')
@@ -3794,6 +3822,181 @@ class TestConnectionPool(unittest.TestCase):
         fresh.sendall(b'q')             # its first request is still served
         wait_until(lambda: self.closed == ['p', 'q'])
         self.assertEqual(pool.open, 0)
+
+
+# Apps that wait as an app waits on a database: on a barrier, a file.
+APP_SOURCES['mywait.py'] = """
+import os
+import threading
+import time
+
+_barriers = {}
+_lock = threading.Lock()
+
+
+class Waits(object):
+    \"\"\"/barrier?N&R: waits until N requests of round R are in (at most
+    10 s); /hold: waits until the file "release" exists (at most 15 s);
+    /fast answers at once.\"\"\"
+
+    def __init__(self, name, conf, next_app):
+        self.dir = conf.get(name, 'dir')
+        self.next_app = next_app
+
+    def __call__(self, env, start_response):
+        path = env['PATH_INFO']
+        if path == '/barrier':
+            parties, _, rounds = env['QUERY_STRING'].partition('&')
+            with _lock:
+                barrier = _barriers.setdefault(
+                    rounds, threading.Barrier(int(parties)))
+            try:
+                barrier.wait(10)
+                body, status = b'together', '200 OK'
+            except threading.BrokenBarrierError:
+                body, status = b'alone', '504 Gateway Timeout'
+        elif path == '/hold':
+            with open(os.path.join(self.dir, 'holding'), 'a') as fp:
+                fp.write('%d\\n' % os.getpid())
+            release = os.path.join(self.dir, 'release')
+            deadline = time.monotonic() + 15
+            while not os.path.exists(release) and \\
+                    time.monotonic() < deadline:
+                time.sleep(0.005)
+            body, status = b'held', '200 OK'
+        elif path == '/fast':
+            body, status = b'fast', '200 OK'
+        else:
+            return self.next_app(env, start_response)
+        start_response(status, [('Content-Length', str(len(body)))])
+        return [body]
+"""
+
+
+class TestWaitingApps(BrimTestCase):
+    """A worker serves the requests of apps that wait side by side, and
+    never holds a quick request behind one that waits."""
+
+    def waits_conf(self, wsgi_extra=''):
+        self.port = free_port()
+        self.write_conf("""
+            [wsgi]
+            ip = 127.0.0.1
+            port = %d
+            workers = 1
+            apps = waits
+            %s
+
+            [waits]
+            call = mywait.Waits
+            dir = %s
+            """ % (self.port, wsgi_extra, self.tmp))
+        return live_children_of(self.start())[0]
+
+    def holding(self):
+        try:
+            with open(os.path.join(self.tmp, 'holding')) as fp:
+                return len(fp.read().split())
+        except OSError:
+            return 0
+
+    def test_requests_that_wait_for_each_other_complete_together(self):
+        """Ten requests that each wait until all ten are in: a worker that
+        served them one after another would time every one out."""
+        self.waits_conf()
+        clients = [HTTPClient(self.port) for _ in range(10)]
+        for client in clients:
+            self.addCleanup(client.close)
+        for round_ in ('fresh', 'kept-alive'):
+            results = []
+
+            def ask(client):
+                results.append(client.request(
+                    'GET', '/barrier?10&' + round_).body)
+            threads = [threading.Thread(target=ask, args=(client,))
+                       for client in clients]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(30)
+            self.assertEqual(results, [b'together'] * 10, round_)
+
+    def test_quick_requests_are_not_held_behind_one_that_waits(self):
+        self.waits_conf()
+        held = []
+        holder = threading.Thread(target=lambda: held.append(
+            self.http(self.port, 'GET', '/hold', timeout=30)))
+        holder.start()
+        self.addCleanup(holder.join, 30)
+        self.addCleanup(lambda: open(os.path.join(self.tmp, 'release'),
+                                     'w').close())
+        wait_until(lambda: self.holding() == 1)
+        client = HTTPClient(self.port, timeout=5)
+        self.addCleanup(client.close)
+        for _ in range(20):
+            self.assertEqual(client.request('GET', '/fast').body, b'fast')
+        for _ in range(5):
+            self.assertEqual(self.http(self.port, 'GET', '/fast')[2],
+                             b'fast')
+        self.assertEqual(held, [], 'the held request ended early')
+        open(os.path.join(self.tmp, 'release'), 'w').close()
+        holder.join(30)
+        self.assertEqual(held[0][::2], (200, b'held'))
+
+    def test_threads_stay_within_concurrent_per_worker(self):
+        worker = self.waits_conf('concurrent_per_worker = 4')
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(
+            self.http(self.port, 'GET', '/hold', timeout=30)[::2]))
+            for _ in range(10)]
+        for thread in threads:
+            thread.start()
+        self.addCleanup(lambda: [thread.join(30) for thread in threads])
+        self.addCleanup(lambda: open(os.path.join(self.tmp, 'release'),
+                                     'w').close())
+        wait_until(lambda: self.holding() == 4)
+        # The main thread, the watch, the thread with the turn: 3 more.
+        self.assertLessEqual(len(os.listdir('/proc/%d/task' % worker)), 7)
+        open(os.path.join(self.tmp, 'release'), 'w').close()
+        for thread in threads:
+            thread.join(30)
+        self.assertEqual(results, [(200, b'held')] * 10)
+        self.assertLessEqual(len(os.listdir('/proc/%d/task' % worker)), 7)
+
+
+class TestOutOfDescriptors(EchoTestCase):
+    """A worker out of file descriptors closes its longest idle connections
+    to take new ones; it is not recycled, nor restarted."""
+
+    def test_idle_connections_give_way_to_new_ones(self):
+        import resource
+        self.echo_conf()
+
+        def low_limit():
+            resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
+        pid = self.start(preexec_fn=low_limit)
+        [worker] = live_children_of(pid)
+        idle = []
+        for _ in range(300):
+            sock = socket.create_connection(('127.0.0.1', self.port), 5)
+            self.addCleanup(sock.close)
+            idle.append(sock)
+        self.wait_for_log('out of file descriptors')
+        for _ in range(3):      # each on a new connection, behind the idle
+            status, _headers, body = self.http(self.port, 'POST', '/echo',
+                                               b'through', timeout=10)
+            self.assertEqual((status, body), (200, b'through'))
+        for sock in idle:
+            sock.close()
+        wait_until(lambda: self.log_lines() and self.http(
+            self.port, 'POST', '/echo', b'x')[2] == b'x' and
+            'to spare again' in self.log_text())
+        log = self.log_text()
+        self.assertEqual(log.count('out of file descriptors'), 1, log)
+        self.assertEqual(live_children_of(pid), [worker],
+                         'the worker was replaced')
+        self.assertNotIn('recycling', log)
+        self.assertNotIn('Exception ignored', log)
 
 
 class TestHTTPRefusals(EchoTestCase):
