@@ -975,6 +975,14 @@ class _Input(object):
         self.consumed = 0      # body bytes read, for the request log
 
     def _next(self, size):
+        """Up to ``size`` more body bytes, b'' at the end of the body.  The
+        first read is when a client that waits (Expect: 100-continue) is
+        asked for the body, whatever of it is buffered already."""
+        if self.conn.expect_continue:
+            self.conn.send_continue()
+        return self._read_some(size)
+
+    def _read_some(self, size):
         raise NotImplementedError
 
     def read(self, size=-1):
@@ -1050,7 +1058,7 @@ class _LengthInput(_Input):
         _Input.__init__(self, conn)
         self.left = length
 
-    def _next(self, size):
+    def _read_some(self, size):
         if self.left <= 0:
             return b''
         data = self.conn.take(min(size, self.left))
@@ -1074,7 +1082,7 @@ class _ChunkedInput(_Input):
         self.max_body = max_body
         self.pending = b''     # bytes handed back by _unread
 
-    def _next(self, size):
+    def _read_some(self, size):
         if self.pending:
             data, self.pending = self.pending[:size], self.pending[size:]
             self.consumed += len(data)
@@ -1248,22 +1256,31 @@ class _HTTPConnection(object):
         self.sock.settimeout(self.worker.client_timeout)
         return data
 
+    def send_continue(self):
+        """Tell a client that waits for it to send the body."""
+        self.expect_continue = False
+        self.sock.sendall(b'HTTP/1.1 100 Continue\r\n\r\n')
+
     def take(self, size):
         """Up to ``size`` body bytes: buffered ones first, else one recv."""
-        if self.expect_continue:
-            self.expect_continue = False
-            self.sock.sendall(b'HTTP/1.1 100 Continue\r\n\r\n')
-        buf = self.buf
-        if not buf:
-            try:
-                buf = self.recv()
-            except EOFError:
-                raise _HTTPError(400, 'client closed inside the body')
-        self.buf = buf[size:]
-        return buf[:size]
+        if not self.buf:
+            self.receive_body()
+        data, self.buf = self.buf[:size], self.buf[size:]
+        return data
 
     def untake(self, data):
         self.buf = data + self.buf
+
+    def receive_body(self):
+        """Add the next bytes the client sends of the body to the buffer.
+
+        Readers take from the buffer; only this adds to it, so a line or a
+        CRLF split across two reads is put together, never read twice.
+        """
+        try:
+            self.buf += self.recv()
+        except EOFError:
+            raise _HTTPError(400, 'client closed inside the body')
 
     def read_exact(self, size):
         data = b''
@@ -1274,15 +1291,17 @@ class _HTTPConnection(object):
     def read_line(self, limit):
         """A CRLF-terminated line (without it) of at most ``limit`` bytes."""
         while True:
-            end = self.buf.find(b'\r\n')
+            buf = self.buf
+            end = buf.find(b'\r\n')
+            # Too long is too long whether the line's end has come or not.
+            if (end if end >= 0 else len(buf) - buf.endswith(b'\r')) > limit:
+                raise _HTTPError(400, 'chunk line too long')
             if end >= 0:
-                line, self.buf = self.buf[:end], self.buf[end + 2:]
+                line, self.buf = buf[:end], buf[end + 2:]
                 if b'\n' in line or b'\r' in line:
                     raise _HTTPError(400, 'bare CR or LF in a chunk line')
                 return line
-            if len(self.buf) > limit:
-                raise _HTTPError(400, 'chunk line too long')
-            self.buf += self.take(_RECV_SIZE)
+            self.receive_body()
 
     def read_head(self):
         """The bytes of the next request's head, or None at a clean end.
