@@ -894,6 +894,10 @@ _FORBIDDEN_TRAILERS = frozenset((b'content-length', b'transfer-encoding',
 _NO_BODY_STATUSES = frozenset((204, 304))
 _DRAIN_LIMIT = 65536
 _RECV_SIZE = 65536
+# How long, and for how many bytes, a connection brim closes still reads
+# what the client sends: enough for it to see the response and stop.
+_LINGER_SECONDS = 2.0
+_LINGER_BYTES = 4 << 20
 # A request that holds a worker's thread this long is most likely waiting
 # (on a database, a client), not using the CPU: the turn to accept and serve
 # goes to another thread.
@@ -957,6 +961,12 @@ class _NoBody(object):
 
     def __iter__(self):
         return iter(())
+
+    def left_at_most(self, limit):
+        return True
+
+    def drain(self, limit):
+        return True
 
 
 _NO_BODY = _NoBody()
@@ -1041,6 +1051,10 @@ class _Input(object):
                 return
             yield line
 
+    def left_at_most(self, limit):
+        """True if no more than ``limit`` bytes of the body are left."""
+        raise NotImplementedError
+
     def drain(self, limit):
         """Read and drop what is left; False if more than ``limit`` is."""
         while limit >= 0:
@@ -1070,6 +1084,9 @@ class _LengthInput(_Input):
         self.conn.untake(data)
         self.left += len(data)
         self.consumed -= len(data)
+
+    def left_at_most(self, limit):
+        return self.left <= limit
 
 
 class _ChunkedInput(_Input):
@@ -1106,6 +1123,9 @@ class _ChunkedInput(_Input):
     def _unread(self, data):
         self.pending = data + self.pending
         self.consumed -= len(data)
+
+    def left_at_most(self, limit):
+        return self.done       # its size is only known at its end
 
     def _chunk_size(self):
         line = self.conn.read_line(1024)
@@ -1212,6 +1232,9 @@ class _HTTPConnection(object):
         self.base_env['REMOTE_ADDR'] = self.client
         self.base_env['REMOTE_PORT'] = str(address[1]) if address else ''
         self.expect_continue = False
+        # The request's body as brim framed it: an app or middleware may
+        # put another stream in wsgi.input, but this is what brim drains.
+        self.body = _NO_BODY
         self.current = None     # (start, txn, method, path) being served
         # Idle means between keep-alive requests: a drain may close it then.
         # A new connection is not idle: its first request is always served.
@@ -1444,21 +1467,22 @@ class _HTTPConnection(object):
             env.get('HTTP_EXPECT', '').lower() == '100-continue'
         length = env.get('CONTENT_LENGTH')
         if codings is not None:
-            self._chunked(env, codings, length, http11)
+            body = self._chunked(codings, length, http11)
         elif length is not None:
             if not length.isdigit() or not length.isascii():
                 raise _HTTPError(400, 'bad Content-Length %r' % length)
             size = int(length)
             if worker.max_body is not None and size > worker.max_body:
                 raise _HTTPError(413, 'Content-Length over max_body')
-            env['wsgi.input'] = _LengthInput(self, size) if size else \
-                _NO_BODY
+            body = _LengthInput(self, size) if size else _NO_BODY
         else:
-            env['wsgi.input'] = _NO_BODY
-            self.expect_continue = False
+            body = _NO_BODY
+        if body is _NO_BODY:
+            self.expect_continue = False    # there is nothing to ask for
+        env['wsgi.input'] = self.body = body
 
-    def _chunked(self, env, codings, length, http11):
-        """Check Transfer-Encoding and set a de-chunking wsgi.input."""
+    def _chunked(self, codings, length, http11):
+        """Check Transfer-Encoding; the de-chunking wsgi.input."""
         if length is not None:
             raise _HTTPError(400, 'both Content-Length and '
                              'Transfer-Encoding (request smuggling)')
@@ -1471,7 +1495,7 @@ class _HTTPConnection(object):
         for coding in listed[:-1]:
             if coding not in _KNOWN_CODINGS:
                 raise _HTTPError(501, 'unknown transfer coding %r' % coding)
-        env['wsgi.input'] = _ChunkedInput(self, self.worker.max_body)
+        return _ChunkedInput(self, self.worker.max_body)
 
     # -- serving -----------------------------------------------------------
 
@@ -1505,9 +1529,9 @@ class _HTTPConnection(object):
                     env = self.parse(head)
                 except _HTTPError as err:
                     self.refuse(err)
-                    return self.close()
+                    return self.linger()
                 if not self.respond(env):
-                    return self.close()
+                    return self.hang_up()
                 self.idle = True
                 if self.parkable and not self.buf:
                     return self
@@ -1521,10 +1545,47 @@ class _HTTPConnection(object):
     def close(self):
         """Close the connection (for good); returns None."""
         self.worker.connections.discard(self)
+        self.body = _NO_BODY    # it refers back to the connection
         try:
             self.sock.close()
         except OSError:
             pass
+
+    def hang_up(self):
+        """Close after a response that ends the connection; returns None.
+
+        The client may still be sending (the rest of a body, the next
+        request): then brim lingers before it closes.
+        """
+        if self.buf or not self.body.left_at_most(0) or self.arrived():
+            return self.linger()
+        return self.close()
+
+    def linger(self):
+        """Close, letting the client read the response first; returns None.
+
+        Closing a socket with unread input makes the kernel reset the
+        connection, and a reset can destroy the response before the client
+        has read it.  So brim stops sending, then reads and drops what
+        comes until the client closes too, for at most _LINGER_SECONDS and
+        _LINGER_BYTES, as Apache and nginx do.
+        """
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + _LINGER_SECONDS
+            left = _LINGER_BYTES
+            while left > 0:
+                wait = deadline - time.monotonic()
+                if wait <= 0:
+                    break
+                self.sock.settimeout(wait)
+                data = self.recv_or_eof()
+                if not data:
+                    break
+                left -= len(data)
+        except OSError:
+            pass        # gone already, or too slow to close: close now
+        return self.close()
 
     def refuse(self, err):
         """Answer a request brim will not serve, then close."""
@@ -1559,7 +1620,7 @@ class _HTTPConnection(object):
         try:
             keep = response.run(worker.app)
             if keep:
-                keep = self._finish_body(env)
+                keep = self._finish_body()
             worker.count_request(response.code)
             worker.log_request(env, response, time.time() - start, txn)
         finally:
@@ -1567,15 +1628,24 @@ class _HTTPConnection(object):
             self.current = None
         return keep and not worker.draining
 
-    def _finish_body(self, env):
-        """Drop what the app left of the body so the next request parses."""
-        body = env['wsgi.input']
-        if body is _NO_BODY:
-            return True
+    def reusable(self):
+        """Whether the connection can take a request after the response
+        that is starting (its head says so): brim must know where the
+        next request begins, and read no more than _DRAIN_LIMIT to get
+        there."""
+        if self.worker.draining:
+            return False
         if self.expect_continue:
-            return False        # the body may never come: see _Response._head
+            # Expect: 100-continue and the app read none of the body: the
+            # client, told nothing, may send it or not, so the connection
+            # has no sure next request.
+            return False
+        return self.body.left_at_most(_DRAIN_LIMIT)
+
+    def _finish_body(self):
+        """Drop what the app left of the body so the next request parses."""
         try:
-            return body.drain(_DRAIN_LIMIT)
+            return self.body.drain(_DRAIN_LIMIT)
         except _HTTPError:
             return False
 
@@ -1667,11 +1737,7 @@ class _Response(object):
             lines.append('Transfer-Encoding: chunked\r\n')
         else:
             self.keep_alive = False     # HTTP/1.0: the close ends the body
-        if self.keep_alive and (self.conn.worker.draining or
-                                self.conn.expect_continue):
-            # Expect: 100-continue and the app read none of the body: the
-            # client, told nothing, may send it or not, so the connection
-            # has no sure next request.
+        if self.keep_alive and not self.conn.reusable():
             self.keep_alive = False
         if not self.keep_alive:
             lines.append('Connection: close\r\n')
