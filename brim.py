@@ -1739,6 +1739,9 @@ class _Response(object):
             self.keep_alive = False     # HTTP/1.0: the close ends the body
         if self.keep_alive and not self.conn.reusable():
             self.keep_alive = False
+        # The final response is on its way: a 100 (Continue) for a body the
+        # app reads from now on would land in the middle of it.
+        self.conn.expect_continue = False
         if not self.keep_alive:
             lines.append('Connection: close\r\n')
         elif self.env['SERVER_PROTOCOL'] == 'HTTP/1.0':

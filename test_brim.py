@@ -3706,7 +3706,7 @@ class _WatchedSocket(socket.socket):
 def _dump_app(env, start_response):
     """What brim parsed, canonically: the request's fields, then its whole
     body, read the way the path says (/ignore, /small, /lines, /iter, or
-    else one read())."""
+    else one read(); /late reads it after the response's head is out)."""
     body = env['wsgi.input']
     path = env['PATH_INFO']
     fields = [env['REQUEST_METHOD'], path, env['QUERY_STRING'],
@@ -3716,6 +3716,9 @@ def _dump_app(env, start_response):
     fields.extend(sorted('%s=%s' % item for item in env.items()
                          if item[0].startswith('HTTP_')))
     fields = '\n'.join(fields).encode('latin-1') + b'\n\n'
+    if path == '/late':
+        start_response('200 OK', [])(fields)
+        return [body.read()]
     if path == '/ignore':
         data = b''
     elif path == '/small':
@@ -3902,6 +3905,8 @@ SPLIT_REQUESTS = [
     ('expect 100-continue, no body', _post(b'/', b'',
                                           b'Expect: 100-continue\r\n') +
      b'GET / HTTP/1.1\r\nHost: x\r\n\r\n', [200, 200]),
+    ('expect 100-continue, body read after the head',
+     _post(b'/late', b'body!', b'Expect: 100-continue\r\n'), [200]),
     ('expect 100-continue, body not read',
      _post(b'/ignore', b'body!', b'Expect: 100-continue\r\n') +
      b'GET / HTTP/1.1\r\nHost: x\r\n\r\n', [200]),
