@@ -1729,6 +1729,11 @@ class _Response(object):
             pass
         elif self.length is not None:
             pass
+        elif body_length == 0 and self.head_only:
+            # An app may answer HEAD with no body at all (GET's would be
+            # made as it is sent): that says nothing of GET's size, which
+            # RFC 9110 9.3.2 lets go unsaid, so brim makes up none.
+            pass
         elif body_length is not None:
             self.length = body_length
             lines.extend(('Content-Length: ', str(body_length), '\r\n'))

@@ -4045,7 +4045,7 @@ class TestHTTPSegmentation(unittest.TestCase):
             self.assert_same_answer(client, name, data, splits)
 
 
-# Middleware as frameworks have it.
+# Middleware as frameworks have it, and every shape of response to HEAD.
 APP_SOURCES['myseams.py'] = '''
 import io
 from wsgiref.validate import validator
@@ -4074,7 +4074,8 @@ class InputWrapper(object):
 
 class Seams(object):
     """/validated, /replaced, /wrapped and /partial answer with the body
-    read by read_some behind the middleware each names."""
+    read by read_some behind the middleware each names; /shape?KIND
+    answers GET and HEAD in the way KIND says."""
 
     def __init__(self, name, conf, next_app):
         self.next_app = next_app
@@ -4102,6 +4103,29 @@ class Seams(object):
 
     def do_partial(self, env, start_response):
         return read_some(env, start_response)
+
+    def do_shape(self, env, start_response):
+        kind = env['QUERY_STRING']
+        head = env['REQUEST_METHOD'] == 'HEAD'
+        headers = [('Content-Type', 'text/plain'), ('X-Shape', kind)]
+        if kind == 'sized':
+            headers.append(('Content-Length', '5'))
+        write = start_response('200 OK', headers)
+        if kind == 'list':
+            return [b'a list', b' body']
+        if kind == 'generator':
+            return (part for part in (b'gener', b'ated'))
+        if kind == 'streamed':
+            # As Werkzeug answers: GET streams, HEAD gets no body at all.
+            return () if head else (part for part in (b'stre', b'amed'))
+        if kind == 'sized':
+            return [] if head else [b'sized']
+        if kind == 'write':
+            write(b'written')
+            return []
+        if kind == 'file':
+            return env['wsgi.file_wrapper'](open(__file__, 'rb'))
+        raise ValueError(kind)
 '''
 
 
@@ -4230,6 +4254,31 @@ class TestHTTPClose(SeamsTestCase):
         self.assertEqual([(a.status, a.headers.get('connection'), a.body)
                           for a in answers],
                          [(400, 'close', b'400 Bad Request\n')])
+
+
+class TestHTTPHead(SeamsTestCase):
+    """HEAD gets GET's head, whatever shape of body the app answers with,
+    and the connection goes on."""
+
+    def test_every_shape(self):
+        for kind in (b'list', b'generator', b'streamed', b'sized', b'write',
+                     b'file'):
+            ask = b'%%s /shape?%s HTTP/1.1\r\nHost: x\r\n\r\n' % kind
+            answers, reset = self.exchange(
+                ask % b'HEAD' + ask % b'GET' + ask % b'HEAD' + LAST_REQUEST,
+                methods=['HEAD', 'GET', 'HEAD'])
+            self.assertFalse(reset, kind)
+            self.assertEqual([a.status for a in answers], [200] * 4, kind)
+            head, get, again = [{name: value for name, value
+                                 in answer.headers.items() if name != 'date'}
+                                for answer in answers[:3]]
+            self.assertEqual(again, head, kind)
+            if kind == b'streamed':
+                # GET's size is only known as it is sent; HEAD's answer,
+                # with no body, leaves it unsaid rather than say 0.
+                del get['transfer-encoding']
+            self.assertEqual(head, get, kind)
+            self.assertTrue(answers[3].body.isdigit(), kind)
 
 
 # ---------------------------------------------------------------------------
