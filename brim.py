@@ -880,6 +880,7 @@ _FIELD_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _VERSION_RE = re.compile(rb'HTTP/([0-9])\.([0-9])')
 _TARGET_RE = re.compile(rb'[\x21-\x7e]+')
 _AUTHORITY_RE = re.compile(rb'[A-Za-z0-9.\-_~!$&\'()*+,;=:%@\[\]]+')
+_AUTHORITY_END_RE = re.compile(rb'[/?#]')
 # Field values: visible ASCII, obs-text, SP and HTAB; no other controls.
 _BAD_VALUE_RE = re.compile(rb'[\x00-\x08\x0a-\x1f\x7f]')
 _CHUNK_SIZE_RE = re.compile(
@@ -1409,11 +1410,16 @@ class _HTTPConnection(object):
             if not _TARGET_RE.fullmatch(target):
                 raise _HTTPError(400, 'bad request target')
             rest = target.split(b'://', 1)[1]
-            slash = rest.find(b'/')
-            authority = rest if slash < 0 else rest[:slash]
+            # The authority ends at the path, the query or the fragment,
+            # and the path may be empty: "http://host?q" asks for /?q.
+            end = _AUTHORITY_END_RE.search(rest)
+            end = end.start() if end else len(rest)
+            authority = rest[:end]
             if not authority or not _AUTHORITY_RE.fullmatch(authority):
                 raise _HTTPError(400, 'bad absolute-form target')
-            path = b'/' if slash < 0 else rest[slash:]
+            path = rest[end:]
+            if path[:1] != b'/':
+                path = b'/' + path
         elif target == b'*' and method == b'OPTIONS':
             path = b'*'
         elif method == b'CONNECT' and _AUTHORITY_RE.fullmatch(target):

@@ -3910,6 +3910,10 @@ SPLIT_REQUESTS = [
     ('expect 100-continue, body not read',
      _post(b'/ignore', b'body!', b'Expect: 100-continue\r\n') +
      b'GET / HTTP/1.1\r\nHost: x\r\n\r\n', [200]),
+    ('absolute-form targets',
+     b'GET http://example.com?x=1 HTTP/1.1\r\nHost: example.com\r\n\r\n'
+     b'GET http://example.com:8080?x HTTP/1.1\r\nHost: x\r\n\r\n'
+     b'GET http://example.com#f HTTP/1.1\r\nHost: x\r\n\r\n', [200] * 3),
     ('pipeline', _post(b'/', b'one') + _chunked(b'/small', [b'3\r\ntwo\r\n'])
      + b'GET /three HTTP/1.1\r\nHost: x\r\n\r\n' + _post(b'/lines', b'f\nour')
      + b'GET /five HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n'
@@ -4279,6 +4283,24 @@ class TestHTTPHead(SeamsTestCase):
                 del get['transfer-encoding']
             self.assertEqual(head, get, kind)
             self.assertTrue(answers[3].body.isdigit(), kind)
+
+
+class TestRequestTargets(unittest.TestCase):
+    """What brim makes of a request-target."""
+
+    def test_absolute_form(self):
+        client = SplitClient(_SeamWorker(_dump_app))
+        self.addCleanup(client.close)
+        for target, path, query in (
+                (b'http://example.com?x=1', '/', 'x=1'),
+                (b'http://example.com:8080?x', '/', 'x'),
+                (b'HTTPS://example.com#frag', '/', ''),
+                (b'http://u@example.com/a/b?c#d', '/a/b', 'c')):
+            answer = client.exchange([b'GET %s HTTP/1.1\r\nHost: x\r\n'
+                                      b'\r\n' % target])
+            self.assertTrue(answer.startswith(b'HTTP/1.1 200 '), answer)
+            self.assertIn(b'\r\n\r\nGET\n%s\n%s\nHTTP/1.1\n'
+                          % (path.encode(), query.encode()), answer)
 
 
 # ---------------------------------------------------------------------------
