@@ -995,6 +995,7 @@ _FIELD_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _VERSION_RE = re.compile(rb'HTTP/([0-9])\.([0-9])')
 _TARGET_RE = re.compile(rb'[\x21-\x7e]+')
 _AUTHORITY_RE = re.compile(rb'[A-Za-z0-9.\-_~!$&\'()*+,;=:%@\[\]]+')
+_AUTHORITY_END_RE = re.compile(rb'[/?#]')
 # Field values: visible ASCII, obs-text, SP and HTAB; no other controls.
 _BAD_VALUE_RE = re.compile(rb'[\x00-\x08\x0a-\x1f\x7f]')
 _CHUNK_SIZE_RE = re.compile(
@@ -1009,6 +1010,10 @@ _FORBIDDEN_TRAILERS = frozenset((b'content-length', b'transfer-encoding',
 _NO_BODY_STATUSES = frozenset((204, 304))
 _DRAIN_LIMIT = 65536
 _RECV_SIZE = 65536
+# How long, and for how many bytes, a connection brim closes still reads
+# what the client sends: enough for it to see the response and stop.
+_LINGER_SECONDS = 2.0
+_LINGER_BYTES = 4 << 20
 # How the thread with the turn is watched (see _ConnectionPool): looked at
 # every _WATCH_TICK seconds; found blocked, the worker's apps count as
 # waiting ones for _APPS_WAIT_SECONDS.  One that keeps the CPU busy for
@@ -1085,6 +1090,12 @@ class _NoBody(object):
     def __iter__(self):
         return iter(())
 
+    def left_at_most(self, limit):
+        return True
+
+    def drain(self, limit):
+        return True
+
 
 _NO_BODY = _NoBody()
 
@@ -1102,6 +1113,14 @@ class _Input(object):
         self.consumed = 0      # body bytes read, for the request log
 
     def _next(self, size):
+        """Up to ``size`` more body bytes, b'' at the end of the body.  The
+        first read is when a client that waits (Expect: 100-continue) is
+        asked for the body, whatever of it is buffered already."""
+        if self.conn.expect_continue:
+            self.conn.send_continue()
+        return self._read_some(size)
+
+    def _read_some(self, size):
         raise NotImplementedError
 
     def read(self, size=-1):
@@ -1160,6 +1179,10 @@ class _Input(object):
                 return
             yield line
 
+    def left_at_most(self, limit):
+        """True if no more than ``limit`` bytes of the body are left."""
+        raise NotImplementedError
+
     def drain(self, limit):
         """Read and drop what is left; False if more than ``limit`` is."""
         while limit >= 0:
@@ -1177,7 +1200,7 @@ class _LengthInput(_Input):
         _Input.__init__(self, conn)
         self.left = length
 
-    def _next(self, size):
+    def _read_some(self, size):
         if self.left <= 0:
             return b''
         data = self.conn.take(min(size, self.left))
@@ -1190,6 +1213,9 @@ class _LengthInput(_Input):
         self.left += len(data)
         self.consumed -= len(data)
 
+    def left_at_most(self, limit):
+        return self.left <= limit
+
 
 class _ChunkedInput(_Input):
     """A chunked body, de-chunked; trailers are checked and dropped."""
@@ -1201,7 +1227,7 @@ class _ChunkedInput(_Input):
         self.max_body = max_body
         self.pending = b''     # bytes handed back by _unread
 
-    def _next(self, size):
+    def _read_some(self, size):
         if self.pending:
             data, self.pending = self.pending[:size], self.pending[size:]
             self.consumed += len(data)
@@ -1225,6 +1251,9 @@ class _ChunkedInput(_Input):
     def _unread(self, data):
         self.pending = data + self.pending
         self.consumed -= len(data)
+
+    def left_at_most(self, limit):
+        return self.done       # its size is only known at its end
 
     def _chunk_size(self):
         line = self.conn.read_line(1024)
@@ -1331,6 +1360,9 @@ class _HTTPConnection(object):
         self.base_env['REMOTE_ADDR'] = self.client
         self.base_env['REMOTE_PORT'] = str(address[1]) if address else ''
         self.expect_continue = False
+        # The request's body as brim framed it: an app or middleware may
+        # put another stream in wsgi.input, but this is what brim drains.
+        self.body = _NO_BODY
         self.current = None     # (start, txn, method, path) being served
         # Idle means between keep-alive requests: a drain may close it then.
         # A new connection is not idle: its first request is always served.
@@ -1375,22 +1407,31 @@ class _HTTPConnection(object):
         self.sock.settimeout(self.worker.client_timeout)
         return data
 
+    def send_continue(self):
+        """Tell a client that waits for it to send the body."""
+        self.expect_continue = False
+        self.sock.sendall(b'HTTP/1.1 100 Continue\r\n\r\n')
+
     def take(self, size):
         """Up to ``size`` body bytes: buffered ones first, else one recv."""
-        if self.expect_continue:
-            self.expect_continue = False
-            self.sock.sendall(b'HTTP/1.1 100 Continue\r\n\r\n')
-        buf = self.buf
-        if not buf:
-            try:
-                buf = self.recv()
-            except EOFError:
-                raise _HTTPError(400, 'client closed inside the body')
-        self.buf = buf[size:]
-        return buf[:size]
+        if not self.buf:
+            self.receive_body()
+        data, self.buf = self.buf[:size], self.buf[size:]
+        return data
 
     def untake(self, data):
         self.buf = data + self.buf
+
+    def receive_body(self):
+        """Add the next bytes the client sends of the body to the buffer.
+
+        Readers take from the buffer; only this adds to it, so a line or a
+        CRLF split across two reads is put together, never read twice.
+        """
+        try:
+            self.buf += self.recv()
+        except EOFError:
+            raise _HTTPError(400, 'client closed inside the body')
 
     def read_exact(self, size):
         data = b''
@@ -1401,15 +1442,17 @@ class _HTTPConnection(object):
     def read_line(self, limit):
         """A CRLF-terminated line (without it) of at most ``limit`` bytes."""
         while True:
-            end = self.buf.find(b'\r\n')
+            buf = self.buf
+            end = buf.find(b'\r\n')
+            # Too long is too long whether the line's end has come or not.
+            if (end if end >= 0 else len(buf) - buf.endswith(b'\r')) > limit:
+                raise _HTTPError(400, 'chunk line too long')
             if end >= 0:
-                line, self.buf = self.buf[:end], self.buf[end + 2:]
+                line, self.buf = buf[:end], buf[end + 2:]
                 if b'\n' in line or b'\r' in line:
                     raise _HTTPError(400, 'bare CR or LF in a chunk line')
                 return line
-            if len(self.buf) > limit:
-                raise _HTTPError(400, 'chunk line too long')
-            self.buf += self.take(_RECV_SIZE)
+            self.receive_body()
 
     def read_head(self):
         """The bytes of the next request's head, or None at a clean end.
@@ -1494,11 +1537,16 @@ class _HTTPConnection(object):
             if not _TARGET_RE.fullmatch(target):
                 raise _HTTPError(400, 'bad request target')
             rest = target.split(b'://', 1)[1]
-            slash = rest.find(b'/')
-            authority = rest if slash < 0 else rest[:slash]
+            # The authority ends at the path, the query or the fragment,
+            # and the path may be empty: "http://host?q" asks for /?q.
+            end = _AUTHORITY_END_RE.search(rest)
+            end = end.start() if end else len(rest)
+            authority = rest[:end]
             if not authority or not _AUTHORITY_RE.fullmatch(authority):
                 raise _HTTPError(400, 'bad absolute-form target')
-            path = b'/' if slash < 0 else rest[slash:]
+            path = rest[end:]
+            if path[:1] != b'/':
+                path = b'/' + path
         elif target == b'*' and method == b'OPTIONS':
             path = b'*'
         elif method == b'CONNECT' and _AUTHORITY_RE.fullmatch(target):
@@ -1552,21 +1600,22 @@ class _HTTPConnection(object):
             env.get('HTTP_EXPECT', '').lower() == '100-continue'
         length = env.get('CONTENT_LENGTH')
         if codings is not None:
-            self._chunked(env, codings, length, http11)
+            body = self._chunked(codings, length, http11)
         elif length is not None:
             if not length.isdigit() or not length.isascii():
                 raise _HTTPError(400, 'bad Content-Length %r' % length)
             size = int(length)
             if worker.max_body is not None and size > worker.max_body:
                 raise _HTTPError(413, 'Content-Length over max_body')
-            env['wsgi.input'] = _LengthInput(self, size) if size else \
-                _NO_BODY
+            body = _LengthInput(self, size) if size else _NO_BODY
         else:
-            env['wsgi.input'] = _NO_BODY
-            self.expect_continue = False
+            body = _NO_BODY
+        if body is _NO_BODY:
+            self.expect_continue = False    # there is nothing to ask for
+        env['wsgi.input'] = self.body = body
 
-    def _chunked(self, env, codings, length, http11):
-        """Check Transfer-Encoding and set a de-chunking wsgi.input."""
+    def _chunked(self, codings, length, http11):
+        """Check Transfer-Encoding; the de-chunking wsgi.input."""
         if length is not None:
             raise _HTTPError(400, 'both Content-Length and '
                              'Transfer-Encoding (request smuggling)')
@@ -1579,7 +1628,7 @@ class _HTTPConnection(object):
         for coding in listed[:-1]:
             if coding not in _KNOWN_CODINGS:
                 raise _HTTPError(501, 'unknown transfer coding %r' % coding)
-        env['wsgi.input'] = _ChunkedInput(self, self.worker.max_body)
+        return _ChunkedInput(self, self.worker.max_body)
 
     # -- serving -----------------------------------------------------------
 
@@ -1614,11 +1663,11 @@ class _HTTPConnection(object):
                     env = self.parse(head)
                 except _HTTPError as err:
                     self.refuse(err)
-                    return self.close()
+                    return self.linger()
                 if self.turn is not None and self.turn.before_app():
                     self.turn = None
                 if not self.respond(env):
-                    return self.close()
+                    return self.hang_up()
                 self.idle = True
                 if self.parkable and not self.buf:
                     return self
@@ -1632,10 +1681,47 @@ class _HTTPConnection(object):
     def close(self):
         """Close the connection (for good); returns None."""
         self.worker.connections.discard(self)
+        self.body = _NO_BODY    # it refers back to the connection
         try:
             self.sock.close()
         except OSError:
             pass
+
+    def hang_up(self):
+        """Close after a response that ends the connection; returns None.
+
+        The client may still be sending (the rest of a body, the next
+        request): then brim lingers before it closes.
+        """
+        if self.buf or not self.body.left_at_most(0) or self.arrived():
+            return self.linger()
+        return self.close()
+
+    def linger(self):
+        """Close, letting the client read the response first; returns None.
+
+        Closing a socket with unread input makes the kernel reset the
+        connection, and a reset can destroy the response before the client
+        has read it.  So brim stops sending, then reads and drops what
+        comes until the client closes too, for at most _LINGER_SECONDS and
+        _LINGER_BYTES, as Apache and nginx do.
+        """
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + _LINGER_SECONDS
+            left = _LINGER_BYTES
+            while left > 0:
+                wait = deadline - time.monotonic()
+                if wait <= 0:
+                    break
+                self.sock.settimeout(wait)
+                data = self.recv_or_eof()
+                if not data:
+                    break
+                left -= len(data)
+        except OSError:
+            pass        # gone already, or too slow to close: close now
+        return self.close()
 
     def refuse(self, err):
         """Answer a request brim will not serve, then close."""
@@ -1670,7 +1756,7 @@ class _HTTPConnection(object):
         try:
             keep = response.run(worker.app)
             if keep:
-                keep = self._finish_body(env)
+                keep = self._finish_body()
             worker.count_request(response.code)
             worker.log_request(env, response, time.time() - start, txn)
         finally:
@@ -1678,15 +1764,24 @@ class _HTTPConnection(object):
             self.current = None
         return keep and not worker.draining
 
-    def _finish_body(self, env):
-        """Drop what the app left of the body so the next request parses."""
-        body = env['wsgi.input']
-        if body is _NO_BODY:
-            return True
+    def reusable(self):
+        """Whether the connection can take a request after the response
+        that is starting (its head says so): brim must know where the
+        next request begins, and read no more than _DRAIN_LIMIT to get
+        there."""
+        if self.worker.draining:
+            return False
         if self.expect_continue:
-            return False        # the body may never come: see _Response._head
+            # Expect: 100-continue and the app read none of the body: the
+            # client, told nothing, may send it or not, so the connection
+            # has no sure next request.
+            return False
+        return self.body.left_at_most(_DRAIN_LIMIT)
+
+    def _finish_body(self):
+        """Drop what the app left of the body so the next request parses."""
         try:
-            return body.drain(_DRAIN_LIMIT)
+            return self.body.drain(_DRAIN_LIMIT)
         except _HTTPError:
             return False
 
@@ -1770,6 +1865,11 @@ class _Response(object):
             pass
         elif self.length is not None:
             pass
+        elif body_length == 0 and self.head_only:
+            # An app may answer HEAD with no body at all (GET's would be
+            # made as it is sent): that says nothing of GET's size, which
+            # RFC 9110 9.3.2 lets go unsaid, so brim makes up none.
+            pass
         elif body_length is not None:
             self.length = body_length
             lines.extend(('Content-Length: ', str(body_length), '\r\n'))
@@ -1778,12 +1878,11 @@ class _Response(object):
             lines.append('Transfer-Encoding: chunked\r\n')
         else:
             self.keep_alive = False     # HTTP/1.0: the close ends the body
-        if self.keep_alive and (self.conn.worker.draining or
-                                self.conn.expect_continue):
-            # Expect: 100-continue and the app read none of the body: the
-            # client, told nothing, may send it or not, so the connection
-            # has no sure next request.
+        if self.keep_alive and not self.conn.reusable():
             self.keep_alive = False
+        # The final response is on its way: a 100 (Continue) for a body the
+        # app reads from now on would land in the middle of it.
+        self.conn.expect_continue = False
         if not self.keep_alive:
             lines.append('Connection: close\r\n')
         elif self.env['SERVER_PROTOCOL'] == 'HTTP/1.0':

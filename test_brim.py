@@ -20,10 +20,14 @@ import http.client as httpclient
 import io
 import itertools
 import json
+import logging
 import os
 import pwd
+import queue
+import random
 import re
 import secrets
+import select
 import shutil
 import signal
 import socket
@@ -4055,6 +4059,701 @@ class TestHTTPRefusals(EchoTestCase):
                             b'Transfer-Encoding: chunked\r\n\r\n14\r\n' +
                             b'c' * 20 + b'\r\n0\r\n\r\n', 413)
         self.assertNotIn(b'c' * 11, data)
+
+
+# Requests split the way TCP may split them, against brim's own parser:
+# a socketpair, an _HTTPConnection and the little of a worker it uses.
+
+class _SeamWorker(object):
+    """What _HTTPConnection and _Response use of a [wsgi] worker, and no
+    more: brim's own reading, parsing and answering, in this process."""
+
+    tls = None
+    draining = False
+    client_timeout = 5.0
+
+    def __init__(self, app, max_request_line=8190, max_header_line=8190,
+                 max_header_count=100, max_body=None):
+        self.app = app
+        self.max_request_line = max_request_line
+        self.max_header_line = max_header_line
+        self.max_header_count = max_header_count
+        self.max_body = max_body
+        self.max_head = max_request_line + 4 + \
+            max_header_count * (max_header_line + 2)
+        self.base_env = {
+            'SCRIPT_NAME': '', 'SERVER_NAME': '127.0.0.1',
+            'SERVER_PORT': '80', 'wsgi.version': (1, 0),
+            'wsgi.url_scheme': 'http', 'wsgi.input_terminated': True,
+            'wsgi.file_wrapper': brim._FileWrapper}
+        self.connections = set()
+        self.stats = self
+        self.records = []       # what brim logged
+        self.logger = logging.Logger('seams')
+        self.logger.propagate = False
+        self.logger.addHandler(_KeptRecords(self.records))
+
+    def errors(self):
+        return [r.getMessage() for r in self.records
+                if r.levelno >= logging.ERROR]
+
+    def note_request(self, start, txn, method, path):
+        pass
+
+    def count_served(self, toward_limit):
+        pass
+
+    def count_request(self, code):
+        pass
+
+    def next_txn(self):
+        return 'txn'
+
+    def log_request(self, env, response, duration, txn):
+        pass
+
+
+class _KeptRecords(logging.Handler):
+
+    def __init__(self, records):
+        logging.Handler.__init__(self)
+        self.records = records
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+class _WatchedSocket(socket.socket):
+    """brim's end of a socketpair.  It counts what brim has read and says
+    on a pipe when brim waits for more, so the client can send a piece
+    only once brim has read the ones before and done all it can with
+    them: each piece is then a read of its own, and what brim does with
+    it does not depend on timing."""
+
+    def __init__(self, sock, notify_fd):
+        socket.socket.__init__(self, sock.family, sock.type,
+                               fileno=sock.detach())
+        self.notify_fd = notify_fd
+        self.taken = 0
+        self.waiting = False
+
+    def recv(self, size, flags=0):
+        if not flags & socket.MSG_DONTWAIT:
+            self.waits()
+        try:
+            data = socket.socket.recv(self, size, flags)
+        finally:
+            self.waiting = False
+        self.taken += len(data)
+        return data
+
+    def waits(self):
+        self.waiting = True
+        os.write(self.notify_fd, b'.')
+
+    def waits_for(self, sent):
+        """True once brim has read ``sent`` bytes and waits for more."""
+        return self.waiting and self.taken >= sent
+
+
+def _dump_app(env, start_response):
+    """What brim parsed, canonically: the request's fields, then its whole
+    body, read the way the path says (/ignore, /small, /lines, /iter, or
+    else one read(); /late reads it after the response's head is out)."""
+    body = env['wsgi.input']
+    path = env['PATH_INFO']
+    fields = [env['REQUEST_METHOD'], path, env['QUERY_STRING'],
+              env['SERVER_PROTOCOL'],
+              'CONTENT_LENGTH=%s' % env.get('CONTENT_LENGTH', '-'),
+              'CONTENT_TYPE=%s' % env.get('CONTENT_TYPE', '-')]
+    fields.extend(sorted('%s=%s' % item for item in env.items()
+                         if item[0].startswith('HTTP_')))
+    fields = '\n'.join(fields).encode('latin-1') + b'\n\n'
+    if path == '/late':
+        start_response('200 OK', [])(fields)
+        return [body.read()]
+    if path == '/ignore':
+        data = b''
+    elif path == '/small':
+        data = b''.join(iter(lambda: body.read(3), b''))
+    elif path == '/lines':
+        data = b''.join(iter(lambda: body.readline(7), b''))
+    elif path == '/iter':
+        data = b''.join(body)
+    else:
+        data = body.read()
+    start_response('200 OK', [('Content-Type', 'application/octet-stream')])
+    return [fields + data]
+
+
+class SplitClient(object):
+    """brim's _HTTPConnection serving socketpairs in a thread of its own,
+    and a client that sends each a request in pieces."""
+
+    def __init__(self, worker, timeout=5.0):
+        self.worker = worker
+        self.timeout = timeout
+        self.notify_r, self.notify_w = os.pipe()
+        self.jobs = queue.Queue()
+        self.served = None      # (the socket brim closed, an error or None)
+        self.thread = threading.Thread(target=self._serve_each, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.jobs.put(None)
+        self.thread.join(self.timeout)
+        os.close(self.notify_r)
+        os.close(self.notify_w)
+
+    def _serve_each(self):
+        for sock in iter(self.jobs.get, None):
+            error = None
+            try:
+                self._serve(sock)
+            except BaseException as err:
+                error = err
+                sock.close()
+            self.served = (sock, error)
+            os.write(self.notify_w, b'.')
+
+    def _serve(self, sock):
+        """As the pool serves a connection: the job returned is parked
+        until the client sends more, then served again."""
+        job = brim._HTTPConnection(self.worker, sock, ('127.0.0.1', 40000))
+        self.worker.connections.add(job)
+        job = job.serve(lambda: None)       # as from the accept
+        while job is not None:
+            sock.waits()
+            if not select.select([sock], [], [], self.timeout)[0]:
+                job.close()
+                raise AssertionError('parked for %gs' % self.timeout)
+            sock.waiting = False
+            job = job.serve(lambda: None)
+
+    def exchange(self, pieces):
+        """Send ``pieces`` in turn on a new connection, each once brim
+        waits for more, then half-close.  Returns every byte brim
+        answered until it closed, Date masked, then ``<reset>`` if the
+        connection was reset."""
+        client, server = socket.socketpair()
+        server = _WatchedSocket(server, self.notify_w)
+        self.served = None
+        self.jobs.put(server)
+        received = []
+        deadline = time.monotonic() + self.timeout
+        try:
+            sent = 0
+            for piece in pieces:
+                if self.served is not None:
+                    break       # brim closed: it wants no more
+                client.sendall(piece)
+                sent += len(piece)
+                self._wait(client, received, deadline, lambda:
+                           server.waits_for(sent) or
+                           self.served is not None)
+            try:
+                client.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            self._wait(client, received, deadline,
+                       lambda: received[-1:] in ([b''], [b'<reset>']) and
+                       self.served is not None)
+        finally:
+            client.close()
+        if self.served[1] is not None:
+            raise self.served[1]
+        return re.sub(rb'\r\nDate: [^\r\n]*', b'\r\nDate: -',
+                      b''.join(received))
+
+    def _wait(self, client, received, deadline, done):
+        """Read what brim answers until ``done()``."""
+        while not done():
+            ended = received[-1:] in ([b''], [b'<reset>'])
+            ready = select.select([self.notify_r] + [client] * (not ended),
+                                  [], [], max(deadline - time.monotonic(),
+                                              0))[0]
+            if not ready:
+                raise AssertionError('brim neither waited for more nor '
+                                     'closed within %gs' % self.timeout)
+            if self.notify_r in ready:
+                os.read(self.notify_r, 4096)
+            if client in ready:
+                try:
+                    received.append(client.recv(65536))
+                except ConnectionResetError:
+                    received.append(b'<reset>')
+
+
+def responses(data):
+    """The statuses of the responses in ``data``, then 'garbled' if what
+    follows them is not a response."""
+    fp = io.BytesIO(data)
+    statuses = []
+    while True:
+        try:
+            response = read_response(fp)
+        except (ValueError, IndexError):
+            return statuses + ['garbled']
+        if response is None:
+            return statuses
+        statuses.append(response.status)
+
+
+def two_pieces(data):
+    """``data`` cut in two at every byte boundary."""
+    return [(data[:cut], data[cut:]) for cut in range(1, len(data))]
+
+
+def byte_by_byte(data):
+    return [data[i:i + 1] for i in range(len(data))]
+
+
+def random_pieces(data, rng, cuts):
+    """``data`` cut at ``cuts`` random places."""
+    points = sorted(rng.sample(range(1, len(data)), min(cuts, len(data) - 1)))
+    return [data[a:b] for a, b in zip([0] + points, points + [len(data)])]
+
+
+def _chunked(path, chunks, head=b'', trailer=b''):
+    return (b'POST ' + path + b' HTTP/1.1\r\nHost: x\r\n'
+            b'Transfer-Encoding: chunked\r\n' + head + b'\r\n' +
+            b''.join(chunks) + b'0\r\n' + trailer + b'\r\n')
+
+
+def _post(path, body, head=b''):
+    return (b'POST ' + path + b' HTTP/1.1\r\nHost: x\r\nContent-Length: %d'
+            b'\r\n' % len(body) + head + b'\r\n' + body)
+
+
+# (name, request bytes, the statuses brim answers with), for a worker with
+# the limits of SPLIT_LIMITS.
+SPLIT_LIMITS = {'max_request_line': 64, 'max_header_line': 80,
+                'max_header_count': 8, 'max_body': 64}
+SPLIT_REQUESTS = [
+    ('get', b'GET /a%20b?c=d HTTP/1.1\r\nHost: x\r\nX-Two: a\r\n'
+     b'X-Two: b\r\n\r\n', [200]),
+    ('one stray CRLF first', b'\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n',
+     [200]),
+    ('content-length', _post(b'/', b'hello\nworld',
+                             b'Content-Type: text/plain\r\n'), [200]),
+    ('content-length, read by 3', _post(b'/small', b'hello\nworld'), [200]),
+    ('content-length, read by lines', _post(b'/lines', b'he\nllo\nwo\n\nr'),
+     [200]),
+    ('chunked, extensions and a trailer',
+     _chunked(b'/lines', [b'5;a=b\r\nhe\nll\r\n', b'6 ; q="x;\\"y" ; r\r\n'
+                          b'o\nworl\r\n', b'1\r\nd\r\n'],
+              trailer=b'X-Trailer: t\r\nX-More: m\r\n'), [200]),
+    ('chunked, read by 3', _chunked(b'/small', [b'a\r\n0123456789\r\n',
+                                               b'2\r\nab\r\n']), [200]),
+    ('chunked, iterated', _chunked(b'/iter', [b'4\r\na\nb\n\r\n',
+                                             b'3\r\n\ncd\r\n']), [200]),
+    ('chunked, empty', _chunked(b'/', []), [200]),
+    ('expect 100-continue', _post(b'/', b'body!',
+                                  b'Expect: 100-continue\r\n'), [100, 200]),
+    ('expect 100-continue, chunked',
+     _chunked(b'/', [b'3\r\nabc\r\n'], b'Expect: 100-continue\r\n'),
+     [100, 200]),
+    ('expect 100-continue, empty chunked',
+     _chunked(b'/', [], b'Expect: 100-continue\r\n'), [100, 200]),
+    ('expect 100-continue, no body', _post(b'/', b'',
+                                          b'Expect: 100-continue\r\n') +
+     b'GET / HTTP/1.1\r\nHost: x\r\n\r\n', [200, 200]),
+    ('expect 100-continue, body read after the head',
+     _post(b'/late', b'body!', b'Expect: 100-continue\r\n'), [200]),
+    ('expect 100-continue, body not read',
+     _post(b'/ignore', b'body!', b'Expect: 100-continue\r\n') +
+     b'GET / HTTP/1.1\r\nHost: x\r\n\r\n', [200]),
+    ('absolute-form targets',
+     b'GET http://example.com?x=1 HTTP/1.1\r\nHost: example.com\r\n\r\n'
+     b'GET http://example.com:8080?x HTTP/1.1\r\nHost: x\r\n\r\n'
+     b'GET http://example.com#f HTTP/1.1\r\nHost: x\r\n\r\n', [200] * 3),
+    ('pipeline', _post(b'/', b'one') + _chunked(b'/small', [b'3\r\ntwo\r\n'])
+     + b'GET /three HTTP/1.1\r\nHost: x\r\n\r\n' + _post(b'/lines', b'f\nour')
+     + b'GET /five HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n'
+     b'GET /never HTTP/1.1\r\nHost: x\r\n\r\n', [200] * 5),
+    ('pipeline, a CRLF after a body', _post(b'/', b'one') +
+     b'\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n', [200, 200]),
+    ('pipeline, bodies not read', _post(b'/ignore', b'one') +
+     _post(b'/ignore', b'x' * 60) +
+     _chunked(b'/ignore', [b'3\r\nabc\r\n']) +
+     b'GET /never HTTP/1.1\r\nHost: x\r\n\r\n', [200] * 3),
+    ('HTTP/1.0 ends the connection', b'GET / HTTP/1.0\r\n\r\n'
+     b'GET /never HTTP/1.1\r\nHost: x\r\n\r\n', [200]),
+    ('HTTP/1.0 keep-alive', b'GET / HTTP/1.0\r\nConnection: keep-alive\r\n'
+     b'\r\nGET / HTTP/1.0\r\n\r\n', [200, 200]),
+    ('bare LF in the head', b'GET / HTTP/1.1\r\nHost: x\nX: y\r\n\r\n',
+     [400]),
+    ('bare LF ends the head', b'GET / HTTP/1.1\nHost: x\n\n', [400]),
+    ('bare CR in the head', b'GET / HTTP/1.1\r\nHost: x\rX: y\r\n\r\n',
+     [400]),
+    ('two stray CRLFs', b'\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n',
+     [400]),
+    ('obs-fold', b'GET / HTTP/1.1\r\nHost: x\r\nX: a\r\n b\r\n\r\n', [400]),
+    ('NUL in a field', b'GET / HTTP/1.1\r\nHost: x\r\nX: a\0b\r\n\r\n',
+     [400]),
+    ('request line too long', b'GET /' + b'a' * 70 + b' HTTP/1.1\r\n'
+     b'Host: x\r\n\r\n', [414]),
+    ('request line too long, no end', b'GET /' + b'a' * 70, [414]),
+    ('field too long', b'GET / HTTP/1.1\r\nHost: x\r\nX: ' + b'v' * 80 +
+     b'\r\n\r\n', [431]),
+    ('too many fields', b'GET / HTTP/1.1\r\n' + b'X: y\r\n' * 9 + b'\r\n',
+     [431]),
+    ('body over max_body', _post(b'/', b'b' * 65), [413]),
+    ('chunked over max_body', _chunked(b'/', [b'41\r\n' + b'c' * 65 +
+                                             b'\r\n']), [413]),
+    ('bad chunk size', _chunked(b'/', [b'0x5\r\nhello\r\n']), [400]),
+    ('chunk size too big', _chunked(b'/', [b'1' * 17 + b'\r\nx\r\n']), [400]),
+    ('bare LF after a chunk size', _chunked(b'/', [b'5\nhello\r\n']), [400]),
+    ('chunk without its CRLF', _chunked(b'/', [b'5\r\nhelloX\r\n']), [400]),
+    ('chunk line at its limit', _chunked(b'/', [b'5;' + b'e' * 1022 +
+                                               b'\r\nhello\r\n']), [200]),
+    ('chunk line over its limit', _chunked(b'/', [b'5;' + b'e' * 1023 +
+                                                 b'\r\nhello\r\n']), [400]),
+    ('forbidden trailer', _chunked(b'/', [b'1\r\na\r\n'],
+                                   trailer=b'Content-Length: 1\r\n'), [400]),
+    ('chunked body cut short', _chunked(b'/', [b'5\r\nhel'])[:-5], [400]),
+    ('content-length body cut short', _post(b'/', b'hello')[:-2], [400]),
+    ('head cut short', b'GET / HTTP/1.1\r\nHost:', [400]),
+    ('bad second request', b'GET / HTTP/1.1\r\nHost: x\r\n\r\n'
+     b'GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n'
+     b'Content-Length: 1\r\n\r\nx', [200, 400]),
+]
+
+
+def corpus_requests():
+    """[(name, bytes)] of the request corpus, or a reason it is absent."""
+    folder = os.environ.get('BRIM_HTTP_CORPUS') or os.path.join(
+        HERE, '..', 'shared', 'http-corpus', 'gunicorn')
+    found = []
+    for kind in ('valid', 'invalid'):
+        try:
+            names = sorted(os.listdir(os.path.join(folder, kind)))
+        except OSError:
+            continue
+        for name in names:
+            if name.endswith('.http'):
+                with open(os.path.join(folder, kind, name), 'rb') as fp:
+                    found.append(('%s/%s' % (kind, name),
+                                  decode_corpus_request(fp.read())))
+    if not found:
+        raise unittest.SkipTest(
+            'no request corpus in %s (valid/*.http, invalid/*.http); set '
+            'BRIM_HTTP_CORPUS to its folder' % os.path.abspath(folder))
+    return found
+
+
+_CORPUS_ESCAPE = re.compile(rb'\\(?:r|n|t|0|x[0-9A-Fa-f]{2})')
+_CORPUS_BYTES = {b'\\r': b'\r', b'\\n': b'\n', b'\\t': b'\t', b'\\0': b'\0'}
+
+
+def decode_corpus_request(text):
+    """The bytes a corpus .http file stands for: its newlines only wrap
+    the text; \\r \\n \\t \\0 and \\xHH are the bytes they name."""
+    return _CORPUS_ESCAPE.sub(
+        lambda m: _CORPUS_BYTES.get(m.group()) or
+        bytes([int(m.group()[2:], 16)]), text.replace(b'\n', b''))
+
+
+class TestHTTPSegmentation(unittest.TestCase):
+    """A request gets the same answer however TCP splits it."""
+
+    def split_client(self, **limits):
+        client = SplitClient(_SeamWorker(_dump_app, **limits))
+        self.addCleanup(client.close)
+        return client
+
+    def assert_same_answer(self, client, name, data, splits):
+        whole = client.exchange([data])
+        for pieces in splits:
+            answer = client.exchange(pieces)
+            if answer != whole:
+                self.fail('%s: sent as %r, brim answered\n%r\nnot, as to '
+                          'the request in one piece,\n%r'
+                          % (name, list(pieces), answer, whole))
+        self.assertEqual(client.worker.errors(), [], name)
+        return whole
+
+    def splits(self, data, rng):
+        """Two pieces cut at every byte boundary, when ``data`` is short,
+        else at random ones, and then one byte per piece."""
+        if len(data) <= 256:
+            splits = two_pieces(data)
+        else:
+            splits = [random_pieces(data, rng, cuts)
+                      for cuts in [1] * 24 + [2, 3, 5, 8, 13, 40]]
+        return splits + [byte_by_byte(data)]
+
+    def test_every_split_of_each_request(self):
+        client = self.split_client(**SPLIT_LIMITS)
+        rng = random.Random(9112)
+        for name, data, statuses in SPLIT_REQUESTS:
+            whole = self.assert_same_answer(client, name, data,
+                                            self.splits(data, rng))
+            self.assertEqual(responses(whole), statuses,
+                             '%s: %r' % (name, whole))
+
+    def test_corpus(self):
+        requests = corpus_requests()
+        client = self.split_client(max_request_line=4094)
+        rng = random.Random(9112)
+        for name, data in requests:
+            splits = self.splits(data, rng) if len(data) <= 1024 else \
+                [random_pieces(data, rng, cuts) for cuts in (1, 2, 3, 40)]
+            self.assert_same_answer(client, name, data, splits)
+
+
+# Middleware as frameworks have it, and every shape of response to HEAD.
+APP_SOURCES['myseams.py'] = '''
+import io
+from wsgiref.validate import validator
+
+
+def read_some(env, start_response):
+    """Reads QUERY_STRING bytes of the body (all of it if empty) and
+    answers with them."""
+    body = env['wsgi.input']
+    want = env['QUERY_STRING']
+    if want:
+        data = body.read(int(want)) if int(want) else b''
+    else:
+        data = b''.join(iter(lambda: body.read(4096), b''))
+    start_response('200 OK', [('Content-Type', 'text/plain'),
+                              ('Content-Length', str(len(data)))])
+    return [data]
+
+
+class InputWrapper(object):
+    """A stream around wsgi.input with only what WSGI promises."""
+
+    def __init__(self, stream):
+        self.read = stream.read
+
+
+class Seams(object):
+    """/validated, /replaced, /wrapped and /partial answer with the body
+    read by read_some behind the middleware each names; /shape?KIND
+    answers GET and HEAD in the way KIND says."""
+
+    def __init__(self, name, conf, next_app):
+        self.next_app = next_app
+        self.validated = validator(read_some)
+
+    def __call__(self, env, start_response):
+        handler = getattr(self, 'do_' + env['PATH_INFO'][1:], None)
+        if handler is None:
+            return self.next_app(env, start_response)
+        return handler(env, start_response)
+
+    def do_validated(self, env, start_response):
+        # env['brim'] is brim's documented extension, the one key the
+        # validator would refuse; it must see the environ brim serves.
+        del env['brim']
+        return self.validated(env, start_response)
+
+    def do_replaced(self, env, start_response):
+        env['wsgi.input'] = io.BytesIO(env['wsgi.input'].read())
+        return read_some(env, start_response)
+
+    def do_wrapped(self, env, start_response):
+        env['wsgi.input'] = InputWrapper(env['wsgi.input'])
+        return read_some(env, start_response)
+
+    def do_partial(self, env, start_response):
+        return read_some(env, start_response)
+
+    def do_shape(self, env, start_response):
+        kind = env['QUERY_STRING']
+        head = env['REQUEST_METHOD'] == 'HEAD'
+        headers = [('Content-Type', 'text/plain'), ('X-Shape', kind)]
+        if kind == 'sized':
+            headers.append(('Content-Length', '5'))
+        write = start_response('200 OK', headers)
+        if kind == 'list':
+            return [b'a list', b' body']
+        if kind == 'generator':
+            return (part for part in (b'gener', b'ated'))
+        if kind == 'streamed':
+            # As Werkzeug answers: GET streams, HEAD gets no body at all.
+            return () if head else (part for part in (b'stre', b'amed'))
+        if kind == 'sized':
+            return [] if head else [b'sized']
+        if kind == 'write':
+            write(b'written')
+            return []
+        if kind == 'file':
+            return env['wsgi.file_wrapper'](open(__file__, 'rb'))
+        raise ValueError(kind)
+'''
+
+
+class SeamsTestCase(BrimTestCase):
+    """A brimd serving myseams.Seams in front of myapps.Misc."""
+
+    def setUp(self):
+        BrimTestCase.setUp(self)
+        self.port = free_port()
+        self.write_conf('''
+            [wsgi]
+            ip = 127.0.0.1
+            port = %d
+            apps = seams misc
+
+            [seams]
+            call = myseams.Seams
+
+            [misc]
+            call = myapps.Misc
+            dir = %s
+            ''' % (self.port, self.tmp))
+        self.start()
+
+    def exchange(self, data, methods=()):
+        """Send ``data`` at once on a new connection and read responses
+        until brim closes, the first ones to ``methods``, the rest to GET:
+        ([Response], whether the connection was reset)."""
+        sock = socket.create_connection(('127.0.0.1', self.port), timeout=10)
+        self.addCleanup(sock.close)
+        fp = sock.makefile('rb')
+        self.addCleanup(fp.close)
+        answers = []
+        try:
+            sock.sendall(data)
+            for method in itertools.chain(methods, itertools.repeat('GET')):
+                answer = read_response(fp, method)
+                if answer is None:
+                    return answers, False
+                answers.append(answer)
+        except ConnectionResetError:
+            return answers, True
+
+
+# Ends a pipeline: brim answers it, then closes.
+LAST_REQUEST = b'GET /pid HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n'
+
+
+def post(path, body, chunked=False):
+    """A POST of ``body``, framed by Content-Length or chunked."""
+    if not chunked:
+        return _post(path, body)
+    return _chunked(path, [b'%x\r\n%s\r\n' % (len(body[i:i + 1000]),
+                                               body[i:i + 1000])
+                           for i in range(0, len(body), 1000)])
+
+
+class TestHTTPMiddleware(SeamsTestCase):
+    """Middleware that replaces wsgi.input or reads part of the body: brim
+    drains the body it framed, or its answer says Connection: close, and
+    it closes without resetting the connection."""
+
+    def assert_kept_alive(self, path, body, answer, chunked=False):
+        answers, reset = self.exchange(post(path, body, chunked) +
+                                       LAST_REQUEST)
+        self.assertFalse(reset, path)
+        self.assertEqual([(a.status, a.headers.get('connection'))
+                          for a in answers], [(200, None), (200, 'close')],
+                         path)
+        self.assertEqual(answers[0].body, answer, path)
+        self.assertTrue(answers[1].body.isdigit(), path)
+
+    def assert_closed(self, path, body, answer, chunked=False):
+        answers, reset = self.exchange(post(path, body, chunked) +
+                                       LAST_REQUEST)
+        self.assertFalse(reset, path)
+        self.assertEqual([(a.status, a.headers.get('connection'))
+                          for a in answers], [(200, 'close')], path)
+        self.assertEqual(answers[0].body, answer, path)
+
+    def assert_nothing_logged(self):
+        self.wait_for_log(r' /pid ')
+        self.assertNotRegex(self.log_text(), r'Traceback|ERROR|failed')
+
+    def test_wsgiref_validator(self):
+        body = b'0123456789' * 10
+        for chunked in (False, True):
+            self.assert_kept_alive(b'/validated', body, body, chunked)
+        self.assert_kept_alive(b'/validated?3', body, b'012')
+        self.assert_closed(b'/validated?3', body, b'012', chunked=True)
+        self.assert_kept_alive(b'/validated?0', body, b'')
+        self.assert_nothing_logged()
+
+    def test_stream_put_in_place_of_wsgi_input(self):
+        body = b'0123456789' * 10
+        for chunked in (False, True):
+            self.assert_kept_alive(b'/replaced', body, body, chunked)
+            self.assert_kept_alive(b'/wrapped', body, body, chunked)
+        self.assert_kept_alive(b'/wrapped?3', body, b'012')
+        self.assert_nothing_logged()
+
+    def test_body_read_in_part(self):
+        small = b'x' * (brim._DRAIN_LIMIT - 3)
+        self.assert_kept_alive(b'/partial?3', b'abc' + small, b'abc')
+        self.assert_closed(b'/partial?3', b'abc' + small, b'abc',
+                           chunked=True)
+        # Too much to drain: brim says it closes, and lets the client
+        # send the rest and read the answer before it does.
+        large = b'y' * (4 * brim._DRAIN_LIMIT)
+        for chunked in (False, True):
+            self.assert_closed(b'/partial?3', b'abc' + large, b'abc',
+                               chunked)
+        self.assert_nothing_logged()
+
+
+class TestHTTPClose(SeamsTestCase):
+    """brim ends a connection with input unread without resetting it: the
+    client reads the whole answer."""
+
+    def test_refused_with_a_large_body_on_its_way(self):
+        body = b'z' * (1 << 20)
+        answers, reset = self.exchange(
+            b'POST /partial HTTP/1.1\r\nHost: x\r\nBad Name: x\r\n'
+            b'Content-Length: %d\r\n\r\n' % len(body) + body)
+        self.assertFalse(reset)
+        self.assertEqual([(a.status, a.headers.get('connection'), a.body)
+                          for a in answers],
+                         [(400, 'close', b'400 Bad Request\n')])
+
+
+class TestHTTPHead(SeamsTestCase):
+    """HEAD gets GET's head, whatever shape of body the app answers with,
+    and the connection goes on."""
+
+    def test_every_shape(self):
+        for kind in (b'list', b'generator', b'streamed', b'sized', b'write',
+                     b'file'):
+            ask = b'%%s /shape?%s HTTP/1.1\r\nHost: x\r\n\r\n' % kind
+            answers, reset = self.exchange(
+                ask % b'HEAD' + ask % b'GET' + ask % b'HEAD' + LAST_REQUEST,
+                methods=['HEAD', 'GET', 'HEAD'])
+            self.assertFalse(reset, kind)
+            self.assertEqual([a.status for a in answers], [200] * 4, kind)
+            head, get, again = [{name: value for name, value
+                                 in answer.headers.items() if name != 'date'}
+                                for answer in answers[:3]]
+            self.assertEqual(again, head, kind)
+            if kind == b'streamed':
+                # GET's size is only known as it is sent; HEAD's answer,
+                # with no body, leaves it unsaid rather than say 0.
+                del get['transfer-encoding']
+            self.assertEqual(head, get, kind)
+            self.assertTrue(answers[3].body.isdigit(), kind)
+
+
+class TestRequestTargets(unittest.TestCase):
+    """What brim makes of a request-target."""
+
+    def test_absolute_form(self):
+        client = SplitClient(_SeamWorker(_dump_app))
+        self.addCleanup(client.close)
+        for target, path, query in (
+                (b'http://example.com?x=1', '/', 'x=1'),
+                (b'http://example.com:8080?x', '/', 'x'),
+                (b'HTTPS://example.com#frag', '/', ''),
+                (b'http://u@example.com/a/b?c#d', '/a/b', 'c')):
+            answer = client.exchange([b'GET %s HTTP/1.1\r\nHost: x\r\n'
+                                      b'\r\n' % target])
+            self.assertTrue(answer.startswith(b'HTTP/1.1 200 '), answer)
+            self.assertIn(b'\r\n\r\nGET\n%s\n%s\nHTTP/1.1\n'
+                          % (path.encode(), query.encode()), answer)
 
 
 # ---------------------------------------------------------------------------
