@@ -4064,6 +4064,17 @@ class TestHTTPRefusals(EchoTestCase):
 # Requests split the way TCP may split them, against brim's own parser:
 # a socketpair, an _HTTPConnection and the little of a worker it uses.
 
+class _HeldTurn(object):
+    """The pool's turn, as a connection served here without a pool holds
+    it: passing it on does nothing, and apps are not known to wait."""
+
+    def pass_on(self):
+        pass
+
+    def before_app(self):
+        return False
+
+
 class _SeamWorker(object):
     """What _HTTPConnection and _Response use of a [wsgi] worker, and no
     more: brim's own reading, parsing and answering, in this process."""
@@ -4221,14 +4232,14 @@ class SplitClient(object):
         until the client sends more, then served again."""
         job = brim._HTTPConnection(self.worker, sock, ('127.0.0.1', 40000))
         self.worker.connections.add(job)
-        job = job.serve(lambda: None)       # as from the accept
+        job = job.serve(_HeldTurn())       # as from the accept
         while job is not None:
             sock.waits()
             if not select.select([sock], [], [], self.timeout)[0]:
                 job.close()
                 raise AssertionError('parked for %gs' % self.timeout)
             sock.waiting = False
-            job = job.serve(lambda: None)
+            job = job.serve(_HeldTurn())
 
     def exchange(self, pieces):
         """Send ``pieces`` in turn on a new connection, each once brim
