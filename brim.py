@@ -33,7 +33,55 @@ Everything is standard library.  Names without a leading underscore are the
 ones configs and apps use.
 """
 
-import base64
+import os
+import sys
+
+
+def _run_as_an_import():
+    """Run as ``python3 brim.py``, go on as ``import brim`` would.
+
+    CPython keeps the syntax tree of a script until the script ends (for
+    brim.py about 10 MB), and every worker would inherit it; an imported
+    module keeps none.  So the script hands the code it was compiled to,
+    in a memory file, to a fresh interpreter in this same process (exec:
+    same pid, arguments and interpreter options), which runs it as the
+    module ``brim`` (no second compile), then _resume_script().  Where
+    there is no memfd_create, brim.py runs on as a script.
+    """
+    import marshal
+    try:
+        fd = os.memfd_create('brim.py', 0)
+    except (AttributeError, OSError):
+        return
+    os.set_inheritable(fd, True)
+    code = marshal.dumps(sys._getframe(1).f_code)
+    size = len(code)
+    while code:
+        code = code[os.write(fd, code):]
+    argv = getattr(sys, 'orig_argv', [])        # Python 3.10 and later
+    options = argv[1:argv.index(sys.argv[0])] if sys.argv[0] in argv else []
+    boot = ("import marshal,os,sys,types;b=sys.modules['brim']=types."
+            "ModuleType('brim');exec(marshal.loads(os.pread(%d,%d,0)),"
+            "vars(b));b._resume_script(%d)" % (fd, size, fd))
+    os.execv(sys.executable, [sys.executable] + options + [
+        '-c', boot, os.path.abspath(sys.argv[0])] + sys.argv[1:])
+
+
+def _resume_script(fd):
+    """The module brim, run by _run_as_an_import(): carry on as the script,
+    with its sys.argv and sys.path."""
+    os.close(fd)
+    del sys.argv[0]     # '-c'
+    globals()['__file__'] = sys.argv[0]
+    if sys.path[:1] == ['']:
+        sys.path[0] = os.path.dirname(os.path.realpath(sys.argv[0]))
+    sys.exit(main())
+
+
+if __name__ == '__main__' and __spec__ is None and not sys.flags.interactive:
+    _run_as_an_import()
+
+import base64   # noqa: E402  (above: before the time these take)
 import collections
 import configparser
 import ctypes
@@ -51,7 +99,6 @@ import logging
 import logging.handlers
 import mimetypes
 import multiprocessing
-import os
 import random
 import re
 import select
@@ -59,7 +106,6 @@ import signal
 import socket
 import string
 import struct
-import sys
 import threading
 import time
 import traceback

@@ -5936,6 +5936,25 @@ class TestBrimdScript(EchoTestCase):
         self.assert_gone([pid])
 
 
+    def test_a_worker_started_from_the_script_is_as_small(self):
+        """python3 brim.py's workers do not carry the script's syntax tree
+        (about 10 MB, kept by CPython until a script ends): they hold what
+        brimd's do, which import brim."""
+        self.echo_conf()
+        sizes = {}
+        for script in (BRIM, BRIMD):
+            pid = self.start(script=script)
+            self.echo_ok(self.port)
+            [worker] = live_children_of(pid)
+            sizes[script] = proc_status(worker)['VmRSS']
+            self.stop(script=script)
+            self.assert_gone([pid])
+        script_kb, brimd_kb = (int(sizes[s].split()[0]) for s in
+                               (BRIM, BRIMD))
+        self.assertLess(script_kb, brimd_kb + 3000, sizes)
+        self.assertIn(BRIM, proc_cmdline(self.start()))
+
+
 class TestSampleConf(BrimTestCase):
     """The shipped brimd.conf-sample starts and serves echo and stats."""
 
