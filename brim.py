@@ -1066,8 +1066,10 @@ _LINGER_BYTES = 4 << 20
 # _STALL keeps the other connections waiting: the turn passes on all the
 # same.
 _WATCH_TICK = 0.005
-# The least time off the CPU that counts as a request that waited.
-_WAITED = 0.001
+# The least time off the CPU that counts as a request that waited, and
+# how often a job served with the turn is timed to see if it waited.
+_WAITED = 0.0005
+_PROBE_EVERY = 8
 _APPS_WAIT_SECONDS = 1.0
 _STALL = 0.01
 # Threads beyond those serving end after this long without a turn.
@@ -2110,15 +2112,18 @@ class _ConnectionPool(object):
     ``turn.pass_on()``), or on an app.  A watch thread looks at the holder
     every ``_WATCH_TICK``: one that since the last look has mostly been
     neither on a CPU nor waiting for one is blocked (on a database, a lock,
-    a socket), so its turn passes on at once, and for the next second the
-    worker's apps count as ones that wait: every request then passes the
-    turn on before its app runs (``turn.before_app()``), each in a thread
-    of its own, and the requests of waiting apps run side by side.  Apps
-    that only compute are never blocked and keep the no-hand-off path; one
-    that computes for ``_STALL`` passes the turn on all the same.  So accepting and the other
-    connections never wait long behind one slow client or app, and there
-    are only as many threads as requests in hand (at most ``limit``, plus
-    the one with the turn); a thread idle for ``_IDLE_THREAD_SECONDS``
+    a socket), so its turn passes on at once; waits too short for the
+    watch are found by timing every ``_PROBE_EVERY``-th job.  Either way,
+    for the next second the worker's apps count as ones that wait: every
+    request then passes the turn on before its app runs
+    (``turn.before_app()``), each in a thread of its own, and the requests
+    of waiting apps run side by side.  Apps that only compute are never
+    blocked and keep the no-hand-off path; one that computes for
+    ``_STALL`` passes the turn on all the same.  So accepting and the
+    other connections never wait long behind one slow client or app, and
+    there are only as many threads as requests in hand (at most
+    ``limit``, plus the one with the turn); a thread idle for
+    ``_IDLE_THREAD_SECONDS`` ends.
     ends.
 
     ``handle(sock, address)`` makes a new connection's job: an object with
@@ -2157,7 +2162,9 @@ class _ConnectionPool(object):
         self.turn = 0               # numbers turns: each passes once
         self.holder = None          # (turn, job, _PoolThread) serving
         self.holder_serves = threading.Event()
-        self.idle = []              # the Events of threads waiting, newest last
+        self.jobs = 0               # served with the turn, for probing
+        self.probes_waited = 0      # probes in a row that found a wait
+        self.idle = []              # _PoolThreads waiting, newest last
         self.unheld = False         # passed, but no thread could take it
         self.apps_wait_until = 0.0  # monotonic: pass the turn before apps
         self.paused_until = 0.0     # monotonic: no accepting (out of fds)
@@ -2188,7 +2195,16 @@ class _ConnectionPool(object):
             with self.lock:
                 # A new tuple per job: the watch tells jobs apart by it.
                 self.holder = (turn, job, me)
-                self.holder_serves.set()
+                if not self.holder_serves.is_set():
+                    self.holder_serves.set()
+            # Waits too short for the watch to see are found by timing
+            # every _PROBE_EVERY-th job served with the turn: a fraction of
+            # the cost of timing them all.  Two in a row must have waited:
+            # now and then one was kept off the GIL by a thread that the
+            # machine left without a CPU, which looks the same.
+            self.jobs += 1
+            probe = me.times() if not self.jobs % _PROBE_EVERY and \
+                not self.apps_wait() else None
             try:
                 job = job.serve(_Turn(self, turn))
             except BaseException:   # even sys.exit(): the turn goes on
@@ -2196,6 +2212,12 @@ class _ConnectionPool(object):
                                       job.client)
                 job.close()
                 job = None
+            if probe is not None and self.turn == turn:
+                ended = me.times()
+                waited = self.probes_waited = \
+                    self.probes_waited + 1 if _waited(probe, ended) else 0
+                if waited >= 2:
+                    self.apps_wait_until = ended[0] + _APPS_WAIT_SECONDS
             with self.lock:
                 if job is None:
                     self._closed()
@@ -2206,20 +2228,20 @@ class _ConnectionPool(object):
                 if holds_turn:
                     self.holder = None
                     continue
-                wake = threading.Event()
-                self.idle.append(wake)
-            if not self._wait_for_turn(wake):
+                self.idle.append(me)
+            if not self._wait_for_turn(me):
                 return
 
-    def _wait_for_turn(self, wake):
+    def _wait_for_turn(self, me):
         """An idle thread's wait; False when it is to end instead."""
-        if wake.wait(_IDLE_THREAD_SECONDS):
+        if me.wake.acquire(timeout=_IDLE_THREAD_SECONDS):
             return True
         with self.lock:
-            if wake in self.idle:
-                self.idle.remove(wake)
+            if me in self.idle:
+                self.idle.remove(me)
                 return False
-        return True     # woken as the wait ran out: the turn is its
+        me.wake.acquire()   # woken as the wait ran out: the turn is its
+        return True
 
     def _watch(self):
         """While the holder serves, look at it every _WATCH_TICK: pass its
@@ -2428,7 +2450,7 @@ class _ConnectionPool(object):
             self.turn += 1
             self.holder = None
             if self.idle:
-                self.idle.pop().set()   # the newest: its stack is warm
+                self.idle.pop().wake.release()  # the newest: stack warm
                 return
             try:
                 threading.Thread(target=self._run, daemon=True).start()
@@ -2465,15 +2487,19 @@ class _Turn(object):
 
 
 class _PoolThread(object):
-    """A pool thread's times, to tell an app that waits from one that
-    computes: how long the thread ran (its CPU clock, exact even for
-    another thread to read), how long it waited for a CPU (the kernel's
-    schedstat: exact for the thread itself, up to a scheduler tick late
-    for another) and how long the process's other threads ran meanwhile.
-    Where there is no /proc, the clocks alone."""
+    """A pool thread: the lock that wakes it for the turn, and its times,
+    to tell an app that waits from one that computes: how long the thread
+    ran (its CPU clock, exact even for another thread to read), how long
+    it waited for a CPU (the kernel's schedstat: exact for the thread
+    itself, up to a scheduler tick late for another) and how long the
+    process's other threads ran meanwhile.  Where there is no /proc, the
+    clocks alone."""
 
     def __init__(self):
         self.clock = time.pthread_getcpuclockid(threading.get_ident())
+        # Held but while the thread may take the turn: released, it wakes.
+        self.wake = threading.Lock()
+        self.wake.acquire()
         self.stat = self._open('stat')
         self.schedstat = self._open('schedstat')
 
