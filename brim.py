@@ -239,6 +239,17 @@ def import_call(section, dotted):
 # ---------------------------------------------------------------------------
 # Logging
 # ---------------------------------------------------------------------------
+#
+# brim's lines must reach brim's destination whatever an app does with the
+# logging module, and a destination that fails must cost lines, never a
+# request.  Apps do reconfigure logging: Django calls dictConfig when its
+# WSGI handler is built, Flask's docs show it at import.  dictConfig (and
+# fileConfig) closes every handler in the process, as logging.shutdown()
+# does, and, unless the config says disable_existing_loggers: False,
+# disables every logger the config does not name.  So brim's loggers cannot
+# be disabled (_Logger), only brim closes its handlers (_Handler), and a
+# line that cannot be written is counted, not reported on stderr: in a
+# daemonized brimd stderr is brim's log again (_LogStream).
 
 #: Between INFO and WARNING: one line per request or datagram lands here.
 NOTICE = 25
@@ -246,6 +257,15 @@ logging.addLevelName(NOTICE, 'NOTICE')
 
 # The txn of the request this thread is serving, stamped on every line.
 _txn_local = threading.local()
+
+#: Log lines this process could not write, for its worker's
+#: log_lines_dropped stat (copied there once a second, in _tick).
+_lines_dropped = 0
+
+
+def _count_dropped(lines=1):
+    global _lines_dropped
+    _lines_dropped += lines
 
 
 class _TxnFilter(logging.Filter):
@@ -256,24 +276,53 @@ class _TxnFilter(logging.Filter):
         return True
 
 
+class _Logger(logging.Logger):
+    """brim's loggers: someone else's logging config cannot disable them.
+
+    An app's disable_existing_loggers is meant for its libraries' loggers,
+    never for brim's request and error lines.  A config that names brim's
+    logger still sets its level, handlers and propagation, as logging
+    does: that is the user's choice.
+    """
+
+    @property
+    def disabled(self):
+        return False
+
+    @disabled.setter
+    def disabled(self, value):
+        pass
+
+
 class _LogStream(object):
     """A file-like that turns writes into log lines.
 
     A daemonized brimd has no terminal: stray prints and uncaught
-    exceptions come here instead of vanishing.
+    exceptions come here instead of vanishing.  A line written while its
+    thread is already logging one (an app's StreamHandler on brim's logger
+    writes here, which logs to that handler again) is dropped and counted:
+    it would come back for ever.
     """
 
     def __init__(self, logger, level):
         self.logger = logger
         self.level = level
         self.pending = ''
+        self.busy = threading.local()
 
     def write(self, text):
-        self.pending += text
-        while '\n' in self.pending:
-            line, self.pending = self.pending.split('\n', 1)
-            if line.strip():
-                self.logger.log(self.level, 'STDOUT/ERR: %s', line)
+        if getattr(self.busy, 'logging', False):
+            _count_dropped(text.count('\n'))
+            return len(text)
+        self.busy.logging = True
+        try:
+            self.pending += text
+            while '\n' in self.pending:
+                line, self.pending = self.pending.split('\n', 1)
+                if line.strip():
+                    self.logger.log(self.level, 'STDOUT/ERR: %s', line)
+        finally:
+            self.busy.logging = False
         return len(text)
 
     def writelines(self, lines):
@@ -333,41 +382,30 @@ class _JSONFormatter(_Formatter):
         return stamp[1]
 
 
-class _AppendHandler(logging.Handler):
-    """Writes each record to ``path`` with one ``os.write`` (O_APPEND).
+class _Handler(logging.Handler):
+    """What brim's handlers share: each line is one send, without a lock;
+    a line that cannot be sent is counted, and the next line that gets
+    through is preceded by how many were lost and why; only brim closes
+    them.
 
-    One write of a whole line is atomic for an appended file, so threads
-    and worker processes never interleave lines, and no lock is needed:
     logging.Handler's per-handler lock made every request of a busy worker
-    queue up behind the others' log lines.
+    queue up behind the others' log lines: one send of a whole line needs
+    none.  Subclasses ``send`` bytes (returning how many went out) and
+    ``shut`` what they opened.
     """
 
-    #: Every open one, for SIGUSR1 (reopen after logrotate).
-    open_handlers = set()
-
-    def __init__(self, path):
+    def __init__(self):
         logging.Handler.__init__(self)
-        self.path = path
-        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT,
-                          0o644)
-        self.open_handlers.add(self)
+        self.dropped = 0            # lines lost since the last report
+        self.drop_reason = ''
+        self.cut = False            # a line went out only in part
 
-    def reopen(self):
-        """Point this handler's fd at a fresh open of ``path``.
+    def line(self, record):
+        return (self.format(record) + '\n').encode('utf-8',
+                                                   'backslashreplace')
 
-        dup2 swaps the file under the same fd number, so a thread writing
-        at that moment writes to the old file or the new one, never to a
-        closed or reused fd.
-        """
-        try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT,
-                         0o644)
-        except OSError as err:
-            sys.stderr.write('brimd: cannot reopen log file %s: %s\n'
-                             % (self.path, err))
-            return
-        os.dup2(fd, self.fd, inheritable=False)
-        os.close(fd)
+    def send(self, data):
+        raise NotImplementedError
 
     def handle(self, record):
         if self.filter(record):
@@ -376,17 +414,112 @@ class _AppendHandler(logging.Handler):
 
     def emit(self, record):
         try:
-            line = self.format(record) + '\n'
-            os.write(self.fd, line.encode('utf-8', 'backslashreplace'))
+            data = self.line(record)
+            if self.dropped:
+                self._report_dropped(record.name)
+            sent = self.send(data)
+            if sent < len(data):
+                self._send_rest(data, sent)
         except Exception:
             self.handleError(record)
 
+    def _send_rest(self, data, sent):
+        """The rest of a line that a disk or a pipe about full took only
+        in part; if it fails, the next line starts on a line of its own."""
+        self.cut = True
+        while sent < len(data):
+            sent += self.send(data[sent:])
+        self.cut = False
+
+    def handleError(self, record):
+        """Count the line instead of printing a traceback on stderr, which
+        is this log again in a daemonized brimd (and a stuck pipe in a
+        foreground one)."""
+        error = sys.exc_info()[1]
+        with self.lock:
+            self.dropped += 1
+            self.drop_reason = '%s: %s' % (type(error).__name__, error)
+        _count_dropped()
+
+    def _report_dropped(self, name):
+        """The line that says how many lines were lost, before the next.
+
+        The lock is only taken here and in handleError, after a failure,
+        so two threads do not report the same lines.
+        """
+        with self.lock:
+            dropped = self.dropped
+            if not dropped:
+                return
+            data = self.line(logging.makeLogRecord({
+                'name': name, 'levelno': logging.WARNING,
+                'levelname': 'WARNING', 'txn': '-',
+                'msg': 'brim dropped %d log line%s (%s)' % (
+                    dropped, '' if dropped == 1 else 's',
+                    self.drop_reason)}))
+            if self.cut:
+                data = b'\n' + data
+            sent = self.send(data)
+            if sent < len(data):
+                self._send_rest(data, sent)
+            self.dropped -= dropped
+            self.cut = False
+
     def close(self):
+        """Does nothing: an app's logging.config or logging.shutdown()
+        closes every handler there is, and brim's must go on (``shut``)."""
+
+    def shut(self):
+        """brim's own close, when get_logger replaces the handler (a worker
+        replacing the one it inherited from the main process)."""
+        logging.Handler.close(self)
+
+
+class _AppendHandler(_Handler):
+    """Writes each record to ``path`` with one ``os.write`` (O_APPEND).
+
+    One write of a whole line is atomic for an appended file, so threads
+    and worker processes never interleave lines, and no lock is needed.
+    """
+
+    #: Every open one, for SIGUSR1 (reopen after logrotate).
+    open_handlers = set()
+
+    FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+
+    def __init__(self, path):
+        _Handler.__init__(self)
+        self.path = path
+        self.fd = os.open(path, self.FLAGS, 0o644)
+        self.open_handlers.add(self)
+
+    def reopen(self):
+        """Point this handler's fd at a fresh open of ``path``.
+
+        dup2 swaps the file under the same fd number, so a thread writing
+        at that moment writes to the old file or the new one, never to a
+        closed or reused fd.  The open takes that very number when
+        something else closed it: it is then already in place.
+        """
+        try:
+            fd = os.open(self.path, self.FLAGS, 0o644)
+        except OSError as err:
+            sys.stderr.write('brimd: cannot reopen log file %s: %s\n'
+                             % (self.path, err))
+            return
+        if fd != self.fd:
+            os.dup2(fd, self.fd, inheritable=False)
+            os.close(fd)
+
+    def send(self, data):
+        return os.write(self.fd, data)
+
+    def shut(self):
         self.open_handlers.discard(self)
         fd, self.fd = self.fd, -1
         if fd >= 0:
             os.close(fd)
-        logging.Handler.close(self)
+        _Handler.shut(self)
 
 
 def _reopen_logs():
@@ -466,12 +599,15 @@ def get_logger(log_name='brim', log_level='INFO', log_facility='LOCAL0',
     ``log_format`` 'json' makes every line one JSON object, for shipping.
     """
     logger = logging.getLogger(log_name)
+    if type(logger) is logging.Logger:
+        logger.__class__ = _Logger      # an app's own class stays its own
     logger.propagate = False
     level, facility = _log_settings(log_name, log_level, log_facility)
     logger.setLevel(level)
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
-        handler.close()
+        if isinstance(handler, _Handler):
+            handler.shut()      # an app's may serve other loggers: left open
     kind, detail = _log_destination(log_file, to_stderr)
     if kind == 'file':
         handler = _AppendHandler(detail)
@@ -2125,6 +2261,7 @@ class Subserver(object):
         self.json_dumps = self._function(conf, 'json_dumps', 'json.dumps')
         self.json_loads = self._function(conf, 'json_loads', 'json.loads')
         self.workers = self._count(conf, 'workers', 1, least=1)
+        self.stats_conf['log_lines_dropped'] = 'sum'
         self.worker_timeout = opt(conf, conf.get_float, 'worker_timeout',
                                   30.0)
         if self.worker_timeout and self.worker_timeout < 2:
@@ -2200,6 +2337,9 @@ class Subserver(object):
         A fatal signal (SIGABRT from the main process when the worker hangs,
         or a crash in C code) dumps every thread's stack into that log.
         """
+        # Lines dropped before this process became the worker (by the main
+        # process, the count copied by fork) are not the worker's.
+        self.dropped_before = _lines_dropped
         self.logger = get_logger(self.log_name, self.log_level,
                                  self.log_facility, self.log_file, to_stderr,
                                  self.log_format)
@@ -2216,6 +2356,8 @@ class Subserver(object):
     def _tick(self):
         """Housekeeping the serving loop does at least once a second."""
         self.stats.beat()
+        self.stats.set('log_lines_dropped',
+                       _lines_dropped - self.dropped_before)
         if self.reopen_pending:
             self.reopen_pending = False
             _reopen_logs()
@@ -2579,18 +2721,27 @@ class WSGISubserver(_IPSubserver):
         return '%s%x' % (self.txn_prefix, next(self.txn_counter))
 
     def log_request(self, env, response, duration, txn):
-        """The one NOTICE line per request, in the original brimd's order.
+        """The one NOTICE line per request.  It never raises: a line that
+        cannot be made (a ``brim.log_info`` word whose str() fails) is
+        counted as dropped, and the connection goes on."""
+        try:
+            if not self.logger.isEnabledFor(NOTICE):
+                return
+            if self.log_format == 'json':
+                self._log_request_json(env, response, duration, txn)
+            else:
+                self._log_request_text(env, response, duration, txn)
+        except Exception:
+            _count_dropped()
+
+    def _log_request_text(self, env, response, duration, txn):
+        """The line in the original brimd's order.
 
         client, remote address, -, user, time, method, path?query,
         protocol, status, bytes out, bytes in, referer, user agent, txn,
         seconds, then ``brim.log_info`` words.  Each field is one word:
         spaces, controls and ``%`` are percent-quoted, so a line never breaks.
         """
-        logger = self.logger
-        if not logger.isEnabledFor(NOTICE):
-            return
-        if self.log_format == 'json':
-            return self._log_request_json(env, response, duration, txn)
         path = env.get('PATH_INFO', '')
         if env.get('QUERY_STRING'):
             path += '?' + env['QUERY_STRING']
@@ -2608,7 +2759,8 @@ class WSGISubserver(_IPSubserver):
             words.extend('%s:%s' % (k[5:].replace('_', '-').title(), v)
                          for k, v in sorted(env.items())
                          if k.startswith('HTTP_'))
-        logger.handle(_RequestRecord(logger.name, _log_words(words)))
+        self.logger.handle(_RequestRecord(self.logger.name,
+                                          _log_words(words)))
 
     def _log_request_json(self, env, response, duration, txn):
         record = _RequestRecord(self.logger.name, '')
