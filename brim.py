@@ -61,7 +61,7 @@ import threading
 import time
 import traceback
 import types
-from stat import S_ISDIR, S_ISREG
+from stat import S_ISDIR, S_ISFIFO, S_ISREG, S_ISSOCK
 from urllib.parse import parse_qs, quote, unquote_to_bytes
 
 __version__ = '1.0.0'
@@ -480,12 +480,14 @@ class _AppendHandler(_Handler):
 
     One write of a whole line is atomic for an appended file, so threads
     and worker processes never interleave lines, and no lock is needed.
+    O_NONBLOCK changes nothing for a file; for a FIFO it means a reader
+    that stops drops lines instead of stopping the worker.
     """
 
     #: Every open one, for SIGUSR1 (reopen after logrotate).
     open_handlers = set()
 
-    FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+    FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK
 
     def __init__(self, path):
         _Handler.__init__(self)
@@ -525,6 +527,108 @@ class _AppendHandler(_Handler):
 def _reopen_logs():
     for handler in list(_AppendHandler.open_handlers):
         handler.reopen()
+
+
+class _StderrHandler(_Handler):
+    """Writes each record to standard error, and never waits on it.
+
+    A pipe that nobody reads (a supervisor that hung, a ``| less`` left
+    alone) fills up, and a write to it would stop the worker.  So a pipe
+    is opened anew through /proc/self/fd/2: a new open file description,
+    whose O_NONBLOCK leaves the pipe blocking for everyone else writing to
+    it; a line that does not fit is dropped.  A socket (journald's) gets
+    MSG_DONTWAIT sends.  A terminal or a file is written as it is.
+    """
+
+    def __init__(self):
+        _Handler.__init__(self)
+        self.fd = 2
+        self.sock = None
+        try:
+            mode = os.fstat(2).st_mode
+        except OSError:
+            mode = 0                # closed: each line a counted EBADF
+        if S_ISFIFO(mode):
+            try:
+                self.fd = os.open('/proc/self/fd/2',
+                                  os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError:
+                pass        # no /proc, or no reader: fd 2 then fails (EPIPE)
+        elif S_ISSOCK(mode):
+            self.sock = socket.socket(fileno=os.dup(2))
+
+    def send(self, data):
+        if self.sock is not None:
+            return self.sock.send(data, socket.MSG_DONTWAIT)
+        return os.write(self.fd, data)
+
+    def shut(self):
+        if self.sock is not None:
+            self.sock.close()
+        elif self.fd != 2:
+            os.close(self.fd)
+        _Handler.shut(self)
+
+
+# syslog severities (RFC 5424) of the levels; others are warnings, as for
+# logging's SysLogHandler.
+_SEVERITIES = {logging.DEBUG: 7, logging.INFO: 6, NOTICE: 5,
+               logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+
+class _SyslogHandler(_Handler):
+    """Sends each record to the local syslog socket, without waiting.
+
+    A syslog daemon that falls behind (journald under a flood) fills its
+    socket's queue; a blocking send would then stop the worker, so the
+    socket is non-blocking and a line that does not fit is dropped.  When
+    the daemon restarts, the next line connects again.
+    """
+
+    def __init__(self, path, facility):
+        _Handler.__init__(self)
+        self.path = path
+        self.facility = facility << 3
+        self.sock = None
+
+    def line(self, record):
+        return b'<%d>%s\0' % (
+            self.facility | _SEVERITIES.get(record.levelno, 4),
+            self.format(record).encode('utf-8', 'backslashreplace'))
+
+    def send(self, data):
+        sock = self.sock
+        if sock is not None:
+            try:
+                return sock.send(data)
+            except BlockingIOError:
+                raise               # full: this line is dropped
+            except OSError:
+                sock.close()        # the daemon restarted: connect again
+        self.sock = sock = self._connect()
+        return sock.send(data)
+
+    def _connect(self):
+        """A socket connected to ``path``: datagrams, else a stream."""
+        try:
+            return self._socket(socket.SOCK_DGRAM)
+        except OSError:
+            return self._socket(socket.SOCK_STREAM)
+
+    def _socket(self, kind):
+        sock = socket.socket(socket.AF_UNIX, kind)
+        try:
+            sock.setblocking(False)
+            sock.connect(self.path)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    def shut(self):
+        if self.sock is not None:
+            self.sock.close()
+        _Handler.shut(self)
 
 
 class _RequestRecord(logging.LogRecord):
@@ -613,10 +717,10 @@ def get_logger(log_name='brim', log_level='INFO', log_facility='LOCAL0',
         handler = _AppendHandler(detail)
         fmt = '%(asctime)s %(name)s %(levelname)s %(txn)s %(message)s'
     elif kind == 'syslog':
-        handler = logging.handlers.SysLogHandler(detail, facility)
+        handler = _SyslogHandler(detail, facility)
         fmt = '%(name)s %(levelname)s %(txn)s %(message)s'
     else:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         fmt = '%(asctime)s %(name)s %(levelname)s %(txn)s %(message)s'
     handler.setFormatter(_JSONFormatter() if log_format == 'json'
                          else _Formatter(fmt))

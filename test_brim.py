@@ -3337,9 +3337,9 @@ class TestAppsConfigureLogging(AppLoggingTestCase):
 
 
 class TestLogDestinationsFail(AppLoggingTestCase):
-    """A destination that fails costs lines, never a request: what fails
-    is counted (log_lines_dropped) and reported by the first line that
-    gets through."""
+    """A destination that fails costs lines, never a request: each line is
+    one write that never waits; what fails is counted (log_lines_dropped)
+    and reported by the first line that gets through."""
 
     def test_full_disk(self):
         self.chain_conf('ClosesLog', log_file=False,
@@ -3375,6 +3375,64 @@ class TestLogDestinationsFail(AppLoggingTestCase):
                              text[:first])
         self.assertGreaterEqual(sum(map(int, reports)), 6, text)
         self.assertNotIn(' GET /lost-', text)
+
+    def stuck_stderr(self, mode, journal=False):
+        """brimd in ``mode`` logging to a pipe (or a socket, as journald
+        gives: ``journal``) that nobody reads until several bufferfuls were
+        lost, then is read."""
+        self.chain_conf('ClosesLog', log_file=False,
+                        wsgi_extra='log_headers = true')
+        if journal:
+            read_sock, write_sock = socket.socketpair()
+            self.addCleanup(read_sock.close)
+            with write_sock:
+                self.launch(mode, write_sock.fileno())
+            read_end = read_sock.fileno()
+        else:
+            read_end = self.launch(mode, subprocess.PIPE).stderr.fileno()
+        get = self.kept_alive()
+        pad = [('X-Pad', 'p' * 2000)]       # ~2 KiB lines: 64 KiB in 32
+        started = time.monotonic()
+        for number in range(200):
+            self.assertEqual(get('/stuck-%d' % number, pad).status, 404)
+        self.assertLess(time.monotonic() - started, 20)
+        self.assertGreater(self.dropped_lines(get), 100)
+        # Read now, without waiting: a reader blocked on this pipe would
+        # hold it past the test, and -o's brimd keeps it open till stopped.
+        os.set_blocking(read_end, False)
+        chunks = []
+
+        def drained():
+            get('/drained')
+            while True:
+                try:
+                    chunk = os.read(read_end, 65536)
+                except BlockingIOError:
+                    break
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            text = b''.join(chunks).decode('utf-8', 'replace')
+            return text if ' GET /drained HTTP/1.1 404 ' in text else None
+        text = wait_until(drained, timeout=5)
+        # The first line through says what was lost (a line that found the
+        # pipe about full may have been lost since, and is told of next).
+        first = text.index(' GET /drained HTTP/1.1 404 ')
+        reports = re.findall(r'WARNING - brim dropped (\d+) log lines? '
+                             r'\(BlockingIOError: ', text[:first])
+        self.assertGreater(sum(map(int, reports)), 100, text[-3000:])
+
+    def test_stuck_stderr_foreground(self):
+        self.stuck_stderr('foreground')
+
+    def test_stuck_stderr_no_daemon(self):
+        self.stuck_stderr('no-daemon')
+
+    def test_stuck_stderr_output_option(self):
+        self.stuck_stderr('-o')
+
+    def test_stuck_journal_socket_foreground(self):
+        self.stuck_stderr('foreground', journal=True)
 
 
 class TestLogHandlersInProcess(unittest.TestCase):
@@ -3459,6 +3517,48 @@ class TestLogHandlersInProcess(unittest.TestCase):
         self.assertEqual(len(lines), 1, lines)
         self.assertTrue(lines[0].endswith(
             ' ERROR - STDOUT/ERR: stray-print-marker'), lines)
+
+    def test_syslog_socket_never_waits(self):
+        path = os.path.join(self.tmp, 'log')
+        syslog = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.addCleanup(syslog.close)
+        syslog.bind(path)
+        handler = brim._SyslogHandler(path, brim._FACILITIES['local0'])
+        handler.setFormatter(brim._Formatter('%(name)s %(levelname)s '
+                                             '%(txn)s %(message)s'))
+        handler.addFilter(brim._TxnFilter())
+        self.addCleanup(handler.shut)
+
+        def log(text):
+            handler.handle(brim._RequestRecord('brim', text))
+        log('first')
+        self.assertEqual(syslog.recv(4096), b'<133>brim NOTICE - first\0')
+        # Nobody reads: the queue fills; a send that waited would hang.
+        flood = threading.Thread(target=lambda: [
+            log('flood-%d' % number) for number in range(2000)])
+        flood.start()
+        flood.join(10)
+        self.assertFalse(flood.is_alive(), 'a send waited on syslog')
+        self.assertGreater(handler.dropped, 0)
+        syslog.setblocking(False)
+        while True:
+            try:
+                syslog.recv(4096)
+            except BlockingIOError:
+                break
+        log('after')
+        self.assertRegex(syslog.recv(4096), rb'^<132>brim WARNING - brim '
+                         rb'dropped \d+ log lines \(BlockingIOError: ')
+        self.assertEqual(syslog.recv(4096), b'<133>brim NOTICE - after\0')
+        # syslog restarts: the next line connects again.
+        syslog.close()
+        os.unlink(path)
+        restarted = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.addCleanup(restarted.close)
+        restarted.bind(path)
+        log('restarted')
+        self.assertEqual(restarted.recv(4096),
+                         b'<133>brim NOTICE - restarted\0')
 
 
 # ---------------------------------------------------------------------------
