@@ -110,7 +110,7 @@ import threading
 import time
 import traceback
 import types
-from stat import S_ISDIR, S_ISREG
+from stat import S_ISDIR, S_ISFIFO, S_ISREG, S_ISSOCK
 from urllib.parse import parse_qs, quote, unquote_to_bytes
 
 __version__ = '1.0.0'
@@ -367,6 +367,17 @@ def _put_on_sys_path(conf):
 # ---------------------------------------------------------------------------
 # Logging
 # ---------------------------------------------------------------------------
+#
+# brim's lines must reach brim's destination whatever an app does with the
+# logging module, and a destination that fails must cost lines, never a
+# request.  Apps do reconfigure logging: Django calls dictConfig when its
+# WSGI handler is built, Flask's docs show it at import.  dictConfig (and
+# fileConfig) closes every handler in the process, as logging.shutdown()
+# does, and, unless the config says disable_existing_loggers: False,
+# disables every logger the config does not name.  So brim's loggers cannot
+# be disabled (_Logger), only brim closes its handlers (_Handler), and a
+# line that cannot be written is counted, not reported on stderr: in a
+# daemonized brimd stderr is brim's log again (_LogStream).
 
 #: Between INFO and WARNING: one line per request or datagram lands here.
 NOTICE = 25
@@ -374,6 +385,15 @@ logging.addLevelName(NOTICE, 'NOTICE')
 
 # The txn of the request this thread is serving, stamped on every line.
 _txn_local = threading.local()
+
+#: Log lines this process could not write, for its worker's
+#: log_lines_dropped stat (copied there once a second, in _tick).
+_lines_dropped = 0
+
+
+def _count_dropped(lines=1):
+    global _lines_dropped
+    _lines_dropped += lines
 
 
 class _TxnFilter(logging.Filter):
@@ -384,24 +404,53 @@ class _TxnFilter(logging.Filter):
         return True
 
 
+class _Logger(logging.Logger):
+    """brim's loggers: someone else's logging config cannot disable them.
+
+    An app's disable_existing_loggers is meant for its libraries' loggers,
+    never for brim's request and error lines.  A config that names brim's
+    logger still sets its level, handlers and propagation, as logging
+    does: that is the user's choice.
+    """
+
+    @property
+    def disabled(self):
+        return False
+
+    @disabled.setter
+    def disabled(self, value):
+        pass
+
+
 class _LogStream(object):
     """A file-like that turns writes into log lines.
 
     A daemonized brimd has no terminal: stray prints and uncaught
-    exceptions come here instead of vanishing.
+    exceptions come here instead of vanishing.  A line written while its
+    thread is already logging one (an app's StreamHandler on brim's logger
+    writes here, which logs to that handler again) is dropped and counted:
+    it would come back for ever.
     """
 
     def __init__(self, logger, level):
         self.logger = logger
         self.level = level
         self.pending = ''
+        self.busy = threading.local()
 
     def write(self, text):
-        self.pending += text
-        while '\n' in self.pending:
-            line, self.pending = self.pending.split('\n', 1)
-            if line.strip():
-                self.logger.log(self.level, 'STDOUT/ERR: %s', line)
+        if getattr(self.busy, 'logging', False):
+            _count_dropped(text.count('\n'))
+            return len(text)
+        self.busy.logging = True
+        try:
+            self.pending += text
+            while '\n' in self.pending:
+                line, self.pending = self.pending.split('\n', 1)
+                if line.strip():
+                    self.logger.log(self.level, 'STDOUT/ERR: %s', line)
+        finally:
+            self.busy.logging = False
         return len(text)
 
     def writelines(self, lines):
@@ -461,41 +510,30 @@ class _JSONFormatter(_Formatter):
         return stamp[1]
 
 
-class _AppendHandler(logging.Handler):
-    """Writes each record to ``path`` with one ``os.write`` (O_APPEND).
+class _Handler(logging.Handler):
+    """What brim's handlers share: each line is one send, without a lock;
+    a line that cannot be sent is counted, and the next line that gets
+    through is preceded by how many were lost and why; only brim closes
+    them.
 
-    One write of a whole line is atomic for an appended file, so threads
-    and worker processes never interleave lines, and no lock is needed:
     logging.Handler's per-handler lock made every request of a busy worker
-    queue up behind the others' log lines.
+    queue up behind the others' log lines: one send of a whole line needs
+    none.  Subclasses ``send`` bytes (returning how many went out) and
+    ``shut`` what they opened.
     """
 
-    #: Every open one, for SIGUSR1 (reopen after logrotate).
-    open_handlers = set()
-
-    def __init__(self, path):
+    def __init__(self):
         logging.Handler.__init__(self)
-        self.path = path
-        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT,
-                          0o644)
-        self.open_handlers.add(self)
+        self.dropped = 0            # lines lost since the last report
+        self.drop_reason = ''
+        self.cut = False            # a line went out only in part
 
-    def reopen(self):
-        """Point this handler's fd at a fresh open of ``path``.
+    def line(self, record):
+        return (self.format(record) + '\n').encode('utf-8',
+                                                   'backslashreplace')
 
-        dup2 swaps the file under the same fd number, so a thread writing
-        at that moment writes to the old file or the new one, never to a
-        closed or reused fd.
-        """
-        try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT,
-                         0o644)
-        except OSError as err:
-            sys.stderr.write('brimd: cannot reopen log file %s: %s\n'
-                             % (self.path, err))
-            return
-        os.dup2(fd, self.fd, inheritable=False)
-        os.close(fd)
+    def send(self, data):
+        raise NotImplementedError
 
     def handle(self, record):
         if self.filter(record):
@@ -504,22 +542,221 @@ class _AppendHandler(logging.Handler):
 
     def emit(self, record):
         try:
-            line = self.format(record) + '\n'
-            os.write(self.fd, line.encode('utf-8', 'backslashreplace'))
+            data = self.line(record)
+            if self.dropped:
+                self._report_dropped(record.name)
+            sent = self.send(data)
+            if sent < len(data):
+                self._send_rest(data, sent)
         except Exception:
             self.handleError(record)
 
+    def _send_rest(self, data, sent):
+        """The rest of a line that a disk or a pipe about full took only
+        in part; if it fails, the next line starts on a line of its own."""
+        self.cut = True
+        while sent < len(data):
+            sent += self.send(data[sent:])
+        self.cut = False
+
+    def handleError(self, record):
+        """Count the line instead of printing a traceback on stderr, which
+        is this log again in a daemonized brimd (and a stuck pipe in a
+        foreground one)."""
+        error = sys.exc_info()[1]
+        with self.lock:
+            self.dropped += 1
+            self.drop_reason = '%s: %s' % (type(error).__name__, error)
+        _count_dropped()
+
+    def _report_dropped(self, name):
+        """The line that says how many lines were lost, before the next.
+
+        The lock is only taken here and in handleError, after a failure,
+        so two threads do not report the same lines.
+        """
+        with self.lock:
+            dropped = self.dropped
+            if not dropped:
+                return
+            data = self.line(logging.makeLogRecord({
+                'name': name, 'levelno': logging.WARNING,
+                'levelname': 'WARNING', 'txn': '-',
+                'msg': 'brim dropped %d log line%s (%s)' % (
+                    dropped, '' if dropped == 1 else 's',
+                    self.drop_reason)}))
+            if self.cut:
+                data = b'\n' + data
+            sent = self.send(data)
+            if sent < len(data):
+                self._send_rest(data, sent)
+            self.dropped -= dropped
+            self.cut = False
+
     def close(self):
+        """Does nothing: an app's logging.config or logging.shutdown()
+        closes every handler there is, and brim's must go on (``shut``)."""
+
+    def shut(self):
+        """brim's own close, when get_logger replaces the handler (a worker
+        replacing the one it inherited from the main process)."""
+        logging.Handler.close(self)
+
+
+class _AppendHandler(_Handler):
+    """Writes each record to ``path`` with one ``os.write`` (O_APPEND).
+
+    One write of a whole line is atomic for an appended file, so threads
+    and worker processes never interleave lines, and no lock is needed.
+    O_NONBLOCK changes nothing for a file; for a FIFO it means a reader
+    that stops drops lines instead of stopping the worker.
+    """
+
+    #: Every open one, for SIGUSR1 (reopen after logrotate).
+    open_handlers = set()
+
+    FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK
+
+    def __init__(self, path):
+        _Handler.__init__(self)
+        self.path = path
+        self.fd = os.open(path, self.FLAGS, 0o644)
+        self.open_handlers.add(self)
+
+    def reopen(self):
+        """Point this handler's fd at a fresh open of ``path``.
+
+        dup2 swaps the file under the same fd number, so a thread writing
+        at that moment writes to the old file or the new one, never to a
+        closed or reused fd.  The open takes that very number when
+        something else closed it: it is then already in place.
+        """
+        try:
+            fd = os.open(self.path, self.FLAGS, 0o644)
+        except OSError as err:
+            sys.stderr.write('brimd: cannot reopen log file %s: %s\n'
+                             % (self.path, err))
+            return
+        if fd != self.fd:
+            os.dup2(fd, self.fd, inheritable=False)
+            os.close(fd)
+
+    def send(self, data):
+        return os.write(self.fd, data)
+
+    def shut(self):
         self.open_handlers.discard(self)
         fd, self.fd = self.fd, -1
         if fd >= 0:
             os.close(fd)
-        logging.Handler.close(self)
+        _Handler.shut(self)
 
 
 def _reopen_logs():
     for handler in list(_AppendHandler.open_handlers):
         handler.reopen()
+
+
+class _StderrHandler(_Handler):
+    """Writes each record to standard error, and never waits on it.
+
+    A pipe that nobody reads (a supervisor that hung, a ``| less`` left
+    alone) fills up, and a write to it would stop the worker.  So a pipe
+    is opened anew through /proc/self/fd/2: a new open file description,
+    whose O_NONBLOCK leaves the pipe blocking for everyone else writing to
+    it; a line that does not fit is dropped.  A socket (journald's) gets
+    MSG_DONTWAIT sends.  A terminal or a file is written as it is.
+    """
+
+    def __init__(self):
+        _Handler.__init__(self)
+        self.fd = 2
+        self.sock = None
+        try:
+            mode = os.fstat(2).st_mode
+        except OSError:
+            mode = 0                # closed: each line a counted EBADF
+        if S_ISFIFO(mode):
+            try:
+                self.fd = os.open('/proc/self/fd/2',
+                                  os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError:
+                pass        # no /proc, or no reader: fd 2 then fails (EPIPE)
+        elif S_ISSOCK(mode):
+            self.sock = socket.socket(fileno=os.dup(2))
+
+    def send(self, data):
+        if self.sock is not None:
+            return self.sock.send(data, socket.MSG_DONTWAIT)
+        return os.write(self.fd, data)
+
+    def shut(self):
+        if self.sock is not None:
+            self.sock.close()
+        elif self.fd != 2:
+            os.close(self.fd)
+        _Handler.shut(self)
+
+
+# syslog severities (RFC 5424) of the levels; others are warnings, as for
+# logging's SysLogHandler.
+_SEVERITIES = {logging.DEBUG: 7, logging.INFO: 6, NOTICE: 5,
+               logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+
+class _SyslogHandler(_Handler):
+    """Sends each record to the local syslog socket, without waiting.
+
+    A syslog daemon that falls behind (journald under a flood) fills its
+    socket's queue; a blocking send would then stop the worker, so the
+    socket is non-blocking and a line that does not fit is dropped.  When
+    the daemon restarts, the next line connects again.
+    """
+
+    def __init__(self, path, facility):
+        _Handler.__init__(self)
+        self.path = path
+        self.facility = facility << 3
+        self.sock = None
+
+    def line(self, record):
+        return b'<%d>%s\0' % (
+            self.facility | _SEVERITIES.get(record.levelno, 4),
+            self.format(record).encode('utf-8', 'backslashreplace'))
+
+    def send(self, data):
+        sock = self.sock
+        if sock is not None:
+            try:
+                return sock.send(data)
+            except BlockingIOError:
+                raise               # full: this line is dropped
+            except OSError:
+                sock.close()        # the daemon restarted: connect again
+        self.sock = sock = self._connect()
+        return sock.send(data)
+
+    def _connect(self):
+        """A socket connected to ``path``: datagrams, else a stream."""
+        try:
+            return self._socket(socket.SOCK_DGRAM)
+        except OSError:
+            return self._socket(socket.SOCK_STREAM)
+
+    def _socket(self, kind):
+        sock = socket.socket(socket.AF_UNIX, kind)
+        try:
+            sock.setblocking(False)
+            sock.connect(self.path)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    def shut(self):
+        if self.sock is not None:
+            self.sock.close()
+        _Handler.shut(self)
 
 
 class _RequestRecord(logging.LogRecord):
@@ -594,21 +831,24 @@ def get_logger(log_name='brim', log_level='INFO', log_facility='LOCAL0',
     ``log_format`` 'json' makes every line one JSON object, for shipping.
     """
     logger = logging.getLogger(log_name)
+    if type(logger) is logging.Logger:
+        logger.__class__ = _Logger      # an app's own class stays its own
     logger.propagate = False
     level, facility = _log_settings(log_name, log_level, log_facility)
     logger.setLevel(level)
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
-        handler.close()
+        if isinstance(handler, _Handler):
+            handler.shut()      # an app's may serve other loggers: left open
     kind, detail = _log_destination(log_file, to_stderr)
     if kind == 'file':
         handler = _AppendHandler(detail)
         fmt = '%(asctime)s %(name)s %(levelname)s %(txn)s %(message)s'
     elif kind == 'syslog':
-        handler = logging.handlers.SysLogHandler(detail, facility)
+        handler = _SyslogHandler(detail, facility)
         fmt = '%(name)s %(levelname)s %(txn)s %(message)s'
     else:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         fmt = '%(asctime)s %(name)s %(levelname)s %(txn)s %(message)s'
     handler.setFormatter(_JSONFormatter() if log_format == 'json'
                          else _Formatter(fmt))
@@ -2625,6 +2865,7 @@ class Subserver(object):
         self.json_dumps = self._function(conf, 'json_dumps', 'json.dumps')
         self.json_loads = self._function(conf, 'json_loads', 'json.loads')
         self.workers = self._count(conf, 'workers', 1, least=1)
+        self.stats_conf['log_lines_dropped'] = 'sum'
         self.worker_timeout = opt(conf, conf.get_float, 'worker_timeout',
                                   30.0)
         if self.worker_timeout and self.worker_timeout < 2:
@@ -2705,6 +2946,9 @@ class Subserver(object):
         A fatal signal (SIGABRT from the main process when the worker hangs,
         or a crash in C code) dumps every thread's stack into that log.
         """
+        # Lines dropped before this process became the worker (by the main
+        # process, the count copied by fork) are not the worker's.
+        self.dropped_before = _lines_dropped
         self.logger = get_logger(self.log_name, self.log_level,
                                  self.log_facility, self.log_file, to_stderr,
                                  self.log_format)
@@ -2721,6 +2965,8 @@ class Subserver(object):
     def _tick(self):
         """Housekeeping the serving loop does at least once a second."""
         self.stats.beat()
+        self.stats.set('log_lines_dropped',
+                       _lines_dropped - self.dropped_before)
         if self.reopen_pending:
             self.reopen_pending = False
             _reopen_logs()
@@ -3141,18 +3387,27 @@ class WSGISubserver(_IPSubserver):
         return '%s%016x' % (self.txn_prefix, next(self.txn_counter))
 
     def log_request(self, env, response, duration, txn):
-        """The one NOTICE line per request, in the original brimd's order.
+        """The one NOTICE line per request.  It never raises: a line that
+        cannot be made (a ``brim.log_info`` word whose str() fails) is
+        counted as dropped, and the connection goes on."""
+        try:
+            if not self.logger.isEnabledFor(NOTICE):
+                return
+            if self.log_format == 'json':
+                self._log_request_json(env, response, duration, txn)
+            else:
+                self._log_request_text(env, response, duration, txn)
+        except Exception:
+            _count_dropped()
+
+    def _log_request_text(self, env, response, duration, txn):
+        """The line in the original brimd's order.
 
         client, remote address, -, user, time, method, path?query,
         protocol, status, bytes out, bytes in, referer, user agent, txn,
         seconds, then ``brim.log_info`` words.  Each field is one word:
         spaces, controls and ``%`` are percent-quoted, so a line never breaks.
         """
-        logger = self.logger
-        if not logger.isEnabledFor(NOTICE):
-            return
-        if self.log_format == 'json':
-            return self._log_request_json(env, response, duration, txn)
         path = env.get('PATH_INFO', '')
         if env.get('QUERY_STRING'):
             path += '?' + env['QUERY_STRING']
@@ -3170,7 +3425,8 @@ class WSGISubserver(_IPSubserver):
             words.extend('%s:%s' % (k[5:].replace('_', '-').title(), v)
                          for k, v in sorted(env.items())
                          if k.startswith('HTTP_'))
-        logger.handle(_RequestRecord(logger.name, _log_words(words)))
+        self.logger.handle(_RequestRecord(self.logger.name,
+                                          _log_words(words)))
 
     def _log_request_json(self, env, response, duration, txn):
         record = _RequestRecord(self.logger.name, '')

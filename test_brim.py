@@ -14,6 +14,7 @@ does not wait for a slow init to reap the exited main process.
 """
 
 import base64
+import contextlib
 import grp
 import hashlib
 import http.client as httpclient
@@ -21,6 +22,8 @@ import io
 import itertools
 import json
 import logging
+import logging.config
+import logging.handlers
 import os
 import pwd
 import queue
@@ -3356,6 +3359,460 @@ class TestLogging(EchoTestCase):
         [request] = self.wait_for_log(r' GET /ua HTTP/1.1 404 ')
         self.assertIn(' Some%20User%20Agent%20(v1.0) ', request)
         self.assertEqual(parse_request_line(request)['status'], '404')
+
+# Apps that reconfigure logging the way Django and Flask apps do, and one
+# that closes descriptors it does not own.
+APP_SOURCES['logapps.py'] = '''
+import logging
+import logging.config
+import os
+
+
+def configure(disable_existing_loggers=True):
+    logging.config.dictConfig({
+        'version': 1,
+        'disable_existing_loggers': disable_existing_loggers,
+        'formatters': {'plain': {'format': 'app-handler %(message)s'}},
+        'handlers': {'console': {'class': 'logging.StreamHandler',
+                                 'formatter': 'plain'}},
+        'root': {'handlers': ['console'], 'level': 'INFO'}})
+
+
+configure()
+
+
+class Unprintable(object):
+
+    def __str__(self):
+        raise RuntimeError('no str for this word')
+
+
+class Reconfigures(object):
+    """Configures logging at import and in each worker as Flask's docs
+    show (disable_existing_loggers left True).  /reconfigure calls
+    logging.shutdown(), closes and removes the root logger's handlers and
+    configures logging as Django's defaults do (disable_existing_loggers
+    False); /badword puts a word without a str in brim.log_info."""
+
+    def __init__(self, name, conf, next_app):
+        configure()
+        self.next_app = next_app
+
+    def __call__(self, env, start_response):
+        path = env['PATH_INFO']
+        if path == '/reconfigure':
+            logging.shutdown()
+            for handler in logging.root.handlers[:]:
+                handler.close()
+                logging.root.removeHandler(handler)
+            configure(disable_existing_loggers=False)
+        elif path == '/badword':
+            env['brim.log_info'].append(Unprintable())
+        else:
+            return self.next_app(env, start_response)
+        start_response('200 OK', [('Content-Length', '2')])
+        return [b'ok']
+
+
+class ClosesLog(object):
+    """/closelog?PATH closes this process's descriptors of PATH, as a
+    library that closes every descriptor it finds would."""
+
+    def __init__(self, name, conf, next_app):
+        self.next_app = next_app
+
+    def __call__(self, env, start_response):
+        if env['PATH_INFO'] != '/closelog':
+            return self.next_app(env, start_response)
+        for name in os.listdir('/proc/self/fd'):
+            try:
+                if os.readlink('/proc/self/fd/' + name) == \\
+                        env['QUERY_STRING']:
+                    os.close(int(name))
+            except OSError:
+                pass
+        start_response('200 OK', [('Content-Length', '2')])
+        return [b'ok']
+'''
+
+
+class AppLoggingTestCase(EchoTestCase):
+    """brimd in each of its modes, clients that keep one connection."""
+
+    def chain_conf(self, first_app, log_file=True, brim_extra='',
+                   wsgi_extra=''):
+        """[wsgi] serving ``first_app`` (a logapps class), then misc, echo
+        and stats."""
+        self.port = free_port()
+        return self.write_conf('''
+            [brim]
+            %s
+
+            [wsgi]
+            ip = 127.0.0.1
+            port = %d
+            apps = first misc echo stats
+            %s
+
+            [first]
+            call = logapps.%s
+
+            [misc]
+            call = myapps.Misc
+            dir = %s
+
+            [echo]
+            call = brim.wsgi_echo.WSGIEcho
+
+            [stats]
+            call = brim.wsgi_stats.WSGIStats
+            ''' % (brim_extra, self.port, wsgi_extra, first_app, self.tmp),
+            log_file=log_file)
+
+    def launch(self, mode, stderr):
+        """brimd with its stderr on ``stderr`` (a file, a descriptor or
+        PIPE): attached (``foreground``, ``no-daemon``) or daemonized
+        keeping it (``-o``).  The Popen, whose ``stderr`` is a PIPE's read
+        end."""
+        command = ['-o', 'start'] if mode == '-o' else [mode]
+        proc = popen([sys.executable, BRIM, '-c', self.conf_path, '-p',
+                      self.pid_file] + command, cwd=self.tmp, env=self.env,
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                     stderr=stderr)
+
+        def end():
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+            _protected.discard(proc.pid)
+            if proc.stderr is not None:
+                proc.stderr.close()
+        self.addCleanup(end)
+        if mode == '-o':
+            self.assertEqual(proc.wait(30), 0, 'start -o failed')
+            self.track(self.read_pid())
+        else:
+            self.track(proc.pid)
+        return proc
+
+    def kept_alive(self):
+        """``get(path, headers)`` on one connection, which must stay open:
+        the Response, within 5 s."""
+        client = HTTPClient(self.port, timeout=5)
+        self.addCleanup(client.close)
+        wait_until(lambda: not connect_refused(self.port), timeout=15,
+                   msg='brimd listening')
+        client.connect()
+        sock = client.sock
+
+        def get(path, headers=()):
+            response = client.request('GET', path, headers=headers)
+            self.assertIs(client.sock, sock, 'GET %s closed the connection'
+                          % path)
+            return response
+        return get
+
+    def dropped_lines(self, get):
+        """log_lines_dropped once above 0 (workers copy it once a second),
+        asked on the kept connection."""
+        def dropped():
+            return json.loads(get('/stats').body)['wsgi'][
+                'log_lines_dropped']
+        return wait_until(dropped, timeout=5, msg='log_lines_dropped > 0')
+
+
+class TestAppsConfigureLogging(AppLoggingTestCase):
+    """An app that runs dictConfig, whether it disables the loggers it does
+    not name or not, or logging.shutdown(), leaves brim's logging and
+    serving alone, in every mode brimd runs in."""
+
+    def exercise(self, read):
+        """Requests before and after the app reconfigures logging, on one
+        connection; brim's lines of them reach what ``read`` reads."""
+        get = self.kept_alive()
+        txns = [get('/txn').body.decode()]
+        self.assertEqual(get('/reconfigure').body, b'ok')
+        txns.append(get('/txn').body.decode())
+        self.assertEqual(get('/badword').status, 200)
+        txns.append(get('/txn').body.decode())
+        # An error ends its connection: this one gets its own.
+        self.assertEqual(self.http(self.port, 'GET', '/raise')[0], 500)
+
+        def logged():
+            text = read()
+            return text if ' GET /raise HTTP/1.1 500 ' in text else None
+        text = wait_until(logged, timeout=5, msg='brim lines logged')
+        for txn in txns:
+            self.assertRegex(text, r' GET /txn HTTP/1.1 200 .* %s ' % txn)
+        self.assertEqual(text.count('app-line-marker'), 3, text)
+        self.assertIn(' GET /reconfigure HTTP/1.1 200 ', text)
+        self.assertIn('ValueError: app-raised-marker', text)
+        self.assertNotIn('RecursionError', text)
+        self.assertNotIn('--- Logging error ---', text)
+        # The /badword line could not be made: counted, not raised.
+        self.assertGreater(self.dropped_lines(get), 0)
+        return text
+
+    def test_start_with_log_file(self):
+        self.chain_conf('Reconfigures')
+        self.start()
+        self.exercise(self.log_text)
+        self.stop()
+        self.assertIn('brimd exited', self.log_text())
+
+    def test_start_without_log_file(self):
+        if brim._syslog_socket():
+            self.skipTest('brimd logs to the syslog socket %s here, which '
+                          'this test cannot read' % brim._syslog_socket())
+        self.chain_conf('Reconfigures', log_file=False)
+        self.start()
+        beside_pid_file = os.path.join(self.tmp, 'brimd.log')
+        self.exercise(lambda: self.log_text(beside_pid_file))
+
+    def attached(self, mode):
+        """Exercise brimd in ``mode``, logging to stderr, a file."""
+        self.chain_conf('Reconfigures', log_file=False)
+        path = os.path.join(self.tmp, 'stderr.out')
+        with open(path, 'wb') as out:
+            self.launch(mode, out)
+        return self.exercise(lambda: self.log_text(path))
+
+    def test_foreground(self):
+        self.attached('foreground')
+
+    def test_no_daemon(self):
+        text = self.attached('no-daemon')
+        # The main process, the same one, logs after the workers' dictConfig.
+        self.assertRegex(text, r'brim INFO - brimd \S+ serving .* in one '
+                         r'process')
+
+    def test_output_option(self):
+        self.attached('-o')
+
+
+class TestLogDestinationsFail(AppLoggingTestCase):
+    """A destination that fails costs lines, never a request: each line is
+    one write that never waits; what fails is counted (log_lines_dropped)
+    and reported by the first line that gets through."""
+
+    def test_full_disk(self):
+        self.chain_conf('ClosesLog', log_file=False,
+                        brim_extra='log_file = /dev/full')
+        self.start()
+        get = self.kept_alive()
+        started = time.monotonic()
+        for number in range(50):
+            self.assertEqual(get('/echo').status, 200)
+        self.assertLess(time.monotonic() - started, 10)
+        self.assertGreater(self.dropped_lines(get), 50)
+
+    def test_closed_descriptor(self):
+        """An app closes the worker's log fd: EBADF until SIGUSR1 reopens
+        the file; then the count comes first."""
+        self.chain_conf('ClosesLog')
+        pid = self.start()
+        get = self.kept_alive()
+        get('/closelog?' + self.log_file)
+        for number in range(5):
+            self.assertEqual(get('/lost-%d' % number).status, 404)
+        self.assertGreater(self.dropped_lines(get), 0)
+        os.kill(pid, signal.SIGUSR1)
+
+        def reopened():
+            get('/after-reopen')
+            text = self.log_text()
+            return text if ' GET /after-reopen HTTP/1.1 404 ' in text else None
+        text = wait_until(reopened, timeout=5)
+        first = text.index(' GET /after-reopen HTTP/1.1 404 ')
+        reports = re.findall(r'WARNING - brim dropped (\d+) log lines? '
+                             r'\(OSError: \[Errno 9\] Bad file descriptor\)',
+                             text[:first])
+        self.assertGreaterEqual(sum(map(int, reports)), 6, text)
+        self.assertNotIn(' GET /lost-', text)
+
+    def stuck_stderr(self, mode, journal=False):
+        """brimd in ``mode`` logging to a pipe (or a socket, as journald
+        gives: ``journal``) that nobody reads until several bufferfuls were
+        lost, then is read."""
+        self.chain_conf('ClosesLog', log_file=False,
+                        wsgi_extra='log_headers = true')
+        if journal:
+            read_sock, write_sock = socket.socketpair()
+            self.addCleanup(read_sock.close)
+            with write_sock:
+                self.launch(mode, write_sock.fileno())
+            read_end = read_sock.fileno()
+        else:
+            read_end = self.launch(mode, subprocess.PIPE).stderr.fileno()
+        get = self.kept_alive()
+        pad = [('X-Pad', 'p' * 2000)]       # ~2 KiB lines: 64 KiB in 32
+        started = time.monotonic()
+        for number in range(200):
+            self.assertEqual(get('/stuck-%d' % number, pad).status, 404)
+        self.assertLess(time.monotonic() - started, 20)
+        self.assertGreater(self.dropped_lines(get), 100)
+        # Read now, without waiting: a reader blocked on this pipe would
+        # hold it past the test, and -o's brimd keeps it open till stopped.
+        os.set_blocking(read_end, False)
+        chunks = []
+
+        def drained():
+            get('/drained')
+            while True:
+                try:
+                    chunk = os.read(read_end, 65536)
+                except BlockingIOError:
+                    break
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            text = b''.join(chunks).decode('utf-8', 'replace')
+            return text if ' GET /drained HTTP/1.1 404 ' in text else None
+        text = wait_until(drained, timeout=5)
+        # The first line through says what was lost (a line that found the
+        # pipe about full may have been lost since, and is told of next).
+        first = text.index(' GET /drained HTTP/1.1 404 ')
+        reports = re.findall(r'WARNING - brim dropped (\d+) log lines? '
+                             r'\(BlockingIOError: ', text[:first])
+        self.assertGreater(sum(map(int, reports)), 100, text[-3000:])
+
+    def test_stuck_stderr_foreground(self):
+        self.stuck_stderr('foreground')
+
+    def test_stuck_stderr_no_daemon(self):
+        self.stuck_stderr('no-daemon')
+
+    def test_stuck_stderr_output_option(self):
+        self.stuck_stderr('-o')
+
+    def test_stuck_journal_socket_foreground(self):
+        self.stuck_stderr('foreground', journal=True)
+
+
+class TestLogHandlersInProcess(unittest.TestCase):
+    """brim's handlers against what apps do to logging, in this process."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix='brim-test-')
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.path = os.path.join(self.tmp, 'brim.log')
+        self.name = 'brim-in-process-' + self._testMethodName
+        # dictConfig acts on the whole process: put back what it changes.
+        root = logging.getLogger()
+        handlers, level = root.handlers[:], root.level
+        disabled = {name: logger.disabled for name, logger in
+                    logging.Logger.manager.loggerDict.items()
+                    if isinstance(logger, logging.Logger)}
+
+        def restore():
+            root.handlers[:] = handlers
+            root.setLevel(level)
+            for name, was in disabled.items():
+                logging.getLogger(name).disabled = was
+        self.addCleanup(restore)
+
+    def text(self):
+        with open(self.path, encoding='utf-8') as fp:
+            return fp.read()
+
+    def logger(self, log_file=None):
+        logger = brim.get_logger(self.name, log_file=log_file or self.path)
+        for handler in logger.handlers:
+            self.addCleanup(handler.shut)
+        return logger
+
+    def test_dict_config_and_shutdown_leave_brim_logging(self):
+        logger = self.logger()
+        logging.config.dictConfig({'version': 1})   # disables the others
+        logging.shutdown()
+        logger.warning('still-logged-marker')
+        self.assertIn('still-logged-marker', self.text())
+        # A config that names brim's logger takes it, as logging does.
+        taken = logging.handlers.BufferingHandler(10)
+        logging.config.dictConfig({
+            'version': 1, 'handlers': {'app': {'()': lambda: taken}},
+            'loggers': {self.name: {'handlers': ['app']}}})
+        logger.warning('taken-marker')
+        self.assertEqual([r.getMessage() for r in taken.buffer],
+                         ['taken-marker'])
+        self.assertNotIn('taken-marker', self.text())
+
+    def test_failing_file_counts_then_reports(self):
+        logger = self.logger(log_file='/dev/full')
+        before = brim._lines_dropped
+        with contextlib.redirect_stderr(io.StringIO()) as stderr:
+            for number in range(3):
+                logger.warning('lost-%d', number)
+        self.assertEqual(stderr.getvalue(), '')
+        self.assertEqual(brim._lines_dropped - before, 3)
+        handler, = logger.handlers
+        handler.path = self.path
+        handler.reopen()
+        logger.warning('back-marker')
+        lines = self.text().splitlines()
+        self.assertRegex(lines[0], r' WARNING - brim dropped 3 log lines '
+                         r'\(OSError: \[Errno 28\] No space left on '
+                         r'device\)$')
+        self.assertTrue(lines[1].endswith(' WARNING - back-marker'), lines)
+        self.assertEqual(len(lines), 2, lines)
+
+    def test_log_stream_loop_is_cut(self):
+        """An app's StreamHandler on brim's logger writes to the stderr
+        that is brim's log in a daemon, which logs to that handler..."""
+        logger = self.logger()
+        stream = brim._LogStream(logger, logging.ERROR)
+        looping = logging.StreamHandler(stream)
+        logger.addHandler(looping)
+        self.addCleanup(logger.removeHandler, looping)
+        before = brim._lines_dropped
+        stream.write('stray-print-marker\n')
+        self.assertEqual(brim._lines_dropped - before, 1)
+        lines = self.text().splitlines()
+        self.assertEqual(len(lines), 1, lines)
+        self.assertTrue(lines[0].endswith(
+            ' ERROR - STDOUT/ERR: stray-print-marker'), lines)
+
+    def test_syslog_socket_never_waits(self):
+        path = os.path.join(self.tmp, 'log')
+        syslog = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.addCleanup(syslog.close)
+        syslog.bind(path)
+        handler = brim._SyslogHandler(path, brim._FACILITIES['local0'])
+        handler.setFormatter(brim._Formatter('%(name)s %(levelname)s '
+                                             '%(txn)s %(message)s'))
+        handler.addFilter(brim._TxnFilter())
+        self.addCleanup(handler.shut)
+
+        def log(text):
+            handler.handle(brim._RequestRecord('brim', text))
+        log('first')
+        self.assertEqual(syslog.recv(4096), b'<133>brim NOTICE - first\0')
+        # Nobody reads: the queue fills; a send that waited would hang.
+        flood = threading.Thread(target=lambda: [
+            log('flood-%d' % number) for number in range(2000)])
+        flood.start()
+        flood.join(10)
+        self.assertFalse(flood.is_alive(), 'a send waited on syslog')
+        self.assertGreater(handler.dropped, 0)
+        syslog.setblocking(False)
+        while True:
+            try:
+                syslog.recv(4096)
+            except BlockingIOError:
+                break
+        log('after')
+        self.assertRegex(syslog.recv(4096), rb'^<132>brim WARNING - brim '
+                         rb'dropped \d+ log lines \(BlockingIOError: ')
+        self.assertEqual(syslog.recv(4096), b'<133>brim NOTICE - after\0')
+        # syslog restarts: the next line connects again.
+        syslog.close()
+        os.unlink(path)
+        restarted = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.addCleanup(restarted.close)
+        restarted.bind(path)
+        log('restarted')
+        self.assertEqual(restarted.recv(4096),
+                         b'<133>brim NOTICE - restarted\0')
 
 
 # ---------------------------------------------------------------------------
