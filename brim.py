@@ -2090,6 +2090,11 @@ class _Response(object):
         self.keep_alive = conn.keep_alive
         self.head_only = env['REQUEST_METHOD'] == 'HEAD'
 
+    def bytes_in(self):
+        """Body bytes read from the client for this request, whatever
+        middleware put in env['wsgi.input'] since."""
+        return getattr(self.conn.body, 'consumed', 0)
+
     def start_response(self, status, headers, exc_info=None):
         if exc_info is not None:
             try:
@@ -3411,13 +3416,12 @@ class WSGISubserver(_IPSubserver):
         path = env.get('PATH_INFO', '')
         if env.get('QUERY_STRING'):
             path += '?' + env['QUERY_STRING']
-        body = env.get('wsgi.input')
         words = [env.get('REMOTE_ADDR'), env.get('REMOTE_ADDR'), None,
                  env.get('REMOTE_USER'),
                  time.strftime('%Y%m%dT%H%M%SZ', time.gmtime()),
                  env.get('REQUEST_METHOD'), path, env.get('SERVER_PROTOCOL'),
                  response.code, response.sent,
-                 getattr(body, 'consumed', 0), env.get('HTTP_REFERER'),
+                 response.bytes_in(), env.get('HTTP_REFERER'),
                  env.get('HTTP_USER_AGENT'), txn, '%.5f' % duration]
         words.extend(env.get('brim.log_info') or ())
         if self.log_headers:
@@ -3437,7 +3441,7 @@ class WSGISubserver(_IPSubserver):
             'query': env.get('QUERY_STRING', ''),
             'protocol': env.get('SERVER_PROTOCOL'), 'status': response.code,
             'bytes': response.sent,
-            'bytes_in': getattr(env.get('wsgi.input'), 'consumed', 0),
+            'bytes_in': response.bytes_in(),
             'duration_ms': round(duration * 1000, 3), 'txn': txn,
             'user_agent': env.get('HTTP_USER_AGENT'),
             'referer': env.get('HTTP_REFERER'),
@@ -6178,10 +6182,10 @@ def _fallback_log_file(pid_file):
 
 
 def _check_log_file(path, what_to_change):
-    """Open ``path`` as a log file is opened (appending, creating it)."""
+    """Open ``path`` as a log file is opened (appending, creating it;
+    a FIFO nobody reads fails at once, as it would later)."""
     try:
-        os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT,
-                         0o644))
+        os.close(os.open(path, _AppendHandler.FLAGS, 0o644))
     except OSError as err:
         raise ConfError('Cannot open the log file %s (%s); %s.'
                         % (path, err.strerror or err, what_to_change))

@@ -2847,7 +2847,8 @@ class TestUndeclaredStats(BrimTestCase):
             for name in ('tcp.connections', 'tcp.last_called'):
                 [line] = self.warnings(owner, name)
                 self.assertIn('add it to a stats_conf (declared: start_time, '
-                              'connections, last_called)', line)
+                              'log_lines_dropped, connections, last_called)',
+                              line)
 
     def test_wsgi_app_and_daemon(self):
         port = free_port()
@@ -2879,7 +2880,8 @@ class TestUndeclaredStats(BrimTestCase):
             self.assertNotIn('_heartbeat', line)
         self.assertRegex(self.warnings('[wsgi] worker 0', 'nope')[0],
                          r'WARNING [0-9a-f]+ \[wsgi\] worker 0: stat .*'
-                         r'\(declared: start_time, request_count, .*, '
+                         r'\(declared: start_time, log_lines_dropped, '
+                         r'request_count, .*, '
                          r'tally\)$')
 
 
@@ -5151,6 +5153,13 @@ class TestHTTPMiddleware(SeamsTestCase):
             self.assert_kept_alive(b'/wrapped', body, body, chunked)
         self.assert_kept_alive(b'/wrapped?3', body, b'012')
         self.assert_nothing_logged()
+        # The request line's bytes in counts the body brim read, not what
+        # the replacement stream says.
+        replaced = [fields for fields in self.request_lines()
+                    if fields['path'] == '/replaced']
+        self.assertEqual(len(replaced), 2)
+        for fields in replaced:
+            self.assertEqual(fields['rest'].split()[1], '100', fields)
 
     def test_body_read_in_part(self):
         small = b'x' * (brim._DRAIN_LIMIT - 3)
