@@ -1636,11 +1636,14 @@ class _HTTPConnection(object):
         self.worker = worker
         self.sock = sock
         self.fresh = True       # no read yet (nor the socket's timeout)
-        # Between requests a plain connection is parked in the pool's epoll;
-        # TLS may hold decrypted bytes that epoll cannot see.
-        self.parkable = worker.tls is None
+        # A plain connection is non-blocking: a read or write that would
+        # wait says so and brim waits itself (poll), where a socket timeout
+        # would make every read and write a poll and a call.  Between
+        # requests it is parked in the pool's epoll.  TLS may hold
+        # decrypted bytes that epoll cannot see: it blocks, with a timeout.
+        self.plain = self.parkable = worker.tls is None
+        self.timeout = worker.client_timeout    # for a wait on the client
         self.turn = None        # a _Turn while this thread has it
-        self.readable = False   # epoll said a read will not wait
         self.poll = None        # made when first needed
         self.buf = b''
         self.client = address[0] if address else '-'
@@ -1667,38 +1670,73 @@ class _HTTPConnection(object):
         return data
 
     def recv_or_eof(self):
-        """What the client sent next, b'' if it closed.  A read that would
-        wait on the client passes this thread's turn on first."""
-        if self.readable:
-            self.readable = False   # epoll said so
-        elif self.turn is not None and not self.arrived():
+        """What the client sent next, b'' if it closed."""
+        while True:
+            try:
+                return self.sock.recv(_RECV_SIZE)
+            except BlockingIOError:     # plain, and nothing there yet
+                self.wait_for_client(select.POLLIN)
+
+    def sendall(self, data):
+        """Send all of ``data``."""
+        if not self.plain:
+            return self.sock.sendall(data)
+        data = memoryview(data)
+        while data:
+            try:
+                data = data[self.sock.send(data):]
+            except BlockingIOError:     # the client reads slower
+                self.wait_for_client(select.POLLOUT)
+
+    def sendfile(self, file, offset, size):
+        """Send ``size`` bytes of ``file`` from ``offset``: the bytes sent,
+        0 at the file's end."""
+        if not self.plain:
+            return self.sock.sendfile(file, offset, size)
+        while True:
+            try:
+                return os.sendfile(self.sock.fileno(), file.fileno(), offset,
+                                   size)
+            except BlockingIOError:
+                self.wait_for_client(select.POLLOUT)
+
+    def wait_for_client(self, event):
+        """Wait, up to ``timeout``, until the plain socket can be read
+        (POLLIN) or written (POLLOUT); socket.timeout if it cannot.  This
+        thread's turn passes on first: the others must not wait too."""
+        if self.turn is not None:
             self.turn.pass_on()
             self.turn = None
-        return self.sock.recv(_RECV_SIZE)
+        if not self.ready(event, self.timeout):
+            raise socket.timeout('timed out')
 
-    def arrived(self):
-        """True if a read will not wait: a body coming right behind its
-        head is served on, with no turn passed."""
+    def ready(self, event, timeout):
+        """True once the socket can be read (POLLIN) or written (POLLOUT),
+        within ``timeout`` seconds."""
         if self.poll is None:
             self.poll = select.poll()
-            self.poll.register(self.sock, select.POLLIN)
-        return bool(self.poll.poll(0))
+            self.poll.register(self.sock, event)
+        else:
+            self.poll.modify(self.sock, event)
+        return bool(self.poll.poll(timeout * 1000))
+
+    def arrived(self):
+        """True if a read will not wait."""
+        return self.ready(select.POLLIN, 0)
 
     def read_arrived(self):
         """What a new client has sent already (None: nothing yet, b'': it
-        closed), taken without waiting.  Then the socket gets its timeout
-        for every wait."""
+        closed), taken without waiting."""
+        self.sock.setblocking(False)
         try:
-            data = self.sock.recv(_RECV_SIZE, socket.MSG_DONTWAIT)
+            return self.sock.recv(_RECV_SIZE)
         except BlockingIOError:
-            data = None
-        self.sock.settimeout(self.worker.client_timeout)
-        return data
+            return None
 
     def send_continue(self):
         """Tell a client that waits for it to send the body."""
         self.expect_continue = False
-        self.sock.sendall(b'HTTP/1.1 100 Continue\r\n\r\n')
+        self.sendall(b'HTTP/1.1 100 Continue\r\n\r\n')
 
     def take(self, size):
         """Up to ``size`` body bytes: buffered ones first, else one recv."""
@@ -1931,9 +1969,7 @@ class _HTTPConnection(object):
         """
         self.turn = turn
         try:
-            if not self.fresh:
-                self.readable = True    # epoll says so
-            elif turn is not None:     # from the accept
+            if self.fresh and turn is not None:     # from the accept
                 self.fresh = False
                 data = self.read_arrived()
                 if data is None:
@@ -1999,10 +2035,11 @@ class _HTTPConnection(object):
             deadline = time.monotonic() + _LINGER_SECONDS
             left = _LINGER_BYTES
             while left > 0:
-                wait = deadline - time.monotonic()
-                if wait <= 0:
+                self.timeout = deadline - time.monotonic()
+                if self.timeout <= 0:
                     break
-                self.sock.settimeout(wait)
+                if not self.plain:
+                    self.sock.settimeout(self.timeout)
                 data = self.recv_or_eof()
                 if not data:
                     break
@@ -2024,7 +2061,7 @@ class _HTTPConnection(object):
                    err.status, _RESPONSE_REASONS.get(err.status, ''),
                    _http_date(), len(body))
         try:
-            self.sock.sendall(head.encode('ascii') + body)
+            self.sendall(head.encode('ascii') + body)
         except OSError:
             pass
         worker.count_request(err.status)
@@ -2204,7 +2241,7 @@ class _Response(object):
             else:
                 out += data
         if out:
-            self.conn.sock.sendall(out)
+            self.conn.sendall(out)
 
     def _send_whole(self, body):
         """Head and a body known in full, in one send."""
@@ -2214,7 +2251,7 @@ class _Response(object):
                 self.code in _NO_BODY_STATUSES:
             body = b''
         self.sent = len(body)
-        self.conn.sock.sendall(head + body)
+        self.conn.sendall(head + body)
 
     def _send_file(self, wrapper):
         """A wsgi.file_wrapper body, through os.sendfile when it can."""
@@ -2226,13 +2263,13 @@ class _Response(object):
             return self._send_iterable(wrapper)
         head = self._head(size)
         self.head_sent = True
-        self.conn.sock.sendall(head)
+        self.conn.sendall(head)
         if self.head_only:
             return
         if self.length is not None:
             size = min(size, self.length)
         while size > 0:
-            sent = self.conn.sock.sendfile(wrapper.filelike, offset, size)
+            sent = self.conn.sendfile(wrapper.filelike, offset, size)
             if not sent:
                 break
             offset += sent
@@ -2252,7 +2289,7 @@ class _Response(object):
                 raise _AppError('returned without calling start_response')
             self._send_whole(b'')
         elif self.chunked:
-            self.conn.sock.sendall(b'0\r\n\r\n')
+            self.conn.sendall(b'0\r\n\r\n')
 
     def run(self, app):
         """Call the app and send its answer; True to keep the connection."""

@@ -4594,8 +4594,9 @@ class _KeptRecords(logging.Handler):
 
 
 class _WatchedSocket(socket.socket):
-    """brim's end of a socketpair.  It counts what brim has read and says
-    on a pipe when brim waits for more, so the client can send a piece
+    """brim's end of a socketpair (non-blocking, as brim makes a plain
+    connection).  It counts what brim has read and says on a pipe when
+    brim finds nothing more to read, so the client can send a piece
     only once brim has read the ones before and done all it can with
     them: each piece is then a read of its own, and what brim does with
     it does not depend on timing."""
@@ -4608,12 +4609,12 @@ class _WatchedSocket(socket.socket):
         self.waiting = False
 
     def recv(self, size, flags=0):
-        if not flags & socket.MSG_DONTWAIT:
-            self.waits()
         try:
             data = socket.socket.recv(self, size, flags)
-        finally:
-            self.waiting = False
+        except BlockingIOError:     # brim has read all there is: it waits
+            self.waits()
+            raise
+        self.waiting = False
         self.taken += len(data)
         return data
 
