@@ -1301,11 +1301,12 @@ _RECV_SIZE = 65536
 _LINGER_SECONDS = 2.0
 _LINGER_BYTES = 4 << 20
 # How the thread with the turn is watched (see _ConnectionPool): looked at
-# every _WATCH_TICK seconds; found blocked, the worker's apps count as
-# waiting ones for _APPS_WAIT_SECONDS.  One that keeps the CPU busy for
-# _STALL keeps the other connections waiting: the turn passes on all the
-# same.
-_WATCH_TICK = 0.005
+# every _WATCH_TICK seconds (a look costs the serving thread a GIL round
+# trip: rarer looks, cheaper serving); found blocked, the worker's apps
+# count as waiting ones for _APPS_WAIT_SECONDS.  One that keeps the CPU
+# busy for _STALL keeps the other connections waiting: the turn passes on
+# all the same.
+_WATCH_TICK = 0.01
 # The least time off the CPU that counts as a request that waited, and
 # how often a job served with the turn is timed to see if it waited.
 _WAITED = 0.0005
@@ -2392,10 +2393,10 @@ class _ConnectionPool(object):
     passes to an idle thread, or a new one, as soon as its holder would
     wait: on a client in the middle of a request (the job calls
     ``turn.pass_on()``), or on an app.  A watch thread looks at the holder
-    every ``_WATCH_TICK``: one that since the last look has mostly been
-    neither on a CPU nor waiting for one is blocked (on a database, a lock,
-    a socket), so its turn passes on at once; waits too short for the
-    watch are found by timing every ``_PROBE_EVERY``-th job.  Either way,
+    every ``_WATCH_TICK``: one that has mostly not run since its job began
+    and sleeps now is blocked (on a database, a lock, a socket), so its
+    turn passes on at once; waits too short for the watch are found by
+    timing every ``_PROBE_EVERY``-th job.  Either way,
     for the next second the worker's apps count as ones that wait: every
     request then passes the turn on before its app runs
     (``turn.before_app()``), each in a thread of its own, and the requests
@@ -2442,7 +2443,8 @@ class _ConnectionPool(object):
         self.parked = collections.OrderedDict()     # fd -> (job, since)
         self.ready = collections.deque()    # jobs to serve, in order
         self.turn = 0               # numbers turns: each passes once
-        self.holder = None          # (turn, job, _PoolThread) serving
+        # (turn, job, _PoolThread, when it began, its CPU time then)
+        self.holder = None
         self.holder_serves = threading.Event()
         self.jobs = 0               # served with the turn, for probing
         self.probes_waited = 0      # probes in a row that found a wait
@@ -2474,9 +2476,9 @@ class _ConnectionPool(object):
             if job is _ACCEPT:
                 self._accept_waiting()
                 continue
+            began, ran = time.monotonic(), me.cpu()
             with self.lock:
-                # A new tuple per job: the watch tells jobs apart by it.
-                self.holder = (turn, job, me)
+                self.holder = (turn, job, me, began, ran)
                 if not self.holder_serves.is_set():
                     self.holder_serves.set()
             # Waits too short for the watch to see are found by timing
@@ -2527,33 +2529,34 @@ class _ConnectionPool(object):
 
     def _watch(self):
         """While the holder serves, look at it every _WATCH_TICK: pass its
-        turn on when it has waited since the last look (on a database, a
-        lock, a socket), or once it has served one job for _STALL."""
+        turn on when it is blocked in a job (on a database, a lock, a
+        socket), or once it has served one job for _STALL."""
         me = _PoolThread()
-        seen = None     # (holder, first seen, its times at the last look)
+        delayed = me.delayed()
         while True:
             self.holder_serves.wait()
             time.sleep(_WATCH_TICK)
+            # Kept from a CPU while it held the GIL, the watch itself may
+            # have kept the holder waiting: no judging it for that look.
+            before, delayed = delayed, me.delayed()
             holder = self.holder
             if holder is None:
                 with self.lock:
                     if self.holder is None:
                         self.holder_serves.clear()
-                seen = None
                 continue
+            turn, _job, thread, began, ran = holder
+            now = time.monotonic()
             try:
-                times = holder[2].times_seen_by(me)
+                blocked = delayed - before < _WATCH_TICK / 4 and \
+                    thread.blocked(now - began, thread.cpu() - ran)
             except OSError:         # its thread just ended
                 continue
-            if seen is None or seen[0] is not holder:
-                seen = (holder, times[0], times)
-            elif _waited(seen[2], times) and holder[2].sleeps():
-                self.apps_wait_until = times[0] + _APPS_WAIT_SECONDS
-                self.pass_turn(holder[0])
-            elif times[0] - seen[1] >= _STALL:
-                self.pass_turn(holder[0])
-            else:
-                seen = (holder, seen[1], times)
+            if blocked:
+                self.apps_wait_until = now + _APPS_WAIT_SECONDS
+                self.pass_turn(turn)
+            elif now - began >= _STALL:
+                self.pass_turn(turn)
 
     # -- what the holder serves --------------------------------------------
 
@@ -2796,21 +2799,26 @@ class _PoolThread(object):
     def times(self):
         """(now, ran, waited for a CPU, the process ran), in seconds, of
         this thread, read by itself."""
-        delayed = 0.0
-        if self.schedstat is not None:
-            delayed = int(os.pread(self.schedstat, 128, 0).split()[1]) / 1e9
-        return (time.monotonic(), time.clock_gettime(self.clock), delayed,
+        return (time.monotonic(), self.cpu(), self.delayed(),
                 time.process_time())
 
-    def times_seen_by(self, watch):
-        """times() of this thread as ``watch`` reads them: what this
-        thread waited for a CPU is not known yet, so the watch's own wait
-        stands in (while the watch waited, holding the GIL, nobody ran)."""
-        return (time.monotonic(), time.clock_gettime(self.clock),
-                watch.times()[2], time.process_time())
+    def cpu(self):
+        """Seconds this thread has run."""
+        return time.clock_gettime(self.clock)
 
-    def sleeps(self):
-        """True unless the kernel says this thread is ready to run."""
+    def delayed(self):
+        """Seconds this thread has waited for a CPU, as of its last turn
+        on one (0 where unknown)."""
+        if self.schedstat is None:
+            return 0.0
+        return int(os.pread(self.schedstat, 128, 0).split()[1]) / 1e9
+
+    def blocked(self, span, ran):
+        """True for a thread, ``span`` seconds into a job in which it ran
+        ``ran``, that has mostly been blocked and is still: it sleeps now
+        (a thread short of a CPU is ready to run, not blocked)."""
+        if span < 2 * _WAITED or ran > span / 4:
+            return False
         if self.stat is None:
             return True
         state = os.pread(self.stat, 512, 0).rpartition(b')')[2].split()[:1]
