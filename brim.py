@@ -465,9 +465,18 @@ class _LogStream(object):
 
 
 class _Formatter(logging.Formatter):
-    """A Formatter that renders the time once a second, not per line."""
+    """A Formatter that renders the time once a second, not per line, and
+    a request line (a _RequestRecord: no arguments, no traceback) without
+    logging's general machinery."""
 
     _stamp = (None, '')     # (second, text): one tuple, so threads agree
+
+    def format(self, record):
+        if type(record) is _RequestRecord:
+            return self._fmt % {'asctime': self.formatTime(record),
+                                'name': record.name, 'levelname': 'NOTICE',
+                                'txn': record.txn, 'message': record.msg}
+        return logging.Formatter.format(self, record)
 
     def formatTime(self, record, datefmt=None):
         second = int(record.created)
@@ -510,23 +519,39 @@ class _JSONFormatter(_Formatter):
         return stamp[1]
 
 
+# Lines a batched log handler (see _Handler) keeps at most before it sends.
+_BATCH_LINES = 64
+
+
 class _Handler(logging.Handler):
-    """What brim's handlers share: each line is one send, without a lock;
-    a line that cannot be sent is counted, and the next line that gets
-    through is preceded by how many were lost and why; only brim closes
-    them.
+    """What brim's handlers share: lines go out in whole-line sends,
+    without a lock on the way in; a line that cannot be sent is counted,
+    and the next send that gets through is preceded by how many were lost
+    and why; only brim closes them.
 
     logging.Handler's per-handler lock made every request of a busy worker
-    queue up behind the others' log lines: one send of a whole line needs
-    none.  Subclasses ``send`` bytes (returning how many went out) and
-    ``shut`` what they opened.
+    queue up behind the others' log lines.  Here a line is put in a queue
+    (deque appends need no lock) and sent at once, or, in a worker whose
+    threads take turns (batched), when the thread with the turn next looks
+    for work, or the queue is long, or the line is a warning or worse:
+    many lines in one send, where each send costs a system call and a GIL
+    round trip that the worker's other threads feel.  A send holds at most
+    BATCH_BYTES of whole lines (PIPE_BUF: a pipe other processes write to
+    keeps them whole).  Subclasses ``send`` bytes (returning how many went
+    out) and ``shut`` what they opened.
     """
+
+    #: True in a worker whose threads take turns (see _batch_logs).
+    batched = False
+    BATCH_BYTES = 4096
 
     def __init__(self):
         logging.Handler.__init__(self)
+        self.waiting = collections.deque()  # lines (bytes) to send
+        self.sending = threading.Lock()     # one sender at a time: in order
         self.dropped = 0            # lines lost since the last report
         self.drop_reason = ''
-        self.cut = False            # a line went out only in part
+        self.cut = False            # a send went out only in part
 
     def line(self, record):
         return (self.format(record) + '\n').encode('utf-8',
@@ -542,56 +567,77 @@ class _Handler(logging.Handler):
 
     def emit(self, record):
         try:
-            data = self.line(record)
-            if self.dropped:
-                self._report_dropped(record.name)
-            sent = self.send(data)
-            if sent < len(data):
-                self._send_rest(data, sent)
+            self.waiting.append(self.line(record))
         except Exception:
             self.handleError(record)
+            return
+        if not self.batched or record.levelno >= logging.WARNING or \
+                len(self.waiting) >= _BATCH_LINES:
+            self.flush()
 
-    def _send_rest(self, data, sent):
-        """The rest of a line that a disk or a pipe about full took only
-        in part; if it fails, the next line starts on a line of its own."""
-        self.cut = True
-        while sent < len(data):
-            sent += self.send(data[sent:])
-        self.cut = False
+    def flush(self):
+        """Send the lines that wait, in order."""
+        with self.sending:
+            while self.waiting:
+                data = self._next_send()
+                try:
+                    if self.dropped:
+                        self._report_dropped()
+                    self._send_all(data)
+                except Exception as err:
+                    self._lost(data.count(self.END), err)
+
+    #: What ends a line this handler sends.
+    END = b'\n'
+
+    def _next_send(self):
+        """Whole lines from the queue, up to BATCH_BYTES (at least one)."""
+        parts = [self.waiting.popleft()]
+        size = len(parts[0])
+        while self.waiting and size + len(self.waiting[0]) <= \
+                self.BATCH_BYTES:
+            parts.append(self.waiting.popleft())
+            size += len(parts[-1])
+        return b''.join(parts)
+
+    def _send_all(self, data):
+        """All of ``data``: the rest of what a disk or a pipe about full
+        took only in part; if that fails, the next send starts on a line
+        of its own."""
+        sent = self.send(data)
+        if sent < len(data):
+            self.cut = True
+            while sent < len(data):
+                sent += self.send(data[sent:])
+            self.cut = False
 
     def handleError(self, record):
         """Count the line instead of printing a traceback on stderr, which
         is this log again in a daemonized brimd (and a stuck pipe in a
         foreground one)."""
-        error = sys.exc_info()[1]
-        with self.lock:
-            self.dropped += 1
-            self.drop_reason = '%s: %s' % (type(error).__name__, error)
-        _count_dropped()
+        self._lost(1, sys.exc_info()[1])
 
-    def _report_dropped(self, name):
-        """The line that says how many lines were lost, before the next.
+    def _lost(self, lines, error):
+        self.dropped += lines
+        self.drop_reason = '%s: %s' % (type(error).__name__, error)
+        _count_dropped(lines)
 
-        The lock is only taken here and in handleError, after a failure,
-        so two threads do not report the same lines.
-        """
-        with self.lock:
-            dropped = self.dropped
-            if not dropped:
-                return
-            data = self.line(logging.makeLogRecord({
-                'name': name, 'levelno': logging.WARNING,
-                'levelname': 'WARNING', 'txn': '-',
-                'msg': 'brim dropped %d log line%s (%s)' % (
-                    dropped, '' if dropped == 1 else 's',
-                    self.drop_reason)}))
-            if self.cut:
-                data = b'\n' + data
-            sent = self.send(data)
-            if sent < len(data):
-                self._send_rest(data, sent)
-            self.dropped -= dropped
-            self.cut = False
+    def _report_dropped(self):
+        """Lock held: the line that says how many lines were lost."""
+        dropped = self.dropped
+        data = self.line(logging.makeLogRecord({
+            'name': self.report_name, 'levelno': logging.WARNING,
+            'levelname': 'WARNING', 'txn': '-',
+            'msg': 'brim dropped %d log line%s (%s)' % (
+                dropped, '' if dropped == 1 else 's', self.drop_reason)}))
+        if self.cut:
+            data = b'\n' + data
+        self._send_all(data)
+        self.dropped -= dropped
+        self.cut = False
+
+    #: The logger name on the line that reports lost lines.
+    report_name = 'brim'
 
     def close(self):
         """Does nothing: an app's logging.config or logging.shutdown()
@@ -600,7 +646,26 @@ class _Handler(logging.Handler):
     def shut(self):
         """brim's own close, when get_logger replaces the handler (a worker
         replacing the one it inherited from the main process)."""
+        self.flush()
         logging.Handler.close(self)
+
+
+def _batch_logs(logger):
+    """Batch the lines of ``logger``'s brim handlers (see _Handler)."""
+    _Handler.batched = True
+    _batched_handlers.extend(handler for handler in logger.handlers
+                             if isinstance(handler, _Handler))
+
+
+def _flush_logs():
+    """Send the log lines that wait: the thread with the turn, before it
+    waits for work; a worker's housekeeping; a worker as it ends."""
+    for handler in _batched_handlers:
+        if handler.waiting:
+            handler.flush()
+
+
+_batched_handlers = []
 
 
 class _AppendHandler(_Handler):
@@ -712,6 +777,10 @@ class _SyslogHandler(_Handler):
     socket is non-blocking and a line that does not fit is dropped.  When
     the daemon restarts, the next line connects again.
     """
+
+    # One line a datagram.
+    BATCH_BYTES = 0
+    END = b'\0'
 
     def __init__(self, path, facility):
         _Handler.__init__(self)
@@ -853,6 +922,7 @@ def get_logger(log_name='brim', log_level='INFO', log_facility='LOCAL0',
     handler.setFormatter(_JSONFormatter() if log_format == 'json'
                          else _Formatter(fmt))
     handler.addFilter(_TxnFilter())
+    handler.report_name = log_name
     logger.addHandler(handler)
     return logger
 
@@ -1347,21 +1417,25 @@ _header_names = _HeaderNames()
 
 
 class _DateCache(object):
-    """The Date header value, formatted once a second, not per request."""
+    """A time formatted once a second, not per request: the Date header,
+    the request log line's time."""
 
-    def __init__(self):
+    def __init__(self, format_time):
+        self.format_time = format_time
         self.second = 0
         self.value = ''
 
     def __call__(self):
         now = int(time.time())
         if now != self.second:
-            self.value = http_date(now)
+            self.value = self.format_time(now)
             self.second = now
         return self.value
 
 
-_http_date = _DateCache()
+_http_date = _DateCache(lambda now: http_date(now))
+_log_time = _DateCache(lambda now: time.strftime('%Y%m%dT%H%M%SZ',
+                                                 time.gmtime(now)))
 
 
 class _NoBody(object):
@@ -2581,6 +2655,7 @@ class _ConnectionPool(object):
                     else:
                         timeout = min(timeout or 1.0,
                                       self.paused_until - now)
+            _flush_logs()   # lines wait in memory only while work waits
             # At least once a second: a connection parked meanwhile may be
             # the first to be due.
             events = self.epoll.poll(1.0 if timeout is None else timeout)
@@ -3014,6 +3089,7 @@ class Subserver(object):
 
     def _tick(self):
         """Housekeeping the serving loop does at least once a second."""
+        _flush_logs()
         self.stats.beat()
         self.stats.set('log_lines_dropped',
                        _lines_dropped - self.dropped_before)
@@ -3224,6 +3300,7 @@ class _IPSubserver(Subserver):
         connections in hand when draining."""
         if self.tls is not None:
             handle = self._after_handshake(handle)
+        _batch_logs(self.logger)
         # Readable from the drain on, never read: it wakes the accepting
         # thread whenever it looks.
         self.drained_r, self.drained_w = os.pipe()
@@ -3462,8 +3539,7 @@ class WSGISubserver(_IPSubserver):
         if env.get('QUERY_STRING'):
             path += '?' + env['QUERY_STRING']
         words = [env.get('REMOTE_ADDR'), env.get('REMOTE_ADDR'), None,
-                 env.get('REMOTE_USER'),
-                 time.strftime('%Y%m%dT%H%M%SZ', time.gmtime()),
+                 env.get('REMOTE_USER'), _log_time(),
                  env.get('REQUEST_METHOD'), path, env.get('SERVER_PROTOCOL'),
                  response.code, response.sent,
                  response.bytes_in(), env.get('HTTP_REFERER'),
@@ -5322,6 +5398,7 @@ class Server(object):
                     _write_line(ready_fd, '%s failed to start: %s' %
                                 (worker.label(), _one_line(err)))
         finally:
+            _flush_logs()
             os._exit(code)
 
     def _close_main_fds(self, keep, ready_fd):

@@ -3723,6 +3723,34 @@ class TestLogHandlersInProcess(unittest.TestCase):
             self.addCleanup(handler.shut)
         return logger
 
+    def test_batched_lines_go_out_whole_in_order(self):
+        """In a worker whose threads take turns, lines below WARNING wait
+        for a flush (the thread with the turn makes one before it waits
+        for work) and go out in sends of whole lines of at most 4096
+        bytes; a warning takes what waits out first, then itself."""
+        logger = self.logger()
+        [handler] = logger.handlers
+        sends = []
+        send = handler.send
+        handler.send = lambda data: sends.append(data) or send(data)
+        self.addCleanup(setattr, brim._Handler, 'batched', False)
+        brim._Handler.batched = True
+        for number in range(40):
+            logger.info('line %d %s', number, 'x' * 200)
+        self.assertEqual(self.text(), '')
+        logger.warning('a warning')
+        lines = self.text().splitlines()
+        self.assertEqual([line.split()[-2] for line in lines[:-1]],
+                         [str(number) for number in range(40)])
+        self.assertTrue(lines[-1].endswith('a warning'), lines[-1])
+        self.assertGreater(len(sends), 1)
+        for data in sends:
+            self.assertLessEqual(len(data), 4096)
+            self.assertTrue(data.endswith(b'\n'))
+        logger.info('after')
+        handler.flush()
+        self.assertTrue(self.text().endswith('after\n'))
+
     def test_dict_config_and_shutdown_leave_brim_logging(self):
         logger = self.logger()
         logging.config.dictConfig({'version': 1})   # disables the others
