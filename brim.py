@@ -28,6 +28,7 @@ The file reads top to bottom in the order data flows:
     command line      main(): serve, start, stop, shutdown, restart,
                       status, check, foreground, hash-password, ...; and
                       serve(app) for projects that vendor brim.py
+    stats page        the HTML and script WSGIStats answers a browser
 
 Everything is standard library.  Names without a leading underscore are the
 ones configs and apps use.
@@ -3905,6 +3906,7 @@ class WSGIStats(object):
         return [body]
 
     def _page(self, env, start_response):
+        # _STATS_PAGE is at the end of this file, out of the code's way.
         nonce = base64.b64encode(os.urandom(16)).decode('ascii')
         body = _STATS_PAGE.substitute(
             nonce=nonce, refresh='%g' % self.refresh).encode('utf-8')
@@ -3998,342 +4000,6 @@ class DaemonSample(object):
     @classmethod
     def stats_conf(cls, name, conf):
         return [('iterations', 'daemon'), ('last_run', 'daemon')]
-
-
-# The page WSGIStats answers a browser: everything inline (no resource from
-# elsewhere, so it works on a server without internet), the data polled
-# from ?format=json and put in with textContent only.  $nonce lets the
-# Content-Security-Policy allow exactly this style and script.
-_STATS_PAGE = string.Template('''<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>brimd stats</title>
-<style nonce="$nonce">
-:root { --bg: #f4f5f7; --card: #fff; --ink: #1d2330; --dim: #6b7280;
-  --line: #e3e6eb; --accent: #2563eb; }
-* { box-sizing: border-box; }
-body { margin: 0; background: var(--bg); color: var(--ink);
-  font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; }
-header { display: flex; flex-wrap: wrap; align-items: baseline;
-  gap: 0 1.5em; padding: 12px 24px; background: #1d2330; color: #fff; }
-header h1 { font-size: 18px; margin: 0; }
-header span { color: #c5cad3; font-size: 13px; }
-header span.error { color: #fca5a5; }
-main { display: grid; gap: 16px; padding: 16px 24px;
-  grid-template-columns: repeat(auto-fill, minmax(440px, 1fr)); }
-section { background: var(--card); border: 1px solid var(--line);
-  border-radius: 8px; padding: 14px 16px; }
-h2 { margin: 0; font-size: 15px; display: flex;
-  justify-content: space-between; align-items: baseline; }
-h2 small { color: var(--dim); font-weight: normal; font-size: 12px;
-  text-transform: uppercase; letter-spacing: .05em; }
-.rate { font-size: 26px; font-weight: 600; margin-top: 4px;
-  font-variant-numeric: tabular-nums; }
-.rate small { font-size: 13px; font-weight: normal; color: var(--dim); }
-svg { display: block; width: 100%; height: 110px; margin-top: 6px;
-  background: #fafbfc; border: 1px solid var(--line); border-radius: 4px; }
-svg .grid { stroke: var(--line); stroke-width: 1;
-  vector-effect: non-scaling-stroke; }
-svg .line { fill: none; stroke: var(--accent); stroke-width: 2;
-  vector-effect: non-scaling-stroke; stroke-linejoin: round; }
-svg .area { fill: var(--accent); opacity: .12; }
-.axis { display: flex; justify-content: space-between; color: var(--dim);
-  font-size: 11px; margin-bottom: 10px; }
-.chips { display: flex; flex-wrap: wrap; gap: 6px; margin-bottom: 10px; }
-.chip { border-radius: 999px; padding: 2px 10px; font-size: 12px;
-  background: #eef0f3; font-variant-numeric: tabular-nums; }
-.chip b { margin-right: 4px; }
-.s2xx { background: #dcfce7; color: #14532d; }
-.s3xx { background: #dbeafe; color: #1e3a8a; }
-.s4xx { background: #fef3c7; color: #78350f; }
-.s5xx { background: #fee2e2; color: #7f1d1d; }
-table { width: 100%; border-collapse: collapse;
-  font-variant-numeric: tabular-nums; }
-th, td { text-align: right; padding: 3px 6px;
-  border-bottom: 1px solid var(--line); }
-th:first-child, td:first-child { text-align: left; }
-th { color: var(--dim); font-weight: 500; font-size: 12px; }
-td.down { color: #dc2626; font-weight: 600; }
-p.totals { color: var(--dim); font-size: 12px; margin: 8px 0 0; }
-</style>
-</head>
-<body data-source="?format=json" data-refresh="$refresh">
-<header><h1>brimd</h1><span id="started"></span>
-<span id="status">loading&hellip;</span></header>
-<main id="subservers"></main>
-<noscript><p>This page needs JavaScript; the numbers themselves are at
-<a href="?format=json">?format=json</a>.</p></noscript>
-<script nonce="$nonce">
-(function () {
-  'use strict';
-  var WINDOW = 300;   // seconds of history a chart shows
-  var CLASSES = ['2xx', '3xx', '4xx', '5xx'];
-  var source = document.body.getAttribute('data-source');
-  var refresh = (Number(document.body.getAttribute('data-refresh')) ||
-                 2) * 1000;
-  var samples = {};   // series name -> [[seconds, count], ...]
-
-  function el(tag, className, text) {
-    var node = document.createElement(tag);
-    if (className) { node.className = className; }
-    if (text !== undefined) { node.textContent = String(text); }
-    return node;
-  }
-
-  function svg(tag, attrs) {
-    var node = document.createElementNS('http://www.w3.org/2000/svg', tag);
-    Object.keys(attrs).forEach(function (name) {
-      node.setAttribute(name, attrs[name]);
-    });
-    return node;
-  }
-
-  function row(cells, tag) {
-    var tr = el('tr');
-    cells.forEach(function (cell) {
-      var td = el(tag || 'td', cell.className, cell.text);
-      tr.appendChild(td);
-    });
-    return tr;
-  }
-
-  function duration(seconds) {
-    var units = [[86400, 'd'], [3600, 'h'], [60, 'm'], [1, 's']];
-    var parts = [];
-    units.forEach(function (unit) {
-      if (parts.length < 2 && (seconds >= unit[0] || unit[0] === 1)) {
-        parts.push(Math.floor(seconds / unit[0]) + unit[1]);
-        seconds -= Math.floor(seconds / unit[0]) * unit[0];
-      }
-    });
-    return parts.join(' ');
-  }
-
-  function perSecond(value) {
-    if (value === null) { return '\\u2013'; }
-    return value.toFixed(value >= 100 ? 0 : value >= 10 ? 1 : 2);
-  }
-
-  // What a subserver's chart follows: requests for WSGI, else its first
-  // stat summed over the workers (bytes for TCP echo, datagrams for UDP).
-  function counterOf(entry) {
-    if (typeof entry.request_count === 'number') { return 'request_count'; }
-    return Object.keys(entry).filter(function (name) {
-      return typeof entry[name] === 'number' && name !== 'start_time';
-    }).sort()[0] || null;
-  }
-
-  // Adds a sample; keeps one older than the window so lines reach its edge.
-  function record(series, value, now) {
-    var list = samples[series] || (samples[series] = []);
-    list.push([now, value]);
-    while (list.length > 2 && list[1][0] < now - WINDOW) { list.shift(); }
-    return list;
-  }
-
-  function rates(list) {
-    var points = [];
-    for (var i = 1; i < list.length; i += 1) {
-      var seconds = list[i][0] - list[i - 1][0];
-      if (seconds > 0) {
-        points.push([list[i][0],
-                     Math.max(0, list[i][1] - list[i - 1][1]) / seconds]);
-      }
-    }
-    return points;
-  }
-
-  function latest(points) {
-    return points.length ? points[points.length - 1][1] : null;
-  }
-
-  // The chart spans the samples so far, up to WINDOW, then moves on.
-  function chart(points, now) {
-    var peak = 0;
-    var span = points.length ?
-      Math.min(WINDOW, Math.max(10, now - points[0][0])) : WINDOW;
-    points.forEach(function (point) { peak = Math.max(peak, point[1]); });
-    var scale = peak > 0 ? peak : 1;   // a flat line sits at the bottom
-    var root = svg('svg', {viewBox: '0 0 300 100',
-                           preserveAspectRatio: 'none', role: 'img'});
-    [25, 50, 75].forEach(function (y) {
-      root.appendChild(svg('line', {x1: 0, x2: 300, y1: y, y2: y,
-                                    'class': 'grid'}));
-    });
-    if (points.length) {
-      var xy = points.map(function (point) {
-        return ((point[0] - now + span) / span * 300).toFixed(1) + ',' +
-          (100 - point[1] / scale * 94).toFixed(1);
-      });
-      var left = xy[0].split(',')[0], right = xy[xy.length - 1].split(',')[0];
-      root.appendChild(svg('polygon', {
-        'class': 'area',
-        points: left + ',100 ' + xy.join(' ') + ' ' + right + ',100'}));
-      root.appendChild(svg('polyline', {'class': 'line',
-                                        points: xy.join(' ')}));
-    }
-    return {node: root, peak: peak, span: span};
-  }
-
-  function rateBlock(section, name, entry, counter, now) {
-    var points = rates(record(name, entry[counter], now));
-    var label = counter === 'request_count' ? 'requests' : counter;
-    var big = el('div', 'rate', perSecond(latest(points)));
-    big.appendChild(el('small', '', ' ' + label + '/s'));
-    section.appendChild(big);
-    var drawn = chart(points, now);
-    section.appendChild(drawn.node);
-    var axis = el('div', 'axis');
-    axis.appendChild(el('span', '', duration(drawn.span) + ' ago'));
-    axis.appendChild(el('span', '', 'peak ' + perSecond(drawn.peak) + '/s'));
-    axis.appendChild(el('span', '', 'now'));
-    section.appendChild(axis);
-  }
-
-  function statusChips(section, name, entry, now) {
-    var chips = el('div', 'chips');
-    CLASSES.forEach(function (cls) {
-      var total = entry['status_' + cls + '_count'] || 0;
-      var points = rates(record(name + ' ' + cls, total, now));
-      var chip = el('span', 'chip s' + cls);
-      chip.appendChild(el('b', '', cls));
-      chip.appendChild(document.createTextNode(
-        total.toLocaleString('en-US') + ' \\u00b7 ' +
-        perSecond(latest(points)) + '/s'));
-      chips.appendChild(chip);
-    });
-    section.appendChild(chips);
-  }
-
-  function workerTable(section, kind, entry, workers, counter) {
-    var daemon = kind === 'daemons';
-    var extra = [];
-    if (daemon) {
-      workers.forEach(function (w) {
-        Object.keys(entry[w.label] || {}).forEach(function (name) {
-          if (name !== 'start_time' && extra.indexOf(name) < 0) {
-            extra.push(name);
-          }
-        });
-      });
-    } else if (counter) {
-      extra.push(counter);
-    }
-    var heads = [daemon ? 'daemon' : 'worker', 'pid', 'uptime'];
-    var table = el('table');
-    table.appendChild(row(heads.concat(extra, ['restarts']).map(
-      function (text) { return {text: text === 'request_count' ?
-                                'requests' : text}; }), 'th'));
-    workers.forEach(function (w) {
-      var stats = entry[w.label] || {};
-      var cells = [{text: w.label},
-                   w.pid ? {text: w.pid, className: 'pid'} :
-                   {text: 'down', className: 'down'},
-                   {text: w.pid ? duration(w.uptime) : '\\u2013'}];
-      extra.forEach(function (name) {
-        cells.push({text: statText(name, stats[name] || 0)});
-      });
-      cells.push({text: w.restarts});
-      table.appendChild(row(cells));
-    });
-    section.appendChild(table);
-  }
-
-  // A stat named last_* holding seconds since the epoch (a daemon's
-  // last_run) reads as a time, with the date when not today; the rest as
-  // counts.
-  function statText(name, value) {
-    if (/^last_/.test(name) && value > 1e9) {
-      var when = new Date(value * 1000);
-      return when.toDateString() === new Date().toDateString() ?
-        when.toLocaleTimeString() : when.toLocaleString();
-    }
-    return value.toLocaleString('en-US');
-  }
-
-  function otherTotals(section, entry, shown) {
-    var names = Object.keys(entry).filter(function (name) {
-      return typeof entry[name] === 'number' && shown.indexOf(name) < 0;
-    }).sort();
-    if (names.length) {
-      section.appendChild(el('p', 'totals', names.map(function (name) {
-        return name + ' ' + statText(name, entry[name]);
-      }).join(' \\u00b7 ')));
-    }
-  }
-
-  function card(name, entry, workers, now) {
-    var kind = workers[0].kind;
-    var section = el('section');
-    section.setAttribute('data-subserver', name);
-    var title = el('h2', '', name);
-    title.appendChild(el('small', '', kind));
-    section.appendChild(title);
-    var counter = kind === 'daemons' ? null : counterOf(entry);
-    var shown = ['start_time', counter];
-    if (counter) { rateBlock(section, name, entry, counter, now); }
-    if (kind === 'wsgi') {
-      statusChips(section, name, entry, now);
-      shown = shown.concat(CLASSES.map(function (cls) {
-        return 'status_' + cls + '_count';
-      }));
-    }
-    workerTable(section, kind, entry, workers, counter);
-    otherTotals(section, entry, shown);
-    return section;
-  }
-
-  function render(data) {
-    var now = Date.now() / 1000;
-    var groups = {}, order = [];
-    (data.workers || []).forEach(function (w) {
-      if (!groups[w.subserver]) {
-        groups[w.subserver] = [];
-        order.push(w.subserver);
-      }
-      groups[w.subserver].push(w);
-    });
-    var main = document.getElementById('subservers');
-    main.textContent = '';
-    order.forEach(function (name) {
-      main.appendChild(card(name, data[name] || {}, groups[name], now));
-    });
-    document.getElementById('started').textContent = 'started ' +
-      new Date(data.start_time * 1000).toLocaleString();
-    var status = document.getElementById('status');
-    status.className = '';
-    status.textContent = 'updated ' + new Date().toLocaleTimeString() +
-      ', every ' + refresh / 1000 + ' s';
-  }
-
-  function fail(err) {
-    var status = document.getElementById('status');
-    status.className = 'error';
-    status.textContent = 'cannot read the stats (' + err.message +
-      '); trying again';
-  }
-
-  function poll() {
-    fetch(source, {cache: 'no-store', headers: {Accept: 'application/json'}})
-      .then(function (response) {
-        if (!response.ok) {
-          throw new Error(response.status + ' ' + response.statusText);
-        }
-        return response.json();
-      })
-      .then(render)
-      .catch(fail)
-      .then(function () { setTimeout(poll, refresh); });
-  }
-
-  poll();
-}());
-</script>
-</body>
-</html>
-''')
 
 
 # ---------------------------------------------------------------------------
@@ -6796,6 +6462,346 @@ def main(argv=None):
             raise
         print(_one_line(err), file=sys.stderr)
         return 1
+
+
+# ---------------------------------------------------------------------------
+# The stats page: the HTML WSGIStats answers a browser
+# ---------------------------------------------------------------------------
+
+# The page WSGIStats answers a browser: everything inline (no resource from
+# elsewhere, so it works on a server without internet), the data polled
+# from ?format=json and put in with textContent only.  $nonce lets the
+# Content-Security-Policy allow exactly this style and script.
+_STATS_PAGE = string.Template('''<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>brimd stats</title>
+<style nonce="$nonce">
+:root { --bg: #f4f5f7; --card: #fff; --ink: #1d2330; --dim: #6b7280;
+  --line: #e3e6eb; --accent: #2563eb; }
+* { box-sizing: border-box; }
+body { margin: 0; background: var(--bg); color: var(--ink);
+  font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; }
+header { display: flex; flex-wrap: wrap; align-items: baseline;
+  gap: 0 1.5em; padding: 12px 24px; background: #1d2330; color: #fff; }
+header h1 { font-size: 18px; margin: 0; }
+header span { color: #c5cad3; font-size: 13px; }
+header span.error { color: #fca5a5; }
+main { display: grid; gap: 16px; padding: 16px 24px;
+  grid-template-columns: repeat(auto-fill, minmax(440px, 1fr)); }
+section { background: var(--card); border: 1px solid var(--line);
+  border-radius: 8px; padding: 14px 16px; }
+h2 { margin: 0; font-size: 15px; display: flex;
+  justify-content: space-between; align-items: baseline; }
+h2 small { color: var(--dim); font-weight: normal; font-size: 12px;
+  text-transform: uppercase; letter-spacing: .05em; }
+.rate { font-size: 26px; font-weight: 600; margin-top: 4px;
+  font-variant-numeric: tabular-nums; }
+.rate small { font-size: 13px; font-weight: normal; color: var(--dim); }
+svg { display: block; width: 100%; height: 110px; margin-top: 6px;
+  background: #fafbfc; border: 1px solid var(--line); border-radius: 4px; }
+svg .grid { stroke: var(--line); stroke-width: 1;
+  vector-effect: non-scaling-stroke; }
+svg .line { fill: none; stroke: var(--accent); stroke-width: 2;
+  vector-effect: non-scaling-stroke; stroke-linejoin: round; }
+svg .area { fill: var(--accent); opacity: .12; }
+.axis { display: flex; justify-content: space-between; color: var(--dim);
+  font-size: 11px; margin-bottom: 10px; }
+.chips { display: flex; flex-wrap: wrap; gap: 6px; margin-bottom: 10px; }
+.chip { border-radius: 999px; padding: 2px 10px; font-size: 12px;
+  background: #eef0f3; font-variant-numeric: tabular-nums; }
+.chip b { margin-right: 4px; }
+.s2xx { background: #dcfce7; color: #14532d; }
+.s3xx { background: #dbeafe; color: #1e3a8a; }
+.s4xx { background: #fef3c7; color: #78350f; }
+.s5xx { background: #fee2e2; color: #7f1d1d; }
+table { width: 100%; border-collapse: collapse;
+  font-variant-numeric: tabular-nums; }
+th, td { text-align: right; padding: 3px 6px;
+  border-bottom: 1px solid var(--line); }
+th:first-child, td:first-child { text-align: left; }
+th { color: var(--dim); font-weight: 500; font-size: 12px; }
+td.down { color: #dc2626; font-weight: 600; }
+p.totals { color: var(--dim); font-size: 12px; margin: 8px 0 0; }
+</style>
+</head>
+<body data-source="?format=json" data-refresh="$refresh">
+<header><h1>brimd</h1><span id="started"></span>
+<span id="status">loading&hellip;</span></header>
+<main id="subservers"></main>
+<noscript><p>This page needs JavaScript; the numbers themselves are at
+<a href="?format=json">?format=json</a>.</p></noscript>
+<script nonce="$nonce">
+(function () {
+  'use strict';
+  var WINDOW = 300;   // seconds of history a chart shows
+  var CLASSES = ['2xx', '3xx', '4xx', '5xx'];
+  var source = document.body.getAttribute('data-source');
+  var refresh = (Number(document.body.getAttribute('data-refresh')) ||
+                 2) * 1000;
+  var samples = {};   // series name -> [[seconds, count], ...]
+
+  function el(tag, className, text) {
+    var node = document.createElement(tag);
+    if (className) { node.className = className; }
+    if (text !== undefined) { node.textContent = String(text); }
+    return node;
+  }
+
+  function svg(tag, attrs) {
+    var node = document.createElementNS('http://www.w3.org/2000/svg', tag);
+    Object.keys(attrs).forEach(function (name) {
+      node.setAttribute(name, attrs[name]);
+    });
+    return node;
+  }
+
+  function row(cells, tag) {
+    var tr = el('tr');
+    cells.forEach(function (cell) {
+      var td = el(tag || 'td', cell.className, cell.text);
+      tr.appendChild(td);
+    });
+    return tr;
+  }
+
+  function duration(seconds) {
+    var units = [[86400, 'd'], [3600, 'h'], [60, 'm'], [1, 's']];
+    var parts = [];
+    units.forEach(function (unit) {
+      if (parts.length < 2 && (seconds >= unit[0] || unit[0] === 1)) {
+        parts.push(Math.floor(seconds / unit[0]) + unit[1]);
+        seconds -= Math.floor(seconds / unit[0]) * unit[0];
+      }
+    });
+    return parts.join(' ');
+  }
+
+  function perSecond(value) {
+    if (value === null) { return '\\u2013'; }
+    return value.toFixed(value >= 100 ? 0 : value >= 10 ? 1 : 2);
+  }
+
+  // What a subserver's chart follows: requests for WSGI, else its first
+  // stat summed over the workers (bytes for TCP echo, datagrams for UDP).
+  function counterOf(entry) {
+    if (typeof entry.request_count === 'number') { return 'request_count'; }
+    return Object.keys(entry).filter(function (name) {
+      return typeof entry[name] === 'number' && name !== 'start_time';
+    }).sort()[0] || null;
+  }
+
+  // Adds a sample; keeps one older than the window so lines reach its edge.
+  function record(series, value, now) {
+    var list = samples[series] || (samples[series] = []);
+    list.push([now, value]);
+    while (list.length > 2 && list[1][0] < now - WINDOW) { list.shift(); }
+    return list;
+  }
+
+  function rates(list) {
+    var points = [];
+    for (var i = 1; i < list.length; i += 1) {
+      var seconds = list[i][0] - list[i - 1][0];
+      if (seconds > 0) {
+        points.push([list[i][0],
+                     Math.max(0, list[i][1] - list[i - 1][1]) / seconds]);
+      }
+    }
+    return points;
+  }
+
+  function latest(points) {
+    return points.length ? points[points.length - 1][1] : null;
+  }
+
+  // The chart spans the samples so far, up to WINDOW, then moves on.
+  function chart(points, now) {
+    var peak = 0;
+    var span = points.length ?
+      Math.min(WINDOW, Math.max(10, now - points[0][0])) : WINDOW;
+    points.forEach(function (point) { peak = Math.max(peak, point[1]); });
+    var scale = peak > 0 ? peak : 1;   // a flat line sits at the bottom
+    var root = svg('svg', {viewBox: '0 0 300 100',
+                           preserveAspectRatio: 'none', role: 'img'});
+    [25, 50, 75].forEach(function (y) {
+      root.appendChild(svg('line', {x1: 0, x2: 300, y1: y, y2: y,
+                                    'class': 'grid'}));
+    });
+    if (points.length) {
+      var xy = points.map(function (point) {
+        return ((point[0] - now + span) / span * 300).toFixed(1) + ',' +
+          (100 - point[1] / scale * 94).toFixed(1);
+      });
+      var left = xy[0].split(',')[0], right = xy[xy.length - 1].split(',')[0];
+      root.appendChild(svg('polygon', {
+        'class': 'area',
+        points: left + ',100 ' + xy.join(' ') + ' ' + right + ',100'}));
+      root.appendChild(svg('polyline', {'class': 'line',
+                                        points: xy.join(' ')}));
+    }
+    return {node: root, peak: peak, span: span};
+  }
+
+  function rateBlock(section, name, entry, counter, now) {
+    var points = rates(record(name, entry[counter], now));
+    var label = counter === 'request_count' ? 'requests' : counter;
+    var big = el('div', 'rate', perSecond(latest(points)));
+    big.appendChild(el('small', '', ' ' + label + '/s'));
+    section.appendChild(big);
+    var drawn = chart(points, now);
+    section.appendChild(drawn.node);
+    var axis = el('div', 'axis');
+    axis.appendChild(el('span', '', duration(drawn.span) + ' ago'));
+    axis.appendChild(el('span', '', 'peak ' + perSecond(drawn.peak) + '/s'));
+    axis.appendChild(el('span', '', 'now'));
+    section.appendChild(axis);
+  }
+
+  function statusChips(section, name, entry, now) {
+    var chips = el('div', 'chips');
+    CLASSES.forEach(function (cls) {
+      var total = entry['status_' + cls + '_count'] || 0;
+      var points = rates(record(name + ' ' + cls, total, now));
+      var chip = el('span', 'chip s' + cls);
+      chip.appendChild(el('b', '', cls));
+      chip.appendChild(document.createTextNode(
+        total.toLocaleString('en-US') + ' \\u00b7 ' +
+        perSecond(latest(points)) + '/s'));
+      chips.appendChild(chip);
+    });
+    section.appendChild(chips);
+  }
+
+  function workerTable(section, kind, entry, workers, counter) {
+    var daemon = kind === 'daemons';
+    var extra = [];
+    if (daemon) {
+      workers.forEach(function (w) {
+        Object.keys(entry[w.label] || {}).forEach(function (name) {
+          if (name !== 'start_time' && extra.indexOf(name) < 0) {
+            extra.push(name);
+          }
+        });
+      });
+    } else if (counter) {
+      extra.push(counter);
+    }
+    var heads = [daemon ? 'daemon' : 'worker', 'pid', 'uptime'];
+    var table = el('table');
+    table.appendChild(row(heads.concat(extra, ['restarts']).map(
+      function (text) { return {text: text === 'request_count' ?
+                                'requests' : text}; }), 'th'));
+    workers.forEach(function (w) {
+      var stats = entry[w.label] || {};
+      var cells = [{text: w.label},
+                   w.pid ? {text: w.pid, className: 'pid'} :
+                   {text: 'down', className: 'down'},
+                   {text: w.pid ? duration(w.uptime) : '\\u2013'}];
+      extra.forEach(function (name) {
+        cells.push({text: statText(name, stats[name] || 0)});
+      });
+      cells.push({text: w.restarts});
+      table.appendChild(row(cells));
+    });
+    section.appendChild(table);
+  }
+
+  // A stat named last_* holding seconds since the epoch (a daemon's
+  // last_run) reads as a time, with the date when not today; the rest as
+  // counts.
+  function statText(name, value) {
+    if (/^last_/.test(name) && value > 1e9) {
+      var when = new Date(value * 1000);
+      return when.toDateString() === new Date().toDateString() ?
+        when.toLocaleTimeString() : when.toLocaleString();
+    }
+    return value.toLocaleString('en-US');
+  }
+
+  function otherTotals(section, entry, shown) {
+    var names = Object.keys(entry).filter(function (name) {
+      return typeof entry[name] === 'number' && shown.indexOf(name) < 0;
+    }).sort();
+    if (names.length) {
+      section.appendChild(el('p', 'totals', names.map(function (name) {
+        return name + ' ' + statText(name, entry[name]);
+      }).join(' \\u00b7 ')));
+    }
+  }
+
+  function card(name, entry, workers, now) {
+    var kind = workers[0].kind;
+    var section = el('section');
+    section.setAttribute('data-subserver', name);
+    var title = el('h2', '', name);
+    title.appendChild(el('small', '', kind));
+    section.appendChild(title);
+    var counter = kind === 'daemons' ? null : counterOf(entry);
+    var shown = ['start_time', counter];
+    if (counter) { rateBlock(section, name, entry, counter, now); }
+    if (kind === 'wsgi') {
+      statusChips(section, name, entry, now);
+      shown = shown.concat(CLASSES.map(function (cls) {
+        return 'status_' + cls + '_count';
+      }));
+    }
+    workerTable(section, kind, entry, workers, counter);
+    otherTotals(section, entry, shown);
+    return section;
+  }
+
+  function render(data) {
+    var now = Date.now() / 1000;
+    var groups = {}, order = [];
+    (data.workers || []).forEach(function (w) {
+      if (!groups[w.subserver]) {
+        groups[w.subserver] = [];
+        order.push(w.subserver);
+      }
+      groups[w.subserver].push(w);
+    });
+    var main = document.getElementById('subservers');
+    main.textContent = '';
+    order.forEach(function (name) {
+      main.appendChild(card(name, data[name] || {}, groups[name], now));
+    });
+    document.getElementById('started').textContent = 'started ' +
+      new Date(data.start_time * 1000).toLocaleString();
+    var status = document.getElementById('status');
+    status.className = '';
+    status.textContent = 'updated ' + new Date().toLocaleTimeString() +
+      ', every ' + refresh / 1000 + ' s';
+  }
+
+  function fail(err) {
+    var status = document.getElementById('status');
+    status.className = 'error';
+    status.textContent = 'cannot read the stats (' + err.message +
+      '); trying again';
+  }
+
+  function poll() {
+    fetch(source, {cache: 'no-store', headers: {Accept: 'application/json'}})
+      .then(function (response) {
+        if (!response.ok) {
+          throw new Error(response.status + ' ' + response.statusText);
+        }
+        return response.json();
+      })
+      .then(render)
+      .catch(fail)
+      .then(function () { setTimeout(poll, refresh); });
+  }
+
+  poll();
+}());
+</script>
+</body>
+</html>
+''')
 
 
 _register_submodules(sys.modules[__name__])
