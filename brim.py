@@ -1018,7 +1018,7 @@ class _StatsRegion(object):
         workers = [_WorkerStats(label, bucket[_StatsLayout.PID],
                                 bucket[_StatsLayout.RESTARTS],
                                 bucket[_StatsLayout.SERVED],
-                                bucket[started] if started else 0)
+                                0 if started is None else bucket[started])
                    for label, bucket in zip(self.labels, buckets)]
         stats = []
         for name, stat_type in self.types.items():
