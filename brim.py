@@ -994,8 +994,9 @@ class _StatsLayout(object):
 
 
 class _StatsRegion(object):
-    """One subserver's buckets in the shared array, in the main process's
-    copy of what it declared (its stats_conf as the layout was made)."""
+    """Where one subserver's buckets lie in the shared array, and what it
+    declared: a copy of its stats_conf as the layout was made, so that the
+    layout never has to ask the subserver again."""
 
     def __init__(self, subserver, offset, ordinal):
         self.name = subserver.name
