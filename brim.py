@@ -28,6 +28,7 @@ The file reads top to bottom in the order data flows:
     command line      main(): serve, start, stop, shutdown, restart,
                       status, check, foreground, hash-password, ...; and
                       serve(app) for projects that vendor brim.py
+    stats page        the HTML and script WSGIStats answers a browser
 
 Everything is standard library.  Names without a leading underscore are the
 ones configs and apps use.
@@ -936,138 +937,225 @@ STAT_TYPES = ('worker', 'sum', 'min', 'max', 'daemon')
 
 
 class _StatsLayout(object):
-    """Where each subserver's buckets sit in the one shared array.
+    """The stats' shared memory, and where everything lies in it.
 
-    Created in the main process before forking, so every worker maps the
-    same memory.  A bucket is one worker's (or daemon's) slots; a worker
-    only ever writes its own bucket, so the hot path takes no
-    cross-process lock.  Slot 0 of every bucket is the worker's heartbeat
-    (milliseconds since the epoch), beaten by the worker at least once a
-    second and read by the main process.  Slot 1 counts what the worker
-    served (requests, connections or datagrams) for ``status``; slot 2 is
-    when its latest request started, for the log line about a hung worker.
-    Slot 3 is the worker's pid, written by the worker (0 once it died) and
-    slot 4 its slot's restarts, written by the main process: so the stats
-    any worker answers can say what every other one is.
+    Made in the main process before forking, so every worker maps the
+    same memory.  Nothing else knows an offset: a worker writes through
+    its bucket (``bucket``), and whatever shows the stats (/stats,
+    /metrics, the stats page, ``status``) is made from one ``read``.
+
+    A subserver has one bucket per worker (or daemon), a bucket one
+    unsigned 64-bit slot per stat: first the HIDDEN ones brim keeps for
+    itself, then the declared ones in stats_conf's order.  Beside the
+    slots, each bucket has LATEST_SIZE bytes for "txn METHOD path" of its
+    latest request, for the log line about a hung worker.
     """
 
     HEARTBEAT, SERVED, REQUEST_START, PID, RESTARTS = range(5)
-    HIDDEN = ['_heartbeat', '_served', '_request_start', '_pid', '_restarts']
-    #: Bytes per bucket of "txn METHOD path" of the latest request.
+    #: The hidden stats: the heartbeat (milliseconds since the epoch);
+    #: what the worker served (requests, connections or datagrams), for
+    #: ``status``; when its latest request started; its pid (0 while it is
+    #: down) and its slot's restarts, so the stats any worker answers say
+    #: what every other one is.
+    HIDDEN = ('_heartbeat', '_served', '_request_start', '_pid',
+              '_restarts')
     LATEST_SIZE = 160
 
     def __init__(self, subservers):
+        self._regions = {}
         offset = ordinal = 0
         for subserver in subservers:
-            names = self.HIDDEN + list(subserver.stats_conf)
-            subserver.stat_index = {n: i for i, n in enumerate(names)}
-            subserver.bucket_size = len(names)
-            subserver.stats_offset = offset
-            subserver.bucket_ordinal = ordinal
-            offset += subserver.bucket_size * subserver.bucket_count
-            ordinal += subserver.bucket_count
-        # 'Q': unsigned 64-bit; lock=False because each bucket has one
-        # writer process (threads within it share a threading.Lock).
-        self.array = multiprocessing.Array('Q', max(offset, 1), lock=False)
-        self.latest = multiprocessing.RawArray(
+            region = _StatsRegion(subserver, offset, ordinal)
+            self._regions[subserver.name] = region
+            offset += region.size * len(region.labels)
+            ordinal += len(region.labels)
+        # 'Q': unsigned 64-bit.  lock=False: see _Bucket for who writes.
+        self._array = multiprocessing.Array('Q', max(offset, 1), lock=False)
+        self._latest = multiprocessing.RawArray(
             'c', max(ordinal, 1) * self.LATEST_SIZE)
 
     def bucket(self, subserver, index):
-        return _Bucket(self, subserver.worker_label(index),
-                       subserver.stats_offset + index * subserver.bucket_size,
-                       subserver.stat_index,
-                       (subserver.bucket_ordinal + index) * self.LATEST_SIZE)
+        """Where worker ``index`` of ``subserver`` keeps its stats."""
+        region = self._regions[subserver.name]
+        base = region.offset + index * region.size
+        return _Bucket(subserver.worker_label(index), self._array, base,
+                       {name: base + slot
+                        for name, slot in region.slots.items()},
+                       self._latest,
+                       (region.ordinal + index) * self.LATEST_SIZE)
+
+    def read(self, start_time):
+        """Every stat of every bucket, read now, as a _StatsReading;
+        ``start_time`` is brimd's."""
+        values = self._array[:]
+        return _StatsReading(start_time, {
+            name: region.read(values) for name, region in
+            self._regions.items()})
+
+
+class _StatsRegion(object):
+    """Where one subserver's buckets lie in the shared array, and what it
+    declared: a copy of its stats_conf as the layout was made, so that the
+    layout never has to ask the subserver again."""
+
+    def __init__(self, subserver, offset, ordinal):
+        self.name = subserver.name
+        self.kind = subserver.kind
+        self.labels = subserver.bucket_labels()
+        self.types = dict(subserver.stats_conf)
+        names = list(_StatsLayout.HIDDEN) + list(self.types)
+        self.slots = {name: slot for slot, name in enumerate(names)}
+        self.size = len(names)
+        self.offset = offset
+        self.ordinal = ordinal
+
+    def read(self, values):
+        """This subserver's _SubserverStats, from all of the array's
+        ``values``."""
+        buckets = [values[base:base + self.size] for base in range(
+            self.offset, self.offset + len(self.labels) * self.size,
+            self.size)]
+        started = self.slots.get('start_time')
+        workers = [_WorkerStats(label, bucket[_StatsLayout.PID],
+                                bucket[_StatsLayout.RESTARTS],
+                                bucket[_StatsLayout.SERVED],
+                                0 if started is None else bucket[started])
+                   for label, bucket in zip(self.labels, buckets)]
+        stats = []
+        for name, stat_type in self.types.items():
+            per_worker = [bucket[self.slots[name]] for bucket in buckets]
+            stats.append(_Stat(name, stat_type,
+                               dict(zip(self.labels, per_worker)),
+                               _roll_up(stat_type, per_worker)))
+        return _SubserverStats(self.name, self.kind, workers, stats)
+
+
+#: What _StatsLayout.read gives: brimd's start time, and each subserver's
+#: _SubserverStats by section name, in the configuration's order.
+_StatsReading = collections.namedtuple('_StatsReading',
+                                       'start_time subservers')
+#: A subserver's _WorkerStats (one per bucket) and _Stats (one per
+#: declared stat, in stats_conf's order).
+_SubserverStats = collections.namedtuple('_SubserverStats',
+                                         'name kind workers stats')
+#: What brim keeps of a worker or daemon: pid (0 while it is down),
+#: restarts, what it served, and its start_time stat (0 if none).
+_WorkerStats = collections.namedtuple('_WorkerStats',
+                                      'label pid restarts served started')
+#: A declared stat: {worker label: value}, and what that rolls up to (None
+#: for worker and daemon stats).
+_Stat = collections.namedtuple('_Stat', 'name type per_worker rolled')
 
 
 class _Bucket(object):
     """One worker's stats: ``get``, ``set`` and ``incr`` by name.
 
-    This is ``env['brim.stats']``.  Values are unsigned integers.  The lock
-    makes increments from the worker's threads exact; other processes only
-    read.  A name no stats_conf declared has no slot: as in the original
-    brimd, ``get`` gives 0 and ``set`` and ``incr`` do nothing, and the
-    worker logs it once per name, so the slip shows without failing the
-    request.
+    This is ``env['brim.stats']``.  Values are unsigned integers.  A name
+    no stats_conf declared has no slot: as in the original brimd, ``get``
+    gives 0 and ``set`` and ``incr`` do nothing, and the worker logs it
+    once per name, so the slip shows without failing the request.
+
+    Who writes a bucket.  Its worker, from its threads: increments under
+    the bucket's lock, so they are exact.  The main process writes only
+    hidden slots, with plain stores: before it forks a worker into the
+    bucket it clears them (``reset``) and sets _restarts; once it has
+    reaped the worker it sets _pid to 0.  A worker then is either not yet
+    forked or gone, with one exception: a worker being replaced (at
+    max_requests, say) drains while its replacement starts in the same
+    bucket, and both write it until the old one exits.  Then either's
+    store may replace the other's (a heartbeat, the pid), and an
+    increment may be lost to the other's at the same instant, as their
+    locks are not shared.  Readers, in any process, take no lock: a slot
+    is one aligned 64-bit word, so a read sees a whole value, old or new.
     """
 
-    def __init__(self, layout, owner, offset, index, latest_offset):
-        self.array = layout.array
+    def __init__(self, owner, array, base, slots, latest, latest_offset):
         self.owner = owner          # "[wsgi] worker 0", for log lines
-        self.offset = offset
-        self.index = index
-        self.lock = threading.Lock()
-        self.latest = layout.latest
-        self.latest_offset = latest_offset
-        self.latest_address = ctypes.addressof(layout.latest) + latest_offset
         self.logger = None          # the worker's, given as it starts
-        self.undeclared = set()     # names already logged
+        self._array = array
+        self._base = base           # the bucket's first slot in the array
+        self._slots = slots         # {stat name: its slot in the array}
+        self._lock = threading.Lock()
+        self._latest = latest
+        self._latest_offset = latest_offset
+        self._latest_address = ctypes.addressof(latest) + latest_offset
+        self._undeclared_names = set()     # names already logged
 
     # get, set and incr look the name up inline: they are on apps' hot
     # path, and only an undeclared name pays for more.
 
     def get(self, name):
         try:
-            return self.array[self.offset + self.index[name]]
+            return self._array[self._slots[name]]
         except KeyError:
             self._undeclared(name)
             return 0
 
     def set(self, name, value):
         try:
-            self.array[self.offset + self.index[name]] = int(value)
+            self._array[self._slots[name]] = int(value)
         except KeyError:
             self._undeclared(name)
 
     def incr(self, name, amount=1):
         try:
-            slot = self.offset + self.index[name]
+            slot = self._slots[name]
         except KeyError:
             self._undeclared(name)
             return
-        with self.lock:
-            self.array[slot] += amount
+        with self._lock:
+            self._array[slot] += amount
+
+    def slots(self, names):
+        """The slots of ``names`` (all declared), for ``incr_slots``: so a
+        hot path looks names up once, not per use."""
+        return tuple(self._slots[name] for name in names)
+
+    def incr_slots(self, slots):
+        """Add one to each stat of ``slots``, from ``slots()``."""
+        array = self._array
+        with self._lock:
+            for slot in slots:
+                array[slot] += 1
 
     def _undeclared(self, name):
         """Log, the first time only, that ``name`` has no slot."""
-        with self.lock:
-            if name in self.undeclared:
+        with self._lock:
+            if name in self._undeclared_names:
                 return
-            self.undeclared.add(name)
-        declared = list(self.index)[len(_StatsLayout.HIDDEN):]
+            self._undeclared_names.add(name)
+        declared = list(self._slots)[len(_StatsLayout.HIDDEN):]
         self.logger.warning(
             '%s: stat %r is not declared, so it is not kept (get gives 0); '
             'add it to a stats_conf (declared: %s)', self.owner, name,
             ', '.join(declared) or 'none')
 
     def beat(self):
-        self.array[self.offset + _StatsLayout.HEARTBEAT] = \
-            int(time.time() * 1000)
+        self._array[self._base + _StatsLayout.HEARTBEAT] = int(
+            time.time() * 1000)
 
     def heartbeat(self):
         """When the worker last beat (seconds since the epoch), or 0."""
-        return self.array[self.offset + _StatsLayout.HEARTBEAT] / 1000.0
-
-    def served(self):
-        return self.array[self.offset + _StatsLayout.SERVED]
+        return self._array[self._base + _StatsLayout.HEARTBEAT] / 1000.0
 
     def note_request(self, started, txn, method, path):
         """Record the request just started, for a hung-worker report."""
-        self.array[self.offset + _StatsLayout.REQUEST_START] = int(started)
+        self._array[self._base + _StatsLayout.REQUEST_START] = int(started)
         text = ('%s %s %s' % (txn, method, path)).encode('utf-8', 'replace')
         text = text[:_StatsLayout.LATEST_SIZE - 1] + b'\0'
-        ctypes.memmove(self.latest_address, text, len(text))
+        ctypes.memmove(self._latest_address, text, len(text))
 
     def latest_request(self):
         """(start time, "txn METHOD path") of the latest request, if any."""
-        start = self.latest_offset
-        text = self.latest[start:start + _StatsLayout.LATEST_SIZE]
-        return (self.array[self.offset + _StatsLayout.REQUEST_START],
+        start = self._latest_offset
+        text = self._latest[start:start + _StatsLayout.LATEST_SIZE]
+        return (self._array[self._base + _StatsLayout.REQUEST_START],
                 text.split(b'\0', 1)[0].decode('utf-8', 'replace'))
 
     def reset(self):
         """Clear the hidden slots for a new worker in this bucket."""
         for slot in range(len(_StatsLayout.HIDDEN)):
-            self.array[self.offset + slot] = 0
+            self._array[self._base + slot] = 0
 
 
 def _roll_up(stat_type, values):
@@ -1081,61 +1169,39 @@ def _roll_up(stat_type, values):
     return None
 
 
-def _stat_values(server):
-    """(subserver, stat name, type, {worker label: value}, rolled up or
-    None) for every declared stat, read once from shared memory."""
-    array = server.stats.array
-    for subserver in server.subservers:
-        size = subserver.bucket_size
-        buckets = []
-        for index in range(subserver.bucket_count):
-            base = subserver.stats_offset + index * size
-            buckets.append(array[base:base + size])
-        labels = subserver.bucket_labels()
-        for name, stat_type in subserver.stats_conf.items():
-            slot = subserver.stat_index[name]
-            values = [bucket[slot] for bucket in buckets]
-            yield (subserver, name, stat_type, dict(zip(labels, values)),
-                   _roll_up(stat_type, values))
-
-
-def _stats_snapshot(server):
-    """Every subserver's stats as the nested dict WSGIStats answers.
+def _stats_snapshot(reading):
+    """The nested dict WSGIStats answers, from a _StatsReading.
 
     Besides one entry per subserver, ``workers`` lists every worker and
     daemon (subserver, kind, label, pid, uptime, restarts); pid is 0 while
     one is down.  It is a list at the top, where no section name can clash.
     """
-    snapshot = {'start_time': server.start_time,
-                'workers': list(_worker_records(server))}
-    for subserver in server.subservers:
-        snapshot[subserver.name] = {}
-    for subserver, name, _type, per_worker, rolled in _stat_values(server):
-        entry = snapshot[subserver.name]
-        if rolled is not None:
-            entry[name] = rolled
-        for label, value in per_worker.items():
-            entry.setdefault(label, {})[name] = value
+    snapshot = {'start_time': reading.start_time,
+                'workers': list(_worker_records(reading))}
+    for sub in reading.subservers.values():
+        entry = snapshot[sub.name] = {}
+        for stat in sub.stats:
+            if stat.rolled is not None:
+                entry[stat.name] = stat.rolled
+            for label, value in stat.per_worker.items():
+                entry.setdefault(label, {})[stat.name] = value
     return snapshot
 
 
-def _worker_records(server):
+def _worker_records(reading):
     """The ``workers`` entries: what each worker's bucket says of it."""
-    array = server.stats.array
     now = int(time.time())
-    for subserver in server.subservers:
-        index = subserver.stat_index
-        for number, label in enumerate(subserver.bucket_labels()):
-            base = subserver.stats_offset + number * subserver.bucket_size
-            started = array[base + index['start_time']]
-            yield {'subserver': subserver.name, 'kind': subserver.kind,
-                   'label': label, 'pid': array[base + _StatsLayout.PID],
-                   'restarts': array[base + _StatsLayout.RESTARTS],
-                   'uptime': max(0, now - started) if started else 0}
+    for sub in reading.subservers.values():
+        for worker in sub.workers:
+            yield {'subserver': sub.name, 'kind': sub.kind,
+                   'label': worker.label, 'pid': worker.pid,
+                   'restarts': worker.restarts,
+                   'uptime': (max(0, now - worker.started) if worker.started
+                              else 0)}
 
 
-def _prometheus_text(server):
-    """The stats in Prometheus's text exposition format (version 0.0.4).
+def _prometheus_text(reading):
+    """A _StatsReading in Prometheus's text exposition format (0.0.4).
 
     ``sum`` stats are counters (``_total``), the rest gauges; each has a
     series per worker (label ``worker``) and, when it rolls up, one
@@ -1145,22 +1211,22 @@ def _prometheus_text(server):
     owners = {'brim_start_time_seconds': ('start_time', None)}
     start = families['brim_start_time_seconds'] = (
         'gauge', 'When brimd or a worker started (seconds since the epoch).',
-        {(): server.start_time})
-    for subserver, name, stat_type, per_worker, rolled in \
-            _stat_values(server):
-        if name == 'start_time':
-            family = start
-        else:
-            family = families.setdefault(
-                _prometheus_name(name, stat_type, owners),
-                ('counter' if stat_type == 'sum' else 'gauge',
-                 'brim stat %s (%s).' % (name, stat_type), {}))
-        samples = family[2]
-        base = (('subserver', subserver.name),)
-        if rolled is not None:
-            samples.setdefault(base, rolled)
-        for label, value in per_worker.items():
-            samples.setdefault(base + (('worker', label),), value)
+        {(): reading.start_time})
+    for sub in reading.subservers.values():
+        for stat in sub.stats:
+            if stat.name == 'start_time':
+                family = start
+            else:
+                family = families.setdefault(
+                    _prometheus_name(stat.name, stat.type, owners),
+                    ('counter' if stat.type == 'sum' else 'gauge',
+                     'brim stat %s (%s).' % (stat.name, stat.type), {}))
+            samples = family[2]
+            base = (('subserver', sub.name),)
+            if stat.rolled is not None:
+                samples.setdefault(base, stat.rolled)
+            for label, value in stat.per_worker.items():
+                samples.setdefault(base + (('worker', label),), value)
     lines = []
     for metric in sorted(families):
         kind, help_text, samples = families[metric]
@@ -3107,6 +3173,12 @@ class Subserver(object):
             bucket.set('start_time', time.time())
         self.parent_pid = os.getppid()
 
+    def _read_stats(self):
+        """Every subserver's stats, read now (a _StatsReading), for
+        WSGIStats: from the memory the main process laid out before
+        forking, with brimd's start time (kept by restarts in place)."""
+        return self.server.stats.read(self.server.start_time)
+
     def orphaned(self):
         """True when the main process is gone: the worker should exit."""
         return self.server.forked and os.getppid() != self.parent_pid
@@ -3490,9 +3562,8 @@ class WSGISubserver(_IPSubserver):
         self.app = app
 
     def _status_slots(self):
-        """{status code: [slots to increment]} for every code, precomputed."""
-        index = self.stat_index
-        base = self.stats.offset
+        """{status code: the bucket's slots that count it}, for every code:
+        looked up once, so counting a request is one or two stores."""
         slots = {}
         for code in range(100, 600):
             names = ['request_count']
@@ -3500,15 +3571,12 @@ class WSGISubserver(_IPSubserver):
                 names.append('status_%dxx_count' % (code // 100))
             if code in self.count_status_codes:
                 names.append('status_%d_count' % code)
-            slots[code] = [base + index[n] for n in names]
+            slots[code] = self.stats.slots(names)
         return slots
 
     def count_request(self, code):
-        slots = self.status_slots.get(code) or self.status_slots[500]
-        array = self.stats.array
-        with self.stats.lock:
-            for slot in slots:
-                array[slot] += 1
+        self.stats.incr_slots(self.status_slots.get(code) or
+                              self.status_slots[500])
 
     def next_txn(self):
         return '%s%016x' % (self.txn_prefix, next(self.txn_counter))
@@ -3814,7 +3882,7 @@ class WSGIStats(object):
             env, start_response)
 
     def _prometheus(self, env, start_response):
-        body = _prometheus_text(env['brim'].server).encode('utf-8')
+        body = _prometheus_text(env['brim']._read_stats()).encode('utf-8')
         start_response('200 OK', [
             ('Content-Type', 'text/plain; version=0.0.4; charset=utf-8'),
             ('Content-Length', str(len(body))), ('Cache-Control', 'no-store')])
@@ -3830,7 +3898,7 @@ class WSGIStats(object):
         return 'html' if 'text/html' in env.get('HTTP_ACCEPT', '') else 'json'
 
     def _json(self, env, start_response):
-        snapshot = _stats_snapshot(env['brim'].server)
+        snapshot = _stats_snapshot(env['brim']._read_stats())
         body = env['brim.json_dumps'](snapshot, sort_keys=True).encode()
         start_response('200 OK', [('Content-Type', 'application/json'),
                                   ('Content-Length', str(len(body))),
@@ -3839,6 +3907,7 @@ class WSGIStats(object):
         return [body]
 
     def _page(self, env, start_response):
+        # _STATS_PAGE is at the end of this file, out of the code's way.
         nonce = base64.b64encode(os.urandom(16)).decode('ascii')
         body = _STATS_PAGE.substitute(
             nonce=nonce, refresh='%g' % self.refresh).encode('utf-8')
@@ -3932,342 +4001,6 @@ class DaemonSample(object):
     @classmethod
     def stats_conf(cls, name, conf):
         return [('iterations', 'daemon'), ('last_run', 'daemon')]
-
-
-# The page WSGIStats answers a browser: everything inline (no resource from
-# elsewhere, so it works on a server without internet), the data polled
-# from ?format=json and put in with textContent only.  $nonce lets the
-# Content-Security-Policy allow exactly this style and script.
-_STATS_PAGE = string.Template('''<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>brimd stats</title>
-<style nonce="$nonce">
-:root { --bg: #f4f5f7; --card: #fff; --ink: #1d2330; --dim: #6b7280;
-  --line: #e3e6eb; --accent: #2563eb; }
-* { box-sizing: border-box; }
-body { margin: 0; background: var(--bg); color: var(--ink);
-  font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; }
-header { display: flex; flex-wrap: wrap; align-items: baseline;
-  gap: 0 1.5em; padding: 12px 24px; background: #1d2330; color: #fff; }
-header h1 { font-size: 18px; margin: 0; }
-header span { color: #c5cad3; font-size: 13px; }
-header span.error { color: #fca5a5; }
-main { display: grid; gap: 16px; padding: 16px 24px;
-  grid-template-columns: repeat(auto-fill, minmax(440px, 1fr)); }
-section { background: var(--card); border: 1px solid var(--line);
-  border-radius: 8px; padding: 14px 16px; }
-h2 { margin: 0; font-size: 15px; display: flex;
-  justify-content: space-between; align-items: baseline; }
-h2 small { color: var(--dim); font-weight: normal; font-size: 12px;
-  text-transform: uppercase; letter-spacing: .05em; }
-.rate { font-size: 26px; font-weight: 600; margin-top: 4px;
-  font-variant-numeric: tabular-nums; }
-.rate small { font-size: 13px; font-weight: normal; color: var(--dim); }
-svg { display: block; width: 100%; height: 110px; margin-top: 6px;
-  background: #fafbfc; border: 1px solid var(--line); border-radius: 4px; }
-svg .grid { stroke: var(--line); stroke-width: 1;
-  vector-effect: non-scaling-stroke; }
-svg .line { fill: none; stroke: var(--accent); stroke-width: 2;
-  vector-effect: non-scaling-stroke; stroke-linejoin: round; }
-svg .area { fill: var(--accent); opacity: .12; }
-.axis { display: flex; justify-content: space-between; color: var(--dim);
-  font-size: 11px; margin-bottom: 10px; }
-.chips { display: flex; flex-wrap: wrap; gap: 6px; margin-bottom: 10px; }
-.chip { border-radius: 999px; padding: 2px 10px; font-size: 12px;
-  background: #eef0f3; font-variant-numeric: tabular-nums; }
-.chip b { margin-right: 4px; }
-.s2xx { background: #dcfce7; color: #14532d; }
-.s3xx { background: #dbeafe; color: #1e3a8a; }
-.s4xx { background: #fef3c7; color: #78350f; }
-.s5xx { background: #fee2e2; color: #7f1d1d; }
-table { width: 100%; border-collapse: collapse;
-  font-variant-numeric: tabular-nums; }
-th, td { text-align: right; padding: 3px 6px;
-  border-bottom: 1px solid var(--line); }
-th:first-child, td:first-child { text-align: left; }
-th { color: var(--dim); font-weight: 500; font-size: 12px; }
-td.down { color: #dc2626; font-weight: 600; }
-p.totals { color: var(--dim); font-size: 12px; margin: 8px 0 0; }
-</style>
-</head>
-<body data-source="?format=json" data-refresh="$refresh">
-<header><h1>brimd</h1><span id="started"></span>
-<span id="status">loading&hellip;</span></header>
-<main id="subservers"></main>
-<noscript><p>This page needs JavaScript; the numbers themselves are at
-<a href="?format=json">?format=json</a>.</p></noscript>
-<script nonce="$nonce">
-(function () {
-  'use strict';
-  var WINDOW = 300;   // seconds of history a chart shows
-  var CLASSES = ['2xx', '3xx', '4xx', '5xx'];
-  var source = document.body.getAttribute('data-source');
-  var refresh = (Number(document.body.getAttribute('data-refresh')) ||
-                 2) * 1000;
-  var samples = {};   // series name -> [[seconds, count], ...]
-
-  function el(tag, className, text) {
-    var node = document.createElement(tag);
-    if (className) { node.className = className; }
-    if (text !== undefined) { node.textContent = String(text); }
-    return node;
-  }
-
-  function svg(tag, attrs) {
-    var node = document.createElementNS('http://www.w3.org/2000/svg', tag);
-    Object.keys(attrs).forEach(function (name) {
-      node.setAttribute(name, attrs[name]);
-    });
-    return node;
-  }
-
-  function row(cells, tag) {
-    var tr = el('tr');
-    cells.forEach(function (cell) {
-      var td = el(tag || 'td', cell.className, cell.text);
-      tr.appendChild(td);
-    });
-    return tr;
-  }
-
-  function duration(seconds) {
-    var units = [[86400, 'd'], [3600, 'h'], [60, 'm'], [1, 's']];
-    var parts = [];
-    units.forEach(function (unit) {
-      if (parts.length < 2 && (seconds >= unit[0] || unit[0] === 1)) {
-        parts.push(Math.floor(seconds / unit[0]) + unit[1]);
-        seconds -= Math.floor(seconds / unit[0]) * unit[0];
-      }
-    });
-    return parts.join(' ');
-  }
-
-  function perSecond(value) {
-    if (value === null) { return '\\u2013'; }
-    return value.toFixed(value >= 100 ? 0 : value >= 10 ? 1 : 2);
-  }
-
-  // What a subserver's chart follows: requests for WSGI, else its first
-  // stat summed over the workers (bytes for TCP echo, datagrams for UDP).
-  function counterOf(entry) {
-    if (typeof entry.request_count === 'number') { return 'request_count'; }
-    return Object.keys(entry).filter(function (name) {
-      return typeof entry[name] === 'number' && name !== 'start_time';
-    }).sort()[0] || null;
-  }
-
-  // Adds a sample; keeps one older than the window so lines reach its edge.
-  function record(series, value, now) {
-    var list = samples[series] || (samples[series] = []);
-    list.push([now, value]);
-    while (list.length > 2 && list[1][0] < now - WINDOW) { list.shift(); }
-    return list;
-  }
-
-  function rates(list) {
-    var points = [];
-    for (var i = 1; i < list.length; i += 1) {
-      var seconds = list[i][0] - list[i - 1][0];
-      if (seconds > 0) {
-        points.push([list[i][0],
-                     Math.max(0, list[i][1] - list[i - 1][1]) / seconds]);
-      }
-    }
-    return points;
-  }
-
-  function latest(points) {
-    return points.length ? points[points.length - 1][1] : null;
-  }
-
-  // The chart spans the samples so far, up to WINDOW, then moves on.
-  function chart(points, now) {
-    var peak = 0;
-    var span = points.length ?
-      Math.min(WINDOW, Math.max(10, now - points[0][0])) : WINDOW;
-    points.forEach(function (point) { peak = Math.max(peak, point[1]); });
-    var scale = peak > 0 ? peak : 1;   // a flat line sits at the bottom
-    var root = svg('svg', {viewBox: '0 0 300 100',
-                           preserveAspectRatio: 'none', role: 'img'});
-    [25, 50, 75].forEach(function (y) {
-      root.appendChild(svg('line', {x1: 0, x2: 300, y1: y, y2: y,
-                                    'class': 'grid'}));
-    });
-    if (points.length) {
-      var xy = points.map(function (point) {
-        return ((point[0] - now + span) / span * 300).toFixed(1) + ',' +
-          (100 - point[1] / scale * 94).toFixed(1);
-      });
-      var left = xy[0].split(',')[0], right = xy[xy.length - 1].split(',')[0];
-      root.appendChild(svg('polygon', {
-        'class': 'area',
-        points: left + ',100 ' + xy.join(' ') + ' ' + right + ',100'}));
-      root.appendChild(svg('polyline', {'class': 'line',
-                                        points: xy.join(' ')}));
-    }
-    return {node: root, peak: peak, span: span};
-  }
-
-  function rateBlock(section, name, entry, counter, now) {
-    var points = rates(record(name, entry[counter], now));
-    var label = counter === 'request_count' ? 'requests' : counter;
-    var big = el('div', 'rate', perSecond(latest(points)));
-    big.appendChild(el('small', '', ' ' + label + '/s'));
-    section.appendChild(big);
-    var drawn = chart(points, now);
-    section.appendChild(drawn.node);
-    var axis = el('div', 'axis');
-    axis.appendChild(el('span', '', duration(drawn.span) + ' ago'));
-    axis.appendChild(el('span', '', 'peak ' + perSecond(drawn.peak) + '/s'));
-    axis.appendChild(el('span', '', 'now'));
-    section.appendChild(axis);
-  }
-
-  function statusChips(section, name, entry, now) {
-    var chips = el('div', 'chips');
-    CLASSES.forEach(function (cls) {
-      var total = entry['status_' + cls + '_count'] || 0;
-      var points = rates(record(name + ' ' + cls, total, now));
-      var chip = el('span', 'chip s' + cls);
-      chip.appendChild(el('b', '', cls));
-      chip.appendChild(document.createTextNode(
-        total.toLocaleString('en-US') + ' \\u00b7 ' +
-        perSecond(latest(points)) + '/s'));
-      chips.appendChild(chip);
-    });
-    section.appendChild(chips);
-  }
-
-  function workerTable(section, kind, entry, workers, counter) {
-    var daemon = kind === 'daemons';
-    var extra = [];
-    if (daemon) {
-      workers.forEach(function (w) {
-        Object.keys(entry[w.label] || {}).forEach(function (name) {
-          if (name !== 'start_time' && extra.indexOf(name) < 0) {
-            extra.push(name);
-          }
-        });
-      });
-    } else if (counter) {
-      extra.push(counter);
-    }
-    var heads = [daemon ? 'daemon' : 'worker', 'pid', 'uptime'];
-    var table = el('table');
-    table.appendChild(row(heads.concat(extra, ['restarts']).map(
-      function (text) { return {text: text === 'request_count' ?
-                                'requests' : text}; }), 'th'));
-    workers.forEach(function (w) {
-      var stats = entry[w.label] || {};
-      var cells = [{text: w.label},
-                   w.pid ? {text: w.pid, className: 'pid'} :
-                   {text: 'down', className: 'down'},
-                   {text: w.pid ? duration(w.uptime) : '\\u2013'}];
-      extra.forEach(function (name) {
-        cells.push({text: statText(name, stats[name] || 0)});
-      });
-      cells.push({text: w.restarts});
-      table.appendChild(row(cells));
-    });
-    section.appendChild(table);
-  }
-
-  // A stat named last_* holding seconds since the epoch (a daemon's
-  // last_run) reads as a time, with the date when not today; the rest as
-  // counts.
-  function statText(name, value) {
-    if (/^last_/.test(name) && value > 1e9) {
-      var when = new Date(value * 1000);
-      return when.toDateString() === new Date().toDateString() ?
-        when.toLocaleTimeString() : when.toLocaleString();
-    }
-    return value.toLocaleString('en-US');
-  }
-
-  function otherTotals(section, entry, shown) {
-    var names = Object.keys(entry).filter(function (name) {
-      return typeof entry[name] === 'number' && shown.indexOf(name) < 0;
-    }).sort();
-    if (names.length) {
-      section.appendChild(el('p', 'totals', names.map(function (name) {
-        return name + ' ' + statText(name, entry[name]);
-      }).join(' \\u00b7 ')));
-    }
-  }
-
-  function card(name, entry, workers, now) {
-    var kind = workers[0].kind;
-    var section = el('section');
-    section.setAttribute('data-subserver', name);
-    var title = el('h2', '', name);
-    title.appendChild(el('small', '', kind));
-    section.appendChild(title);
-    var counter = kind === 'daemons' ? null : counterOf(entry);
-    var shown = ['start_time', counter];
-    if (counter) { rateBlock(section, name, entry, counter, now); }
-    if (kind === 'wsgi') {
-      statusChips(section, name, entry, now);
-      shown = shown.concat(CLASSES.map(function (cls) {
-        return 'status_' + cls + '_count';
-      }));
-    }
-    workerTable(section, kind, entry, workers, counter);
-    otherTotals(section, entry, shown);
-    return section;
-  }
-
-  function render(data) {
-    var now = Date.now() / 1000;
-    var groups = {}, order = [];
-    (data.workers || []).forEach(function (w) {
-      if (!groups[w.subserver]) {
-        groups[w.subserver] = [];
-        order.push(w.subserver);
-      }
-      groups[w.subserver].push(w);
-    });
-    var main = document.getElementById('subservers');
-    main.textContent = '';
-    order.forEach(function (name) {
-      main.appendChild(card(name, data[name] || {}, groups[name], now));
-    });
-    document.getElementById('started').textContent = 'started ' +
-      new Date(data.start_time * 1000).toLocaleString();
-    var status = document.getElementById('status');
-    status.className = '';
-    status.textContent = 'updated ' + new Date().toLocaleTimeString() +
-      ', every ' + refresh / 1000 + ' s';
-  }
-
-  function fail(err) {
-    var status = document.getElementById('status');
-    status.className = 'error';
-    status.textContent = 'cannot read the stats (' + err.message +
-      '); trying again';
-  }
-
-  function poll() {
-    fetch(source, {cache: 'no-store', headers: {Accept: 'application/json'}})
-      .then(function (response) {
-        if (!response.ok) {
-          throw new Error(response.status + ' ' + response.statusText);
-        }
-        return response.json();
-      })
-      .then(render)
-      .catch(fail)
-      .then(function () { setTimeout(poll, refresh); });
-  }
-
-  poll();
-}());
-</script>
-</body>
-</html>
-''')
 
 
 # ---------------------------------------------------------------------------
@@ -5719,17 +5452,19 @@ class Server(object):
     def status(self):
         """What ``brimd status`` shows: every worker of every subserver."""
         now = time.time()
+        reading = self.stats.read(self.start_time)
         subservers = []
         for subserver in self.subservers:
+            read = reading.subservers[subserver.name].workers
             workers = []
             for worker in self.workers:
                 if worker.subserver is subserver:
                     workers.append({
-                        'label': subserver.bucket_labels()[worker.index],
+                        'label': read[worker.index].label,
                         'pid': worker.pid,
                         'uptime': round(now - worker.started_at, 1)
                         if worker.pid else None,
-                        'served': worker.bucket.served(),
+                        'served': read[worker.index].served,
                         'restarts': worker.restarts,
                         'last_exit': worker.last_exit})
             subservers.append({'name': subserver.name,
@@ -6728,6 +6463,346 @@ def main(argv=None):
             raise
         print(_one_line(err), file=sys.stderr)
         return 1
+
+
+# ---------------------------------------------------------------------------
+# The stats page: the HTML WSGIStats answers a browser
+# ---------------------------------------------------------------------------
+
+# The page WSGIStats answers a browser: everything inline (no resource from
+# elsewhere, so it works on a server without internet), the data polled
+# from ?format=json and put in with textContent only.  $nonce lets the
+# Content-Security-Policy allow exactly this style and script.
+_STATS_PAGE = string.Template('''<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>brimd stats</title>
+<style nonce="$nonce">
+:root { --bg: #f4f5f7; --card: #fff; --ink: #1d2330; --dim: #6b7280;
+  --line: #e3e6eb; --accent: #2563eb; }
+* { box-sizing: border-box; }
+body { margin: 0; background: var(--bg); color: var(--ink);
+  font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; }
+header { display: flex; flex-wrap: wrap; align-items: baseline;
+  gap: 0 1.5em; padding: 12px 24px; background: #1d2330; color: #fff; }
+header h1 { font-size: 18px; margin: 0; }
+header span { color: #c5cad3; font-size: 13px; }
+header span.error { color: #fca5a5; }
+main { display: grid; gap: 16px; padding: 16px 24px;
+  grid-template-columns: repeat(auto-fill, minmax(440px, 1fr)); }
+section { background: var(--card); border: 1px solid var(--line);
+  border-radius: 8px; padding: 14px 16px; }
+h2 { margin: 0; font-size: 15px; display: flex;
+  justify-content: space-between; align-items: baseline; }
+h2 small { color: var(--dim); font-weight: normal; font-size: 12px;
+  text-transform: uppercase; letter-spacing: .05em; }
+.rate { font-size: 26px; font-weight: 600; margin-top: 4px;
+  font-variant-numeric: tabular-nums; }
+.rate small { font-size: 13px; font-weight: normal; color: var(--dim); }
+svg { display: block; width: 100%; height: 110px; margin-top: 6px;
+  background: #fafbfc; border: 1px solid var(--line); border-radius: 4px; }
+svg .grid { stroke: var(--line); stroke-width: 1;
+  vector-effect: non-scaling-stroke; }
+svg .line { fill: none; stroke: var(--accent); stroke-width: 2;
+  vector-effect: non-scaling-stroke; stroke-linejoin: round; }
+svg .area { fill: var(--accent); opacity: .12; }
+.axis { display: flex; justify-content: space-between; color: var(--dim);
+  font-size: 11px; margin-bottom: 10px; }
+.chips { display: flex; flex-wrap: wrap; gap: 6px; margin-bottom: 10px; }
+.chip { border-radius: 999px; padding: 2px 10px; font-size: 12px;
+  background: #eef0f3; font-variant-numeric: tabular-nums; }
+.chip b { margin-right: 4px; }
+.s2xx { background: #dcfce7; color: #14532d; }
+.s3xx { background: #dbeafe; color: #1e3a8a; }
+.s4xx { background: #fef3c7; color: #78350f; }
+.s5xx { background: #fee2e2; color: #7f1d1d; }
+table { width: 100%; border-collapse: collapse;
+  font-variant-numeric: tabular-nums; }
+th, td { text-align: right; padding: 3px 6px;
+  border-bottom: 1px solid var(--line); }
+th:first-child, td:first-child { text-align: left; }
+th { color: var(--dim); font-weight: 500; font-size: 12px; }
+td.down { color: #dc2626; font-weight: 600; }
+p.totals { color: var(--dim); font-size: 12px; margin: 8px 0 0; }
+</style>
+</head>
+<body data-source="?format=json" data-refresh="$refresh">
+<header><h1>brimd</h1><span id="started"></span>
+<span id="status">loading&hellip;</span></header>
+<main id="subservers"></main>
+<noscript><p>This page needs JavaScript; the numbers themselves are at
+<a href="?format=json">?format=json</a>.</p></noscript>
+<script nonce="$nonce">
+(function () {
+  'use strict';
+  var WINDOW = 300;   // seconds of history a chart shows
+  var CLASSES = ['2xx', '3xx', '4xx', '5xx'];
+  var source = document.body.getAttribute('data-source');
+  var refresh = (Number(document.body.getAttribute('data-refresh')) ||
+                 2) * 1000;
+  var samples = {};   // series name -> [[seconds, count], ...]
+
+  function el(tag, className, text) {
+    var node = document.createElement(tag);
+    if (className) { node.className = className; }
+    if (text !== undefined) { node.textContent = String(text); }
+    return node;
+  }
+
+  function svg(tag, attrs) {
+    var node = document.createElementNS('http://www.w3.org/2000/svg', tag);
+    Object.keys(attrs).forEach(function (name) {
+      node.setAttribute(name, attrs[name]);
+    });
+    return node;
+  }
+
+  function row(cells, tag) {
+    var tr = el('tr');
+    cells.forEach(function (cell) {
+      var td = el(tag || 'td', cell.className, cell.text);
+      tr.appendChild(td);
+    });
+    return tr;
+  }
+
+  function duration(seconds) {
+    var units = [[86400, 'd'], [3600, 'h'], [60, 'm'], [1, 's']];
+    var parts = [];
+    units.forEach(function (unit) {
+      if (parts.length < 2 && (seconds >= unit[0] || unit[0] === 1)) {
+        parts.push(Math.floor(seconds / unit[0]) + unit[1]);
+        seconds -= Math.floor(seconds / unit[0]) * unit[0];
+      }
+    });
+    return parts.join(' ');
+  }
+
+  function perSecond(value) {
+    if (value === null) { return '\\u2013'; }
+    return value.toFixed(value >= 100 ? 0 : value >= 10 ? 1 : 2);
+  }
+
+  // What a subserver's chart follows: requests for WSGI, else its first
+  // stat summed over the workers (bytes for TCP echo, datagrams for UDP).
+  function counterOf(entry) {
+    if (typeof entry.request_count === 'number') { return 'request_count'; }
+    return Object.keys(entry).filter(function (name) {
+      return typeof entry[name] === 'number' && name !== 'start_time';
+    }).sort()[0] || null;
+  }
+
+  // Adds a sample; keeps one older than the window so lines reach its edge.
+  function record(series, value, now) {
+    var list = samples[series] || (samples[series] = []);
+    list.push([now, value]);
+    while (list.length > 2 && list[1][0] < now - WINDOW) { list.shift(); }
+    return list;
+  }
+
+  function rates(list) {
+    var points = [];
+    for (var i = 1; i < list.length; i += 1) {
+      var seconds = list[i][0] - list[i - 1][0];
+      if (seconds > 0) {
+        points.push([list[i][0],
+                     Math.max(0, list[i][1] - list[i - 1][1]) / seconds]);
+      }
+    }
+    return points;
+  }
+
+  function latest(points) {
+    return points.length ? points[points.length - 1][1] : null;
+  }
+
+  // The chart spans the samples so far, up to WINDOW, then moves on.
+  function chart(points, now) {
+    var peak = 0;
+    var span = points.length ?
+      Math.min(WINDOW, Math.max(10, now - points[0][0])) : WINDOW;
+    points.forEach(function (point) { peak = Math.max(peak, point[1]); });
+    var scale = peak > 0 ? peak : 1;   // a flat line sits at the bottom
+    var root = svg('svg', {viewBox: '0 0 300 100',
+                           preserveAspectRatio: 'none', role: 'img'});
+    [25, 50, 75].forEach(function (y) {
+      root.appendChild(svg('line', {x1: 0, x2: 300, y1: y, y2: y,
+                                    'class': 'grid'}));
+    });
+    if (points.length) {
+      var xy = points.map(function (point) {
+        return ((point[0] - now + span) / span * 300).toFixed(1) + ',' +
+          (100 - point[1] / scale * 94).toFixed(1);
+      });
+      var left = xy[0].split(',')[0], right = xy[xy.length - 1].split(',')[0];
+      root.appendChild(svg('polygon', {
+        'class': 'area',
+        points: left + ',100 ' + xy.join(' ') + ' ' + right + ',100'}));
+      root.appendChild(svg('polyline', {'class': 'line',
+                                        points: xy.join(' ')}));
+    }
+    return {node: root, peak: peak, span: span};
+  }
+
+  function rateBlock(section, name, entry, counter, now) {
+    var points = rates(record(name, entry[counter], now));
+    var label = counter === 'request_count' ? 'requests' : counter;
+    var big = el('div', 'rate', perSecond(latest(points)));
+    big.appendChild(el('small', '', ' ' + label + '/s'));
+    section.appendChild(big);
+    var drawn = chart(points, now);
+    section.appendChild(drawn.node);
+    var axis = el('div', 'axis');
+    axis.appendChild(el('span', '', duration(drawn.span) + ' ago'));
+    axis.appendChild(el('span', '', 'peak ' + perSecond(drawn.peak) + '/s'));
+    axis.appendChild(el('span', '', 'now'));
+    section.appendChild(axis);
+  }
+
+  function statusChips(section, name, entry, now) {
+    var chips = el('div', 'chips');
+    CLASSES.forEach(function (cls) {
+      var total = entry['status_' + cls + '_count'] || 0;
+      var points = rates(record(name + ' ' + cls, total, now));
+      var chip = el('span', 'chip s' + cls);
+      chip.appendChild(el('b', '', cls));
+      chip.appendChild(document.createTextNode(
+        total.toLocaleString('en-US') + ' \\u00b7 ' +
+        perSecond(latest(points)) + '/s'));
+      chips.appendChild(chip);
+    });
+    section.appendChild(chips);
+  }
+
+  function workerTable(section, kind, entry, workers, counter) {
+    var daemon = kind === 'daemons';
+    var extra = [];
+    if (daemon) {
+      workers.forEach(function (w) {
+        Object.keys(entry[w.label] || {}).forEach(function (name) {
+          if (name !== 'start_time' && extra.indexOf(name) < 0) {
+            extra.push(name);
+          }
+        });
+      });
+    } else if (counter) {
+      extra.push(counter);
+    }
+    var heads = [daemon ? 'daemon' : 'worker', 'pid', 'uptime'];
+    var table = el('table');
+    table.appendChild(row(heads.concat(extra, ['restarts']).map(
+      function (text) { return {text: text === 'request_count' ?
+                                'requests' : text}; }), 'th'));
+    workers.forEach(function (w) {
+      var stats = entry[w.label] || {};
+      var cells = [{text: w.label},
+                   w.pid ? {text: w.pid, className: 'pid'} :
+                   {text: 'down', className: 'down'},
+                   {text: w.pid ? duration(w.uptime) : '\\u2013'}];
+      extra.forEach(function (name) {
+        cells.push({text: statText(name, stats[name] || 0)});
+      });
+      cells.push({text: w.restarts});
+      table.appendChild(row(cells));
+    });
+    section.appendChild(table);
+  }
+
+  // A stat named last_* holding seconds since the epoch (a daemon's
+  // last_run) reads as a time, with the date when not today; the rest as
+  // counts.
+  function statText(name, value) {
+    if (/^last_/.test(name) && value > 1e9) {
+      var when = new Date(value * 1000);
+      return when.toDateString() === new Date().toDateString() ?
+        when.toLocaleTimeString() : when.toLocaleString();
+    }
+    return value.toLocaleString('en-US');
+  }
+
+  function otherTotals(section, entry, shown) {
+    var names = Object.keys(entry).filter(function (name) {
+      return typeof entry[name] === 'number' && shown.indexOf(name) < 0;
+    }).sort();
+    if (names.length) {
+      section.appendChild(el('p', 'totals', names.map(function (name) {
+        return name + ' ' + statText(name, entry[name]);
+      }).join(' \\u00b7 ')));
+    }
+  }
+
+  function card(name, entry, workers, now) {
+    var kind = workers[0].kind;
+    var section = el('section');
+    section.setAttribute('data-subserver', name);
+    var title = el('h2', '', name);
+    title.appendChild(el('small', '', kind));
+    section.appendChild(title);
+    var counter = kind === 'daemons' ? null : counterOf(entry);
+    var shown = ['start_time', counter];
+    if (counter) { rateBlock(section, name, entry, counter, now); }
+    if (kind === 'wsgi') {
+      statusChips(section, name, entry, now);
+      shown = shown.concat(CLASSES.map(function (cls) {
+        return 'status_' + cls + '_count';
+      }));
+    }
+    workerTable(section, kind, entry, workers, counter);
+    otherTotals(section, entry, shown);
+    return section;
+  }
+
+  function render(data) {
+    var now = Date.now() / 1000;
+    var groups = {}, order = [];
+    (data.workers || []).forEach(function (w) {
+      if (!groups[w.subserver]) {
+        groups[w.subserver] = [];
+        order.push(w.subserver);
+      }
+      groups[w.subserver].push(w);
+    });
+    var main = document.getElementById('subservers');
+    main.textContent = '';
+    order.forEach(function (name) {
+      main.appendChild(card(name, data[name] || {}, groups[name], now));
+    });
+    document.getElementById('started').textContent = 'started ' +
+      new Date(data.start_time * 1000).toLocaleString();
+    var status = document.getElementById('status');
+    status.className = '';
+    status.textContent = 'updated ' + new Date().toLocaleTimeString() +
+      ', every ' + refresh / 1000 + ' s';
+  }
+
+  function fail(err) {
+    var status = document.getElementById('status');
+    status.className = 'error';
+    status.textContent = 'cannot read the stats (' + err.message +
+      '); trying again';
+  }
+
+  function poll() {
+    fetch(source, {cache: 'no-store', headers: {Accept: 'application/json'}})
+      .then(function (response) {
+        if (!response.ok) {
+          throw new Error(response.status + ' ' + response.statusText);
+        }
+        return response.json();
+      })
+      .then(render)
+      .catch(fail)
+      .then(function () { setTimeout(poll, refresh); });
+  }
+
+  poll();
+}());
+</script>
+</body>
+</html>
+''')
 
 
 _register_submodules(sys.modules[__name__])

@@ -2745,6 +2745,162 @@ class TestStats(BrimTestCase):
         self.assertNotIn('status_408_count', wsgi)
 
 
+class _FakeSubserver(object):
+    """What _StatsLayout reads of a subserver, and nothing more."""
+
+    def __init__(self, name, kind, labels, stats_conf):
+        self.name = name
+        self.kind = kind
+        self.labels = labels
+        self.stats_conf = stats_conf
+
+    def bucket_labels(self):
+        return list(self.labels)
+
+    def worker_label(self, index):
+        return '[%s] worker %s' % (self.name, self.labels[index])
+
+
+class _Warnings(object):
+    """A logger that keeps the warnings a bucket logs."""
+
+    def __init__(self):
+        self.lines = []
+
+    def warning(self, message, *args):
+        self.lines.append(message % args)
+
+
+class TestStatsLayout(unittest.TestCase):
+    """The layout in one process: buckets write, one read shows it all."""
+
+    def setUp(self):
+        self.wsgi = _FakeSubserver('wsgi', 'wsgi', ['0', '1'], {
+            'start_time': 'worker', 'hits': 'sum', 'low': 'min',
+            'peak': 'max'})
+        self.daemons = _FakeSubserver('daemons', 'daemons', ['tick'], {
+            'start_time': 'daemon', 'rounds': 'daemon'})
+        self.layout = brim._StatsLayout([self.wsgi, self.daemons])
+        self.warnings = _Warnings()
+        self.buckets = [self.layout.bucket(self.wsgi, 0),
+                        self.layout.bucket(self.wsgi, 1),
+                        self.layout.bucket(self.daemons, 0)]
+        for bucket in self.buckets:
+            bucket.logger = self.warnings
+
+    def stats(self, reading, name):
+        return {stat.name: (stat.type, stat.per_worker, stat.rolled)
+                for stat in reading.subservers[name].stats}
+
+    def test_roll_ups_by_type(self):
+        first, second, tick = self.buckets
+        first.incr('hits', 3)
+        second.incr('hits')
+        second.incr('hits', 4)
+        for bucket, low, peak, started in ((first, 7, 7, 100),
+                                           (second, 2, 9, 200)):
+            bucket.set('low', low)
+            bucket.set('peak', peak)
+            bucket.set('start_time', started)
+        tick.incr('rounds', 6)
+        tick.set('start_time', 300)
+        reading = self.layout.read(50)
+        self.assertEqual(reading.start_time, 50)
+        self.assertEqual(list(reading.subservers), ['wsgi', 'daemons'])
+        self.assertEqual(self.stats(reading, 'wsgi'), {
+            'start_time': ('worker', {'0': 100, '1': 200}, None),
+            'hits': ('sum', {'0': 3, '1': 5}, 8),
+            'low': ('min', {'0': 7, '1': 2}, 2),
+            'peak': ('max', {'0': 7, '1': 9}, 9)})
+        self.assertEqual(self.stats(reading, 'daemons'), {
+            'start_time': ('daemon', {'tick': 300}, None),
+            'rounds': ('daemon', {'tick': 6}, None)})
+        snapshot = brim._stats_snapshot(reading)
+        self.assertEqual(len(snapshot.pop('workers')), 3)
+        self.assertEqual(snapshot, {
+            'start_time': 50,
+            'wsgi': {'hits': 8, 'low': 2, 'peak': 9,
+                     '0': {'start_time': 100, 'hits': 3, 'low': 7,
+                           'peak': 7},
+                     '1': {'start_time': 200, 'hits': 5, 'low': 2,
+                           'peak': 9}},
+            'daemons': {'tick': {'start_time': 300, 'rounds': 6}}})
+        metrics = brim._prometheus_text(reading).splitlines()
+        for line in ('brim_start_time_seconds 50',
+                     'brim_hits_total{subserver="wsgi"} 8',
+                     'brim_hits_total{subserver="wsgi",worker="1"} 5',
+                     'brim_low{subserver="wsgi"} 2',
+                     'brim_rounds{subserver="daemons",worker="tick"} 6'):
+            self.assertIn(line, metrics)
+
+    def test_undeclared_name_is_ignored_and_logged_once(self):
+        first, second, tick = self.buckets
+        first.incr('hits')
+        first.incr('nope')
+        first.set('nope', 9)
+        self.assertEqual(first.get('nope'), 0)
+        self.assertEqual(first.get('hits'), 1)
+        self.assertEqual(self.warnings.lines, [
+            "[wsgi] worker 0: stat 'nope' is not declared, so it is not "
+            "kept (get gives 0); add it to a stats_conf (declared: "
+            "start_time, hits, low, peak)"])
+        reading = self.layout.read(0)
+        self.assertEqual(self.stats(reading, 'wsgi')['hits'],
+                         ('sum', {'0': 1, '1': 0}, 1))
+        subservers = reading.subservers.values()
+        for sub in subservers:
+            self.assertNotIn('nope', [stat.name for stat in sub.stats])
+        # The one incr of hits is all there is, hidden slots included.
+        written = [value for sub in subservers for stat in sub.stats
+                   for value in stat.per_worker.values()]
+        written += [field for sub in subservers for worker in sub.workers
+                    for field in worker[1:]]
+        self.assertEqual(sum(written), 1)
+
+    def test_hidden_slots_show_in_workers_not_in_stats(self):
+        first, second, tick = self.buckets
+        second.set('start_time', int(time.time()) - 60)
+        second.set('_pid', 42)
+        second.set('_restarts', 3)
+        second.incr('_served')
+        second.beat()
+        self.assertLessEqual(abs(second.heartbeat() - time.time()), 5)
+        self.assertEqual(first.heartbeat(), 0)
+        reading = self.layout.read(0)
+        self.assertEqual(reading.subservers['wsgi'].workers[1][:4],
+                         ('1', 42, 3, 1))
+        [record] = [r for r in brim._stats_snapshot(reading)['workers']
+                    if r['pid']]
+        uptime = record.pop('uptime')
+        self.assertTrue(60 <= uptime <= 65, uptime)
+        self.assertEqual(record, {'subserver': 'wsgi', 'kind': 'wsgi',
+                                  'label': '1', 'pid': 42, 'restarts': 3})
+        self.assertEqual(sorted(self.stats(reading, 'wsgi')),
+                         ['hits', 'low', 'peak', 'start_time'])
+        second.reset()
+        self.assertEqual(self.layout.read(0).subservers['wsgi'].workers[1],
+                         ('1', 0, 0, 0, second.get('start_time')))
+        self.assertEqual(second.heartbeat(), 0)
+
+    def test_slots_counted_at_once(self):
+        first, second, tick = self.buckets
+        slots = first.slots(['hits', 'peak'])
+        first.incr_slots(slots)
+        first.incr_slots(slots)
+        self.assertEqual((first.get('hits'), first.get('peak'),
+                          second.get('hits')), (2, 2, 0))
+
+    def test_latest_request_per_bucket(self):
+        first, second, tick = self.buckets
+        self.assertEqual(first.latest_request(), (0, ''))
+        second.note_request(1000.5, 'abc', 'GET', '/x' * 200)
+        started, text = second.latest_request()
+        self.assertEqual(started, 1000)
+        self.assertEqual(text, ('abc GET ' + '/x' * 200)[:159])
+        self.assertEqual(first.latest_request(), (0, ''))
+        self.assertEqual(tick.latest_request(), (0, ''))
+
+
 # The original brimd documentation's TCP stats example, verbatim but for
 # bytes: it counts '<name>.connections' where stats_conf declared
 # 'connections'.  Then a WSGI app and a daemon that use undeclared names.
