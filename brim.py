@@ -354,16 +354,19 @@ def _show(value):
 class _Option(object):
     """One of brim's options: its name, the kinds of section it belongs to
     ('brim', 'wsgi', 'tcp', 'udp', 'daemons'), its converter, its default,
-    and whether ``[brim]`` may give the default for those sections."""
+    and whether ``[brim]`` may give the default for those sections.  An
+    ``ignored`` one is the original brimd's, accepted so its configurations
+    run unchanged."""
 
     def __init__(self, name, kinds, convert, default, from_brim=False,
-                 show=_show):
+                 show=_show, ignored=False):
         self.name = name
         self.kinds = frozenset(kinds.split())
         self.convert = convert
         self.default = default
         self.from_brim = from_brim
         self.show = show
+        self.ignored = ignored
 
     def allowed_in(self, kind):
         return kind in self.kinds or (kind == 'brim' and self.from_brim)
@@ -418,6 +421,16 @@ _OPTIONS = (
     _Option('call', 'tcp udp', _text, None),
     _Option('max_datagram_size', 'udp', _int, 65536, from_brim=True),
     _Option('daemons', 'daemons', _words, ()),
+    # The original's event loop and its buffer sizes, and the X-Auth-Token
+    # it could log: brim has no use for them.
+    _Option('eventlet_hub', _LISTENERS, _text, None, from_brim=True,
+            ignored=True),
+    _Option('log_auth_tokens', 'wsgi', _text, None, from_brim=True,
+            ignored=True),
+    _Option('wsgi_input_iter_chunk_size', 'wsgi', _text, None,
+            from_brim=True, ignored=True),
+    _Option('wsgi_output_iter_chunk_size', 'wsgi', _text, None,
+            from_brim=True, ignored=True),
 )
 
 _OPTION = {option.name: option for option in _OPTIONS}
@@ -449,13 +462,20 @@ class _Settings(object):
         the options left to the section's handler.  [brim]'s are its own
         (the defaults it gives show in the sections that take them)."""
         for option in _options_of(self._kind):
-            if self._kind not in option.kinds:
-                continue
             origin = self._origins[option.name]
+            if self._kind not in option.kinds or (option.ignored and
+                                                  origin is None):
+                continue
+            notes = []
+            if origin is None:
+                notes.append('default')
+            elif origin != self._section:
+                notes.append('from [brim]')
+            if option.ignored:
+                notes.append("ignored, as brim has no use for it")
             yield '  %s = %s%s' % (
                 option.name, option.show(getattr(self, option.name)),
-                '' if origin == self._section else
-                '  # default' if origin is None else '  # from [brim]')
+                '  # ' + ', '.join(notes) if notes else '')
         if self._passed:
             yield '  passed to the handler: %s' % ', '.join(self._passed)
 

@@ -1698,6 +1698,23 @@ class TestSettingsInProcess(unittest.TestCase):
         self.assertEqual(brim._read_settings(conf, 'udp', 'udp')._passed,
                          ('message',))
 
+    def test_the_originals_options_are_accepted_and_ignored(self):
+        store = {'brim': {'eventlet_hub': 'poll'},
+                 'wsgi': {'log_auth_tokens': 'yes',
+                          'wsgi_input_iter_chunk_size': '4096',
+                          'wsgi_output_iter_chunk_size': '4096'},
+                 'tcp': {'eventlet_hub': 'epolls', 'message': 'hi'}}
+        wsgi = self.read(store, 'wsgi')
+        lines = list(wsgi.lines())
+        self.assertIn('  eventlet_hub = poll  # from [brim], ignored, as '
+                      'brim has no use for it', lines)
+        self.assertIn('  log_auth_tokens = yes  # ignored, as brim has no '
+                      'use for it', lines)
+        self.assertEqual(self.read(store, 'tcp')._passed, ('message',))
+        # Unset, they are not shown at all.
+        self.assertNotIn('eventlet_hub', ''.join(self.read({}, 'udp')
+                                                 .lines()))
+
     def test_bad_values_keep_their_messages(self):
         for section, option, value, message in (
                 ('wsgi', 'port', 'abc', "Configuration value [wsgi] port of "
@@ -1779,6 +1796,8 @@ class TestSettingsInProcess(unittest.TestCase):
             kinds = [k for k in ('brim', 'wsgi', 'tcp', 'udp', 'daemons')
                      if k in option.kinds]
             shown = option.show(option.default)
+            if option.ignored:
+                shown = 'ignored'
             table[option.name] = (
                 ' '.join(kinds) + (' (brim)' if option.from_brim else ''),
                 '-' if shown == '(not set)' else shown)
@@ -1789,8 +1808,11 @@ class TestSettingsInProcess(unittest.TestCase):
         with open(SAMPLE) as fp:
             sample = fp.read()
         shown = set(re.findall(r'^#? ?([a-z_]+) = ', sample, re.M))
-        self.assertEqual(
-            [o.name for o in brim._OPTIONS if o.name not in shown], [])
+        self.assertEqual([o.name for o in brim._OPTIONS
+                          if o.name not in shown and not o.ignored], [])
+        for option in brim._OPTIONS:
+            if option.ignored:
+                self.assertIn(option.name, sample)
         # Every option it sets in brim's sections is brim's.
         conf = brim.read_conf([SAMPLE], explicit=True)
         for section in ('brim', 'wsgi'):
@@ -2028,8 +2050,11 @@ class TestSettingsCommandLine(BrimTestCase):
                            ('tcp', 'tcp')):
             names = [line.split()[0] for line in sections[name][1:]
                      if ' = ' in line]
+            # Every option of the section's kind; the original's ignored
+            # ones only when set.
             self.assertEqual(names, [o.name for o in brim._options_of(kind)
-                                     if kind in o.kinds], name)
+                                     if kind in o.kinds and not o.ignored],
+                             name)
         self.assertEqual(sections['wsgi'][0], '[wsgi] wsgi on 127.0.0.1:%d '
                          '(free to bind), 2 workers' % wsgi_port)
         self.assertIn('  workers = 2  # from [brim]', sections['wsgi'])
