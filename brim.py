@@ -6656,8 +6656,8 @@ def _conf_of(args):
         flag = getattr(args, option)
         if flag is not None:
             wsgi[option] = str(flag)
-        elif conf.get('wsgi', option, conf.get('brim', option)) is None:
-            wsgi[option] = default
+        elif _setting(conf, 'wsgi', _OPTION[option])[1] is None:
+            wsgi[option] = default      # neither [wsgi] nor [brim] sets it
     return conf
 
 

@@ -1698,6 +1698,12 @@ class TestSettingsInProcess(unittest.TestCase):
         self.assertEqual(brim._read_settings(conf, 'udp', 'udp')._passed,
                          ('message',))
 
+    def test_serve_refuses_an_unknown_option(self):
+        with self.assertRaises(brim.ConfError) as caught:
+            brim.serve(_Undeclared, prot=8911)
+        self.assertEqual(str(caught.exception), "[wsgi] unknown option "
+                         "'prot' (did you mean 'port'?)")
+
     def test_the_originals_options_are_accepted_and_ignored(self):
         store = {'brim': {'eventlet_hub': 'poll'},
                  'wsgi': {'log_auth_tokens': 'yes',
