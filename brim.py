@@ -3371,7 +3371,8 @@ class Subserver(object):
     In the main process it parses its section; in each worker process it
     runs the serving loop (``serve``) for one worker ``index``.  Apps and
     handlers reach it as ``env['brim']`` or their ``subserver`` argument,
-    and most use its ``logger``.
+    and most use its ``logger``; ``settings`` are its section's, as
+    ``check`` shows them.
     """
 
     kind = None
@@ -3395,6 +3396,9 @@ class Subserver(object):
     # Read by the supervision code: settings it takes from the subserver.
     workers = property(lambda self: self.settings.workers)
     worker_timeout = property(lambda self: self.settings.worker_timeout)
+    # Read by apps: the original brimd's subserver had them.
+    json_dumps = property(lambda self: self.settings.dumps)
+    json_loads = property(lambda self: self.settings.loads)
 
     @property
     def log_file(self):

@@ -1785,6 +1785,8 @@ class TestSettingsInProcess(unittest.TestCase):
         subserver = self.subserver({'wsgi': {'max_body': '7'}}, 'wsgi')
         self.assertEqual((subserver.max_body, subserver.max_head),
                          (7, subserver.settings.max_head))
+        # Apps of the original read these from env['brim'].
+        self.assertIs(subserver.json_loads, json.loads)
         with self.assertRaises(AttributeError):
             subserver.max_body = 8
 
