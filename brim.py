@@ -237,8 +237,10 @@ def _one_line(err):
 #
 # Every option brim reads from its own sections is in _OPTIONS, and
 # _read_settings is the one reader: it refuses what brim does not know,
-# converts each value once and hands back immutable settings.  A converter
-# takes (section, option, text) and raises ConfError naming both.
+# converts and checks each value, and hands back immutable settings.  A
+# converter takes (section, option, text) and raises ConfError naming
+# both.  (read_conf reads additional_confs itself: it needs the files
+# named before there is a configuration to read settings from.)
 
 def _text(section, option, text):
     return text
