@@ -3402,12 +3402,6 @@ class Subserver(object):
     json_dumps = property(lambda self: self.settings.dumps)
     json_loads = property(lambda self: self.settings.loads)
 
-    @property
-    def log_file(self):
-        """Where this subserver logs: its log_file, else the daemon's
-        fallback (see _load_server)."""
-        return self.settings.log_file or self.server.fallback_log_file
-
     def _add_stats(self, call_name, cls, conf):
         """Add what ``cls.stats_conf(call_name, conf)`` declares."""
         stats_conf = getattr(cls, 'stats_conf', None)
@@ -3473,10 +3467,13 @@ class Subserver(object):
         # Lines dropped before this process became the worker (by the main
         # process, the count copied by fork) are not the worker's.
         self.dropped_before = _lines_dropped
+        # Without a log_file of its own or [brim]'s, a daemon logs where
+        # the main process does (see _load_server).
         settings = self.settings
-        self.logger = get_logger(settings.log_name, settings.log_level,
-                                 settings.log_facility, self.log_file,
-                                 to_stderr, settings.log_format)
+        self.logger = get_logger(
+            settings.log_name, settings.log_level, settings.log_facility,
+            settings.log_file or self.server.fallback_log_file, to_stderr,
+            settings.log_format)
         for handler in self.logger.handlers:
             if isinstance(handler, _AppendHandler):
                 faulthandler.enable(handler.fd, all_threads=True)
