@@ -449,6 +449,7 @@ class _Settings(object):
     afterwards, so what ``check`` showed is what runs."""
 
     def __init__(self, section, kind, values, origins, passed):
+        # Straight into the instance's dict: __setattr__ refuses.
         self.__dict__.update(values)
         self.__dict__.update(_section=section, _kind=kind, _origins=origins,
                              _passed=tuple(passed))
@@ -584,7 +585,8 @@ def _unknown_options(section, given, known, strict, where):
 
 def _near_misses(option, known):
     """The known options ``option`` is a slip of: the same but for case, or
-    an edit or two away (one for short names; none for two letters)."""
+    an edit or two away (one for names of up to five letters, none for
+    two: ``id`` is too near ``ip`` to be judged a slip of it)."""
     return [name for name in known if name.lower() == option.lower() or
             _edit_distance(option, name) <= min(2, len(name) // 3)]
 
