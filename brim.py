@@ -6828,9 +6828,26 @@ def _cmd_check(args):
     for subserver in server.subservers:
         lines.append(subserver.check(held))
         lines.extend(subserver.settings.lines())
+    unused = _unused_sections(server)
+    if unused:
+        lines.append('sections brim does not read (an app may): %s'
+                     % ', '.join('[%s]' % section for section in unused))
     print('\n'.join(lines))
     print('configuration OK')
     return 0
+
+
+def _unused_sections(server):
+    """The sections no subserver, app list or daemon list names: a
+    misspelt [deamons], say.  An app may read a section of its own, so
+    check only shows them."""
+    used = {'brim'}
+    for subserver in server.subservers:
+        used.add(subserver.name)
+        used.update(getattr(subserver.settings, 'apps', ()))
+        used.update(getattr(subserver.settings, 'daemons', ()))
+    return [section for section in server.conf.sections()
+            if section not in used]
 
 
 def _setting_if_any(args, name):

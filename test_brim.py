@@ -2043,11 +2043,20 @@ class TestSettingsCommandLine(BrimTestCase):
             workers = 1
             call = mytcp.HelloWorld
             message = hi
+
+            [deamons]
+            daemons = sample
+
+            [stats]
+            call = brim.wsgi_stats.WSGIStats
             ''' % (wsgi_port, tcp_port))
         code, out, err = self.brim('check')
         self.assertEqual((code, err), (0, ''), out)
         lines = out.splitlines()
         self.assertEqual(lines[-1], 'configuration OK')
+        # A misspelt section, and an app no apps list names.
+        self.assertEqual(lines.pop(-2), 'sections brim does not read (an '
+                         'app may): [deamons], [stats]')
         sections = {}
         for line in lines[:-1]:
             if line.startswith('['):
