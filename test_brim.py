@@ -2102,9 +2102,12 @@ class TestSettingsCommandLine(BrimTestCase):
             text = fp.read()
         with open(self.conf_path, 'w') as fp:
             fp.write(text.replace('[brim]\n', '[brim]\nuser_name = x\n'))
-        self.assertEqual(self.brim('check'), (
-            1, '', "[brim] unknown option 'user_name' (did you mean "
-            "'user'?)\n"))
+        line = "[brim] unknown option 'user_name' (did you mean 'user'?)\n"
+        self.assertEqual(self.brim('check'), (1, '', line))
+        # restart refuses it too, and the running brimd goes on serving.
+        self.assertEqual(self.brim('restart'), (1, '', line))
+        self.assertEqual(self.read_pid(), pid)
+        self.echo_ok(port)
         # Without -p: the pid file is [brim]'s.
         command = [sys.executable, BRIM, '-c', self.conf_path]
         code, out, err = run(command + ['status'], cwd=self.tmp,
