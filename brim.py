@@ -140,55 +140,55 @@ class Conf(object):
     convert, so a bad value stops the start with one clear line.
     """
 
-    def __init__(self, store, files=None):
+    def __init__(self, store, files=None, defaults=None):
         self.store = store
         self.files = list(files or [])
+        #: ``[DEFAULT]``'s options, which configparser copies into every
+        #: section: they are not the section's own.
+        self.defaults = dict(defaults or {})
 
     def get(self, section, option, default=None):
         """The raw string value, or ``default`` when not set."""
         return self.store.get(section, {}).get(option, default)
 
     def get_bool(self, section, option, default):
-        value = self.get(section, option)
-        if value is None:
-            return default
-        lowered = value.strip().lower()
-        if lowered in _TRUE_VALUES:
-            return True
-        if lowered in _FALSE_VALUES:
-            return False
-        raise self.error(section, option, value, 'boolean')
+        return self._convert(section, option, default, _bool)
 
     def get_int(self, section, option, default):
-        return self._convert(section, option, default, int, 'int')
+        return self._convert(section, option, default, _int)
 
     def get_float(self, section, option, default):
-        return self._convert(section, option, default, float, 'float')
-
-    def _convert(self, section, option, default, convert, type_name):
-        value = self.get(section, option)
-        if value is None:
-            return default
-        try:
-            return convert(value)
-        except ValueError:
-            raise self.error(section, option, value, type_name)
+        return self._convert(section, option, default, _float)
 
     def get_path(self, section, option, default=None):
         """A path with ``~`` expanded, or ``default``."""
+        return self._convert(section, option, default, _path)
+
+    def _convert(self, section, option, default, convert):
         value = self.get(section, option)
         if value is None:
             return default
-        return os.path.expanduser(value.strip())
+        return convert(section, option, value)
 
     def error(self, section, option, value, type_name):
         """The ConfError for a value that cannot be converted."""
-        return ConfError(
-            'Configuration value [%s] %s of %r cannot be converted to %s.'
-            % (section, option, value, type_name))
+        return _cannot_convert(section, option, value, type_name)
 
     def sections(self):
         return list(self.store)
+
+    def own_options(self, section):
+        """The options set in ``[section]`` itself, not from [DEFAULT] (an
+        option set to [DEFAULT]'s value changes nothing, so counts as
+        [DEFAULT]'s)."""
+        return [option for option, value in self.store.get(section, {}).items()
+                if self.defaults.get(option) != value]
+
+
+def _cannot_convert(section, option, value, type_name):
+    return ConfError(
+        'Configuration value [%s] %s of %r cannot be converted to %s.'
+        % (section, option, value, type_name))
 
 
 def read_conf(paths, explicit=False):
@@ -225,13 +225,431 @@ def read_conf(paths, explicit=False):
                         'file with -c CONF.' % ' or '.join(looked_for))
     store = {section: dict(parser.items(section))
              for section in parser.sections()}
-    return Conf(store, read)
+    return Conf(store, read, parser.defaults())
 
 
 def _one_line(err):
     """An exception's text folded onto one line."""
     text = str(err) or err.__class__.__name__
     return ' '.join(text.split())
+
+
+# -- brim's own options -----------------------------------------------------
+#
+# Every option brim reads from its own sections is in _OPTIONS, and
+# _read_settings is the one reader: it refuses what brim does not know,
+# converts and checks each value, and hands back immutable settings.  A
+# converter takes (section, option, text) and raises ConfError naming
+# both.  (read_conf reads additional_confs itself: it needs the files
+# named before there is a configuration to read settings from.)
+
+def _text(section, option, text):
+    return text
+
+
+def _path(section, option, text):
+    return os.path.expanduser(text.strip())
+
+
+def _int(section, option, text):
+    try:
+        return int(text)
+    except ValueError:
+        raise _cannot_convert(section, option, text, 'int')
+
+
+def _float(section, option, text):
+    try:
+        return float(text)
+    except ValueError:
+        raise _cannot_convert(section, option, text, 'float')
+
+
+def _bool(section, option, text):
+    lowered = text.strip().lower()
+    if lowered in _TRUE_VALUES:
+        return True
+    if lowered in _FALSE_VALUES:
+        return False
+    raise _cannot_convert(section, option, text, 'boolean')
+
+
+def _words(section, option, text):
+    return tuple(text.split())
+
+
+def _directories(section, option, text):
+    """Comma-separated, as pythonpath is (a path may hold spaces)."""
+    return tuple(path.strip() for path in text.split(',') if path.strip())
+
+
+def _ints(section, option, text):
+    try:
+        return tuple(int(word) for word in text.split())
+    except ValueError:
+        raise _cannot_convert(section, option, text, 'a list of ints')
+
+
+def _octal(section, option, text):
+    try:
+        return int(text, 8)
+    except ValueError:
+        raise _cannot_convert(section, option, text, 'an octal mask')
+
+
+def _at_least(least):
+    """The converter of an int that may not go below ``least``."""
+    def convert(section, option, text):
+        value = _int(section, option, text)
+        if value < least:
+            raise ConfError('[%s] %s must be at least %d.'
+                            % (section, option, least))
+        return value
+    return convert
+
+
+def _port(section, option, text):
+    value = _int(section, option, text)
+    if not 0 <= value <= 65535:
+        raise ConfError('[%s] port %d is not between 0 and 65535.'
+                        % (section, value))
+    return value
+
+
+def _worker_timeout(section, option, text):
+    value = _float(section, option, text)
+    if value and value < 2:
+        raise ConfError('[%s] worker_timeout must be 0 (off) or at least '
+                        '2 seconds: workers beat once a second.' % section)
+    return value
+
+
+def _log_level(section, option, text):
+    _log_level_number(section, text)
+    return text
+
+
+def _log_facility(section, option, text):
+    _log_facility_number(section, text)
+    return text
+
+
+def _log_format(section, option, text):
+    if text not in ('text', 'json'):
+        raise ConfError('[%s] log_format %r is not text or json.'
+                        % (section, text))
+    return text
+
+
+def _show(value):
+    """A setting as ``check`` prints it."""
+    if value is None or value == ():
+        return '(not set)'
+    if isinstance(value, bool):
+        return 'yes' if value else 'no'
+    if isinstance(value, float):
+        return '%g' % value
+    if isinstance(value, tuple):
+        return ' '.join(str(item) for item in value)
+    return str(value)
+
+
+class _Option(object):
+    """One of brim's options: its name, the kinds of section it belongs to
+    ('brim', 'wsgi', 'tcp', 'udp', 'daemons'), its converter, its default,
+    and whether ``[brim]`` may give the default for those sections.  An
+    ``ignored`` one is the original brimd's, accepted so its configurations
+    run unchanged."""
+
+    def __init__(self, name, kinds, convert, default, from_brim=False,
+                 show=_show, ignored=False):
+        self.name = name
+        self.kinds = frozenset(kinds.split())
+        self.convert = convert
+        self.default = default
+        self.from_brim = from_brim
+        self.show = show
+        self.ignored = ignored
+
+    def allowed_in(self, kind):
+        return kind in self.kinds or (kind == 'brim' and self.from_brim)
+
+
+_EVERY_KIND = 'brim wsgi tcp udp daemons'
+_SUBSERVERS = 'wsgi tcp udp daemons'
+_LISTENERS = 'wsgi tcp udp'
+
+_OPTIONS = (
+    _Option('additional_confs', 'brim', _words, ()),
+    _Option('pythonpath', 'brim', _directories, ()),
+    _Option('user', 'brim', _text, None),
+    _Option('group', 'brim', _text, None),
+    _Option('umask', 'brim', _octal, 0o022, show='{:04o}'.format),
+    _Option('pid_file', 'brim', _path, None),
+    _Option('graceful_timeout', 'brim', _float, 30.0),
+    _Option('log_name', _EVERY_KIND, _text, 'brim', from_brim=True),
+    _Option('log_level', _EVERY_KIND, _log_level, 'INFO', from_brim=True),
+    _Option('log_facility', _EVERY_KIND, _log_facility, 'LOCAL0',
+            from_brim=True),
+    _Option('log_file', _EVERY_KIND, _path, None, from_brim=True),
+    _Option('log_format', _EVERY_KIND, _log_format, 'text', from_brim=True),
+    _Option('json_dumps', _SUBSERVERS, _text, 'json.dumps', from_brim=True),
+    _Option('json_loads', _SUBSERVERS, _text, 'json.loads', from_brim=True),
+    _Option('workers', _SUBSERVERS, _at_least(1), 1, from_brim=True),
+    _Option('worker_timeout', _SUBSERVERS, _worker_timeout, 30.0,
+            from_brim=True),
+    _Option('ip', _LISTENERS, _text, '*', from_brim=True),
+    _Option('port', _LISTENERS, _port, 80, from_brim=True),
+    _Option('backlog', _LISTENERS, _at_least(1), 4096, from_brim=True),
+    _Option('listen_retry', _LISTENERS, _float, 30.0, from_brim=True),
+    _Option('client_timeout', _LISTENERS, _float, 60.0, from_brim=True),
+    _Option('concurrent_per_worker', _LISTENERS, _at_least(1), 1024,
+            from_brim=True),
+    # Recycling workers bounds what a leaking app can hold; the jitter
+    # keeps all workers from recycling at the same moment.
+    _Option('max_requests', _LISTENERS, _at_least(0), 0, from_brim=True),
+    _Option('max_requests_jitter', _LISTENERS, _at_least(0), 0,
+            from_brim=True),
+    _Option('certfile', 'wsgi tcp', _path, None, from_brim=True),
+    _Option('keyfile', 'wsgi tcp', _path, None, from_brim=True),
+    _Option('apps', 'wsgi', _words, ()),
+    _Option('request_timeout', 'wsgi', _float, 0.0, from_brim=True),
+    _Option('log_headers', 'wsgi', _bool, False, from_brim=True),
+    _Option('count_status_codes', 'wsgi', _ints, (404, 408, 499, 501),
+            from_brim=True),
+    _Option('max_request_line', 'wsgi', _int, 8190, from_brim=True),
+    _Option('max_header_line', 'wsgi', _int, 8190, from_brim=True),
+    _Option('max_header_count', 'wsgi', _int, 100, from_brim=True),
+    _Option('max_body', 'wsgi', _int, None, from_brim=True),
+    _Option('call', 'tcp udp', _text, None),
+    _Option('max_datagram_size', 'udp', _int, 65536, from_brim=True),
+    _Option('daemons', 'daemons', _words, ()),
+    # The original's event loop and its buffer sizes, and the X-Auth-Token
+    # it could log: brim has no use for them.
+    _Option('eventlet_hub', _LISTENERS, _text, None, from_brim=True,
+            ignored=True),
+    _Option('log_auth_tokens', 'wsgi', _text, None, from_brim=True,
+            ignored=True),
+    _Option('wsgi_input_iter_chunk_size', 'wsgi', _text, None,
+            from_brim=True, ignored=True),
+    _Option('wsgi_output_iter_chunk_size', 'wsgi', _text, None,
+            from_brim=True, ignored=True),
+)
+
+_OPTION = {option.name: option for option in _OPTIONS}
+
+
+def _options_of(kind):
+    """The options a section of ``kind`` may hold, in the table's order."""
+    return [option for option in _OPTIONS if option.allowed_in(kind)]
+
+
+class _Settings(object):
+    """One section's settings, read once: every option of its kind as an
+    attribute, and the values derived from them.  Nothing changes them
+    afterwards, so what ``check`` showed is what runs."""
+
+    def __init__(self, section, kind, values, origins, passed):
+        # Straight into the instance's dict: __setattr__ refuses.
+        self.__dict__.update(values)
+        self.__dict__.update(_section=section, _kind=kind, _origins=origins,
+                             _passed=tuple(passed))
+
+    def __setattr__(self, name, value):
+        raise AttributeError('[%s] settings are read-only' % self._section)
+
+    def __delattr__(self, name):
+        raise AttributeError('[%s] settings are read-only' % self._section)
+
+    def lines(self):
+        """``check``'s lines: each option, where its value came from, then
+        the options left to the section's handler.  [brim]'s are its own
+        (the defaults it gives show in the sections that take them)."""
+        for option in _options_of(self._kind):
+            origin = self._origins[option.name]
+            if self._kind not in option.kinds or (option.ignored and
+                                                  origin is None):
+                continue
+            notes = []
+            if origin is None:
+                notes.append('default')
+            elif origin != self._section:
+                notes.append('from [brim]')
+            if option.ignored:
+                notes.append("ignored, as brim has no use for it")
+            yield '  %s = %s%s' % (
+                option.name, option.show(getattr(self, option.name)),
+                '  # ' + ', '.join(notes) if notes else '')
+        if self._passed:
+            yield '  passed to the handler: %s' % ', '.join(self._passed)
+
+
+#: Sections whose every option is brim's: an unknown one is a mistake.
+#: [tcp] and [udp] sections also hold their handler's options.
+_STRICT_KINDS = frozenset(('brim', 'wsgi', 'daemons'))
+
+
+def _read_settings(conf, section, kind):
+    """The settings of ``[section]``, a section of ``kind``.
+
+    Each option comes from the section, else (for the options [brim] gives
+    defaults for) from [brim], else from the table.  An option brim does
+    not know stops the start (see _unknown_options).
+    """
+    known = [option.name for option in _options_of(kind)]
+    passed = _unknown_options(section, conf.own_options(section), known,
+                              strict=kind in _STRICT_KINDS,
+                              where="the README lists brim's options "
+                                    "under Configuration")
+    values, origins = {}, {}
+    for option in _options_of(kind):
+        values[option.name], origins[option.name] = _setting(conf, section,
+                                                             option)
+    values.update(_derived(section, kind, values))
+    return _Settings(section, kind, values, origins, passed)
+
+
+def _setting(conf, section, option):
+    """(value, the section it came from) of ``option`` for ``[section]``;
+    (default, None) when no section sets it."""
+    for where in (section, 'brim') if option.from_brim else (section,):
+        text = conf.get(where, option.name)
+        if text is not None:
+            return option.convert(where, option.name, text), where
+    return option.default, None
+
+
+def _derived(section, kind, values):
+    """The values brim computes from a subserver's settings, in one place:
+    the functions json_dumps and json_loads name, the TLS context, and the
+    longest head the HTTP limits allow (so reading can stop early)."""
+    if kind == 'brim':
+        return {}
+    derived = {'dumps': import_call(section, values['json_dumps']),
+               'loads': import_call(section, values['json_loads'])}
+    if kind in ('wsgi', 'tcp'):
+        derived['tls'] = _tls_context(section, values['certfile'],
+                                      values['keyfile'])
+    elif kind == 'udp':
+        derived['tls'] = None
+    if kind == 'wsgi':
+        derived['max_head'] = (values['max_request_line'] + 4 +
+                               values['max_header_count'] *
+                               (values['max_header_line'] + 2))
+    return derived
+
+
+def _tls_context(section, certfile, keyfile):
+    """An SSLContext from ``certfile`` / ``keyfile``; None: plain."""
+    if not certfile:
+        if keyfile:
+            raise ConfError('[%s] keyfile %s needs a certfile too.'
+                            % (section, keyfile))
+        return None
+    for option, path in (('certfile', certfile), ('keyfile', keyfile)):
+        try:
+            if path:
+                open(path, 'rb').close()
+        except OSError as err:
+            raise ConfError('[%s] %s %s cannot be read: %s.' % (
+                section, option, path, err.strerror or err))
+    import ssl      # only here: it costs every start a few ms
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(certfile, keyfile)
+    except (ssl.SSLError, OSError) as err:
+        raise ConfError('[%s] certfile %s%s: not a usable certificate '
+                        'and private key (%s)%s.' % (
+                            section, certfile,
+                            ' / keyfile %s' % keyfile if keyfile else '',
+                            _one_line(err), '' if keyfile else
+                            '; set keyfile, or put the key in certfile'))
+    return context
+
+
+def _unknown_options(section, given, known, strict, where):
+    """The options of ``given`` not in ``known``, left to a handler.
+
+    Where every option is brim's or a declaring app's (``strict``), any
+    such option stops the start; elsewhere only a near miss of a known
+    one does, as a handler's own option is seldom one edit from brim's.
+    """
+    passed = []
+    for option in given:
+        if option in known:
+            continue
+        if strict or _near_misses(option, known):
+            raise ConfError(_unknown_line(section, option, known, where))
+        passed.append(option)
+    return passed
+
+
+def _near_misses(option, known):
+    """The known options ``option`` is a slip of: the same but for case, or
+    an edit or two away (one for names of up to five letters, none for
+    two: ``id`` is too near ``ip`` to be judged a slip of it)."""
+    return [name for name in known if name.lower() == option.lower() or
+            _edit_distance(option, name) <= min(2, len(name) // 3)]
+
+
+def _edit_distance(a, b):
+    """Inserts, deletes, replaces and swaps of neighbours from a to b."""
+    before, previous = None, list(range(len(b) + 1))
+    for i, char in enumerate(a, 1):
+        current = [i]
+        for j, other in enumerate(b, 1):
+            cost = min(previous[j] + 1, current[j - 1] + 1,
+                       previous[j - 1] + (char != other))
+            if i > 1 and j > 1 and char == b[j - 2] and a[i - 2] == other:
+                cost = min(cost, before[j - 2] + 1)
+            current.append(cost)
+        before, previous = previous, current
+    return previous[-1]
+
+
+def _unknown_line(section, option, known, where):
+    """The one line that refuses ``option``, with the options meant."""
+    if option in _OPTION:
+        return '[%s] unknown option %r (%s belongs in %s)' % (
+            section, option, option, _sections_of(_OPTION[option]))
+    import difflib      # only here: a start that passes never needs it
+    close = _near_misses(option, known) or difflib.get_close_matches(
+        option, known, 3)
+    if not close:
+        return '[%s] unknown option %r (%s)' % (section, option, where)
+    quoted = ['%r' % name for name in close]
+    meant = quoted[-1]
+    if len(quoted) > 1:
+        meant = '%s or %s' % (', '.join(quoted[:-1]), meant)
+    return '[%s] unknown option %r (did you mean %s?)' % (section, option,
+                                                          meant)
+
+
+def _sections_of(option):
+    """'[tcp] or [udp]': where ``option`` may be set."""
+    kinds = sorted(option.kinds, key=_EVERY_KIND.split().index)
+    if option.from_brim and 'brim' not in kinds:
+        kinds.append('brim')
+    names = ['[%s]' % kind for kind in kinds]
+    if len(names) == 1:
+        return names[0]
+    return '%s or %s' % (', '.join(names[:-1]), names[-1])
+
+
+def _check_app_options(section, cls, conf, also_known=()):
+    """Refuse options ``cls`` (an app, handler or daemon class that
+    declares ``options``) does not know in ``[section]``; ``call`` and
+    ``also_known`` (brim's, in a [tcp] or [udp] section) are known too."""
+    declared = getattr(cls, 'options', None)
+    if declared is None:
+        return
+    where = '%s knows %s' % (cls.__name__, ', '.join(['call'] +
+                                                      list(declared)))
+    if also_known:
+        where += "; the README lists brim's options under Configuration"
+    _unknown_options(section, conf.own_options(section),
+                     ['call'] + list(declared) + list(also_known),
+                     strict=True, where=where)
 
 
 # Names that configs may spell as the original package's module paths, for
@@ -349,18 +767,17 @@ def _import_places():
     return places
 
 
-def _put_on_sys_path(conf):
-    """Put ``[brim] pythonpath``'s directories (comma-separated), then the
-    current directory, first on sys.path, before any call is imported.
+def _put_on_sys_path(pythonpath):
+    """Put ``[brim] pythonpath``'s directories, then the current
+    directory, first on sys.path, before any call is imported.
 
     As with gunicorn, an app in the directory brimd starts from needs no
     PYTHONPATH.  A relative directory is taken from the current
     directory, as every relative path in the configuration is, and made
     absolute now: an app that changes directory changes nothing.
     """
-    places = [os.path.abspath(os.path.expanduser(path.strip()))
-              for path in conf.get('brim', 'pythonpath', '').split(',')
-              if path.strip()]
+    places = [os.path.abspath(os.path.expanduser(path))
+              for path in pythonpath]
     places.append(os.getcwd())
     sys.path[:] = places + [path for path in sys.path if path not in places]
 
@@ -876,22 +1293,24 @@ def _log_destination(log_file, to_stderr):
 
 def _log_settings(section, log_level, log_facility):
     """(level number, facility number), or a ConfError naming the option."""
+    return (_log_level_number(section, log_level),
+            _log_facility_number(section, log_facility))
+
+
+def _log_level_number(section, log_level):
     level = logging.getLevelName(log_level.upper())
     if not isinstance(level, int):
         raise ConfError('[%s] log_level %r is not one of DEBUG, INFO, NOTICE, '
                         'WARNING, ERROR, CRITICAL.' % (section, log_level))
+    return level
+
+
+def _log_facility_number(section, log_facility):
     facility = _FACILITIES.get(log_facility.lower())
     if facility is None:
         raise ConfError('[%s] log_facility %r is not a syslog facility such '
                         'as LOCAL0.' % (section, log_facility))
-    return level, facility
-
-
-def _log_format(section, value):
-    if value not in ('text', 'json'):
-        raise ConfError('[%s] log_format %r is not text or json.'
-                        % (section, value))
-    return value
+    return facility
 
 
 def get_logger(log_name='brim', log_level='INFO', log_facility='LOCAL0',
@@ -3022,7 +3441,8 @@ class Subserver(object):
     In the main process it parses its section; in each worker process it
     runs the serving loop (``serve``) for one worker ``index``.  Apps and
     handlers reach it as ``env['brim']`` or their ``subserver`` argument,
-    and most use its ``logger``.
+    and most use its ``logger``; ``settings`` are its section's, as
+    ``check`` shows them.
     """
 
     kind = None
@@ -3038,43 +3458,17 @@ class Subserver(object):
         self.reopen_pending = False
         self.logger = None
 
-    def _option(self, conf, getter, option, default):
-        """A section option that falls back to ``[brim]``, then default."""
-        return getter(self.name, option, getter('brim', option, default))
-
     def parse_conf(self, conf):
-        """Read this section's options (main process, before forking)."""
-        opt = self._option
-        self.log_name = opt(conf, conf.get, 'log_name', 'brim')
-        self.log_level = opt(conf, conf.get, 'log_level', 'INFO')
-        self.log_facility = opt(conf, conf.get, 'log_facility', 'LOCAL0')
-        _log_settings(self.name, self.log_level, self.log_facility)
-        self.log_file = opt(conf, conf.get_path, 'log_file', None) or \
-            self.server.fallback_log_file
-        self.log_format = _log_format(self.name, opt(conf, conf.get,
-                                                     'log_format', 'text'))
-        self.json_dumps = self._function(conf, 'json_dumps', 'json.dumps')
-        self.json_loads = self._function(conf, 'json_loads', 'json.loads')
-        self.workers = self._count(conf, 'workers', 1, least=1)
+        """Read this section's settings (main process, before forking)."""
+        self.settings = _read_settings(conf, self.name, self.kind)
         self.stats_conf['log_lines_dropped'] = 'sum'
-        self.worker_timeout = opt(conf, conf.get_float, 'worker_timeout',
-                                  30.0)
-        if self.worker_timeout and self.worker_timeout < 2:
-            raise ConfError('[%s] worker_timeout must be 0 (off) or at least '
-                            '2 seconds: workers beat once a second.'
-                            % self.name)
 
-    def _count(self, conf, option, default, least):
-        """An int option that may not go below ``least``."""
-        value = self._option(conf, conf.get_int, option, default)
-        if value < least:
-            raise ConfError('[%s] %s must be at least %d.'
-                            % (self.name, option, least))
-        return value
-
-    def _function(self, conf, option, default):
-        dotted = self._option(conf, conf.get, option, default)
-        return import_call(self.name, dotted)
+    # Read by the supervision code: settings it takes from the subserver.
+    workers = property(lambda self: self.settings.workers)
+    worker_timeout = property(lambda self: self.settings.worker_timeout)
+    # Read by apps: the original brimd's subserver had them.
+    json_dumps = property(lambda self: self.settings.dumps)
+    json_loads = property(lambda self: self.settings.loads)
 
     def _add_stats(self, call_name, cls, conf):
         """Add what ``cls.stats_conf(call_name, conf)`` declares."""
@@ -3093,13 +3487,14 @@ class Subserver(object):
                                    ', '.join(STAT_TYPES)))
             self.stats_conf[stat_name] = stat_type
 
-    def _load_call(self, conf, section):
-        """(class, parsed conf) for ``[section] call = ...``."""
-        dotted = conf.get(section, 'call')
+    def _load_call(self, conf, section, dotted, also_known=()):
+        """(class, parsed conf) for ``[section] call = dotted``; a class
+        that declares its ``options`` gets the others refused."""
         if not dotted:
             raise ConfError('[%s] needs call = package.module.Class.'
                             % section)
         cls = import_call(section, dotted)
+        _check_app_options(section, cls, conf, also_known)
         parsed = conf
         parse = getattr(cls, 'parse_conf', None)
         if parse is not None:
@@ -3112,7 +3507,7 @@ class Subserver(object):
 
     @property
     def bucket_count(self):
-        return self.workers
+        return self.settings.workers
 
     def bucket_labels(self):
         return [str(i) for i in range(self.bucket_count)]
@@ -3140,9 +3535,13 @@ class Subserver(object):
         # Lines dropped before this process became the worker (by the main
         # process, the count copied by fork) are not the worker's.
         self.dropped_before = _lines_dropped
-        self.logger = get_logger(self.log_name, self.log_level,
-                                 self.log_facility, self.log_file, to_stderr,
-                                 self.log_format)
+        # Without a log_file of its own or [brim]'s, a daemon logs where
+        # the main process does (see _load_server).
+        settings = self.settings
+        self.logger = get_logger(
+            settings.log_name, settings.log_level, settings.log_facility,
+            settings.log_file or self.server.fallback_log_file, to_stderr,
+            settings.log_format)
         for handler in self.logger.handlers:
             if isinstance(handler, _AppendHandler):
                 faulthandler.enable(handler.fd, all_threads=True)
@@ -3194,60 +3593,32 @@ class _IPSubserver(Subserver):
     def __init__(self, server, name):
         Subserver.__init__(self, server, name)
         self.sock = None
+        self.bound_port = None
         self.stats_conf['start_time'] = 'worker'
 
-    def parse_conf(self, conf):
-        Subserver.parse_conf(self, conf)
-        opt = self._option
-        self.ip = opt(conf, conf.get, 'ip', '*')
-        self.port = opt(conf, conf.get_int, 'port', 80)
-        if not 0 <= self.port <= 65535:
-            raise ConfError('[%s] port %d is not between 0 and 65535.'
-                            % (self.name, self.port))
-        self.backlog = self._count(conf, 'backlog', 4096, least=1)
-        self.listen_retry = opt(conf, conf.get_float, 'listen_retry', 30.0)
-        self.client_timeout = opt(conf, conf.get_float, 'client_timeout',
-                                  60.0)
-        self.concurrent_per_worker = self._count(
-            conf, 'concurrent_per_worker', 1024, least=1)
-        # Recycling workers bounds what a leaking app can hold; the jitter
-        # keeps all workers from recycling at the same moment.
-        self.max_requests = self._count(conf, 'max_requests', 0, least=0)
-        self.max_requests_jitter = self._count(conf, 'max_requests_jitter',
-                                               0, least=0)
-        self.tls = None if self.kind == 'udp' else self._tls_context(conf)
+    # Read by the connection pool and the HTTP path.
+    client_timeout = property(lambda self: self.settings.client_timeout)
+    concurrent_per_worker = property(
+        lambda self: self.settings.concurrent_per_worker)
+    tls = property(lambda self: self.settings.tls)
 
-    def _tls_context(self, conf):
-        """An SSLContext from ``certfile`` / ``keyfile``; None: plain."""
-        certfile = self._option(conf, conf.get_path, 'certfile', None)
-        keyfile = self._option(conf, conf.get_path, 'keyfile', None)
-        if not certfile:
-            if keyfile:
-                raise ConfError('[%s] keyfile %s needs a certfile too.'
-                                % (self.name, keyfile))
-            return None
-        for option, path in (('certfile', certfile), ('keyfile', keyfile)):
-            try:
-                if path:
-                    open(path, 'rb').close()
-            except OSError as err:
-                raise ConfError('[%s] %s %s cannot be read: %s.' % (
-                    self.name, option, path, err.strerror or err))
-        import ssl      # only here: it costs every start a few ms
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        try:
-            context.load_cert_chain(certfile, keyfile)
-        except (ssl.SSLError, OSError) as err:
-            raise ConfError('[%s] certfile %s%s: not a usable certificate '
-                            'and private key (%s)%s.' % (
-                                self.name, certfile,
-                                ' / keyfile %s' % keyfile if keyfile else '',
-                                _one_line(err), '' if keyfile else
-                                '; set keyfile, or put the key in certfile'))
-        return context
+    def _load_handler(self, conf):
+        """(class, parsed conf) of a [tcp] or [udp] section's handler; one
+        that declares its options shares the section with brim's."""
+        return self._load_call(
+            conf, self.name, self.settings.call,
+            [option.name for option in _options_of(self.kind)])
+
+    @property
+    def port(self):
+        """The port bound (the one the system chose, for port 0), else the
+        one configured."""
+        if self.bound_port is None:
+            return self.settings.port
+        return self.bound_port
 
     def addresses(self):
-        return ['%s:%s' % (self.ip, self.port)]
+        return ['%s:%s' % (self.settings.ip, self.port)]
 
     def start_worker(self, index, bucket):
         Subserver.start_worker(self, index, bucket)
@@ -3256,9 +3627,9 @@ class _IPSubserver(Subserver):
         self.sock.setblocking(False)
         self.served = itertools.count(1)
         self.request_limit = 0
-        if self.max_requests:
-            self.request_limit = self.max_requests + \
-                random.randint(0, self.max_requests_jitter)
+        if self.settings.max_requests:
+            self.request_limit = self.settings.max_requests + random.randint(
+                0, self.settings.max_requests_jitter)
 
     def count_served(self, toward_limit=True):
         """Count a request, connection or datagram as it starts, and
@@ -3306,8 +3677,9 @@ class _IPSubserver(Subserver):
     def _keys(self):
         """The keys an inherited socket for this address may have."""
         kind = 'udp' if self.kind == 'udp' else 'tcp'
-        keys = [_socket_key(kind, _address_family(self.ip)[1], self.port)]
-        if self.ip.strip() in ('', '*'):
+        ip = self.settings.ip
+        keys = [_socket_key(kind, _address_family(ip)[1], self.port)]
+        if ip.strip() in ('', '*'):
             # systemd's ListenStream=PORT binds [::] (dual stack).
             keys.append(_socket_key(kind, '::', self.port))
         return keys
@@ -3319,21 +3691,22 @@ class _IPSubserver(Subserver):
             if self.sock is not None:
                 break
         else:
-            self.sock = _bind(self.name, self.ip, self.port,
+            self.sock = _bind(self.name, self.settings.ip, self.port,
                               'udp' if self.kind == 'udp' else 'tcp',
-                              self.backlog, self.listen_retry)
-        self.port = self.sock.getsockname()[1]
+                              self.settings.backlog,
+                              self.settings.listen_retry)
+        self.bound_port = self.sock.getsockname()[1]
 
     def check(self, held):
         if any(key in held for key in self._keys()):
             where = 'held by the running brimd'
         else:
-            _bind(self.name, self.ip, self.port,
+            _bind(self.name, self.settings.ip, self.port,
                   'udp' if self.kind == 'udp' else 'tcp', 1, 0).close()
             where = 'free to bind'
         return '[%s] %s on %s:%s (%s), %d workers%s' % (
-            self.name, self.kind, self.ip, self.port, where, self.workers,
-            ', TLS' if self.tls else '')
+            self.name, self.kind, self.settings.ip, self.port, where,
+            self.settings.workers, ', TLS' if self.settings.tls else '')
 
     def _serve_loop(self, on_ready=None):
         """Beat the heartbeat (at least once a second) until a drain or the
@@ -3467,42 +3840,36 @@ class WSGISubserver(_IPSubserver):
 
     def parse_conf(self, conf):
         _IPSubserver.parse_conf(self, conf)
-        opt = self._option
-        self.log_headers = opt(conf, conf.get_bool, 'log_headers', False)
-        codes = opt(conf, conf.get, 'count_status_codes', '404 408 499 501')
-        try:
-            self.count_status_codes = [int(c) for c in codes.split()]
-        except ValueError:
-            raise conf.error(self.name, 'count_status_codes', codes,
-                             'a list of ints')
-        self.max_request_line = opt(conf, conf.get_int, 'max_request_line',
-                                    8190)
-        self.max_header_line = opt(conf, conf.get_int, 'max_header_line',
-                                   8190)
-        self.max_header_count = opt(conf, conf.get_int, 'max_header_count',
-                                    100)
-        self.max_body = opt(conf, conf.get_int, 'max_body', None)
-        self.request_timeout = opt(conf, conf.get_float, 'request_timeout',
-                                   0.0)
-        # The longest head the limits allow, so reading can stop early.
-        self.max_head = self.max_request_line + 4 + \
-            self.max_header_count * (self.max_header_line + 2)
         for stat in ['request_count', 'status_2xx_count', 'status_3xx_count',
-                     'status_4xx_count', 'status_5xx_count'] + \
-                ['status_%d_count' % c for c in self.count_status_codes]:
+                     'status_4xx_count', 'status_5xx_count'] + [
+                'status_%d_count' % c
+                for c in self.settings.count_status_codes]:
             self.stats_conf[stat] = 'sum'
         # (name, make, parsed): make(name, parsed, next_app) is the app; for
         # brim's apps, their class.
         self.apps = []
-        names = conf.get(self.name, 'apps', '').split()
+        names = list(self.settings.apps)
         for app_name, after in zip(names, names[1:] + [None]):
             spec = conf.get(app_name, 'call') or ''
             if ':' in spec:
                 self.apps.append((app_name, self._load_plain_app(
                     app_name, spec, after), None))
             else:
-                cls, parsed = self._load_call(conf, app_name)
+                cls, parsed = self._load_call(conf, app_name, spec)
                 self.apps.append((app_name, cls, parsed))
+
+    # Read by the HTTP path (the connection, its request and response) and
+    # the request log: the settings it takes from the worker.
+    max_request_line = property(lambda self: self.settings.max_request_line)
+    max_header_line = property(lambda self: self.settings.max_header_line)
+    max_header_count = property(lambda self: self.settings.max_header_count)
+    max_body = property(lambda self: self.settings.max_body)
+    max_head = property(lambda self: self.settings.max_head)
+    request_timeout = property(lambda self: self.settings.request_timeout)
+    log_headers = property(lambda self: self.settings.log_headers)
+    log_format = property(lambda self: self.settings.log_format)
+    count_status_codes = property(
+        lambda self: self.settings.count_status_codes)
 
     def _load_plain_app(self, section, spec, after):
         """What makes ``call = package.module:app`` (or ``:factory()``)
@@ -3551,8 +3918,8 @@ class WSGISubserver(_IPSubserver):
             'wsgi.run_once': False, 'wsgi.input_terminated': True,
             'wsgi.file_wrapper': _FileWrapper,
             'brim': self, 'brim.logger': self.logger, 'brim.stats': bucket,
-            'brim.json_dumps': self.json_dumps,
-            'brim.json_loads': self.json_loads,
+            'brim.json_dumps': self.settings.dumps,
+            'brim.json_loads': self.settings.loads,
         }
         if self.tls is not None:
             self.base_env['HTTPS'] = 'on'
@@ -3702,8 +4069,7 @@ class TCPSubserver(_IPSubserver):
 
     def parse_conf(self, conf):
         _IPSubserver.parse_conf(self, conf)
-        self.handler_class, self.handler_conf = self._load_call(conf,
-                                                                self.name)
+        self.handler_class, self.handler_conf = self._load_handler(conf)
 
     def start_worker(self, index, bucket):
         _IPSubserver.start_worker(self, index, bucket)
@@ -3736,10 +4102,7 @@ class UDPSubserver(_IPSubserver):
 
     def parse_conf(self, conf):
         _IPSubserver.parse_conf(self, conf)
-        self.max_datagram_size = self._option(
-            conf, conf.get_int, 'max_datagram_size', 65536)
-        self.handler_class, self.handler_conf = self._load_call(conf,
-                                                                self.name)
+        self.handler_class, self.handler_conf = self._load_handler(conf)
 
     def start_worker(self, index, bucket):
         _IPSubserver.start_worker(self, index, bucket)
@@ -3755,7 +4118,8 @@ class UDPSubserver(_IPSubserver):
             if self.draining:
                 return
             try:
-                datagram, address = sock.recvfrom(self.max_datagram_size)
+                datagram, address = sock.recvfrom(
+                    self.settings.max_datagram_size)
             except (BlockingIOError, InterruptedError):
                 return
             self.count_served()
@@ -3780,8 +4144,9 @@ class DaemonsSubserver(Subserver):
     def parse_conf(self, conf):
         Subserver.parse_conf(self, conf)
         self.daemons = []
-        for daemon_name in conf.get(self.name, 'daemons', '').split():
-            cls, parsed = self._load_call(conf, daemon_name)
+        for daemon_name in self.settings.daemons:
+            cls, parsed = self._load_call(conf, daemon_name,
+                                          conf.get(daemon_name, 'call'))
             self.daemons.append((daemon_name, cls, parsed))
 
     @property
@@ -3824,6 +4189,9 @@ class WSGIEcho(object):
     Counts ``<name>.requests``.
     """
 
+    #: The options of its section, besides call; brim refuses others.
+    options = ('path', 'max_echo')
+
     def __init__(self, name, parsed_conf, next_app):
         self.name = name
         self.next_app = next_app
@@ -3857,6 +4225,8 @@ class WSGIStats(object):
     Prometheus text format is at ``metrics_path`` (default /metrics) and
     at ``?format=prometheus``.
     """
+
+    options = ('path', 'refresh', 'metrics_path')
 
     def __init__(self, name, parsed_conf, next_app):
         self.name = name
@@ -3939,6 +4309,8 @@ class TCPEcho(object):
     Option: ``chunk_read`` (default 65536), the most read per echo.
     """
 
+    options = ('chunk_read',)
+
     def __init__(self, name, parsed_conf):
         self.name = name
         self.chunk_read = parsed_conf
@@ -3964,6 +4336,8 @@ class TCPEcho(object):
 class UDPEcho(object):
     """Sends each datagram back to whoever sent it."""
 
+    options = ()
+
     def __init__(self, name, parsed_conf):
         self.name = name
 
@@ -3978,6 +4352,8 @@ class UDPEcho(object):
 
 class DaemonSample(object):
     """Logs a status line every ``interval`` seconds (default 60)."""
+
+    options = ('interval',)
 
     def __init__(self, name, parsed_conf):
         self.name = name
@@ -4400,6 +4776,8 @@ class WSGIFS(object):
     are 403, and a symlink that resolves outside it is 404.
     """
 
+    options = ('path', 'serve_path')
+
     def __init__(self, name, parsed_conf, next_app):
         self.name = name
         self.next_app = next_app
@@ -4772,6 +5150,8 @@ class WSGIBasicAuth(object):
     credentials.
     """
 
+    options = ('auth_path', 'realm', 'unauthed_paths', 'check_interval')
+
     def __init__(self, name, parsed_conf, next_app):
         self.name = name
         self.next_app = next_app
@@ -4978,6 +5358,7 @@ class Server(object):
 
     def __init__(self, conf, to_stderr=False):
         self.conf = conf
+        self.settings = _read_settings(conf, 'brim', 'brim')
         self.to_stderr = to_stderr
         self.subservers = []
         self.start_time = int(time.time())
@@ -5011,21 +5392,12 @@ class Server(object):
         if not self.subservers:
             raise ConfError('No [wsgi], [tcp], [udp] or [daemons] section in '
                             '%s; nothing to serve.' % ', '.join(conf.files))
-        self.graceful_timeout = conf.get_float('brim', 'graceful_timeout',
-                                               30.0)
         self.user, self.uid, self.gid = self._resolve_user()
-        umask = conf.get('brim', 'umask', '0022')
-        try:
-            self.umask = int(umask, 8)
-        except ValueError:
-            raise conf.error('brim', 'umask', umask, 'an octal mask')
+        settings = self.settings
         self.logger = get_logger(
-            conf.get('brim', 'log_name', 'brim'),
-            conf.get('brim', 'log_level', 'INFO'),
-            conf.get('brim', 'log_facility', 'LOCAL0'),
-            conf.get_path('brim', 'log_file') or self.fallback_log_file,
-            self.to_stderr,
-            _log_format('brim', conf.get('brim', 'log_format', 'text')))
+            settings.log_name, settings.log_level, settings.log_facility,
+            settings.log_file or self.fallback_log_file, self.to_stderr,
+            settings.log_format)
         self.notifier.logger = self.logger
         self.stats = _StatsLayout(self.subservers)
         for subserver in self.subservers:
@@ -5034,12 +5406,16 @@ class Server(object):
                                             self.stats.bucket(subserver,
                                                               index)))
 
+    # Read by the supervision code: [brim] settings it takes from the
+    # server.
+    graceful_timeout = property(lambda self: self.settings.graceful_timeout)
+    umask = property(lambda self: self.settings.umask)
+
     def _resolve_user(self):
         """(name, uid, gid) to drop to in workers, or (None, None, None)."""
         import grp
         import pwd
-        user = self.conf.get('brim', 'user')
-        group = self.conf.get('brim', 'group')
+        user, group = self.settings.user, self.settings.group
         if not user and not group:
             return None, None, None
         try:
@@ -5954,11 +6330,12 @@ def _restarted_in_place():
             _sockets_from_fds(state['fds']), state['workers'])
 
 
-def _pid_file_path(args, conf):
-    """The pid file to use, or None for ``-p -``."""
+def _pid_file_path(args, configured):
+    """The pid file to use (-p, else ``configured``, [brim] pid_file), or
+    None for ``-p -``."""
     path = args.pid_file
-    if path is None and conf is not None:
-        path = conf.get_path('brim', 'pid_file')
+    if path is None:
+        path = configured
     if path is None:
         path = '/var/run/brimd.pid'
         if not os.access(os.path.dirname(path), os.W_OK):
@@ -5977,27 +6354,26 @@ def _load_server(args, to_stderr, daemon=False):
     that cannot be opened stops the start with a line that names what to
     change, where the open itself would give a bare errno.
     """
-    conf = _conf_of(args)
-    _put_on_sys_path(conf)
-    server = Server(conf, to_stderr)
+    server = Server(_conf_of(args), to_stderr)
+    settings = server.settings
+    _put_on_sys_path(settings.pythonpath)
     fallback_why = None
     if daemon:
-        pid_file = _pid_file_path(args, conf)
+        pid_file = _pid_file_path(args, settings.pid_file)
         if pid_file:
             _check_pid_file_writable(pid_file)
         if not to_stderr and not _syslog_socket():
             server.fallback_log_file, fallback_why = \
                 _fallback_log_file(pid_file)
-    if conf.get('brim', 'log_file'):
-        _check_log_file(conf.get_path('brim', 'log_file'),
-                        'change [brim] log_file')
+    if settings.log_file:
+        _check_log_file(settings.log_file, 'change [brim] log_file')
     elif fallback_why:
         _check_log_file(server.fallback_log_file, fallback_why)
     server.parse_conf()
     for subserver in server.subservers:
-        if conf.get(subserver.name, 'log_file'):
-            _check_log_file(subserver.log_file,
-                            'change [%s] log_file' % subserver.name)
+        own = subserver.settings.log_file
+        if own and own != settings.log_file:
+            _check_log_file(own, 'change [%s] log_file' % subserver.name)
     return server
 
 
@@ -6020,8 +6396,8 @@ def _conf_of(args):
         flag = getattr(args, option)
         if flag is not None:
             wsgi[option] = str(flag)
-        elif conf.get('wsgi', option, conf.get('brim', option)) is None:
-            wsgi[option] = default
+        elif _setting(conf, 'wsgi', _OPTION[option])[1] is None:
+            wsgi[option] = default      # neither [wsgi] nor [brim] sets it
     return conf
 
 
@@ -6120,8 +6496,7 @@ def _wait_gone(pid, seconds):
 
 
 def _cmd_status(args):
-    conf = _try_conf(args)
-    pid_file = _pid_file_path(args, conf)
+    pid_file = _pid_file_path(args, _setting_if_any(args, 'pid_file'))
     pid = _read_pid_file(pid_file) if pid_file else None
     if pid is None:
         print('not running')
@@ -6173,28 +6548,53 @@ def _duration(seconds):
 
 
 def _cmd_check(args):
-    """Everything ``start`` would check, without serving."""
+    """Everything ``start`` would check, without serving; then the
+    settings of [brim] and of each subserver, as they will run."""
     server = _load_server(args, to_stderr=True)
     if _HELD_ENV in os.environ:
         held = set(json.loads(os.environ[_HELD_ENV]))
     else:
-        pid_file = _pid_file_path(args, server.conf)
+        pid_file = _pid_file_path(args, server.settings.pid_file)
         holder = _read_pid_file(pid_file) if pid_file else None
         held = set(_ask_json(holder, b'addresses')) \
             if _is_brimd(holder) else set()
+    lines = ['[brim]']
+    lines.extend(server.settings.lines())
     for subserver in server.subservers:
-        print(subserver.check(held))
+        lines.append(subserver.check(held))
+        lines.extend(subserver.settings.lines())
+    unused = _unused_sections(server)
+    if unused:
+        lines.append('sections brim does not read (an app may): %s'
+                     % ', '.join('[%s]' % section for section in unused))
+    print('\n'.join(lines))
     print('configuration OK')
     return 0
 
 
-def _try_conf(args):
-    """The configuration if there is one (stop/status work without)."""
+def _unused_sections(server):
+    """The sections no subserver, app list or daemon list names: a
+    misspelt [deamons], say.  An app may read a section of its own, so
+    check only shows them."""
+    used = {'brim'}
+    for subserver in server.subservers:
+        used.add(subserver.name)
+        used.update(getattr(subserver.settings, 'apps', ()))
+        used.update(getattr(subserver.settings, 'daemons', ()))
+    return [section for section in server.conf.sections()
+            if section not in used]
+
+
+def _setting_if_any(args, name):
+    """``[brim] name`` from the configuration if there is one, else its
+    default: stop and status work without a configuration, and with one
+    that no longer passes check (they read this option alone)."""
     try:
-        return read_conf(args.conf or DEFAULT_CONF_FILES,
+        conf = read_conf(args.conf or DEFAULT_CONF_FILES,
                          explicit=bool(args.conf))
     except ConfError:
-        return None
+        conf = Conf({})
+    return _setting(conf, 'brim', _OPTION[name])[0]
 
 
 #: How long past graceful_timeout a draining brimd may take to exit: a
@@ -6205,11 +6605,9 @@ _EXIT_SLACK = 10.0
 def _signal_brimd(args, signum, verb, seconds):
     """stop / shutdown: signal the running brimd and wait for it to go
     (``seconds``, or None: as long as a graceful shutdown may take)."""
-    conf = _try_conf(args)
     if seconds is None:
-        seconds = _EXIT_SLACK + (conf.get_float(
-            'brim', 'graceful_timeout', 30.0) if conf else 30.0)
-    pid_file = _pid_file_path(args, conf)
+        seconds = _EXIT_SLACK + _setting_if_any(args, 'graceful_timeout')
+    pid_file = _pid_file_path(args, _setting_if_any(args, 'pid_file'))
     pid = _read_pid_file(pid_file) if pid_file else None
     if not _is_brimd(pid):
         print('not running')
@@ -6235,11 +6633,11 @@ def _signal_brimd(args, signum, verb, seconds):
 def _cmd_start(args, restart=False):
     inplace = _restarted_in_place()
     server = _load_server(args, to_stderr=args.output, daemon=True)
-    pid_file = _pid_file_path(args, server.conf)
+    pid_file = _pid_file_path(args, server.settings.pid_file)
     if inplace:
         # A daemonized brimd that re-executed itself (SIGUSR2).
         return _run_daemon(server, pid_file, args.output, inplace=inplace)
-    if server.fallback_log_file and not server.conf.get('brim', 'log_file'):
+    if server.fallback_log_file and not server.settings.log_file:
         print('brimd: no syslog socket here; logging to %s (set [brim] '
               'log_file to choose)' % server.fallback_log_file)
     old_pid = _read_pid_file(pid_file) if pid_file else None
@@ -6349,8 +6747,8 @@ def _cmd_foreground(args):
     inplace = _restarted_in_place()
     server = _load_server(args, to_stderr=True)
     pid_file = None
-    if args.pid_file or server.conf.get('brim', 'pid_file'):
-        pid_file = _pid_file_path(args, server.conf)
+    if args.pid_file or server.settings.pid_file:
+        pid_file = _pid_file_path(args, server.settings.pid_file)
     if pid_file and not inplace:
         running = _read_pid_file(pid_file)
         if _is_brimd(running):

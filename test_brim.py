@@ -1493,6 +1493,340 @@ class TestConfInProcess(unittest.TestCase):
         self.assertNotIn('\n', str(caught.exception))
 
 
+class _Undeclared(object):
+    """An app class that does not declare its options: not checked."""
+
+    def __init__(self, name, conf, next_app):
+        pass
+
+
+class TestSettingsInProcess(unittest.TestCase):
+    """brim's table of options and its reader, called directly."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix='brim-settings-')
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+
+    def read(self, store, section, kind=None):
+        return brim._read_settings(brim.Conf(store), section,
+                                   kind or section.split('#')[0])
+
+    def refusal(self, store, section, kind=None):
+        with self.assertRaises(brim.ConfError) as caught:
+            self.read(store, section, kind)
+        return str(caught.exception)
+
+    def subserver(self, conf, section):
+        """A parsed subserver of ``conf`` (a Conf or its store)."""
+        if not isinstance(conf, brim.Conf):
+            conf = brim.Conf(conf)
+        cls = brim._SUBSERVER_KINDS[section.split('#')[0]]
+        subserver = cls(brim.Server(conf), section)
+        subserver.parse_conf(conf)
+        return subserver
+
+    def parse_refusal(self, store, section):
+        with self.assertRaises(brim.ConfError) as caught:
+            self.subserver(store, section)
+        return str(caught.exception)
+
+    def test_unknown_option_in_brims_own_sections(self):
+        for section, typo, meant in (
+                ('brim', 'pid_fiel', 'pid_file'),
+                ('brim', 'gracefull_timeout', 'graceful_timeout'),
+                ('wsgi', 'prot', 'port'),
+                ('wsgi', 'aps', 'apps'),
+                ('wsgi#alt', 'worker', 'workers'),
+                ('daemons', 'deamons', 'daemons')):
+            self.assertEqual(
+                self.refusal({section: {typo: '1'}}, section),
+                "[%s] unknown option '%s' (did you mean '%s'?)"
+                % (section, typo, meant))
+        self.assertEqual(
+            self.refusal({'wsgi': {'max_header': '1'}}, 'wsgi'),
+            "[wsgi] unknown option 'max_header' (did you mean "
+            "'max_header_line', 'max_header_count' or 'log_headers'?)")
+        self.assertEqual(
+            self.refusal({'wsgi': {'zzzz': '1'}}, 'wsgi'),
+            "[wsgi] unknown option 'zzzz' (the README lists brim's options "
+            "under Configuration)")
+        # A Conf made in code keeps case; configparser lowers it.
+        self.assertEqual(self.refusal({'wsgi': {'Port': '1'}}, 'wsgi'),
+                         "[wsgi] unknown option 'Port' (did you mean "
+                         "'port'?)")
+
+    def test_brim_gives_defaults_but_takes_no_section_only_option(self):
+        settings = self.read({'brim': {'workers': '3', 'port': '81',
+                                       'max_body': '9'}}, 'brim')
+        self.assertEqual((settings.workers, settings.port, settings.max_body),
+                         (3, 81, 9))
+        wsgi = self.read({'brim': {'workers': '3'}, 'wsgi': {'port': '82'}},
+                         'wsgi')
+        self.assertEqual((wsgi.workers, wsgi.port), (3, 82))
+        self.assertIn('  workers = 3  # from [brim]', list(wsgi.lines()))
+        self.assertIn('  port = 82', list(wsgi.lines()))
+        self.assertIn('  backlog = 4096  # default', list(wsgi.lines()))
+        for option, where in (('apps', 'wsgi'), ('daemons', 'daemons')):
+            self.assertEqual(self.refusal({'brim': {option: 'x'}}, 'brim'),
+                             "[brim] unknown option '%s' (%s belongs in "
+                             "[%s])" % (option, option, where))
+        # An option of another section says where it belongs.
+        for section, option, where in (
+                ('wsgi', 'pid_file', '[brim]'),
+                ('wsgi', 'max_datagram_size', '[udp] or [brim]'),
+                ('daemons', 'port', '[wsgi], [tcp], [udp] or [brim]'),
+                ('brim', 'call', '[tcp] or [udp]')):
+            self.assertEqual(
+                self.refusal({section: {option: '1'}}, section),
+                "[%s] unknown option '%s' (%s belongs in %s)"
+                % (section, option, option, where))
+
+    def test_tcp_and_udp_refuse_near_misses_and_pass_the_rest(self):
+        for kind in ('tcp', 'udp'):
+            for typo, meant in (('prot', 'port'), ('workrs', 'workers'),
+                                ('Port', 'port'), ('cal', 'call'),
+                                ('backlg', 'backlog')):
+                self.assertEqual(
+                    self.refusal({kind: {typo: '1'}}, kind),
+                    "[%s] unknown option '%s' (did you mean '%s'?)"
+                    % (kind, typo, meant))
+            # Two letters are too few to judge: ``id`` is the handler's.
+            settings = self.read({kind: {'port': '5', 'message': 'hi',
+                                         'id': '7', 'chunk': '9'}}, kind)
+            self.assertEqual(settings._passed, ('message', 'id', 'chunk'))
+            self.assertEqual(list(settings.lines())[-1],
+                             '  passed to the handler: message, id, chunk')
+        self.assertTrue(self.refusal({'wsgi': {'message': 'hi'}}, 'wsgi')
+                        .startswith("[wsgi] unknown option 'message' ("))
+        # max_datagram_size is udp's; in [tcp] it is the handler's.
+        self.assertEqual(self.read({'tcp': {'max_datagram_size': '1'}},
+                                   'tcp')._passed, ('max_datagram_size',))
+
+    def test_shipped_apps_refuse_options_they_do_not_know(self):
+        serve_path = self.tmp
+        users = os.path.join(self.tmp, 'users')
+        with open(users, 'w') as fp:
+            fp.write('')
+        for call, good, typo, meant in (
+                ('brim.wsgi_echo.WSGIEcho', {'path': '/e', 'max_echo': '5'},
+                 'max_ecoh', 'max_echo'),
+                ('brim.wsgi_stats.WSGIStats',
+                 {'path': '/s', 'refresh': '1', 'metrics_path': '/m'},
+                 'refesh', 'refresh'),
+                ('brim.wsgi_fs.WSGIFS', {'serve_path': serve_path},
+                 'serve_pth', 'serve_path'),
+                ('brim.wsgi_basic_auth.WSGIBasicAuth',
+                 {'auth_path': users, 'realm': 'r', 'check_interval': '1',
+                  'unauthed_paths': '/x'}, 'relm', 'realm')):
+            store = {'wsgi': {'apps': 'app'}, 'app': dict(good, call=call)}
+            self.subserver(store, 'wsgi')
+            store['app'][typo] = '1'
+            self.assertEqual(self.parse_refusal(store, 'wsgi'),
+                             "[app] unknown option '%s' (did you mean "
+                             "'%s'?)" % (typo, meant))
+        store = {'wsgi': {'apps': 'echo'},
+                 'echo': {'call': 'brim.wsgi_echo.WSGIEcho', 'zzz': '1'}}
+        self.assertEqual(self.parse_refusal(store, 'wsgi'),
+                         "[echo] unknown option 'zzz' (WSGIEcho knows call, "
+                         "path, max_echo)")
+        store = {'daemons': {'daemons': 'sample'},
+                 'sample': {'call': 'brim.daemon_sample.DaemonSample',
+                            'intervals': '5'}}
+        self.assertEqual(self.parse_refusal(store, 'daemons'),
+                         "[sample] unknown option 'intervals' (did you mean "
+                         "'interval'?)")
+        # A handler that declares its options shares its section with
+        # brim's: the rest are refused, not passed.
+        tcp = {'call': 'brim.tcp_echo.TCPEcho', 'port': '0',
+               'chunk_read': '9'}
+        self.assertEqual(self.subserver({'tcp': tcp}, 'tcp').settings._passed,
+                         ('chunk_read',))
+        tcp['message'] = 'hi'
+        self.assertEqual(
+            self.parse_refusal({'tcp': tcp}, 'tcp'),
+            "[tcp] unknown option 'message' (TCPEcho knows call, chunk_read; "
+            "the README lists brim's options under Configuration)")
+        udp = {'call': 'brim.udp_echo.UDPEcho', 'port': '0',
+               'chunk_read': '9'}
+        self.assertEqual(self.parse_refusal({'udp': udp}, 'udp'),
+                         "[udp] unknown option 'chunk_read' (UDPEcho knows "
+                         "call; the README lists brim's options under "
+                         "Configuration)")
+
+    def test_apps_that_declare_nothing_are_not_checked(self):
+        call = '%s._Undeclared' % __name__
+        subserver = self.subserver(
+            {'wsgi': {'apps': 'app'},
+             'app': {'call': call, 'anything': '1', 'prot': '2'}}, 'wsgi')
+        self.assertEqual(subserver.apps[0][:2], ('app', _Undeclared))
+
+    def test_default_section_options_are_not_the_sections_own(self):
+        path = os.path.join(self.tmp, 'brimd.conf')
+        with open(path, 'w') as fp:
+            fp.write(textwrap.dedent('''
+                [DEFAULT]
+                workers = 2
+                colour = blue
+
+                [brim]
+
+                [wsgi]
+                port = 0
+                apps = echo
+
+                [echo]
+                call = brim.wsgi_echo.WSGIEcho
+
+                [tcp]
+                port = 0
+                call = brim.tcp_echo.TCPEcho
+                workers = 3
+
+                [udp]
+                port = 0
+                call = brim.udp_echo.UDPEcho
+                message = hi
+                '''))
+        conf = brim.read_conf([path], explicit=True)
+        self.assertEqual(conf.get('echo', 'colour'), 'blue')   # as before
+        self.assertEqual(conf.own_options('echo'), ['call'])
+        wsgi = self.subserver(conf, 'wsgi')
+        self.assertEqual(wsgi.settings.workers, 2)
+        self.assertEqual(self.subserver(conf, 'tcp').settings.workers, 3)
+        self.assertEqual(brim._read_settings(conf, 'brim', 'brim').workers,
+                         2)
+        self.assertEqual(brim._read_settings(conf, 'udp', 'udp')._passed,
+                         ('message',))
+
+    def test_serve_refuses_an_unknown_option(self):
+        with self.assertRaises(brim.ConfError) as caught:
+            brim.serve(_Undeclared, prot=8911)
+        self.assertEqual(str(caught.exception), "[wsgi] unknown option "
+                         "'prot' (did you mean 'port'?)")
+
+    def test_the_originals_options_are_accepted_and_ignored(self):
+        store = {'brim': {'eventlet_hub': 'poll'},
+                 'wsgi': {'log_auth_tokens': 'yes',
+                          'wsgi_input_iter_chunk_size': '4096',
+                          'wsgi_output_iter_chunk_size': '4096'},
+                 'tcp': {'eventlet_hub': 'epolls', 'message': 'hi'}}
+        wsgi = self.read(store, 'wsgi')
+        lines = list(wsgi.lines())
+        self.assertIn('  eventlet_hub = poll  # from [brim], ignored, as '
+                      'brim has no use for it', lines)
+        self.assertIn('  log_auth_tokens = yes  # ignored, as brim has no '
+                      'use for it', lines)
+        self.assertEqual(self.read(store, 'tcp')._passed, ('message',))
+        # Unset, they are not shown at all.
+        self.assertNotIn('eventlet_hub', ''.join(self.read({}, 'udp')
+                                                 .lines()))
+
+    def test_bad_values_keep_their_messages(self):
+        for section, option, value, message in (
+                ('wsgi', 'port', 'abc', "Configuration value [wsgi] port of "
+                 "'abc' cannot be converted to int."),
+                ('wsgi', 'port', '70000',
+                 '[wsgi] port 70000 is not between 0 and 65535.'),
+                ('wsgi', 'workers', '0', '[wsgi] workers must be at least 1.'),
+                ('tcp', 'max_requests', '-1',
+                 '[tcp] max_requests must be at least 0.'),
+                ('wsgi', 'worker_timeout', '1',
+                 '[wsgi] worker_timeout must be 0 (off) or at least 2 '
+                 'seconds: workers beat once a second.'),
+                ('wsgi', 'client_timeout', 'soon', "Configuration value "
+                 "[wsgi] client_timeout of 'soon' cannot be converted to "
+                 "float."),
+                ('wsgi', 'log_headers', 'maybe', "Configuration value "
+                 "[wsgi] log_headers of 'maybe' cannot be converted to "
+                 "boolean."),
+                ('wsgi', 'count_status_codes', '404 x', "Configuration value "
+                 "[wsgi] count_status_codes of '404 x' cannot be converted "
+                 "to a list of ints."),
+                ('brim', 'umask', '9', "Configuration value [brim] umask of "
+                 "'9' cannot be converted to an octal mask."),
+                ('wsgi', 'log_format', 'xml',
+                 "[wsgi] log_format 'xml' is not text or json."),
+                ('daemons', 'log_level', 'LOUD',
+                 "[daemons] log_level 'LOUD' is not one of DEBUG, INFO, "
+                 "NOTICE, WARNING, ERROR, CRITICAL."),
+                ('brim', 'log_facility', 'LOCAL9', "[brim] log_facility "
+                 "'LOCAL9' is not a syslog facility such as LOCAL0.")):
+            self.assertEqual(self.refusal({section: {option: value}},
+                                          section), message)
+        # A default from [brim] is judged where it is written.
+        self.assertEqual(self.refusal({'brim': {'backlog': '0'}}, 'wsgi'),
+                         '[brim] backlog must be at least 1.')
+
+    def test_settings_convert_derive_and_stay_put(self):
+        settings = self.read({'wsgi': {
+            'max_request_line': '100', 'max_header_line': '50',
+            'max_header_count': '3', 'count_status_codes': '418',
+            'log_headers': 'yes', 'apps': 'a b'}}, 'wsgi')
+        self.assertEqual(settings.max_head, 100 + 4 + 3 * (50 + 2))
+        self.assertEqual(settings.count_status_codes, (418,))
+        self.assertIs(settings.log_headers, True)
+        self.assertEqual(settings.apps, ('a', 'b'))
+        self.assertIs(settings.dumps, json.dumps)
+        self.assertIsNone(settings.tls)
+        with self.assertRaises(AttributeError):
+            settings.port = 8080
+        with self.assertRaises(AttributeError):
+            del settings.port
+        self.assertEqual(settings.port, 80)
+        brim_settings = self.read({'brim': {
+            'umask': '027', 'pythonpath': ' lib ,, /opt/app ',
+            'pid_file': '~/x.pid'}}, 'brim')
+        self.assertEqual(brim_settings.umask, 0o027)
+        self.assertEqual(brim_settings.pythonpath, ('lib', '/opt/app'))
+        self.assertEqual(brim_settings.pid_file,
+                         os.path.expanduser('~/x.pid'))
+        self.assertIn('  umask = 0027', list(brim_settings.lines()))
+        # The subserver reads its settings; the HTTP path, its properties.
+        subserver = self.subserver({'wsgi': {'max_body': '7'}}, 'wsgi')
+        self.assertEqual((subserver.max_body, subserver.max_head),
+                         (7, subserver.settings.max_head))
+        # Apps of the original read these from env['brim'].
+        self.assertIs(subserver.json_loads, json.loads)
+        with self.assertRaises(AttributeError):
+            subserver.max_body = 8
+
+    def test_readme_lists_every_option_of_the_table(self):
+        with open(os.path.join(HERE, 'README')) as fp:
+            lines = fp.read().splitlines()
+        start = lines.index('    option                 sections'
+                            '                          default') + 1
+        documented = {}
+        for line in lines[start:lines.index('', start)]:
+            name, sections, default = re.split(r'\s{2,}', line.strip())
+            documented[name] = (sections, default)
+        table = {}
+        for option in brim._OPTIONS:
+            kinds = [k for k in ('brim', 'wsgi', 'tcp', 'udp', 'daemons')
+                     if k in option.kinds]
+            shown = option.show(option.default)
+            if option.ignored:
+                shown = 'ignored'
+            table[option.name] = (
+                ' '.join(kinds) + (' (brim)' if option.from_brim else ''),
+                '-' if shown == '(not set)' else shown)
+        self.assertEqual(sorted(documented), sorted(table))
+        self.assertEqual(documented, table)
+
+    def test_sample_conf_shows_every_option(self):
+        with open(SAMPLE) as fp:
+            sample = fp.read()
+        shown = set(re.findall(r'^#? ?([a-z_]+) = ', sample, re.M))
+        self.assertEqual([o.name for o in brim._OPTIONS
+                          if o.name not in shown and not o.ignored], [])
+        for option in brim._OPTIONS:
+            if option.ignored:
+                self.assertIn(option.name, sample)
+        # Every option it sets in brim's sections is brim's.
+        conf = brim.read_conf([SAMPLE], explicit=True)
+        for section in ('brim', 'wsgi'):
+            brim._read_settings(conf, section, section)
+
+
 class TestConfCommandLine(BrimTestCase):
     """Configuration errors and defaults as seen from ``start``."""
 
@@ -1664,6 +1998,125 @@ class TestConfCommandLine(BrimTestCase):
         self.assertEqual(len(live_children_of(pid)), 1)
         self.assertEqual(sorted(k for k in self.stats(port)['wsgi']
                                 if k.isdigit()), ['0'])
+
+
+class TestSettingsCommandLine(BrimTestCase):
+    """Unknown options and check's settings, through the command line."""
+
+    def test_misspelt_port_stops_check_and_start(self):
+        port = free_port()
+        self.write_conf('''
+            [wsgi]
+            ip = 127.0.0.1
+            prot = %d
+            apps = echo
+
+            [echo]
+            call = brim.wsgi_echo.WSGIEcho
+            ''' % port)
+        line = "[wsgi] unknown option 'prot' (did you mean 'port'?)\n"
+        self.assertEqual(self.brim('check'), (1, '', line))
+        self.assertEqual(self.brim('start'), (1, '', line))
+        self.assertEqual(self.brim('restart'), (1, '', line))
+        self.assertFalse(os.path.exists(self.pid_file))
+        self.assertTrue(connect_refused(port))
+        self.assertTrue(connect_refused(80))
+
+    def test_check_prints_the_settings_and_handler_options(self):
+        wsgi_port, tcp_port = free_port(), free_port()
+        self.write_conf('''
+            [brim]
+            workers = 2
+            graceful_timeout = 5
+
+            [wsgi]
+            ip = 127.0.0.1
+            port = %d
+            apps = echo
+
+            [echo]
+            call = brim.wsgi_echo.WSGIEcho
+
+            [tcp]
+            ip = 127.0.0.1
+            port = %d
+            workers = 1
+            call = mytcp.HelloWorld
+            message = hi
+
+            [deamons]
+            daemons = sample
+
+            [stats]
+            call = brim.wsgi_stats.WSGIStats
+            ''' % (wsgi_port, tcp_port))
+        code, out, err = self.brim('check')
+        self.assertEqual((code, err), (0, ''), out)
+        lines = out.splitlines()
+        self.assertEqual(lines[-1], 'configuration OK')
+        # A misspelt section, and an app no apps list names.
+        self.assertEqual(lines.pop(-2), 'sections brim does not read (an '
+                         'app may): [deamons], [stats]')
+        sections = {}
+        for line in lines[:-1]:
+            if line.startswith('['):
+                section = sections.setdefault(line.split(']')[0][1:], [])
+            section.append(line)
+        self.assertEqual(sorted(sections), ['brim', 'tcp', 'wsgi'])
+        for name, kind in (('brim', 'brim'), ('wsgi', 'wsgi'),
+                           ('tcp', 'tcp')):
+            names = [line.split()[0] for line in sections[name][1:]
+                     if ' = ' in line]
+            # Every option of the section's kind; the original's ignored
+            # ones only when set.
+            self.assertEqual(names, [o.name for o in brim._options_of(kind)
+                                     if kind in o.kinds and not o.ignored],
+                             name)
+        self.assertEqual(sections['wsgi'][0], '[wsgi] wsgi on 127.0.0.1:%d '
+                         '(free to bind), 2 workers' % wsgi_port)
+        self.assertIn('  workers = 2  # from [brim]', sections['wsgi'])
+        self.assertIn('  port = %d' % wsgi_port, sections['wsgi'])
+        self.assertIn('  max_body = (not set)  # default', sections['wsgi'])
+        self.assertIn('  workers = 1', sections['tcp'])
+        self.assertIn('  graceful_timeout = 5', sections['brim'])
+        self.assertIn('  log_file = %s' % self.log_file, sections['brim'])
+        self.assertEqual(sections['tcp'][-1],
+                         '  passed to the handler: message')
+
+    def test_stop_and_status_work_with_a_conf_that_no_longer_checks(self):
+        port = free_port()
+        self.write_conf('''
+            [brim]
+            pid_file = %s
+
+            [wsgi]
+            ip = 127.0.0.1
+            port = %d
+            apps = echo
+
+            [echo]
+            call = brim.wsgi_echo.WSGIEcho
+            ''' % (self.pid_file, port))
+        pid = self.start()
+        with open(self.conf_path) as fp:
+            text = fp.read()
+        with open(self.conf_path, 'w') as fp:
+            fp.write(text.replace('[brim]\n', '[brim]\nuser_name = x\n'))
+        line = "[brim] unknown option 'user_name' (did you mean 'user'?)\n"
+        self.assertEqual(self.brim('check'), (1, '', line))
+        # restart refuses it too, and the running brimd goes on serving.
+        self.assertEqual(self.brim('restart'), (1, '', line))
+        self.assertEqual(self.read_pid(), pid)
+        self.echo_ok(port)
+        # Without -p: the pid file is [brim]'s.
+        command = [sys.executable, BRIM, '-c', self.conf_path]
+        code, out, err = run(command + ['status'], cwd=self.tmp,
+                             env=self.env)
+        self.assertEqual((code, out.splitlines()[0]),
+                         (0, '%d is running' % pid), err)
+        self.assertEqual(run(command + ['stop'], cwd=self.tmp,
+                             env=self.env)[0], 0)
+        self.assert_gone([pid])
 
 
 # ---------------------------------------------------------------------------
@@ -6763,8 +7216,12 @@ class TestOperations(EchoTestCase):
         self.echo_conf(workers=2)
         code, out, err = self.brim('check')
         self.assertEqual((code, err), (0, ''), out)
-        self.assertEqual(out, '[wsgi] wsgi on 127.0.0.1:%d (free to bind), 2 '
-                         'workers\nconfiguration OK\n' % self.port)
+        # [brim]'s settings, the subserver's line and its settings.
+        lines = out.splitlines()
+        self.assertEqual(lines[0], '[brim]')
+        self.assertEqual([line for line in lines if line[0] != ' '], [
+            '[brim]', '[wsgi] wsgi on 127.0.0.1:%d (free to bind), 2 '
+            'workers' % self.port, 'configuration OK'])
         self.assertFalse(os.path.exists(self.pid_file))
         self.assertTrue(connect_refused(self.port))
         # With brimd running, its own port counts as fine; it keeps serving.
@@ -7555,8 +8012,9 @@ class TestFirstRun(EchoTestCase):
     def test_pythonpath_goes_first(self):
         saved = list(sys.path)
         self.addCleanup(sys.path.__setitem__, slice(None), saved)
-        brim._put_on_sys_path(brim.Conf({'brim': {
-            'pythonpath': ' lib ,~/code,, /opt/app '}}))
+        brim._put_on_sys_path(brim._read_settings(brim.Conf({'brim': {
+            'pythonpath': ' lib ,~/code,, /opt/app '}}), 'brim', 'brim')
+            .pythonpath)
         self.assertEqual(sys.path[:4], [
             os.path.abspath('lib'), os.path.expanduser('~/code'), '/opt/app',
             os.getcwd()])
