@@ -5226,6 +5226,92 @@ class _Worker(object):
         return self.subserver.worker_label(self.index)
 
 
+class _Restarter(object):
+    """Restarts brimd in place (SIGUSR2, or ``restart`` of a foreground
+    brimd): re-executes its command line in this same process, keeping
+    the listening sockets and the process id (PID 1 in a container,
+    systemd's main PID).  The new brimd drains this one's workers once its
+    own serve.  The new configuration is checked first, in a subprocess; a
+    bad one is refused and the old brimd goes on serving.
+
+    ``command_line`` (a _CommandLine) is how this brimd was started; None
+    (brim.serve(), say) refuses every restart.
+    """
+
+    def __init__(self, server, command_line=None):
+        self.server = server
+        self.command_line = command_line
+
+    def restart(self):
+        problem = self.check()
+        if problem:
+            self.server.logger.error('restart in place refused: %s', problem)
+        else:
+            self.exec_in_place()
+
+    def check(self):
+        """None when a restart in place may go ahead, else why not."""
+        notifier = self.server.notifier
+        notifier.send('RELOADING=1\nMONOTONIC_USEC=%d\nSTATUS=checking the '
+                      'configuration' % _monotonic_usec())
+        if self.command_line is None:
+            problem = 'this brimd was not started from its command line'
+        else:
+            problem = _check_in_subprocess(
+                self.command_line.argv('check'),
+                [_socket_key_of(s) for s in self.server.listening_sockets()])
+        if problem:
+            notifier.send('READY=1\nSTATUS=restart refused: %s' % problem)
+        return problem
+
+    def exec_in_place(self):
+        """Become a new brimd (same pid) that inherits the listening
+        sockets and drains this one's workers once its own serve."""
+        server = self.server
+        server.logger.info('restarting in place (generation %d)',
+                           server.generation + 1)
+        socks = server.listening_sockets()
+        for sock in socks:
+            sock.set_inheritable(True)
+        os.environ[_INPLACE_ENV] = json.dumps({
+            'generation': server.generation + 1,
+            'start_time': server.start_time,
+            'fds': [sock.fileno() for sock in socks],
+            'workers': list(server.children) + list(server.retired)})
+        command = self.command_line.argv()
+        # Until the new brimd has its handlers, SIGHUP or SIGUSR1 (say,
+        # from logrotate) would end it: they wait, blocked, and the
+        # blocked set survives exec.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _CHILD_SIGNALS)
+        try:
+            os.execv(command[0], command)   # handlers reset; sockets stay
+        except OSError as err:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _CHILD_SIGNALS)
+            os.environ.pop(_INPLACE_ENV, None)
+            for sock in socks:
+                sock.set_inheritable(False)
+            server.logger.error('restart in place failed: %s', err)
+
+
+def _check_in_subprocess(command, held):
+    """Run ``command``, a ``check``; None when it passes, else its one-line
+    reason.  ``held``: socket keys this brimd holds (they need not be
+    free)."""
+    import subprocess
+    env = dict(os.environ)
+    env[_HELD_ENV] = json.dumps(held)
+    try:
+        done = subprocess.run(command, env=env, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              timeout=120)
+    except (OSError, subprocess.SubprocessError) as err:
+        return 'could not run check: %s' % err
+    if done.returncode == 0:
+        return None
+    lines = done.stderr.decode('utf-8', 'replace').strip().splitlines()
+    return lines[-1] if lines else 'check exited %d' % done.returncode
+
+
 class Server(object):
     """brimd's main process: owns the sockets, forks and supervises.
 
@@ -5257,6 +5343,7 @@ class Server(object):
         self.workers = []
         self.stopping = False
         self.control = None
+        self.restarter = _Restarter(self)
         self.pid_file = None
         self.generation = 0     # restarts in place so far
         self.notifier = _Notifier()
@@ -5585,7 +5672,7 @@ class Server(object):
                        signal.SIGUSR2):
             # The handler does nothing: the wakeup fd carries the number.
             signal.signal(signum, _note_signal)
-        # Blocked by a brimd that restarted in place (see _exec_in_place).
+        # Blocked by a brimd that restarted in place (see _Restarter).
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _CHILD_SIGNALS)
 
     def _listen_control(self):
@@ -5673,7 +5760,7 @@ class Server(object):
             _kill(pid, signal.SIGUSR1)
 
     def _on_SIGUSR2(self):
-        self.restart_in_place()
+        self.restarter.restart()
 
     def _answer_control(self):
         """One request on the control socket."""
@@ -5703,12 +5790,12 @@ class Server(object):
                         _socket_key_of(s) for s in self.listening_sockets()
                     )).encode('utf-8'))
                 elif request == b'restart':
-                    problem = self._check_restart()
+                    problem = self.restarter.check()
                     conn.sendall(b'refused: %s' % problem.encode('utf-8')
                                  if problem else b'restarting')
                     if not problem:
                         conn.close()
-                        self._exec_in_place()
+                        self.restarter.exec_in_place()
                 elif request == b'sockets':
                     _send_sockets(conn, self.listening_sockets())
                     self.logger.info('handed the listening sockets to a new '
@@ -5739,60 +5826,6 @@ class Server(object):
         return {'pid': os.getpid(), 'uptime': round(now - self.start_time),
                 'generation': self.generation,
                 'foreground': self.foreground, 'subservers': subservers}
-
-    def restart_in_place(self):
-        """SIGUSR2: re-execute brimd in this same process, keeping the
-        listening sockets and the process id (PID 1 in a container,
-        systemd's main PID).  The new configuration is checked first; a
-        bad one is logged and the old brimd goes on serving.
-        """
-        problem = self._check_restart()
-        if problem:
-            self.logger.error('restart in place refused: %s', problem)
-        else:
-            self._exec_in_place()
-
-    def _check_restart(self):
-        """None when a restart in place may go ahead, else why not."""
-        self.notifier.send('RELOADING=1\nMONOTONIC_USEC=%d\nSTATUS=checking '
-                           'the configuration' % _monotonic_usec())
-        command = _restart_command('check')
-        if command is None:
-            problem = 'this brimd was not started from its command line'
-        else:
-            problem = _check_in_subprocess(command, [
-                _socket_key_of(s) for s in self.listening_sockets()])
-        if problem:
-            self.notifier.send('READY=1\nSTATUS=restart refused: %s'
-                               % problem)
-        return problem
-
-    def _exec_in_place(self):
-        """Become a new brimd (same pid) that inherits the listening
-        sockets and drains this one's workers once its own serve."""
-        self.logger.info('restarting in place (generation %d)',
-                         self.generation + 1)
-        socks = self.listening_sockets()
-        for sock in socks:
-            sock.set_inheritable(True)
-        os.environ[_INPLACE_ENV] = json.dumps({
-            'generation': self.generation + 1,
-            'start_time': self.start_time,
-            'fds': [sock.fileno() for sock in socks],
-            'workers': list(self.children) + list(self.retired)})
-        command = _restart_command()
-        # Until the new brimd has its handlers, SIGHUP or SIGUSR1 (say,
-        # from logrotate) would end it: they wait, blocked, and the
-        # blocked set survives exec.
-        signal.pthread_sigmask(signal.SIG_BLOCK, _CHILD_SIGNALS)
-        try:
-            os.execv(command[0], command)   # handlers reset; sockets stay
-        except OSError as err:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, _CHILD_SIGNALS)
-            os.environ.pop(_INPLACE_ENV, None)
-            for sock in socks:
-                sock.set_inheritable(False)
-            self.logger.error('restart in place failed: %s', err)
 
     def stop(self):
         """Immediate: workers get SIGTERM (then SIGKILL), brimd exits."""
@@ -6115,10 +6148,6 @@ _INPLACE_ENV = 'BRIM_RESTART_IN_PLACE'
 #: brimd holds, which count as available.
 _HELD_ENV = 'BRIM_CHECK_HELD'
 
-#: (script path, parsed arguments) of this process's command line.
-_invocation = None
-
-
 def _parse_args(argv):
     import argparse
     parser = argparse.ArgumentParser(
@@ -6161,50 +6190,31 @@ def _parse_args(argv):
     return parser, args
 
 
-def _command_line(args, command):
-    """The argv that runs brimd ``command`` with this process's options
-    (and the app that ``serve`` serves)."""
-    script, _ = _invocation
-    argv = [sys.executable, script]
-    for path in args.conf or ():
-        argv += ['-c', path]
-    if args.pid_file:
-        argv += ['-p', args.pid_file]
-    if args.output:
-        argv.append('-o')
-    for flag in ('ip', 'port', 'workers'):
-        if getattr(args, flag) is not None:
-            argv += ['--' + flag, str(getattr(args, flag))]
-    return argv + [command] + ([args.app] if args.app else [])
+class _CommandLine(object):
+    """How this brimd was started: its script and parsed arguments; what
+    a restart in place runs again."""
 
+    def __init__(self, script, args):
+        self.script = script
+        self.args = args
 
-def _restart_command(command=None):
-    """The argv a restart in place re-executes (or, given ``command``,
-    that command with the same options), or None when brimd was not
-    started from its command line."""
-    if _invocation is None:
-        return None
-    args = _invocation[1]
-    return _command_line(args, command or args.command)
-
-
-def _check_in_subprocess(command, held):
-    """Run ``command``, a ``check``; None when it passes, else its one-line
-    reason.  ``held``: socket keys this brimd holds (they need not be
-    free)."""
-    import subprocess
-    env = dict(os.environ)
-    env[_HELD_ENV] = json.dumps(held)
-    try:
-        done = subprocess.run(command, env=env, stdin=subprocess.DEVNULL,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              timeout=120)
-    except (OSError, subprocess.SubprocessError) as err:
-        return 'could not run check: %s' % err
-    if done.returncode == 0:
-        return None
-    lines = done.stderr.decode('utf-8', 'replace').strip().splitlines()
-    return lines[-1] if lines else 'check exited %d' % done.returncode
+    def argv(self, command=None):
+        """The argv that runs brimd ``command`` (default: the one this
+        process runs) with this process's options (and the app that
+        ``serve`` serves)."""
+        args = self.args
+        argv = [sys.executable, self.script]
+        for path in args.conf or ():
+            argv += ['-c', path]
+        if args.pid_file:
+            argv += ['-p', args.pid_file]
+        if args.output:
+            argv.append('-o')
+        for flag in ('ip', 'port', 'workers'):
+            if getattr(args, flag) is not None:
+                argv += ['--' + flag, str(getattr(args, flag))]
+        return (argv + [command or args.command] +
+                ([args.app] if args.app else []))
 
 
 def _restarted_in_place():
@@ -6497,9 +6507,10 @@ def _signal_brimd(args, signum, verb, seconds):
     return 0
 
 
-def _cmd_start(args, restart=False):
+def _cmd_start(args, command_line, restart=False):
     inplace = _restarted_in_place()
     server = _load_server(args, to_stderr=args.output, daemon=True)
+    server.restarter = _Restarter(server, command_line)
     pid_file = _pid_file_path(args, server.conf)
     if inplace:
         # A daemonized brimd that re-executed itself (SIGUSR2).
@@ -6603,7 +6614,7 @@ def _cmd_hash_password(args):
     return 0
 
 
-def _cmd_foreground(args):
+def _cmd_foreground(args, command_line):
     """start's process tree, attached: for containers and supervisors, and
     for ``serve``.
 
@@ -6613,6 +6624,7 @@ def _cmd_foreground(args):
     """
     inplace = _restarted_in_place()
     server = _load_server(args, to_stderr=True)
+    server.restarter = _Restarter(server, command_line)
     pid_file = None
     if args.pid_file or server.conf.get('brim', 'pid_file'):
         pid_file = _pid_file_path(args, server.conf)
@@ -6670,10 +6682,10 @@ def _cmd_no_daemon(args):
 
 def main(argv=None):
     """brimd's command line; returns the exit status."""
-    global _invocation
     parser, args = _parse_args(sys.argv[1:] if argv is None else argv)
-    if argv is None:
-        _invocation = (os.path.abspath(sys.argv[0]), args)
+    # Only a brimd run from its own command line can run it again.
+    command_line = (_CommandLine(os.path.abspath(sys.argv[0]), args)
+                    if argv is None else None)
     if args.help:
         parser.print_help()
         return 0
@@ -6705,9 +6717,9 @@ def main(argv=None):
         if args.command == 'hash-password':
             return _cmd_hash_password(args)
         if args.command == 'start':
-            return _cmd_start(args)
+            return _cmd_start(args, command_line)
         if args.command in ('restart', 'reload', 'force-reload'):
-            return _cmd_start(args, restart=True)
+            return _cmd_start(args, command_line, restart=True)
         if args.command == 'stop':
             # SIGQUIT: immediate in daemon and foreground mode alike (a
             # foreground brimd drains on SIGTERM, as containers expect).
@@ -6719,7 +6731,7 @@ def main(argv=None):
         if args.command == 'check':
             return _cmd_check(args)
         if args.command in ('foreground', 'serve'):
-            return _cmd_foreground(args)
+            return _cmd_foreground(args, command_line)
         return _cmd_no_daemon(args)
     except BrokenPipeError:
         return 0        # ``brimd status | head``: the reader has enough

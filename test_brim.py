@@ -2657,6 +2657,96 @@ class TestSupervision(EchoTestCase):
         self.echo_ok(self.port)
 
 
+class _NotedLog(object):
+    """A logger that keeps its lines as (level, text)."""
+
+    def __init__(self):
+        self.lines = []
+
+    def _note(level):
+        def note(self, msg, *args):
+            self.lines.append((level, msg % args))
+        return note
+
+    error, warning, info = _note('error'), _note('warning'), _note('info')
+    del _note
+
+    def texts(self, level):
+        return [text for noted, text in self.lines if noted == level]
+
+
+class _FakeRestarter(object):
+    def __init__(self, problem):
+        self.problem = problem
+        self.execs = 0
+
+    def check(self):
+        return self.problem
+
+    def exec_in_place(self):
+        self.execs += 1
+
+
+class _ReplacingSupervisor(object):
+    """What the control channel asks of the supervisor."""
+
+    def __init__(self):
+        self.children = {}
+        self.replaced = []
+
+    def replace(self, pid, reason):
+        self.replaced.append((pid, reason))
+
+
+class _ControlledServer(object):
+    """What the control channel asks of the Server."""
+
+    def __init__(self):
+        self.generation = 3
+        self.logger = _NotedLog()
+        self.restarter = _FakeRestarter(None)
+        self.supervisor = _ReplacingSupervisor()
+        self.sock = socket.socket()
+        self.sock.bind(('127.0.0.1', 0))
+
+    def status(self):
+        return {'pid': 1, 'generation': self.generation}
+
+    def listening_sockets(self):
+        return [self.sock]
+
+
+class TestRestarterInProcess(unittest.TestCase):
+    """What a restart in place runs, and that it needs a command line."""
+
+    def test_the_command_line_runs_again_with_the_same_options(self):
+        _parser, args = brim._parse_args(
+            ['-c', 'a.conf', '-c', 'b.conf', '-p', 'x.pid', '-o', 'serve',
+             '--port', '8080', 'mod:app'])
+        command_line = brim._CommandLine('/srv/brim.py', args)
+        options = ['-c', 'a.conf', '-c', 'b.conf', '-p', 'x.pid', '-o',
+                   '--port', '8080']
+        self.assertEqual(command_line.argv(), [
+            sys.executable, '/srv/brim.py'] + options + ['serve', 'mod:app'])
+        self.assertEqual(command_line.argv('check'), [
+            sys.executable, '/srv/brim.py'] + options + ['check', 'mod:app'])
+
+    def test_without_a_command_line_a_restart_is_refused(self):
+        server = _ControlledServer()
+        self.addCleanup(server.sock.close)
+        server.notifier = brim._Notifier()
+        sent = []
+        server.notifier.send = sent.append
+        restarter = brim._Restarter(server)
+        restarter.restart()
+        self.assertEqual(server.logger.texts('error'), [
+            'restart in place refused: this brimd was not started from its '
+            'command line'])
+        self.assertTrue(sent[0].startswith('RELOADING=1\n'), sent)
+        self.assertEqual(sent[1], 'READY=1\nSTATUS=restart refused: this '
+                         'brimd was not started from its command line')
+
+
 # ---------------------------------------------------------------------------
 # 6. Stats
 # ---------------------------------------------------------------------------
