@@ -1295,11 +1295,6 @@ def _systemd_sockets():
     return _sockets_from_fds(range(3, 3 + int(count)))
 
 
-def _control_address(pid):
-    """The abstract Unix socket where brimd ``pid`` answers a restart."""
-    return '\0brimd-control-%d' % pid
-
-
 # ---------------------------------------------------------------------------
 # The HTTP/WSGI path
 # ---------------------------------------------------------------------------
@@ -5226,6 +5221,161 @@ class _Worker(object):
         return self.subserver.worker_label(self.index)
 
 
+# The control socket: the main process answers (_ControlChannel); brimd's
+# commands and its workers ask (_ask and the functions after it).
+
+def _control_address(pid):
+    """The abstract Unix socket where brimd ``pid`` answers requests."""
+    return '\0brimd-control-%d' % pid
+
+
+def _peer_credentials(conn):
+    """(pid, uid) of the process at the other end of Unix socket ``conn``."""
+    pid, uid, _gid = struct.unpack('3i', conn.getsockopt(
+        socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize('3i')))
+    return pid, uid
+
+
+class _ControlChannel(object):
+    """The main process's control socket: one request a connection, a
+    verb (the keys of VERBS), answered by its handler.
+
+    Who may ask is stated once, in may_ask: ``retire`` only the main
+    process's own workers (they may run as another user), every other
+    verb only root or brimd's own user.  A request that is not allowed,
+    and an unknown verb, get no answer: the connection just closes.
+    """
+
+    def __init__(self, server):
+        self.server = server
+        self.sock = None
+
+    def listen(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(_control_address(os.getpid()))
+        self.sock.listen(64)
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close()
+
+    def answer(self):
+        """Accept one request and answer it."""
+        try:
+            conn, _ = self.sock.accept()
+        except OSError:
+            return
+        with conn:
+            conn.settimeout(2.0)
+            try:
+                self.serve_request(conn)
+            except OSError as err:
+                self.server.logger.warning('control request failed: %s',
+                                           err)
+
+    def serve_request(self, conn):
+        """Read the verb on ``conn``; answer it if the asker may ask."""
+        pid, uid = _peer_credentials(conn)
+        verb = conn.recv(64).strip()
+        handler = self.VERBS.get(verb)
+        if handler is not None and self.may_ask(verb, pid, uid):
+            handler(self, conn, pid)
+
+    def may_ask(self, verb, pid, uid):
+        """The one rule of who may ask what (see the class's doc)."""
+        if verb == b'retire':
+            return pid in self.server.children
+        return uid in (0, os.getuid())
+
+    def _answer_ping(self, conn, pid):
+        """``pong GENERATION``: brimd runs, restarted in place N times."""
+        conn.sendall(b'pong %d' % self.server.generation)
+
+    def _answer_status(self, conn, pid):
+        conn.sendall(json.dumps(self.server.status()).encode('utf-8'))
+
+    def _answer_addresses(self, conn, pid):
+        """The keys of the sockets held: ``check`` counts them as free."""
+        conn.sendall(json.dumps(sorted(
+            _socket_key_of(s) for s in self.server.listening_sockets()
+        )).encode('utf-8'))
+
+    def _answer_restart(self, conn, pid):
+        """Restart in place (a foreground brimd's ``restart``); the answer
+        comes before the exec, which ends the connection."""
+        restarter = self.server.restarter
+        problem = restarter.check()
+        conn.sendall(b'refused: %s' % problem.encode('utf-8')
+                     if problem else b'restarting')
+        if not problem:
+            conn.close()
+            restarter.exec_in_place()
+
+    def _answer_sockets(self, conn, pid):
+        """The listening sockets themselves, for a restarting brimd."""
+        _send_sockets(conn, self.server.listening_sockets())
+        self.server.logger.info('handed the listening sockets to a new '
+                                'brimd')
+
+    def _answer_retire(self, conn, pid):
+        """A worker asks to be replaced: max_requests, or a stuck
+        request."""
+        self.server.replace(pid, 'asked to be replaced')
+
+    VERBS = {b'ping': _answer_ping, b'status': _answer_status,
+             b'addresses': _answer_addresses, b'restart': _answer_restart,
+             b'sockets': _answer_sockets, b'retire': _answer_retire}
+
+
+def _ask(pid, request, timeout=5.0):
+    """Send ``request`` to brimd ``pid``'s control socket; its socket.
+
+    Raises OSError when no brimd answers there: the pid is not a brimd.
+    """
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.settimeout(timeout)
+    try:
+        conn.connect(_control_address(pid))
+        conn.sendall(request + b'\n')
+    except OSError:
+        conn.close()
+        raise
+    return conn
+
+
+def _ping(pid):
+    """The generation of brimd ``pid`` (restarts in place), or None when
+    ``pid`` is not a running brimd (it does not answer on its socket)."""
+    if not pid or not _pid_alive(pid):
+        return None
+    try:
+        with _ask(pid, b'ping', 2.0) as conn:
+            answer = conn.recv(64).split()
+    except OSError:
+        return None
+    if len(answer) == 2 and answer[0] == b'pong' and answer[1].isdigit():
+        return int(answer[1])
+    return None
+
+
+def _is_brimd(pid):
+    return _ping(pid) is not None
+
+
+def _ask_json(pid, request):
+    """brimd ``pid``'s JSON answer to ``request``."""
+    with _ask(pid, request) as conn:
+        chunks = []
+        while True:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return json.loads(b''.join(chunks).decode('utf-8'))
+            chunks.append(chunk)
+
+
 class _Restarter(object):
     """Restarts brimd in place (SIGUSR2, or ``restart`` of a foreground
     brimd): re-executes its command line in this same process, keeping
@@ -5318,8 +5468,7 @@ class Server(object):
     Signal handlers do nothing (``signal.set_wakeup_fd`` writes the
     signal's number to a pipe); the main loop reads the numbers and calls
     one ``_on_SIGNAME`` method per signal.  The main process also answers
-    a Unix control socket (``ping``, ``status``, ``addresses``, ``sockets``
-    for a restarting brimd, ``retire`` from its own workers) and watches
+    a Unix control socket (its verbs: _ControlChannel.VERBS) and watches
     the workers' heartbeats.
     """
 
@@ -5342,7 +5491,7 @@ class Server(object):
         self.aborted = {}       # pid: SIGKILL deadline of a hung one
         self.workers = []
         self.stopping = False
-        self.control = None
+        self.control = _ControlChannel(self)
         self.restarter = _Restarter(self)
         self.pid_file = None
         self.generation = 0     # restarts in place so far
@@ -5490,8 +5639,7 @@ class Server(object):
 
     def _close_main_fds(self, keep, ready_fd):
         """A child needs its own listening socket and ready pipe only."""
-        if self.control is not None:
-            self.control.close()
+        self.control.close()
         for fd in list(self.wake_fds) + list(self.replacing):
             if fd != ready_fd:
                 os.close(fd)
@@ -5549,7 +5697,7 @@ class Server(object):
         waiting = [w.due for w in self.workers if w.pid is None]
         return min(waiting) - time.monotonic() if waiting else 1.0
 
-    def _replace(self, pid, reason):
+    def replace(self, pid, reason):
         """Start a new worker in ``pid``'s slot; drain ``pid`` once it serves.
 
         The new worker's ready pipe reaches EOF when it serves (or dies);
@@ -5644,7 +5792,7 @@ class Server(object):
             return 1
         self._drain_retired(list(self.retired))
         # Listening only now: a ``ping`` answer means the workers serve.
-        self._listen_control()
+        self.control.listen()
         if pid_file:
             _write_pid_file(pid_file, os.getpid())
         self.logger.info('brimd %s serving %s (pid %d)', __version__,
@@ -5674,12 +5822,6 @@ class Server(object):
             signal.signal(signum, _note_signal)
         # Blocked by a brimd that restarted in place (see _Restarter).
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _CHILD_SIGNALS)
-
-    def _listen_control(self):
-        """The Unix socket a restarting or asking brimd talks to."""
-        self.control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.control.bind(_control_address(os.getpid()))
-        self.control.listen(64)
 
     def _wait_ready(self, timeout=60.0):
         """None once every worker has beaten once, else why not."""
@@ -5722,7 +5864,7 @@ class Server(object):
                     except BlockingIOError:
                         pass
                 elif ready is self.control:
-                    self._answer_control()
+                    self.control.answer()
                 else:
                     self._replacement_ready(ready)
             for signum in signums:
@@ -5761,47 +5903,6 @@ class Server(object):
 
     def _on_SIGUSR2(self):
         self.restarter.restart()
-
-    def _answer_control(self):
-        """One request on the control socket."""
-        try:
-            conn, _ = self.control.accept()
-        except OSError:
-            return
-        with conn:
-            conn.settimeout(2.0)
-            try:
-                pid, uid = struct.unpack('3i', conn.getsockopt(
-                    socket.SOL_SOCKET, socket.SO_PEERCRED,
-                    struct.calcsize('3i')))[:2]
-                request = conn.recv(64).strip()
-                if request == b'retire' and pid in self.children:
-                    # A worker (maybe running as another user) asks to be
-                    # replaced: max_requests or a stuck request.
-                    return self._replace(pid, 'asked to be replaced')
-                if uid not in (0, os.getuid()):
-                    return
-                if request == b'ping':
-                    conn.sendall(b'pong %d' % self.generation)
-                elif request == b'status':
-                    conn.sendall(json.dumps(self.status()).encode('utf-8'))
-                elif request == b'addresses':
-                    conn.sendall(json.dumps(sorted(
-                        _socket_key_of(s) for s in self.listening_sockets()
-                    )).encode('utf-8'))
-                elif request == b'restart':
-                    problem = self.restarter.check()
-                    conn.sendall(b'refused: %s' % problem.encode('utf-8')
-                                 if problem else b'restarting')
-                    if not problem:
-                        conn.close()
-                        self.restarter.exec_in_place()
-                elif request == b'sockets':
-                    _send_sockets(conn, self.listening_sockets())
-                    self.logger.info('handed the listening sockets to a new '
-                                     'brimd')
-            except OSError as err:
-                self.logger.warning('control request failed: %s', err)
 
     def status(self):
         """What ``brimd status`` shows: every worker of every subserver."""
@@ -6043,52 +6144,6 @@ def _read_pid_file(path):
             return int(fp.read().strip() or 0) or None
     except (OSError, ValueError):
         return None
-
-
-def _ask(pid, request, timeout=5.0):
-    """Send ``request`` to brimd ``pid``'s control socket; its socket.
-
-    Raises OSError when no brimd answers there: the pid is not a brimd.
-    """
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    conn.settimeout(timeout)
-    try:
-        conn.connect(_control_address(pid))
-        conn.sendall(request + b'\n')
-    except OSError:
-        conn.close()
-        raise
-    return conn
-
-
-def _ping(pid):
-    """The generation of brimd ``pid`` (restarts in place), or None when
-    ``pid`` is not a running brimd (it does not answer on its socket)."""
-    if not pid or not _pid_alive(pid):
-        return None
-    try:
-        with _ask(pid, b'ping', 2.0) as conn:
-            answer = conn.recv(64).split()
-    except OSError:
-        return None
-    if len(answer) == 2 and answer[0] == b'pong' and answer[1].isdigit():
-        return int(answer[1])
-    return None
-
-
-def _is_brimd(pid):
-    return _ping(pid) is not None
-
-
-def _ask_json(pid, request):
-    """brimd ``pid``'s JSON answer to ``request``."""
-    with _ask(pid, request) as conn:
-        chunks = []
-        while True:
-            chunk = conn.recv(65536)
-            if not chunk:
-                return json.loads(b''.join(chunks).decode('utf-8'))
-            chunks.append(chunk)
 
 
 # ---------------------------------------------------------------------------

@@ -2687,17 +2687,6 @@ class _FakeRestarter(object):
         self.execs += 1
 
 
-class _ReplacingSupervisor(object):
-    """What the control channel asks of the supervisor."""
-
-    def __init__(self):
-        self.children = {}
-        self.replaced = []
-
-    def replace(self, pid, reason):
-        self.replaced.append((pid, reason))
-
-
 class _ControlledServer(object):
     """What the control channel asks of the Server."""
 
@@ -2705,15 +2694,109 @@ class _ControlledServer(object):
         self.generation = 3
         self.logger = _NotedLog()
         self.restarter = _FakeRestarter(None)
-        self.supervisor = _ReplacingSupervisor()
+        self.children = {}
+        self.replaced = []
         self.sock = socket.socket()
         self.sock.bind(('127.0.0.1', 0))
 
     def status(self):
         return {'pid': 1, 'generation': self.generation}
 
+    def replace(self, pid, reason):
+        self.replaced.append((pid, reason))
+
     def listening_sockets(self):
         return [self.sock]
+
+
+class TestControlChannelInProcess(unittest.TestCase):
+    """Each verb of the control socket, asked over a socketpair (whose peer
+    credentials are this process's)."""
+
+    def setUp(self):
+        self.server = _ControlledServer()
+        self.addCleanup(self.server.sock.close)
+        self.channel = brim._ControlChannel(self.server)
+
+    def ask(self, request):
+        """The channel's whole answer to ``request``, and the client end."""
+        served, client = socket.socketpair()
+        self.addCleanup(client.close)
+        with served:
+            client.sendall(request + b'\n')
+            self.channel.serve_request(served)
+        client.settimeout(5)
+        chunks = []
+        while True:
+            chunk = client.recv(65536)
+            if not chunk:
+                return b''.join(chunks)
+            chunks.append(chunk)
+
+    def test_the_verbs(self):
+        self.assertEqual(sorted(self.channel.VERBS), [
+            b'addresses', b'ping', b'restart', b'retire', b'sockets',
+            b'status'])
+        self.assertIn('_ControlChannel.VERBS', brim.Server.__doc__)
+
+    def test_ping_answers_the_generation(self):
+        self.assertEqual(self.ask(b'ping'), b'pong 3')
+
+    def test_status_and_addresses_answer_json(self):
+        self.assertEqual(json.loads(self.ask(b'status')),
+                         {'pid': 1, 'generation': 3})
+        port = self.server.sock.getsockname()[1]
+        self.assertEqual(json.loads(self.ask(b'addresses')),
+                         ['tcp 127.0.0.1 %d' % port])
+
+    def test_sockets_hands_over_the_listening_sockets(self):
+        served, client = socket.socketpair()
+        with served, client:
+            client.sendall(b'sockets\n')
+            self.channel.serve_request(served)
+            socks = brim._receive_sockets(client)
+        port = self.server.sock.getsockname()[1]
+        [(key, sock)] = socks.items()
+        with sock:
+            self.assertEqual(key, 'tcp 127.0.0.1 %d' % port)
+            self.assertEqual(sock.getsockname()[1], port)
+        self.assertIn('handed the listening sockets to a new brimd',
+                      self.server.logger.texts('info'))
+
+    def test_restart_answers_before_it_execs(self):
+        self.assertEqual(self.ask(b'restart'), b'restarting')
+        self.assertEqual(self.server.restarter.execs, 1)
+
+    def test_a_refused_restart_says_why_and_does_not_exec(self):
+        self.server.restarter.problem = 'bad conf'
+        self.assertEqual(self.ask(b'restart'), b'refused: bad conf')
+        self.assertEqual(self.server.restarter.execs, 0)
+
+    def test_retire_only_from_a_child(self):
+        self.assertEqual(self.ask(b'retire'), b'')
+        self.assertEqual(self.server.replaced, [])
+        self.server.children[os.getpid()] = object()
+        self.assertEqual(self.ask(b'retire'), b'')
+        self.assertEqual(self.server.replaced,
+                         [(os.getpid(), 'asked to be replaced')])
+
+    def test_an_unknown_verb_is_closed_without_an_answer(self):
+        self.assertEqual(self.ask(b'reboot'), b'')
+        self.assertEqual(self.ask(b''), b'')
+        self.assertEqual(self.server.restarter.execs, 0)
+        self.assertEqual(self.server.logger.lines, [])
+
+    def test_who_may_ask(self):
+        may_ask = self.channel.may_ask
+        other = os.getuid() + 1
+        for verb in (b'ping', b'status', b'addresses', b'restart',
+                     b'sockets'):
+            self.assertTrue(may_ask(verb, 1, 0))
+            self.assertTrue(may_ask(verb, 1, os.getuid()))
+            self.assertEqual(may_ask(verb, 1, other), other == 0)
+        self.server.children[55] = object()
+        self.assertTrue(may_ask(b'retire', 55, other))
+        self.assertFalse(may_ask(b'retire', 56, 0))
 
 
 class TestRestarterInProcess(unittest.TestCase):
