@@ -5202,6 +5202,26 @@ def _proc_state(pid):
         return ''
 
 
+def _kill(pid, signum):
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _reap_now():
+    """Every (pid, status) of a child that has exited, without waiting."""
+    reaped = []
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return reaped
+        if pid == 0:
+            return reaped
+        reaped.append((pid, status))
+
+
 class _Worker(object):
     """The main process's record of one worker or daemon slot."""
 
@@ -5219,6 +5239,214 @@ class _Worker(object):
 
     def label(self):
         return self.subserver.worker_label(self.index)
+
+
+class _Supervisor(object):
+    """Keeps a process in every worker slot: starts the workers, reaps
+    them, restarts a crashed one after a backoff, replaces one that asks,
+    and kills a hung one (after a stack dump) or a drained one that
+    overstays graceful_timeout.
+
+    It acts only through its collaborators, so it runs the same against
+    fakes: ``fork(worker, ready_fd)`` starts a worker process and returns
+    its pid, ``kill(pid, signum)`` signals one, ``reap()`` lists the
+    (pid, status) of children that exited, ``clock`` (monotonic) times the
+    backoff and the deadlines, ``wall_clock`` reads the heartbeats (which
+    workers write as time.time()).
+    """
+
+    #: A worker that dies sooner than this after starting is backed off.
+    STABLE_SECONDS = 10.0
+    MAX_BACKOFF = 30.0
+    #: How long a hung worker gets to dump its stacks before SIGKILL.
+    ABORT_SECONDS = 2.0
+
+    def __init__(self, workers, logger, graceful_timeout, fork, kill=_kill,
+                 reap=_reap_now, clock=time.monotonic, wall_clock=time.time):
+        self.workers = workers
+        self.logger = logger
+        self.graceful_timeout = graceful_timeout
+        self.fork = fork
+        self.kill = kill
+        self.reaped = reap
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self.children = {}      # pid: _Worker, for every serving process
+        self.retired = {}       # pid: SIGKILL deadline of a replaced one
+        self.replacing = {}     # ready pipe: pid its new worker replaces
+        self.aborted = {}       # pid: SIGKILL deadline of a hung one
+        self.stopping = False
+
+    def pids(self):
+        """Every worker process, serving or draining."""
+        return list(self.children) + list(self.retired)
+
+    def signal_all(self, signum):
+        for pid in self.pids():
+            self.kill(pid, signum)
+
+    def adopt(self, pids):
+        """Take on a previous generation's workers (after a restart in
+        place), to drain once the new ones serve."""
+        for pid in pids:
+            self.retired[pid] = float('inf')
+
+    def spawn(self, worker, ready_fd=None):
+        worker.bucket.reset()
+        worker.bucket.set('_restarts', worker.restarts)
+        worker.pid = pid = self.fork(worker, ready_fd)
+        worker.started = self.clock()
+        worker.started_at = self.wall_clock()
+        self.children[pid] = worker
+
+    def tend(self):
+        """What the main loop does every turn: reap, restart what is due,
+        abort the hung, kill the overdue."""
+        self.reap()
+        self.respawn_due()
+        self.check_heartbeats()
+        self.kill_overdue()
+
+    # -- deaths and restarts -------------------------------------------------
+
+    def reap(self):
+        """Collect every exited child; schedule restarts for workers.
+
+        As process 1 in a container brimd also inherits orphans; they are
+        reaped here too, and ignored.
+        """
+        for pid, status in self.reaped():
+            hung = self.aborted.pop(pid, None) is not None
+            if self.retired.pop(pid, None) is not None:
+                continue
+            worker = self.children.pop(pid, None)
+            if worker is not None and not self.stopping:
+                self._schedule_restart(worker, pid, status, backoff=not hung)
+
+    def starting_failure(self):
+        """While the first workers start: why brimd cannot start (a worker
+        exited before its first heartbeat), else None.  One that beat,
+        then died, is a crash to restart, not a failure."""
+        for pid, status in self.reaped():
+            if self.retired.pop(pid, None) is not None:
+                continue
+            worker = self.children.pop(pid, None)
+            if worker is None:
+                continue
+            if not worker.bucket.heartbeat():
+                return '%s exited while starting (%s).' % (
+                    worker.label(), _exit_reason(status))
+            self._schedule_restart(worker, pid, status)
+        return None
+
+    def all_started(self):
+        """True once every worker has beaten at least once."""
+        return all(w.bucket.heartbeat() for w in self.workers)
+
+    def _schedule_restart(self, worker, pid, status, backoff=True):
+        """Log why ``worker`` died and when it starts again (backed off,
+        unless brimd killed it for hanging: that is no crash loop)."""
+        now = self.clock()
+        lived = now - worker.started
+        worker.failures = (worker.failures + 1
+                           if lived < self.STABLE_SECONDS and backoff else 0)
+        delay = 0.0 if not worker.failures else min(
+            self.MAX_BACKOFF, 2.0 ** (worker.failures - 1))
+        worker.due = now + delay
+        worker.pid = None
+        worker.bucket.set('_pid', 0)        # the stats show it down
+        worker.restarts += 1
+        worker.last_exit = '%s after %.1fs' % (_exit_reason(status), lived)
+        self.logger.error('%s (pid %d) %s; restarting in %.1fs',
+                          worker.label(), pid, worker.last_exit, delay)
+
+    def respawn_due(self):
+        now = self.clock()
+        for worker in self.workers:
+            if worker.pid is None and worker.due <= now:
+                self.spawn(worker)
+
+    def next_due(self):
+        """Seconds until the next restart is due (1.0 with none waiting)."""
+        waiting = [w.due for w in self.workers if w.pid is None]
+        return min(waiting) - self.clock() if waiting else 1.0
+
+    # -- replacements --------------------------------------------------------
+
+    def replace(self, pid, reason):
+        """Start a new worker in ``pid``'s slot; drain ``pid`` once it serves.
+
+        The new worker's ready pipe reaches EOF when it serves (or dies);
+        the main loop then calls replacement_ready.  Until then both
+        accept, so the port is never without a worker.
+        """
+        worker = None if self.stopping else self.children.pop(pid, None)
+        if worker is None:
+            return
+        self.logger.info('%s (pid %d) %s; starting its replacement',
+                         worker.label(), pid, reason)
+        self.retired[pid] = float('inf')
+        ready_r, ready_w = os.pipe()
+        self.replacing[ready_r] = pid
+        self.spawn(worker, ready_w)
+        os.close(ready_w)
+
+    def replacement_ready(self, ready_r):
+        """A replacement started (or died): drain the worker it replaces."""
+        if os.read(ready_r, 4096):
+            return          # a failure line; the EOF follows
+        os.close(ready_r)
+        self.drain_retired([self.replacing.pop(ready_r)])
+
+    def drain_retired(self, pids=None):
+        """SIGHUP the retired workers ``pids`` (default: all of them);
+        they have graceful_timeout to finish."""
+        deadline = self.clock() + self.graceful_timeout
+        for pid in list(self.retired) if pids is None else pids:
+            if pid in self.retired:
+                self.retired[pid] = deadline
+                self.kill(pid, signal.SIGHUP)
+
+    # -- hung and overdue workers --------------------------------------------
+
+    def check_heartbeats(self):
+        """Abort (stack dump, then SIGKILL) workers that stopped beating."""
+        now = self.wall_clock()
+        for pid, worker in list(self.children.items()):
+            timeout = worker.subserver.worker_timeout
+            if not timeout or pid in self.aborted:
+                continue
+            silent = now - max(worker.bucket.heartbeat(), worker.started_at)
+            if silent > timeout:
+                self._abort(pid, worker, silent, now)
+
+    def _abort(self, pid, worker, silent, now):
+        started, latest = worker.bucket.latest_request()
+        serving = ''
+        if latest:
+            serving = '; its latest request, %s, started %.0fs ago' % (
+                latest, now - started)
+        self.logger.error(
+            '%s (pid %d) is hung: no heartbeat for %.0fs (worker_timeout '
+            '%gs)%s; aborting it for a stack dump, then killing it',
+            worker.label(), pid, silent, worker.subserver.worker_timeout,
+            serving)
+        self.aborted[pid] = self.clock() + self.ABORT_SECONDS
+        self.kill(pid, signal.SIGABRT)
+        self.kill(pid, signal.SIGCONT)  # a stopped one dumps and dies too
+
+    def kill_overdue(self):
+        """SIGKILL replaced workers past graceful_timeout, hung ones past
+        their stack dump."""
+        now = self.clock()
+        for pids, what in ((self.retired, 'did not finish draining within '
+                            'graceful_timeout'),
+                           (self.aborted, 'did not exit after SIGABRT')):
+            for pid, deadline in list(pids.items()):
+                if deadline <= now:
+                    self.logger.warning('pid %d %s; killing it', pid, what)
+                    pids[pid] = float('inf')
+                    self.kill(pid, signal.SIGKILL)
 
 
 # The control socket: the main process answers (_ControlChannel); brimd's
@@ -5287,7 +5515,7 @@ class _ControlChannel(object):
     def may_ask(self, verb, pid, uid):
         """The one rule of who may ask what (see the class's doc)."""
         if verb == b'retire':
-            return pid in self.server.children
+            return pid in self.server.supervisor.children
         return uid in (0, os.getuid())
 
     def _answer_ping(self, conn, pid):
@@ -5323,7 +5551,7 @@ class _ControlChannel(object):
     def _answer_retire(self, conn, pid):
         """A worker asks to be replaced: max_requests, or a stuck
         request."""
-        self.server.replace(pid, 'asked to be replaced')
+        self.server.supervisor.replace(pid, 'asked to be replaced')
 
     VERBS = {b'ping': _answer_ping, b'status': _answer_status,
              b'addresses': _answer_addresses, b'restart': _answer_restart,
@@ -5427,7 +5655,7 @@ class _Restarter(object):
             'generation': server.generation + 1,
             'start_time': server.start_time,
             'fds': [sock.fileno() for sock in socks],
-            'workers': list(server.children) + list(server.retired)})
+            'workers': server.supervisor.pids()})
         command = self.command_line.argv()
         # Until the new brimd has its handlers, SIGHUP or SIGUSR1 (say,
         # from logrotate) would end it: they wait, blocked, and the
@@ -5463,20 +5691,16 @@ def _check_in_subprocess(command, held):
 
 
 class Server(object):
-    """brimd's main process: owns the sockets, forks and supervises.
+    """brimd's main process: owns the listening sockets, forks the
+    workers, runs the main loop and stops.
 
-    Signal handlers do nothing (``signal.set_wakeup_fd`` writes the
-    signal's number to a pipe); the main loop reads the numbers and calls
-    one ``_on_SIGNAME`` method per signal.  The main process also answers
-    a Unix control socket (its verbs: _ControlChannel.VERBS) and watches
-    the workers' heartbeats.
+    Its parts: a _Supervisor keeps a worker in every slot, a
+    _ControlChannel answers the control socket (its verbs:
+    _ControlChannel.VERBS), a _Restarter restarts brimd in place.  Signal
+    handlers do nothing (``signal.set_wakeup_fd`` writes the signal's
+    number to a pipe); the main loop reads the numbers and calls one
+    ``_on_SIGNAME`` method per signal.
     """
-
-    #: A worker that dies sooner than this after starting is backed off.
-    STABLE_SECONDS = 10.0
-    MAX_BACKOFF = 30.0
-    #: How long a hung worker gets to dump its stacks before SIGKILL.
-    ABORT_SECONDS = 2.0
 
     def __init__(self, conf, to_stderr=False):
         self.conf = conf
@@ -5485,12 +5709,8 @@ class Server(object):
         self.start_time = int(time.time())
         self.forked = False
         self.foreground = False
-        self.children = {}      # pid: _Worker, for every serving process
-        self.retired = {}       # pid: SIGKILL deadline of a replaced one
-        self.replacing = {}     # ready pipe: pid its new worker replaces
-        self.aborted = {}       # pid: SIGKILL deadline of a hung one
-        self.workers = []
-        self.stopping = False
+        self.workers = []       # a _Worker for every worker and daemon slot
+        self.supervisor = None  # made by run(), once the workers are known
         self.control = _ControlChannel(self)
         self.restarter = _Restarter(self)
         self.pid_file = None
@@ -5579,40 +5799,28 @@ class Server(object):
         return [s.sock for s in self.subservers
                 if isinstance(s, _IPSubserver) and s.sock is not None]
 
-    # -- workers -------------------------------------------------------------
+    # -- worker processes ----------------------------------------------------
 
-    def _spawn(self, worker, ready_fd=None):
-        worker.bucket.reset()
-        worker.bucket.set('_restarts', worker.restarts)
+    def _fork_worker(self, worker, ready_fd):
+        """Fork the process of ``worker``; its pid (the supervisor's
+        ``fork``)."""
         # Signals wait until the child has its own handlers: a SIGTERM
         # caught by the main process's no-op handler would be lost.
         signal.pthread_sigmask(signal.SIG_BLOCK, _CHILD_SIGNALS)
         try:
-            worker.pid = pid = os.fork()
+            pid = os.fork()
             if pid == 0:
                 self._run_child(worker, ready_fd)
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _CHILD_SIGNALS)
-        worker.started = time.monotonic()
-        worker.started_at = time.time()
-        self.children[pid] = worker
+        return pid
 
     def _run_child(self, worker, ready_fd):
         """In the new child: become worker ``worker`` and never return."""
         code = 1
         subserver = worker.subserver
         try:
-            signal.set_wakeup_fd(-1)
-            for signum in (signal.SIGTERM, signal.SIGCHLD, signal.SIGQUIT,
-                           signal.SIGUSR2, signal.SIGABRT):
-                signal.signal(signum, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGUSR1, lambda *_: subserver.note_reopen())
-            if subserver.kind == 'daemons':
-                signal.signal(signal.SIGHUP, signal.SIG_DFL)
-            else:
-                signal.signal(signal.SIGHUP, lambda *_: subserver.drain())
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, _CHILD_SIGNALS)
+            self._child_signals(subserver)
             self._close_main_fds(subserver, ready_fd)
             subserver.open_log(self.to_stderr)
             self._drop_privileges()
@@ -5637,10 +5845,26 @@ class Server(object):
             _flush_logs()
             os._exit(code)
 
+    @staticmethod
+    def _child_signals(subserver):
+        """A worker's own handlers; then the signals _fork_worker held
+        back reach it."""
+        signal.set_wakeup_fd(-1)
+        for signum in (signal.SIGTERM, signal.SIGCHLD, signal.SIGQUIT,
+                       signal.SIGUSR2, signal.SIGABRT):
+            signal.signal(signum, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGUSR1, lambda *_: subserver.note_reopen())
+        if subserver.kind == 'daemons':
+            signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        else:
+            signal.signal(signal.SIGHUP, lambda *_: subserver.drain())
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _CHILD_SIGNALS)
+
     def _close_main_fds(self, keep, ready_fd):
         """A child needs its own listening socket and ready pipe only."""
         self.control.close()
-        for fd in list(self.wake_fds) + list(self.replacing):
+        for fd in list(self.wake_fds) + list(self.supervisor.replacing):
             if fd != ready_fd:
                 os.close(fd)
         for subserver in self.subservers:
@@ -5654,117 +5878,6 @@ class Server(object):
             os.setuid(self.uid)
         os.umask(self.umask)
 
-    def _reap(self):
-        """Collect every exited child; schedule restarts for workers.
-
-        As process 1 in a container brimd also inherits orphans; they are
-        reaped here too, and ignored.
-        """
-        for pid, status in _reap_now():
-            hung = self.aborted.pop(pid, None) is not None
-            if self.retired.pop(pid, None) is not None:
-                continue
-            worker = self.children.pop(pid, None)
-            if worker is not None and not self.stopping:
-                self._schedule_restart(worker, pid, status, backoff=not hung)
-
-    def _schedule_restart(self, worker, pid, status, backoff=True):
-        """Log why ``worker`` died and when it starts again (backed off,
-        unless brimd killed it for hanging: that is no crash loop)."""
-        now = time.monotonic()
-        lived = now - worker.started
-        worker.failures = worker.failures + 1 \
-            if lived < self.STABLE_SECONDS and backoff else 0
-        delay = 0.0 if not worker.failures else min(
-            self.MAX_BACKOFF, 2.0 ** (worker.failures - 1))
-        if backoff:
-            delay = max(delay, worker.started + 1.0 - now)
-        worker.due = now + delay
-        worker.pid = None
-        worker.bucket.set('_pid', 0)        # the stats show it down
-        worker.restarts += 1
-        worker.last_exit = '%s after %.1fs' % (_exit_reason(status), lived)
-        self.logger.error('%s (pid %d) %s; restarting in %.1fs',
-                          worker.label(), pid, worker.last_exit, delay)
-
-    def _respawn_due(self):
-        now = time.monotonic()
-        for worker in self.workers:
-            if worker.pid is None and worker.due <= now:
-                self._spawn(worker)
-
-    def _next_due(self):
-        waiting = [w.due for w in self.workers if w.pid is None]
-        return min(waiting) - time.monotonic() if waiting else 1.0
-
-    def replace(self, pid, reason):
-        """Start a new worker in ``pid``'s slot; drain ``pid`` once it serves.
-
-        The new worker's ready pipe reaches EOF when it serves (or dies);
-        the main loop then sends the old one SIGHUP.  Until then both
-        accept, so the port is never without a worker.
-        """
-        worker = self.children.pop(pid, None)
-        if worker is None or self.stopping:
-            return
-        self.logger.info('%s (pid %d) %s; starting its replacement',
-                         worker.label(), pid, reason)
-        self.retired[pid] = float('inf')
-        ready_r, ready_w = os.pipe()
-        self.replacing[ready_r] = pid
-        self._spawn(worker, ready_w)
-        os.close(ready_w)
-
-    def _replacement_ready(self, ready_r):
-        """A replacement started (or died): drain the worker it replaces."""
-        if os.read(ready_r, 4096):
-            return          # a failure line; the EOF follows
-        os.close(ready_r)
-        self._drain_retired([self.replacing.pop(ready_r)])
-
-    def _drain_retired(self, pids):
-        deadline = time.monotonic() + self.graceful_timeout
-        for pid in pids:
-            if pid in self.retired:
-                self.retired[pid] = deadline
-                _kill(pid, signal.SIGHUP)
-
-    def _check_heartbeats(self):
-        """Abort (stack dump, then SIGKILL) workers that stopped beating."""
-        now = time.time()
-        for pid, worker in list(self.children.items()):
-            timeout = worker.subserver.worker_timeout
-            if not timeout or pid in self.aborted:
-                continue
-            silent = now - max(worker.bucket.heartbeat(), worker.started_at)
-            if silent <= timeout:
-                continue
-            started, latest = worker.bucket.latest_request()
-            serving = ''
-            if latest:
-                serving = '; its latest request, %s, started %.0fs ago' % (
-                    latest, now - started)
-            self.logger.error(
-                '%s (pid %d) is hung: no heartbeat for %.0fs (worker_timeout '
-                '%gs)%s; aborting it for a stack dump, then killing it',
-                worker.label(), pid, silent, timeout, serving)
-            self.aborted[pid] = time.monotonic() + self.ABORT_SECONDS
-            _kill(pid, signal.SIGABRT)
-            _kill(pid, signal.SIGCONT)  # a stopped one dumps and dies too
-
-    def _kill_overdue(self):
-        """SIGKILL replaced workers past graceful_timeout, hung ones past
-        their stack dump."""
-        now = time.monotonic()
-        for pids, what in ((self.retired, 'did not finish draining within '
-                            'graceful_timeout'),
-                           (self.aborted, 'did not exit after SIGABRT')):
-            for pid, deadline in list(pids.items()):
-                if deadline <= now:
-                    self.logger.warning('pid %d %s; killing it', pid, what)
-                    pids[pid] = float('inf')
-                    _kill(pid, signal.SIGKILL)
-
     # -- running -------------------------------------------------------------
 
     def run(self, ready_fd=None, pid_file=None, old_workers=()):
@@ -5775,12 +5888,14 @@ class Server(object):
         """
         self.forked = True
         self.pid_file = pid_file
+        self.supervisor = _Supervisor(self.workers, self.logger,
+                                      self.graceful_timeout,
+                                      self._fork_worker)
         self._install_signals()
-        for pid in old_workers:
-            self.retired[pid] = float('inf')
+        self.supervisor.adopt(old_workers)
         _prepare_to_fork()
         for worker in self.workers:
-            self._spawn(worker, ready_fd)
+            self.supervisor.spawn(worker, ready_fd)
         failure = self._wait_ready()
         if failure:
             self.logger.error('brimd could not start: %s', failure)
@@ -5790,11 +5905,17 @@ class Server(object):
             # have taken connections from the shared sockets already.
             self.shutdown()
             return 1
-        self._drain_retired(list(self.retired))
+        self.supervisor.drain_retired()
         # Listening only now: a ``ping`` answer means the workers serve.
         self.control.listen()
-        if pid_file:
-            _write_pid_file(pid_file, os.getpid())
+        self._report_ready(ready_fd)
+        return self._main_loop()
+
+    def _report_ready(self, ready_fd):
+        """Tell the pid file, the log, systemd and ``start`` that brimd
+        serves."""
+        if self.pid_file:
+            _write_pid_file(self.pid_file, os.getpid())
         self.logger.info('brimd %s serving %s (pid %d)', __version__,
                          ', '.join(self._describe()), os.getpid())
         self.notifier.send('READY=1\nMAINPID=%d\nSTATUS=serving %s'
@@ -5802,7 +5923,6 @@ class Server(object):
         if ready_fd is not None:
             _write_line(ready_fd, 'ready %d' % os.getpid())
             os.close(ready_fd)
-        return self._main_loop()
 
     def _describe(self):
         return ['[%s] %s' % (s.name, ' '.join(s.addresses()) or
@@ -5827,56 +5947,48 @@ class Server(object):
         """None once every worker has beaten once, else why not."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for pid, status in _reap_now():
-                if self.retired.pop(pid, None) is not None:
-                    continue
-                worker = self.children.pop(pid, None)
-                if worker is None:
-                    continue
-                if not worker.bucket.heartbeat():
-                    return '%s exited while starting (%s).' % (
-                        worker.label(), _exit_reason(status))
-                # It started, then died: a crash to restart, not a failure.
-                self._schedule_restart(worker, pid, status)
-            if all(w.bucket.heartbeat() for w in self.workers):
-                return None
+            failure = self.supervisor.starting_failure()
+            if failure or self.supervisor.all_started():
+                return failure
             time.sleep(0.01)
         return 'workers did not start within %ds.' % timeout
 
     def _main_loop(self):
         """Wait for signals, control requests and ready pipes; tend the
         workers at least once a second."""
-        wake_r = self.wake_fds[0]
         while True:
-            timeout = max(0.0, min(1.0, self._next_due(),
+            timeout = max(0.0, min(1.0, self.supervisor.next_due(),
                                    self.notifier.watchdog_due()))
-            try:
-                readable = select.select(
-                    [wake_r, self.control] + list(self.replacing), [], [],
-                    timeout)[0]
-            except InterruptedError:
-                readable = []
-            signums = b''
-            for ready in readable:
-                if ready is wake_r:
-                    try:
-                        signums = os.read(wake_r, 512)
-                    except BlockingIOError:
-                        pass
-                elif ready is self.control:
-                    self.control.answer()
-                else:
-                    self._replacement_ready(ready)
-            for signum in signums:
+            for signum in self._wait(timeout):
                 handler = getattr(self, '_on_' + _signal_name(signum), None)
                 code = handler() if handler else None
                 if code is not None:
                     return code
-            self._reap()
-            self._respawn_due()
-            self._check_heartbeats()
-            self._kill_overdue()
+            self.supervisor.tend()
             self.notifier.watchdog()
+
+    def _wait(self, timeout):
+        """Wait up to ``timeout`` seconds; answer control requests and
+        ready pipes; the numbers of the signals that came."""
+        wake_r = self.wake_fds[0]
+        try:
+            readable = select.select(
+                [wake_r, self.control] + list(self.supervisor.replacing),
+                [], [], timeout)[0]
+        except InterruptedError:
+            readable = []
+        signums = b''
+        for ready in readable:
+            if ready is wake_r:
+                try:
+                    signums = os.read(wake_r, 512)
+                except BlockingIOError:
+                    pass
+            elif ready is self.control:
+                self.control.answer()
+            else:
+                self.supervisor.replacement_ready(ready)
+        return signums
 
     # One method per signal.  Those that end brimd return its exit status.
 
@@ -5898,8 +6010,7 @@ class Server(object):
         every worker."""
         _reopen_logs()
         self.logger.info('reopened the log files')
-        for pid in list(self.children) + list(self.retired):
-            _kill(pid, signal.SIGUSR1)
+        self.supervisor.signal_all(signal.SIGUSR1)
 
     def _on_SIGUSR2(self):
         self.restarter.restart()
@@ -5909,17 +6020,9 @@ class Server(object):
         now = time.time()
         subservers = []
         for subserver in self.subservers:
-            workers = []
-            for worker in self.workers:
-                if worker.subserver is subserver:
-                    workers.append({
-                        'label': subserver.bucket_labels()[worker.index],
-                        'pid': worker.pid,
-                        'uptime': round(now - worker.started_at, 1)
-                        if worker.pid else None,
-                        'served': worker.bucket.served(),
-                        'restarts': worker.restarts,
-                        'last_exit': worker.last_exit})
+            workers = [self._worker_status(worker, now)
+                       for worker in self.workers
+                       if worker.subserver is subserver]
             subservers.append({'name': subserver.name,
                                'kind': subserver.kind,
                                'addresses': subserver.addresses(),
@@ -5928,29 +6031,37 @@ class Server(object):
                 'generation': self.generation,
                 'foreground': self.foreground, 'subservers': subservers}
 
+    @staticmethod
+    def _worker_status(worker, now):
+        return {'label': worker.subserver.bucket_labels()[worker.index],
+                'pid': worker.pid,
+                'uptime': (round(now - worker.started_at, 1)
+                           if worker.pid else None),
+                'served': worker.bucket.served(),
+                'restarts': worker.restarts,
+                'last_exit': worker.last_exit}
+
+    # -- the end -------------------------------------------------------------
+
     def stop(self):
         """Immediate: workers get SIGTERM (then SIGKILL), brimd exits."""
-        self.stopping = True
+        self.supervisor.stopping = True
         self.logger.info('brimd stopping')
         self.notifier.send('STOPPING=1')
-        self._signal_children(signal.SIGTERM)
+        self.supervisor.signal_all(signal.SIGTERM)
         self._wait_children(5.0)
         return self._exit()
 
     def shutdown(self):
         """Graceful: release the ports now, let workers finish, then exit."""
-        self.stopping = True
+        self.supervisor.stopping = True
         self.logger.info('brimd shutting down gracefully')
         self.notifier.send('STOPPING=1')
         for sock in self.listening_sockets():
             sock.close()
-        self._signal_children(signal.SIGHUP)
+        self.supervisor.signal_all(signal.SIGHUP)
         self._wait_children(self.graceful_timeout + 1.0)
         return self._exit()
-
-    def _signal_children(self, signum):
-        for pid in list(self.children) + list(self.retired):
-            _kill(pid, signum)
 
     def _wait_children(self, seconds):
         """Reap children until none is left or ``seconds`` pass; then kill
@@ -5959,19 +6070,19 @@ class Server(object):
         if self._reaped_all(seconds):
             return
         self.logger.warning('killing %d workers that did not exit in %.0fs',
-                            len(self.children) + len(self.retired), seconds)
-        self._signal_children(signal.SIGKILL)
+                            len(self.supervisor.pids()), seconds)
+        self.supervisor.signal_all(signal.SIGKILL)
         if not self._reaped_all(5.0):
             self.logger.error('workers %s outlived SIGKILL for 5s; exiting '
                               'without them', ' '.join(map(str, sorted(
-                                  list(self.children) + list(self.retired)))))
+                                  self.supervisor.pids()))))
 
     def _reaped_all(self, seconds):
         """True once every child is reaped, within ``seconds``."""
         deadline = time.monotonic() + seconds
         while True:
-            self._reap()
-            if not (self.children or self.retired):
+            self.supervisor.reap()
+            if not self.supervisor.pids():
                 return True
             try:
                 os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
@@ -6050,13 +6161,6 @@ def _signal_name(signum):
         return str(signum)
 
 
-def _kill(pid, signum):
-    try:
-        os.kill(pid, signum)
-    except ProcessLookupError:
-        pass
-
-
 def _monotonic_usec():
     return int(time.clock_gettime(time.CLOCK_MONOTONIC) * 1000000)
 
@@ -6108,19 +6212,6 @@ class _Notifier(object):
                 time.monotonic() >= self.next_watchdog:
             self.next_watchdog = time.monotonic() + self.interval
             self.send('WATCHDOG=1')
-
-
-def _reap_now():
-    """Every (pid, status) of a child that has exited, without waiting."""
-    reaped = []
-    while True:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return reaped
-        if pid == 0:
-            return reaped
-        reaped.append((pid, status))
 
 
 def _write_line(fd, text):
@@ -6202,6 +6293,7 @@ _INPLACE_ENV = 'BRIM_RESTART_IN_PLACE'
 #: Set for the ``check`` a restart in place runs: the addresses that
 #: brimd holds, which count as available.
 _HELD_ENV = 'BRIM_CHECK_HELD'
+
 
 def _parse_args(argv):
     import argparse
