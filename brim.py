@@ -5690,12 +5690,99 @@ def _check_in_subprocess(command, held):
     return lines[-1] if lines else 'check exited %d' % done.returncode
 
 
+class _Forker(object):
+    """Forks the workers' processes and, in each child, makes the worker:
+    its signal handlers, only its own descriptors, its log, the user it
+    runs as; then it serves until it exits."""
+
+    def __init__(self, server):
+        self.server = server
+
+    def fork(self, worker, ready_fd):
+        """Fork the process of ``worker``; its pid in the main process."""
+        # Signals wait until the child has its own handlers: a SIGTERM
+        # caught by the main process's no-op handler would be lost.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _CHILD_SIGNALS)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                self._run_child(worker, ready_fd)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _CHILD_SIGNALS)
+        return pid
+
+    def _run_child(self, worker, ready_fd):
+        """In the new child: become worker ``worker`` and never return."""
+        code = 1
+        subserver = worker.subserver
+        try:
+            self._child_signals(subserver)
+            self._close_main_fds(subserver, ready_fd)
+            subserver.open_log(self.server.to_stderr)
+            self._drop_privileges()
+            subserver.start_worker(worker.index, worker.bucket)
+            worker.bucket.beat()
+            if ready_fd is not None:
+                os.close(ready_fd)
+                ready_fd = None
+            subserver.serve()
+            code = 0
+        except BaseException as err:
+            if isinstance(err, SystemExit) and not err.code:
+                code = 0
+            else:
+                logger = subserver.logger or self.server.logger
+                logger.error('%s failed: %s\n%s', worker.label(),
+                             _one_line(err), traceback.format_exc())
+                if ready_fd is not None:
+                    _write_line(ready_fd, '%s failed to start: %s' %
+                                (worker.label(), _one_line(err)))
+        finally:
+            _flush_logs()
+            os._exit(code)
+
+    @staticmethod
+    def _child_signals(subserver):
+        """A worker's own handlers; then the signals fork held back reach
+        it."""
+        signal.set_wakeup_fd(-1)
+        for signum in (signal.SIGTERM, signal.SIGCHLD, signal.SIGQUIT,
+                       signal.SIGUSR2, signal.SIGABRT):
+            signal.signal(signum, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGUSR1, lambda *_: subserver.note_reopen())
+        if subserver.kind == 'daemons':
+            signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        else:
+            signal.signal(signal.SIGHUP, lambda *_: subserver.drain())
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _CHILD_SIGNALS)
+
+    def _close_main_fds(self, keep, ready_fd):
+        """A child needs its own listening socket and ready pipe only."""
+        server = self.server
+        server.control.close()
+        for fd in list(server.wake_fds) + list(server.supervisor.replacing):
+            if fd != ready_fd:
+                os.close(fd)
+        for subserver in server.subservers:
+            if subserver is not keep and isinstance(subserver, _IPSubserver):
+                subserver.sock.close()
+
+    def _drop_privileges(self):
+        server = self.server
+        if server.uid is not None and os.geteuid() == 0:
+            os.setgroups([])
+            os.setgid(server.gid)
+            os.setuid(server.uid)
+        os.umask(server.umask)
+
+
 class Server(object):
     """brimd's main process: owns the listening sockets, forks the
     workers, runs the main loop and stops.
 
-    Its parts: a _Supervisor keeps a worker in every slot, a
-    _ControlChannel answers the control socket (its verbs:
+    Its parts: a _Supervisor keeps a worker in every slot (a _Forker
+    makes each), a _ControlChannel answers the control socket (its verbs:
     _ControlChannel.VERBS), a _Restarter restarts brimd in place.  Signal
     handlers do nothing (``signal.set_wakeup_fd`` writes the signal's
     number to a pipe); the main loop reads the numbers and calls one
@@ -5799,85 +5886,6 @@ class Server(object):
         return [s.sock for s in self.subservers
                 if isinstance(s, _IPSubserver) and s.sock is not None]
 
-    # -- worker processes ----------------------------------------------------
-
-    def _fork_worker(self, worker, ready_fd):
-        """Fork the process of ``worker``; its pid (the supervisor's
-        ``fork``)."""
-        # Signals wait until the child has its own handlers: a SIGTERM
-        # caught by the main process's no-op handler would be lost.
-        signal.pthread_sigmask(signal.SIG_BLOCK, _CHILD_SIGNALS)
-        try:
-            pid = os.fork()
-            if pid == 0:
-                self._run_child(worker, ready_fd)
-        finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, _CHILD_SIGNALS)
-        return pid
-
-    def _run_child(self, worker, ready_fd):
-        """In the new child: become worker ``worker`` and never return."""
-        code = 1
-        subserver = worker.subserver
-        try:
-            self._child_signals(subserver)
-            self._close_main_fds(subserver, ready_fd)
-            subserver.open_log(self.to_stderr)
-            self._drop_privileges()
-            subserver.start_worker(worker.index, worker.bucket)
-            worker.bucket.beat()
-            if ready_fd is not None:
-                os.close(ready_fd)
-                ready_fd = None
-            subserver.serve()
-            code = 0
-        except BaseException as err:
-            if isinstance(err, SystemExit) and not err.code:
-                code = 0
-            else:
-                logger = subserver.logger or self.logger
-                logger.error('%s failed: %s\n%s', worker.label(),
-                             _one_line(err), traceback.format_exc())
-                if ready_fd is not None:
-                    _write_line(ready_fd, '%s failed to start: %s' %
-                                (worker.label(), _one_line(err)))
-        finally:
-            _flush_logs()
-            os._exit(code)
-
-    @staticmethod
-    def _child_signals(subserver):
-        """A worker's own handlers; then the signals _fork_worker held
-        back reach it."""
-        signal.set_wakeup_fd(-1)
-        for signum in (signal.SIGTERM, signal.SIGCHLD, signal.SIGQUIT,
-                       signal.SIGUSR2, signal.SIGABRT):
-            signal.signal(signum, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGUSR1, lambda *_: subserver.note_reopen())
-        if subserver.kind == 'daemons':
-            signal.signal(signal.SIGHUP, signal.SIG_DFL)
-        else:
-            signal.signal(signal.SIGHUP, lambda *_: subserver.drain())
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _CHILD_SIGNALS)
-
-    def _close_main_fds(self, keep, ready_fd):
-        """A child needs its own listening socket and ready pipe only."""
-        self.control.close()
-        for fd in list(self.wake_fds) + list(self.supervisor.replacing):
-            if fd != ready_fd:
-                os.close(fd)
-        for subserver in self.subservers:
-            if subserver is not keep and isinstance(subserver, _IPSubserver):
-                subserver.sock.close()
-
-    def _drop_privileges(self):
-        if self.uid is not None and os.geteuid() == 0:
-            os.setgroups([])
-            os.setgid(self.gid)
-            os.setuid(self.uid)
-        os.umask(self.umask)
-
     # -- running -------------------------------------------------------------
 
     def run(self, ready_fd=None, pid_file=None, old_workers=()):
@@ -5890,8 +5898,8 @@ class Server(object):
         self.pid_file = pid_file
         self.supervisor = _Supervisor(self.workers, self.logger,
                                       self.graceful_timeout,
-                                      self._fork_worker)
-        self._install_signals()
+                                      _Forker(self).fork)
+        self.wake_fds = _wake_on_signals()
         self.supervisor.adopt(old_workers)
         _prepare_to_fork()
         for worker in self.workers:
@@ -5917,31 +5925,12 @@ class Server(object):
         if self.pid_file:
             _write_pid_file(self.pid_file, os.getpid())
         self.logger.info('brimd %s serving %s (pid %d)', __version__,
-                         ', '.join(self._describe()), os.getpid())
+                         _serving(self.subservers), os.getpid())
         self.notifier.send('READY=1\nMAINPID=%d\nSTATUS=serving %s'
-                           % (os.getpid(), ', '.join(self._describe())))
+                           % (os.getpid(), _serving(self.subservers)))
         if ready_fd is not None:
             _write_line(ready_fd, 'ready %d' % os.getpid())
             os.close(ready_fd)
-
-    def _describe(self):
-        return ['[%s] %s' % (s.name, ' '.join(s.addresses()) or
-                             '%d daemons' % s.bucket_count)
-                for s in self.subservers]
-
-    def _install_signals(self):
-        wake_r, wake_w = os.pipe()
-        os.set_blocking(wake_r, False)
-        os.set_blocking(wake_w, False)
-        self.wake_fds = (wake_r, wake_w)
-        signal.set_wakeup_fd(wake_w)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
-                       signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1,
-                       signal.SIGUSR2):
-            # The handler does nothing: the wakeup fd carries the number.
-            signal.signal(signum, _note_signal)
-        # Blocked by a brimd that restarted in place (see _Restarter).
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _CHILD_SIGNALS)
 
     def _wait_ready(self, timeout=60.0):
         """None once every worker has beaten once, else why not."""
@@ -6101,32 +6090,57 @@ class Server(object):
         self.logger.info('brimd exited')
         return 0
 
-    # -- no-daemon: everything in this one process ---------------------------
 
-    def run_inline(self):
-        """Serve every subserver from threads of this process (debugging)."""
-        import copy
-        self._install_signals()
-        for worker in self.workers:
-            subserver = copy.copy(worker.subserver)
-            subserver.open_log(True)
-            subserver.start_worker(worker.index, self.stats.bucket(
-                worker.subserver, worker.index))
-            threading.Thread(target=subserver.serve, daemon=True).start()
-        self.logger.info('brimd %s serving %s in one process (pid %d)',
-                         __version__, ', '.join(self._describe()),
-                         os.getpid())
-        wake_r = self.wake_fds[0]
-        while True:
-            select.select([wake_r], [], [])
-            try:
-                signums = os.read(wake_r, 512)
-            except BlockingIOError:
-                continue
-            if any(s in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
-                         signal.SIGHUP) for s in signums):
-                self.logger.info('brimd exited')
-                return 0
+def _run_inline(server):
+    """no-daemon: serve every subserver from threads of this process
+    (debugging), until a signal to end."""
+    import copy
+    wake_r, _ = _wake_on_signals()
+    for worker in server.workers:
+        subserver = copy.copy(worker.subserver)
+        subserver.open_log(True)
+        subserver.start_worker(worker.index, server.stats.bucket(
+            worker.subserver, worker.index))
+        threading.Thread(target=subserver.serve, daemon=True).start()
+    server.logger.info('brimd %s serving %s in one process (pid %d)',
+                       __version__, _serving(server.subservers), os.getpid())
+    while True:
+        select.select([wake_r], [], [])
+        try:
+            signums = os.read(wake_r, 512)
+        except BlockingIOError:
+            continue
+        if any(s in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
+                     signal.SIGHUP) for s in signums):
+            server.logger.info('brimd exited')
+            return 0
+
+
+def _serving(subservers):
+    """What brimd serves, for its log and systemd's status line."""
+    return ', '.join('[%s] %s' % (s.name, ' '.join(s.addresses()) or
+                                  '%d daemons' % s.bucket_count)
+                     for s in subservers)
+
+
+def _wake_on_signals():
+    """Have every signal the main process handles write its number to a
+    new pipe, which wakes the main loop; the pipe (read end, write end).
+
+    The handler itself does nothing: one that acted could run in the
+    middle of anything the main loop does.
+    """
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
+                   signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1,
+                   signal.SIGUSR2):
+        signal.signal(signum, _note_signal)
+    # Blocked by a brimd that restarted in place (see _Restarter).
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _CHILD_SIGNALS)
+    return wake_r, wake_w
 
 
 #: What the main process handles and a new child must not miss.
@@ -6824,7 +6838,7 @@ def _become_subreaper():
 def _cmd_no_daemon(args):
     server = _load_server(args, to_stderr=True)
     server.bind()
-    return server.run_inline()
+    return _run_inline(server)
 
 
 def main(argv=None):
