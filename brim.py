@@ -6378,16 +6378,52 @@ class _CommandLine(object):
                 ([args.app] if args.app else []))
 
 
-def _restarted_in_place():
-    """What the brimd this process was passed on, after a restart in
-    place (SIGUSR2): (generation, start time, sockets, old worker pids);
-    None for a fresh start."""
+class _StartPlan(collections.namedtuple('_StartPlan', (
+        'origin', 'sockets', 'pid_file', 'foreground', 'keep_output',
+        'generation', 'start_time', 'old_workers'))):
+    """How a main process starts, decided once, before it binds.
+
+    ``origin``: where its listening sockets come from: ``bind`` (all bound
+    anew), ``systemd`` (socket activation), ``handover`` (from the brimd
+    that ``restart`` replaces) or ``in place`` (this process's previous
+    image, after a restart in place); ``sockets``: those taken over,
+    {key: socket}, which binding uses first.  ``pid_file``: where the
+    main pid is kept, or None.  ``foreground``: serve attached (SIGTERM
+    drains) rather than as a daemon; ``keep_output``: a daemon keeps
+    standard output and error (-o) instead of sending them to its log.
+    After a restart in place the generation and start time carry on and
+    ``old_workers`` drain once the new ones serve.
+    """
+
+    @property
+    def detach(self):
+        """Fork into the background: a daemon's first start (one that
+        restarted in place is in the background already)."""
+        return not self.foreground and self.origin != 'in place'
+
+
+def _in_place_plan(foreground, keep_output):
+    """The plan of a brimd that a restart in place (SIGUSR2) started, from
+    what its previous image passed on; None for a fresh start."""
     raw = os.environ.pop(_INPLACE_ENV, None)
     if not raw:
         return None
     state = json.loads(raw)
-    return (state['generation'], state['start_time'],
-            _sockets_from_fds(state['fds']), state['workers'])
+    return _StartPlan('in place', _sockets_from_fds(state['fds']), None,
+                      foreground, keep_output, state['generation'],
+                      state['start_time'], tuple(state['workers']))
+
+
+def _fresh_plan(pid_file, foreground, keep_output, handed_over=None):
+    """A fresh start's plan: the sockets an old brimd handed over, else
+    those systemd passed, else none."""
+    if handed_over:
+        origin, sockets = 'handover', handed_over
+    else:
+        sockets = _systemd_sockets()
+        origin = 'systemd' if sockets else 'bind'
+    return _StartPlan(origin, sockets, pid_file, foreground, keep_output,
+                      0, None, ())
 
 
 def _pid_file_path(args, conf):
@@ -6484,8 +6520,34 @@ def _check_log_file(path, what_to_change):
                         % (path, err.strerror or err, what_to_change))
 
 
-def _daemonize(server, pid_file, keep_output):
-    """Fork the main process into the background; True in the child.
+def _launch(server, plan):
+    """Start ``server`` as ``plan`` says and serve until the end; the exit
+    status (for a daemon's first start: whether it serves)."""
+    if plan.foreground:
+        server.foreground = True
+        _become_subreaper()
+        return _serve_plan(server, plan)
+    if plan.detach:
+        # Bound before the fork: a port that stays busy is start's error.
+        server.bind(plan.sockets)
+        return _daemonize(server, plan)
+    return _run_daemon(server, plan)
+
+
+def _serve_plan(server, plan, ready_fd=None):
+    """The main process: bind (unless it did before it detached), then
+    fork the workers and supervise them."""
+    if plan.origin == 'in place':
+        server.generation = plan.generation
+        server.start_time = plan.start_time
+    if not plan.detach:
+        server.bind(plan.sockets)
+    return server.run(ready_fd, plan.pid_file, plan.old_workers)
+
+
+def _daemonize(server, plan):
+    """Fork the main process into the background; in the parent, the exit
+    status of ``start``.
 
     The parent waits for the child to say it serves (or why it could not)
     through a pipe, so ``start`` reports failures and exits 1.
@@ -6494,43 +6556,29 @@ def _daemonize(server, pid_file, keep_output):
     pid = os.fork()
     if pid:
         os.close(ready_w)
-        return False, _await_ready(ready_r, pid)
+        return _await_ready(ready_r, pid)
     os.close(ready_r)
     os.setsid()
-    if not keep_output:
+    if not plan.keep_output:
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
         os.close(devnull)
-    return True, _run_daemon(server, pid_file, keep_output, ready_w,
-                             bound=True)
+    os._exit(_run_daemon(server, plan, ready_w))
 
 
-def _run_daemon(server, pid_file, keep_output, ready_fd=None, inplace=None,
-                bound=False):
+def _run_daemon(server, plan, ready_fd=None):
     """The daemonized main process: stray output goes to the log."""
-    if not keep_output:
+    if not plan.keep_output:
         sys.stdout = _LogStream(server.logger, logging.INFO)
         sys.stderr = _LogStream(server.logger, logging.ERROR)
     sys.excepthook = lambda *exc: server.logger.critical(
         'uncaught exception:\n%s', ''.join(traceback.format_exception(*exc)))
     try:
-        return _run_server(server, pid_file, ready_fd, inplace, bound)
+        return _serve_plan(server, plan, ready_fd)
     except BaseException:
         server.logger.exception('brimd main process failed')
         return 1
-
-
-def _run_server(server, pid_file, ready_fd=None, inplace=None, bound=False):
-    """Bind (taking over inherited sockets), then serve until the end."""
-    old_workers = ()
-    if inplace:
-        server.generation, server.start_time, inherited, old_workers = \
-            inplace
-        server.bind(inherited)
-    elif not bound:
-        server.bind(_systemd_sockets())
-    return server.run(ready_fd, pid_file, old_workers)
 
 
 def _await_ready(ready_r, pid):
@@ -6669,13 +6717,13 @@ def _signal_brimd(args, signum, verb, seconds):
 
 
 def _cmd_start(args, command_line, restart=False):
-    inplace = _restarted_in_place()
+    in_place = _in_place_plan(False, args.output)
     server = _load_server(args, to_stderr=args.output, daemon=True)
     server.restarter = _Restarter(server, command_line)
     pid_file = _pid_file_path(args, server.conf)
-    if inplace:
+    if in_place:
         # A daemonized brimd that re-executed itself (SIGUSR2).
-        return _run_daemon(server, pid_file, args.output, inplace=inplace)
+        return _launch(server, in_place._replace(pid_file=pid_file))
     if server.fallback_log_file and not server.conf.get('brim', 'log_file'):
         print('brimd: no syslog socket here; logging to %s (set [brim] '
               'log_file to choose)' % server.fallback_log_file)
@@ -6689,18 +6737,16 @@ def _cmd_start(args, command_line, restart=False):
         return 0
     if old_pid and _ask_json(old_pid, b'status')['foreground']:
         return _restart_in_place_of(old_pid)
-    inherited = {}
+    handed_over = {}
     if old_pid:
-        inherited = _take_sockets(old_pid)
-        if not inherited:
+        handed_over = _take_sockets(old_pid)
+        if not handed_over:
             # No handover possible: the old brimd must let go of its ports.
             os.kill(old_pid, signal.SIGHUP)
             _wait_gone(old_pid, server.graceful_timeout + _EXIT_SLACK)
             old_pid = None
-    server.bind(inherited or _systemd_sockets())
-    in_child, code = _daemonize(server, pid_file, args.output)
-    if in_child:
-        os._exit(code)
+    code = _launch(server, _fresh_plan(pid_file, False, args.output,
+                                       handed_over))
     if code == 0 and old_pid:
         os.kill(old_pid, signal.SIGHUP)     # the new one serves: drain old
     return code
@@ -6783,19 +6829,21 @@ def _cmd_foreground(args, command_line):
     start: the supervisor that runs foreground expects this process to be
     the server, and an exit 0 would read as the server having ended.
     """
-    inplace = _restarted_in_place()
+    in_place = _in_place_plan(True, True)
     server = _load_server(args, to_stderr=True)
     server.restarter = _Restarter(server, command_line)
     pid_file = None
     if args.pid_file or server.conf.get('brim', 'pid_file'):
         pid_file = _pid_file_path(args, server.conf)
-    if pid_file and not inplace:
+    if in_place:
+        return _launch(server, in_place._replace(pid_file=pid_file))
+    if pid_file:
         running = _read_pid_file(pid_file)
         if _is_brimd(running):
             print('%d already running' % running, file=sys.stderr)
             return 1
         _check_pid_file_writable(pid_file)
-    return _serve_attached(server, pid_file, inplace)
+    return _launch(server, _fresh_plan(pid_file, True, True))
 
 
 def serve(app, ip='127.0.0.1', port=8000, workers=2, **options):
@@ -6815,14 +6863,7 @@ def serve(app, ip='127.0.0.1', port=8000, workers=2, **options):
     server = Server(Conf({'wsgi': wsgi}), to_stderr=True)
     server.parse_conf()
     server.subservers[0].apps.append(('serve', _as_it_is(app), None))
-    return _serve_attached(server)
-
-
-def _serve_attached(server, pid_file=None, inplace=None):
-    """Run ``server`` in this process, attached: SIGTERM drains."""
-    server.foreground = True
-    _become_subreaper()
-    return _run_server(server, pid_file, inplace=inplace)
+    return _launch(server, _fresh_plan(None, True, True))
 
 
 def _become_subreaper():

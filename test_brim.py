@@ -3094,6 +3094,44 @@ class TestRestarterInProcess(unittest.TestCase):
                          'brimd was not started from its command line')
 
 
+class TestStartPlanInProcess(unittest.TestCase):
+    """Where a start's sockets come from, and whether it detaches."""
+
+    def setUp(self):
+        self.sock = socket.socket()
+        self.addCleanup(self.sock.close)
+        self.sock.bind(('127.0.0.1', 0))
+        self.key = 'tcp 127.0.0.1 %d' % self.sock.getsockname()[1]
+
+    def test_a_restart_in_place_carries_on_and_stays_where_it_is(self):
+        fd = os.dup(self.sock.fileno())
+        self.addCleanup(os.environ.pop, brim._INPLACE_ENV, None)
+        os.environ[brim._INPLACE_ENV] = json.dumps({
+            'generation': 4, 'start_time': 1234, 'fds': [fd],
+            'workers': [7, 8]})
+        plan = brim._in_place_plan(False, False)
+        self.assertNotIn(brim._INPLACE_ENV, os.environ)
+        [(key, sock)] = plan.sockets.items()
+        sock.close()
+        self.assertEqual((plan.origin, key), ('in place', self.key))
+        self.assertEqual((plan.generation, plan.start_time, plan.old_workers),
+                         (4, 1234, (7, 8)))
+        self.assertFalse(plan.detach, 'a daemon in place is detached already')
+        self.assertIsNone(brim._in_place_plan(False, False))
+
+    def test_a_fresh_start_takes_a_handover_first(self):
+        plan = brim._fresh_plan('/run/x.pid', False, False,
+                                {self.key: self.sock})
+        self.assertEqual((plan.origin, plan.sockets, plan.pid_file),
+                         ('handover', {self.key: self.sock}, '/run/x.pid'))
+        self.assertTrue(plan.detach)
+
+    def test_a_fresh_start_binds_without_sockets_to_take_over(self):
+        plan = brim._fresh_plan(None, True, True)
+        self.assertEqual((plan.origin, plan.sockets), ('bind', {}))
+        self.assertFalse(plan.detach, 'foreground stays attached')
+
+
 # ---------------------------------------------------------------------------
 # 6. Stats
 # ---------------------------------------------------------------------------
