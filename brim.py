@@ -5247,12 +5247,13 @@ class _Supervisor(object):
     and kills a hung one (after a stack dump) or a drained one that
     overstays graceful_timeout.
 
-    It acts only through its collaborators, so it runs the same against
-    fakes: ``fork(worker, ready_fd)`` starts a worker process and returns
-    its pid, ``kill(pid, signum)`` signals one, ``reap()`` lists the
-    (pid, status) of children that exited, ``clock`` (monotonic) times the
-    backoff and the deadlines, ``wall_clock`` reads the heartbeats (which
-    workers write as time.time()).
+    Besides a replacement's ready pipe, it acts only through its
+    collaborators, so it runs the same against fakes: ``fork(worker,
+    ready_fd)`` starts a worker process and returns its pid, ``kill(pid,
+    signum)`` signals one, ``reap()`` lists the (pid, status) of children
+    that exited, ``clock`` (monotonic) times the backoff and the
+    deadlines, ``wall_clock`` reads the heartbeats (which workers write
+    as time.time()).
     """
 
     #: A worker that dies sooner than this after starting is backed off.
@@ -5268,7 +5269,7 @@ class _Supervisor(object):
         self.graceful_timeout = graceful_timeout
         self.fork = fork
         self.kill = kill
-        self.reaped = reap
+        self.exited = reap
         self.clock = clock
         self.wall_clock = wall_clock
         self.children = {}      # pid: _Worker, for every serving process
@@ -5315,7 +5316,7 @@ class _Supervisor(object):
         As process 1 in a container brimd also inherits orphans; they are
         reaped here too, and ignored.
         """
-        for pid, status in self.reaped():
+        for pid, status in self.exited():
             hung = self.aborted.pop(pid, None) is not None
             if self.retired.pop(pid, None) is not None:
                 continue
@@ -5327,7 +5328,7 @@ class _Supervisor(object):
         """While the first workers start: why brimd cannot start (a worker
         exited before its first heartbeat), else None.  One that beat,
         then died, is a crash to restart, not a failure."""
-        for pid, status in self.reaped():
+        for pid, status in self.exited():
             if self.retired.pop(pid, None) is not None:
                 continue
             worker = self.children.pop(pid, None)
