@@ -23,8 +23,9 @@ The file reads top to bottom in the order data flows:
     apps              WSGIEcho, WSGIStats (JSON and a live page), WSGIFS,
                       WSGIBasicAuth, TCPEcho, UDPEcho, DaemonSample, and
                       what apps use: brim.http responses, brim.httpform
-    supervision       Server: the main process, its signals, children,
-                      heartbeats, restarts in place, systemd notify
+    supervision       Server: the main process, its signals; its workers
+                      kept alive (_Supervisor), its control socket, its
+                      restarts in place, systemd notify
     command line      main(): serve, start, stop, shutdown, restart,
                       status, check, foreground, hash-password, ...; and
                       serve(app) for projects that vendor brim.py
