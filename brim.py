@@ -23,8 +23,9 @@ The file reads top to bottom in the order data flows:
     apps              WSGIEcho, WSGIStats (JSON and a live page), WSGIFS,
                       WSGIBasicAuth, TCPEcho, UDPEcho, DaemonSample, and
                       what apps use: brim.http responses, brim.httpform
-    supervision       Server: the main process, its signals, children,
-                      heartbeats, restarts in place, systemd notify
+    supervision       Server: the main process, its signals; its workers
+                      kept alive (_Supervisor), its control socket, its
+                      restarts in place, systemd notify
     command line      main(): serve, start, stop, shutdown, restart,
                       status, check, foreground, hash-password, ...; and
                       serve(app) for projects that vendor brim.py
@@ -1778,11 +1779,6 @@ def _systemd_sockets():
     if pid != str(os.getpid()) or not count.isdigit():
         return {}
     return _sockets_from_fds(range(3, 3 + int(count)))
-
-
-def _control_address(pid):
-    """The abstract Unix socket where brimd ``pid`` answers a restart."""
-    return '\0brimd-control-%d' % pid
 
 
 # ---------------------------------------------------------------------------
@@ -5320,6 +5316,26 @@ def _proc_state(pid):
         return ''
 
 
+def _kill(pid, signum):
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _reap_now():
+    """Every (pid, status) of a child that has exited, without waiting."""
+    reaped = []
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return reaped
+        if pid == 0:
+            return reaped
+        reaped.append((pid, status))
+
+
 class _Worker(object):
     """The main process's record of one worker or daemon slot."""
 
@@ -5339,15 +5355,19 @@ class _Worker(object):
         return self.subserver.worker_label(self.index)
 
 
-class Server(object):
-    """brimd's main process: owns the sockets, forks and supervises.
+class _Supervisor(object):
+    """Keeps a process in every worker slot: starts the workers, reaps
+    them, restarts a crashed one after a backoff, replaces one that asks,
+    and kills a hung one (after a stack dump) or a drained one that
+    overstays graceful_timeout.
 
-    Signal handlers do nothing (``signal.set_wakeup_fd`` writes the
-    signal's number to a pipe); the main loop reads the numbers and calls
-    one ``_on_SIGNAME`` method per signal.  The main process also answers
-    a Unix control socket (``ping``, ``status``, ``addresses``, ``sockets``
-    for a restarting brimd, ``retire`` from its own workers) and watches
-    the workers' heartbeats.
+    Besides a replacement's ready pipe, it acts only through its
+    collaborators, so it runs the same against fakes: ``fork(worker,
+    ready_fd)`` starts a worker process and returns its pid, ``kill(pid,
+    signum)`` signals one, ``reap()`` lists the (pid, status) of children
+    that exited, ``clock`` (monotonic) times the backoff and the
+    deadlines, ``wall_clock`` reads the heartbeats (which workers write
+    as time.time()).
     """
 
     #: A worker that dies sooner than this after starting is backed off.
@@ -5355,6 +5375,534 @@ class Server(object):
     MAX_BACKOFF = 30.0
     #: How long a hung worker gets to dump its stacks before SIGKILL.
     ABORT_SECONDS = 2.0
+
+    def __init__(self, workers, logger, graceful_timeout, fork, kill=_kill,
+                 reap=_reap_now, clock=time.monotonic, wall_clock=time.time):
+        self.workers = workers
+        self.logger = logger
+        self.graceful_timeout = graceful_timeout
+        self.fork = fork
+        self.kill = kill
+        self.exited = reap
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self.children = {}      # pid: _Worker, for every serving process
+        self.retired = {}       # pid: SIGKILL deadline of a replaced one
+        self.replacing = {}     # ready pipe: pid its new worker replaces
+        self.aborted = {}       # pid: SIGKILL deadline of a hung one
+        self.stopping = False
+
+    def pids(self):
+        """Every worker process, serving or draining."""
+        return list(self.children) + list(self.retired)
+
+    def signal_all(self, signum):
+        for pid in self.pids():
+            self.kill(pid, signum)
+
+    def adopt(self, pids):
+        """Take on a previous generation's workers (after a restart in
+        place), to drain once the new ones serve."""
+        for pid in pids:
+            self.retired[pid] = float('inf')
+
+    def spawn(self, worker, ready_fd=None):
+        worker.bucket.reset()
+        worker.bucket.set('_restarts', worker.restarts)
+        worker.pid = pid = self.fork(worker, ready_fd)
+        worker.started = self.clock()
+        worker.started_at = self.wall_clock()
+        self.children[pid] = worker
+
+    def tend(self):
+        """What the main loop does every turn: reap, restart what is due,
+        abort the hung, kill the overdue."""
+        self.reap()
+        self.respawn_due()
+        self.check_heartbeats()
+        self.kill_overdue()
+
+    # -- deaths and restarts -------------------------------------------------
+
+    def reap(self):
+        """Collect every exited child; schedule restarts for workers.
+
+        As process 1 in a container brimd also inherits orphans; they are
+        reaped here too, and ignored.
+        """
+        for pid, status in self.exited():
+            hung = self.aborted.pop(pid, None) is not None
+            if self.retired.pop(pid, None) is not None:
+                continue
+            worker = self.children.pop(pid, None)
+            if worker is not None and not self.stopping:
+                self._schedule_restart(worker, pid, status, backoff=not hung)
+
+    def starting_failure(self):
+        """While the first workers start: why brimd cannot start (a worker
+        exited before its first heartbeat), else None.  One that beat,
+        then died, is a crash to restart, not a failure."""
+        for pid, status in self.exited():
+            if self.retired.pop(pid, None) is not None:
+                continue
+            worker = self.children.pop(pid, None)
+            if worker is None:
+                continue
+            if not worker.bucket.heartbeat():
+                return '%s exited while starting (%s).' % (
+                    worker.label(), _exit_reason(status))
+            self._schedule_restart(worker, pid, status)
+        return None
+
+    def all_started(self):
+        """True once every worker has beaten at least once."""
+        return all(w.bucket.heartbeat() for w in self.workers)
+
+    def _schedule_restart(self, worker, pid, status, backoff=True):
+        """Log why ``worker`` died and when it starts again (backed off,
+        unless brimd killed it for hanging: that is no crash loop)."""
+        now = self.clock()
+        lived = now - worker.started
+        worker.failures = (worker.failures + 1
+                           if lived < self.STABLE_SECONDS and backoff else 0)
+        delay = 0.0 if not worker.failures else min(
+            self.MAX_BACKOFF, 2.0 ** (worker.failures - 1))
+        worker.due = now + delay
+        worker.pid = None
+        worker.bucket.set('_pid', 0)        # the stats show it down
+        worker.restarts += 1
+        worker.last_exit = '%s after %.1fs' % (_exit_reason(status), lived)
+        self.logger.error('%s (pid %d) %s; restarting in %.1fs',
+                          worker.label(), pid, worker.last_exit, delay)
+
+    def respawn_due(self):
+        now = self.clock()
+        for worker in self.workers:
+            if worker.pid is None and worker.due <= now:
+                self.spawn(worker)
+
+    def next_due(self):
+        """Seconds until the next restart is due (1.0 with none waiting)."""
+        waiting = [w.due for w in self.workers if w.pid is None]
+        return min(waiting) - self.clock() if waiting else 1.0
+
+    # -- replacements --------------------------------------------------------
+
+    def replace(self, pid, reason):
+        """Start a new worker in ``pid``'s slot; drain ``pid`` once it serves.
+
+        The new worker's ready pipe reaches EOF when it serves (or dies);
+        the main loop then calls replacement_ready.  Until then both
+        accept, so the port is never without a worker.
+        """
+        worker = None if self.stopping else self.children.pop(pid, None)
+        if worker is None:
+            return
+        self.logger.info('%s (pid %d) %s; starting its replacement',
+                         worker.label(), pid, reason)
+        self.retired[pid] = float('inf')
+        ready_r, ready_w = os.pipe()
+        self.replacing[ready_r] = pid
+        self.spawn(worker, ready_w)
+        os.close(ready_w)
+
+    def replacement_ready(self, ready_r):
+        """A replacement started (or died): drain the worker it replaces."""
+        if os.read(ready_r, 4096):
+            return          # a failure line; the EOF follows
+        os.close(ready_r)
+        self.drain_retired([self.replacing.pop(ready_r)])
+
+    def drain_retired(self, pids=None):
+        """SIGHUP the retired workers ``pids`` (default: all of them);
+        they have graceful_timeout to finish."""
+        deadline = self.clock() + self.graceful_timeout
+        for pid in list(self.retired) if pids is None else pids:
+            if pid in self.retired:
+                self.retired[pid] = deadline
+                self.kill(pid, signal.SIGHUP)
+
+    # -- hung and overdue workers --------------------------------------------
+
+    def check_heartbeats(self):
+        """Abort (stack dump, then SIGKILL) workers that stopped beating."""
+        now = self.wall_clock()
+        for pid, worker in list(self.children.items()):
+            timeout = worker.subserver.worker_timeout
+            if not timeout or pid in self.aborted:
+                continue
+            silent = now - max(worker.bucket.heartbeat(), worker.started_at)
+            if silent > timeout:
+                self._abort(pid, worker, silent, now)
+
+    def _abort(self, pid, worker, silent, now):
+        started, latest = worker.bucket.latest_request()
+        serving = ''
+        if latest:
+            serving = '; its latest request, %s, started %.0fs ago' % (
+                latest, now - started)
+        self.logger.error(
+            '%s (pid %d) is hung: no heartbeat for %.0fs (worker_timeout '
+            '%gs)%s; aborting it for a stack dump, then killing it',
+            worker.label(), pid, silent, worker.subserver.worker_timeout,
+            serving)
+        self.aborted[pid] = self.clock() + self.ABORT_SECONDS
+        self.kill(pid, signal.SIGABRT)
+        self.kill(pid, signal.SIGCONT)  # a stopped one dumps and dies too
+
+    def kill_overdue(self):
+        """SIGKILL replaced workers past graceful_timeout, hung ones past
+        their stack dump."""
+        now = self.clock()
+        for pids, what in ((self.retired, 'did not finish draining within '
+                            'graceful_timeout'),
+                           (self.aborted, 'did not exit after SIGABRT')):
+            for pid, deadline in list(pids.items()):
+                if deadline <= now:
+                    self.logger.warning('pid %d %s; killing it', pid, what)
+                    pids[pid] = float('inf')
+                    self.kill(pid, signal.SIGKILL)
+
+
+# The control socket: the main process answers (_ControlChannel); brimd's
+# commands and its workers ask (_ask and the functions after it).
+
+def _control_address(pid):
+    """The abstract Unix socket where brimd ``pid`` answers requests."""
+    return '\0brimd-control-%d' % pid
+
+
+def _peer_credentials(conn):
+    """(pid, uid) of the process at the other end of Unix socket ``conn``."""
+    pid, uid, _gid = struct.unpack('3i', conn.getsockopt(
+        socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize('3i')))
+    return pid, uid
+
+
+class _ControlChannel(object):
+    """The main process's control socket: one request a connection, a
+    verb (the keys of VERBS), answered by its handler.
+
+    Who may ask is stated once, in may_ask: ``retire`` only the main
+    process's own workers (they may run as another user), every other
+    verb only root or brimd's own user.  A request that is not allowed,
+    and an unknown verb, get no answer: the connection just closes.
+    """
+
+    def __init__(self, server):
+        self.server = server
+        self.sock = None
+
+    def listen(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(_control_address(os.getpid()))
+        self.sock.listen(64)
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close()
+
+    def answer(self):
+        """Accept one request and answer it."""
+        try:
+            conn, _ = self.sock.accept()
+        except OSError:
+            return
+        with conn:
+            conn.settimeout(2.0)
+            try:
+                self.serve_request(conn)
+            except OSError as err:
+                self.server.logger.warning('control request failed: %s',
+                                           err)
+
+    def serve_request(self, conn):
+        """Read the verb on ``conn``; answer it if the asker may ask."""
+        pid, uid = _peer_credentials(conn)
+        verb = conn.recv(64).strip()
+        handler = self.VERBS.get(verb)
+        if handler is not None and self.may_ask(verb, pid, uid):
+            handler(self, conn, pid)
+
+    def may_ask(self, verb, pid, uid):
+        """The one rule of who may ask what (see the class's doc)."""
+        if verb == b'retire':
+            return pid in self.server.supervisor.children
+        return uid in (0, os.getuid())
+
+    def _answer_ping(self, conn, pid):
+        """``pong GENERATION``: brimd runs, restarted in place N times."""
+        conn.sendall(b'pong %d' % self.server.generation)
+
+    def _answer_status(self, conn, pid):
+        conn.sendall(json.dumps(self.server.status()).encode('utf-8'))
+
+    def _answer_addresses(self, conn, pid):
+        """The keys of the sockets held: ``check`` counts them as free."""
+        conn.sendall(json.dumps(sorted(
+            _socket_key_of(s) for s in self.server.listening_sockets()
+        )).encode('utf-8'))
+
+    def _answer_restart(self, conn, pid):
+        """Restart in place (a foreground brimd's ``restart``); the answer
+        comes before the exec, which ends the connection."""
+        restarter = self.server.restarter
+        problem = restarter.check()
+        conn.sendall(b'refused: %s' % problem.encode('utf-8')
+                     if problem else b'restarting')
+        if not problem:
+            conn.close()
+            restarter.exec_in_place()
+
+    def _answer_sockets(self, conn, pid):
+        """The listening sockets themselves, for a restarting brimd."""
+        _send_sockets(conn, self.server.listening_sockets())
+        self.server.logger.info('handed the listening sockets to a new '
+                                'brimd')
+
+    def _answer_retire(self, conn, pid):
+        """A worker asks to be replaced: max_requests, or a stuck
+        request."""
+        self.server.supervisor.replace(pid, 'asked to be replaced')
+
+    VERBS = {b'ping': _answer_ping, b'status': _answer_status,
+             b'addresses': _answer_addresses, b'restart': _answer_restart,
+             b'sockets': _answer_sockets, b'retire': _answer_retire}
+
+
+def _ask(pid, request, timeout=5.0):
+    """Send ``request`` to brimd ``pid``'s control socket; its socket.
+
+    Raises OSError when no brimd answers there: the pid is not a brimd.
+    """
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.settimeout(timeout)
+    try:
+        conn.connect(_control_address(pid))
+        conn.sendall(request + b'\n')
+    except OSError:
+        conn.close()
+        raise
+    return conn
+
+
+def _ping(pid):
+    """The generation of brimd ``pid`` (restarts in place), or None when
+    ``pid`` is not a running brimd (it does not answer on its socket)."""
+    if not pid or not _pid_alive(pid):
+        return None
+    try:
+        with _ask(pid, b'ping', 2.0) as conn:
+            answer = conn.recv(64).split()
+    except OSError:
+        return None
+    if len(answer) == 2 and answer[0] == b'pong' and answer[1].isdigit():
+        return int(answer[1])
+    return None
+
+
+def _is_brimd(pid):
+    return _ping(pid) is not None
+
+
+def _ask_json(pid, request):
+    """brimd ``pid``'s JSON answer to ``request``."""
+    with _ask(pid, request) as conn:
+        chunks = []
+        while True:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return json.loads(b''.join(chunks).decode('utf-8'))
+            chunks.append(chunk)
+
+
+class _Restarter(object):
+    """Restarts brimd in place (SIGUSR2, or ``restart`` of a foreground
+    brimd): re-executes its command line in this same process, keeping
+    the listening sockets and the process id (PID 1 in a container,
+    systemd's main PID).  The new brimd drains this one's workers once its
+    own serve.  The new configuration is checked first, in a subprocess; a
+    bad one is refused and the old brimd goes on serving.
+
+    ``command_line`` (a _CommandLine) is how this brimd was started; None
+    (brim.serve(), say) refuses every restart.
+    """
+
+    def __init__(self, server, command_line=None):
+        self.server = server
+        self.command_line = command_line
+
+    def restart(self):
+        problem = self.check()
+        if problem:
+            self.server.logger.error('restart in place refused: %s', problem)
+        else:
+            self.exec_in_place()
+
+    def check(self):
+        """None when a restart in place may go ahead, else why not."""
+        notifier = self.server.notifier
+        notifier.send('RELOADING=1\nMONOTONIC_USEC=%d\nSTATUS=checking the '
+                      'configuration' % _monotonic_usec())
+        if self.command_line is None:
+            problem = 'this brimd was not started from its command line'
+        else:
+            problem = _check_in_subprocess(
+                self.command_line.argv('check'),
+                [_socket_key_of(s) for s in self.server.listening_sockets()])
+        if problem:
+            notifier.send('READY=1\nSTATUS=restart refused: %s' % problem)
+        return problem
+
+    def exec_in_place(self):
+        """Become a new brimd (same pid) that inherits the listening
+        sockets and drains this one's workers once its own serve."""
+        server = self.server
+        server.logger.info('restarting in place (generation %d)',
+                           server.generation + 1)
+        socks = server.listening_sockets()
+        for sock in socks:
+            sock.set_inheritable(True)
+        os.environ[_INPLACE_ENV] = json.dumps({
+            'generation': server.generation + 1,
+            'start_time': server.start_time,
+            'fds': [sock.fileno() for sock in socks],
+            'workers': server.supervisor.pids()})
+        command = self.command_line.argv()
+        # Until the new brimd has its handlers, SIGHUP or SIGUSR1 (say,
+        # from logrotate) would end it: they wait, blocked, and the
+        # blocked set survives exec.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _CHILD_SIGNALS)
+        try:
+            os.execv(command[0], command)   # handlers reset; sockets stay
+        except OSError as err:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _CHILD_SIGNALS)
+            os.environ.pop(_INPLACE_ENV, None)
+            for sock in socks:
+                sock.set_inheritable(False)
+            server.logger.error('restart in place failed: %s', err)
+
+
+def _check_in_subprocess(command, held):
+    """Run ``command``, a ``check``; None when it passes, else its one-line
+    reason.  ``held``: socket keys this brimd holds (they need not be
+    free)."""
+    import subprocess
+    env = dict(os.environ)
+    env[_HELD_ENV] = json.dumps(held)
+    try:
+        done = subprocess.run(command, env=env, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              timeout=120)
+    except (OSError, subprocess.SubprocessError) as err:
+        return 'could not run check: %s' % err
+    if done.returncode == 0:
+        return None
+    lines = done.stderr.decode('utf-8', 'replace').strip().splitlines()
+    return lines[-1] if lines else 'check exited %d' % done.returncode
+
+
+class _Forker(object):
+    """Forks the workers' processes and, in each child, makes the worker:
+    its signal handlers, only its own descriptors, its log, the user it
+    runs as; then it serves until it exits."""
+
+    def __init__(self, server):
+        self.server = server
+
+    def fork(self, worker, ready_fd):
+        """Fork the process of ``worker``; its pid in the main process."""
+        # Signals wait until the child has its own handlers: a SIGTERM
+        # caught by the main process's no-op handler would be lost.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _CHILD_SIGNALS)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                self._run_child(worker, ready_fd)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _CHILD_SIGNALS)
+        return pid
+
+    def _run_child(self, worker, ready_fd):
+        """In the new child: become worker ``worker`` and never return."""
+        code = 1
+        subserver = worker.subserver
+        try:
+            self._child_signals(subserver)
+            self._close_main_fds(subserver, ready_fd)
+            subserver.open_log(self.server.to_stderr)
+            self._drop_privileges()
+            subserver.start_worker(worker.index, worker.bucket)
+            worker.bucket.beat()
+            if ready_fd is not None:
+                os.close(ready_fd)
+                ready_fd = None
+            subserver.serve()
+            code = 0
+        except BaseException as err:
+            if isinstance(err, SystemExit) and not err.code:
+                code = 0
+            else:
+                logger = subserver.logger or self.server.logger
+                logger.error('%s failed: %s\n%s', worker.label(),
+                             _one_line(err), traceback.format_exc())
+                if ready_fd is not None:
+                    _write_line(ready_fd, '%s failed to start: %s' %
+                                (worker.label(), _one_line(err)))
+        finally:
+            _flush_logs()
+            os._exit(code)
+
+    @staticmethod
+    def _child_signals(subserver):
+        """A worker's own handlers; then the signals fork held back reach
+        it."""
+        signal.set_wakeup_fd(-1)
+        for signum in (signal.SIGTERM, signal.SIGCHLD, signal.SIGQUIT,
+                       signal.SIGUSR2, signal.SIGABRT):
+            signal.signal(signum, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGUSR1, lambda *_: subserver.note_reopen())
+        if subserver.kind == 'daemons':
+            signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        else:
+            signal.signal(signal.SIGHUP, lambda *_: subserver.drain())
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _CHILD_SIGNALS)
+
+    def _close_main_fds(self, keep, ready_fd):
+        """A child needs its own listening socket and ready pipe only."""
+        server = self.server
+        server.control.close()
+        for fd in list(server.wake_fds) + list(server.supervisor.replacing):
+            if fd != ready_fd:
+                os.close(fd)
+        for subserver in server.subservers:
+            if subserver is not keep and isinstance(subserver, _IPSubserver):
+                subserver.sock.close()
+
+    def _drop_privileges(self):
+        server = self.server
+        if server.uid is not None and os.geteuid() == 0:
+            os.setgroups([])
+            os.setgid(server.gid)
+            os.setuid(server.uid)
+        os.umask(server.umask)
+
+
+class Server(object):
+    """brimd's main process: owns the listening sockets, forks the
+    workers, runs the main loop and stops.
+
+    Its parts: a _Supervisor keeps a worker in every slot (a _Forker
+    makes each), a _ControlChannel answers the control socket (its verbs:
+    _ControlChannel.VERBS), a _Restarter restarts brimd in place.  Signal
+    handlers do nothing (``signal.set_wakeup_fd`` writes the signal's
+    number to a pipe); the main loop reads the numbers and calls one
+    ``_on_SIGNAME`` method per signal.
+    """
 
     def __init__(self, conf, to_stderr=False):
         self.conf = conf
@@ -5364,13 +5912,10 @@ class Server(object):
         self.start_time = int(time.time())
         self.forked = False
         self.foreground = False
-        self.children = {}      # pid: _Worker, for every serving process
-        self.retired = {}       # pid: SIGKILL deadline of a replaced one
-        self.replacing = {}     # ready pipe: pid its new worker replaces
-        self.aborted = {}       # pid: SIGKILL deadline of a hung one
-        self.workers = []
-        self.stopping = False
-        self.control = None
+        self.workers = []       # a _Worker for every worker and daemon slot
+        self.supervisor = None  # made by run(), once the workers are known
+        self.control = _ControlChannel(self)
+        self.restarter = _Restarter(self)
         self.pid_file = None
         self.generation = 0     # restarts in place so far
         self.notifier = _Notifier()
@@ -5452,193 +5997,6 @@ class Server(object):
         return [s.sock for s in self.subservers
                 if isinstance(s, _IPSubserver) and s.sock is not None]
 
-    # -- workers -------------------------------------------------------------
-
-    def _spawn(self, worker, ready_fd=None):
-        worker.bucket.reset()
-        worker.bucket.set('_restarts', worker.restarts)
-        # Signals wait until the child has its own handlers: a SIGTERM
-        # caught by the main process's no-op handler would be lost.
-        signal.pthread_sigmask(signal.SIG_BLOCK, _CHILD_SIGNALS)
-        try:
-            worker.pid = pid = os.fork()
-            if pid == 0:
-                self._run_child(worker, ready_fd)
-        finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, _CHILD_SIGNALS)
-        worker.started = time.monotonic()
-        worker.started_at = time.time()
-        self.children[pid] = worker
-
-    def _run_child(self, worker, ready_fd):
-        """In the new child: become worker ``worker`` and never return."""
-        code = 1
-        subserver = worker.subserver
-        try:
-            signal.set_wakeup_fd(-1)
-            for signum in (signal.SIGTERM, signal.SIGCHLD, signal.SIGQUIT,
-                           signal.SIGUSR2, signal.SIGABRT):
-                signal.signal(signum, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGUSR1, lambda *_: subserver.note_reopen())
-            if subserver.kind == 'daemons':
-                signal.signal(signal.SIGHUP, signal.SIG_DFL)
-            else:
-                signal.signal(signal.SIGHUP, lambda *_: subserver.drain())
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, _CHILD_SIGNALS)
-            self._close_main_fds(subserver, ready_fd)
-            subserver.open_log(self.to_stderr)
-            self._drop_privileges()
-            subserver.start_worker(worker.index, worker.bucket)
-            worker.bucket.beat()
-            if ready_fd is not None:
-                os.close(ready_fd)
-                ready_fd = None
-            subserver.serve()
-            code = 0
-        except BaseException as err:
-            if isinstance(err, SystemExit) and not err.code:
-                code = 0
-            else:
-                logger = subserver.logger or self.logger
-                logger.error('%s failed: %s\n%s', worker.label(),
-                             _one_line(err), traceback.format_exc())
-                if ready_fd is not None:
-                    _write_line(ready_fd, '%s failed to start: %s' %
-                                (worker.label(), _one_line(err)))
-        finally:
-            _flush_logs()
-            os._exit(code)
-
-    def _close_main_fds(self, keep, ready_fd):
-        """A child needs its own listening socket and ready pipe only."""
-        if self.control is not None:
-            self.control.close()
-        for fd in list(self.wake_fds) + list(self.replacing):
-            if fd != ready_fd:
-                os.close(fd)
-        for subserver in self.subservers:
-            if subserver is not keep and isinstance(subserver, _IPSubserver):
-                subserver.sock.close()
-
-    def _drop_privileges(self):
-        if self.uid is not None and os.geteuid() == 0:
-            os.setgroups([])
-            os.setgid(self.gid)
-            os.setuid(self.uid)
-        os.umask(self.umask)
-
-    def _reap(self):
-        """Collect every exited child; schedule restarts for workers.
-
-        As process 1 in a container brimd also inherits orphans; they are
-        reaped here too, and ignored.
-        """
-        for pid, status in _reap_now():
-            hung = self.aborted.pop(pid, None) is not None
-            if self.retired.pop(pid, None) is not None:
-                continue
-            worker = self.children.pop(pid, None)
-            if worker is not None and not self.stopping:
-                self._schedule_restart(worker, pid, status, backoff=not hung)
-
-    def _schedule_restart(self, worker, pid, status, backoff=True):
-        """Log why ``worker`` died and when it starts again (backed off,
-        unless brimd killed it for hanging: that is no crash loop)."""
-        now = time.monotonic()
-        lived = now - worker.started
-        worker.failures = worker.failures + 1 \
-            if lived < self.STABLE_SECONDS and backoff else 0
-        delay = 0.0 if not worker.failures else min(
-            self.MAX_BACKOFF, 2.0 ** (worker.failures - 1))
-        if backoff:
-            delay = max(delay, worker.started + 1.0 - now)
-        worker.due = now + delay
-        worker.pid = None
-        worker.bucket.set('_pid', 0)        # the stats show it down
-        worker.restarts += 1
-        worker.last_exit = '%s after %.1fs' % (_exit_reason(status), lived)
-        self.logger.error('%s (pid %d) %s; restarting in %.1fs',
-                          worker.label(), pid, worker.last_exit, delay)
-
-    def _respawn_due(self):
-        now = time.monotonic()
-        for worker in self.workers:
-            if worker.pid is None and worker.due <= now:
-                self._spawn(worker)
-
-    def _next_due(self):
-        waiting = [w.due for w in self.workers if w.pid is None]
-        return min(waiting) - time.monotonic() if waiting else 1.0
-
-    def _replace(self, pid, reason):
-        """Start a new worker in ``pid``'s slot; drain ``pid`` once it serves.
-
-        The new worker's ready pipe reaches EOF when it serves (or dies);
-        the main loop then sends the old one SIGHUP.  Until then both
-        accept, so the port is never without a worker.
-        """
-        worker = self.children.pop(pid, None)
-        if worker is None or self.stopping:
-            return
-        self.logger.info('%s (pid %d) %s; starting its replacement',
-                         worker.label(), pid, reason)
-        self.retired[pid] = float('inf')
-        ready_r, ready_w = os.pipe()
-        self.replacing[ready_r] = pid
-        self._spawn(worker, ready_w)
-        os.close(ready_w)
-
-    def _replacement_ready(self, ready_r):
-        """A replacement started (or died): drain the worker it replaces."""
-        if os.read(ready_r, 4096):
-            return          # a failure line; the EOF follows
-        os.close(ready_r)
-        self._drain_retired([self.replacing.pop(ready_r)])
-
-    def _drain_retired(self, pids):
-        deadline = time.monotonic() + self.graceful_timeout
-        for pid in pids:
-            if pid in self.retired:
-                self.retired[pid] = deadline
-                _kill(pid, signal.SIGHUP)
-
-    def _check_heartbeats(self):
-        """Abort (stack dump, then SIGKILL) workers that stopped beating."""
-        now = time.time()
-        for pid, worker in list(self.children.items()):
-            timeout = worker.subserver.worker_timeout
-            if not timeout or pid in self.aborted:
-                continue
-            silent = now - max(worker.bucket.heartbeat(), worker.started_at)
-            if silent <= timeout:
-                continue
-            started, latest = worker.bucket.latest_request()
-            serving = ''
-            if latest:
-                serving = '; its latest request, %s, started %.0fs ago' % (
-                    latest, now - started)
-            self.logger.error(
-                '%s (pid %d) is hung: no heartbeat for %.0fs (worker_timeout '
-                '%gs)%s; aborting it for a stack dump, then killing it',
-                worker.label(), pid, silent, timeout, serving)
-            self.aborted[pid] = time.monotonic() + self.ABORT_SECONDS
-            _kill(pid, signal.SIGABRT)
-            _kill(pid, signal.SIGCONT)  # a stopped one dumps and dies too
-
-    def _kill_overdue(self):
-        """SIGKILL replaced workers past graceful_timeout, hung ones past
-        their stack dump."""
-        now = time.monotonic()
-        for pids, what in ((self.retired, 'did not finish draining within '
-                            'graceful_timeout'),
-                           (self.aborted, 'did not exit after SIGABRT')):
-            for pid, deadline in list(pids.items()):
-                if deadline <= now:
-                    self.logger.warning('pid %d %s; killing it', pid, what)
-                    pids[pid] = float('inf')
-                    _kill(pid, signal.SIGKILL)
-
     # -- running -------------------------------------------------------------
 
     def run(self, ready_fd=None, pid_file=None, old_workers=()):
@@ -5649,12 +6007,14 @@ class Server(object):
         """
         self.forked = True
         self.pid_file = pid_file
-        self._install_signals()
-        for pid in old_workers:
-            self.retired[pid] = float('inf')
+        self.supervisor = _Supervisor(self.workers, self.logger,
+                                      self.graceful_timeout,
+                                      _Forker(self).fork)
+        self.wake_fds = _wake_on_signals()
+        self.supervisor.adopt(old_workers)
         _prepare_to_fork()
         for worker in self.workers:
-            self._spawn(worker, ready_fd)
+            self.supervisor.spawn(worker, ready_fd)
         failure = self._wait_ready()
         if failure:
             self.logger.error('brimd could not start: %s', failure)
@@ -5664,99 +6024,71 @@ class Server(object):
             # have taken connections from the shared sockets already.
             self.shutdown()
             return 1
-        self._drain_retired(list(self.retired))
+        self.supervisor.drain_retired()
         # Listening only now: a ``ping`` answer means the workers serve.
-        self._listen_control()
-        if pid_file:
-            _write_pid_file(pid_file, os.getpid())
+        self.control.listen()
+        self._report_ready(ready_fd)
+        return self._main_loop()
+
+    def _report_ready(self, ready_fd):
+        """Tell the pid file, the log, systemd and ``start`` that brimd
+        serves."""
+        if self.pid_file:
+            _write_pid_file(self.pid_file, os.getpid())
         self.logger.info('brimd %s serving %s (pid %d)', __version__,
-                         ', '.join(self._describe()), os.getpid())
+                         _serving(self.subservers), os.getpid())
         self.notifier.send('READY=1\nMAINPID=%d\nSTATUS=serving %s'
-                           % (os.getpid(), ', '.join(self._describe())))
+                           % (os.getpid(), _serving(self.subservers)))
         if ready_fd is not None:
             _write_line(ready_fd, 'ready %d' % os.getpid())
             os.close(ready_fd)
-        return self._main_loop()
-
-    def _describe(self):
-        return ['[%s] %s' % (s.name, ' '.join(s.addresses()) or
-                             '%d daemons' % s.bucket_count)
-                for s in self.subservers]
-
-    def _install_signals(self):
-        wake_r, wake_w = os.pipe()
-        os.set_blocking(wake_r, False)
-        os.set_blocking(wake_w, False)
-        self.wake_fds = (wake_r, wake_w)
-        signal.set_wakeup_fd(wake_w)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
-                       signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1,
-                       signal.SIGUSR2):
-            # The handler does nothing: the wakeup fd carries the number.
-            signal.signal(signum, _note_signal)
-        # Blocked by a brimd that restarted in place (see _exec_in_place).
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _CHILD_SIGNALS)
-
-    def _listen_control(self):
-        """The Unix socket a restarting or asking brimd talks to."""
-        self.control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.control.bind(_control_address(os.getpid()))
-        self.control.listen(64)
 
     def _wait_ready(self, timeout=60.0):
         """None once every worker has beaten once, else why not."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for pid, status in _reap_now():
-                if self.retired.pop(pid, None) is not None:
-                    continue
-                worker = self.children.pop(pid, None)
-                if worker is None:
-                    continue
-                if not worker.bucket.heartbeat():
-                    return '%s exited while starting (%s).' % (
-                        worker.label(), _exit_reason(status))
-                # It started, then died: a crash to restart, not a failure.
-                self._schedule_restart(worker, pid, status)
-            if all(w.bucket.heartbeat() for w in self.workers):
-                return None
+            failure = self.supervisor.starting_failure()
+            if failure or self.supervisor.all_started():
+                return failure
             time.sleep(0.01)
         return 'workers did not start within %ds.' % timeout
 
     def _main_loop(self):
         """Wait for signals, control requests and ready pipes; tend the
         workers at least once a second."""
-        wake_r = self.wake_fds[0]
         while True:
-            timeout = max(0.0, min(1.0, self._next_due(),
+            timeout = max(0.0, min(1.0, self.supervisor.next_due(),
                                    self.notifier.watchdog_due()))
-            try:
-                readable = select.select(
-                    [wake_r, self.control] + list(self.replacing), [], [],
-                    timeout)[0]
-            except InterruptedError:
-                readable = []
-            signums = b''
-            for ready in readable:
-                if ready is wake_r:
-                    try:
-                        signums = os.read(wake_r, 512)
-                    except BlockingIOError:
-                        pass
-                elif ready is self.control:
-                    self._answer_control()
-                else:
-                    self._replacement_ready(ready)
-            for signum in signums:
+            for signum in self._wait(timeout):
                 handler = getattr(self, '_on_' + _signal_name(signum), None)
                 code = handler() if handler else None
                 if code is not None:
                     return code
-            self._reap()
-            self._respawn_due()
-            self._check_heartbeats()
-            self._kill_overdue()
+            self.supervisor.tend()
             self.notifier.watchdog()
+
+    def _wait(self, timeout):
+        """Wait up to ``timeout`` seconds; answer control requests and
+        ready pipes; the numbers of the signals that came."""
+        wake_r = self.wake_fds[0]
+        try:
+            readable = select.select(
+                [wake_r, self.control] + list(self.supervisor.replacing),
+                [], [], timeout)[0]
+        except InterruptedError:
+            readable = []
+        signums = b''
+        for ready in readable:
+            if ready is wake_r:
+                try:
+                    signums = os.read(wake_r, 512)
+                except BlockingIOError:
+                    pass
+            elif ready is self.control:
+                self.control.answer()
+            else:
+                self.supervisor.replacement_ready(ready)
+        return signums
 
     # One method per signal.  Those that end brimd return its exit status.
 
@@ -5778,52 +6110,10 @@ class Server(object):
         every worker."""
         _reopen_logs()
         self.logger.info('reopened the log files')
-        for pid in list(self.children) + list(self.retired):
-            _kill(pid, signal.SIGUSR1)
+        self.supervisor.signal_all(signal.SIGUSR1)
 
     def _on_SIGUSR2(self):
-        self.restart_in_place()
-
-    def _answer_control(self):
-        """One request on the control socket."""
-        try:
-            conn, _ = self.control.accept()
-        except OSError:
-            return
-        with conn:
-            conn.settimeout(2.0)
-            try:
-                pid, uid = struct.unpack('3i', conn.getsockopt(
-                    socket.SOL_SOCKET, socket.SO_PEERCRED,
-                    struct.calcsize('3i')))[:2]
-                request = conn.recv(64).strip()
-                if request == b'retire' and pid in self.children:
-                    # A worker (maybe running as another user) asks to be
-                    # replaced: max_requests or a stuck request.
-                    return self._replace(pid, 'asked to be replaced')
-                if uid not in (0, os.getuid()):
-                    return
-                if request == b'ping':
-                    conn.sendall(b'pong %d' % self.generation)
-                elif request == b'status':
-                    conn.sendall(json.dumps(self.status()).encode('utf-8'))
-                elif request == b'addresses':
-                    conn.sendall(json.dumps(sorted(
-                        _socket_key_of(s) for s in self.listening_sockets()
-                    )).encode('utf-8'))
-                elif request == b'restart':
-                    problem = self._check_restart()
-                    conn.sendall(b'refused: %s' % problem.encode('utf-8')
-                                 if problem else b'restarting')
-                    if not problem:
-                        conn.close()
-                        self._exec_in_place()
-                elif request == b'sockets':
-                    _send_sockets(conn, self.listening_sockets())
-                    self.logger.info('handed the listening sockets to a new '
-                                     'brimd')
-            except OSError as err:
-                self.logger.warning('control request failed: %s', err)
+        self.restarter.restart()
 
     def status(self):
         """What ``brimd status`` shows: every worker of every subserver."""
@@ -5832,17 +6122,9 @@ class Server(object):
         subservers = []
         for subserver in self.subservers:
             read = reading.subservers[subserver.name].workers
-            workers = []
-            for worker in self.workers:
-                if worker.subserver is subserver:
-                    workers.append({
-                        'label': read[worker.index].label,
-                        'pid': worker.pid,
-                        'uptime': round(now - worker.started_at, 1)
-                        if worker.pid else None,
-                        'served': read[worker.index].served,
-                        'restarts': worker.restarts,
-                        'last_exit': worker.last_exit})
+            workers = [self._worker_status(worker, read[worker.index], now)
+                       for worker in self.workers
+                       if worker.subserver is subserver]
             subservers.append({'name': subserver.name,
                                'kind': subserver.kind,
                                'addresses': subserver.addresses(),
@@ -5851,83 +6133,38 @@ class Server(object):
                 'generation': self.generation,
                 'foreground': self.foreground, 'subservers': subservers}
 
-    def restart_in_place(self):
-        """SIGUSR2: re-execute brimd in this same process, keeping the
-        listening sockets and the process id (PID 1 in a container,
-        systemd's main PID).  The new configuration is checked first; a
-        bad one is logged and the old brimd goes on serving.
-        """
-        problem = self._check_restart()
-        if problem:
-            self.logger.error('restart in place refused: %s', problem)
-        else:
-            self._exec_in_place()
+    @staticmethod
+    def _worker_status(worker, read, now):
+        """``worker``'s status, ``read`` its stats (a _WorkerStats)."""
+        return {'label': read.label,
+                'pid': worker.pid,
+                'uptime': (round(now - worker.started_at, 1)
+                           if worker.pid else None),
+                'served': read.served,
+                'restarts': worker.restarts,
+                'last_exit': worker.last_exit}
 
-    def _check_restart(self):
-        """None when a restart in place may go ahead, else why not."""
-        self.notifier.send('RELOADING=1\nMONOTONIC_USEC=%d\nSTATUS=checking '
-                           'the configuration' % _monotonic_usec())
-        command = _restart_command('check')
-        if command is None:
-            problem = 'this brimd was not started from its command line'
-        else:
-            problem = _check_in_subprocess(command, [
-                _socket_key_of(s) for s in self.listening_sockets()])
-        if problem:
-            self.notifier.send('READY=1\nSTATUS=restart refused: %s'
-                               % problem)
-        return problem
-
-    def _exec_in_place(self):
-        """Become a new brimd (same pid) that inherits the listening
-        sockets and drains this one's workers once its own serve."""
-        self.logger.info('restarting in place (generation %d)',
-                         self.generation + 1)
-        socks = self.listening_sockets()
-        for sock in socks:
-            sock.set_inheritable(True)
-        os.environ[_INPLACE_ENV] = json.dumps({
-            'generation': self.generation + 1,
-            'start_time': self.start_time,
-            'fds': [sock.fileno() for sock in socks],
-            'workers': list(self.children) + list(self.retired)})
-        command = _restart_command()
-        # Until the new brimd has its handlers, SIGHUP or SIGUSR1 (say,
-        # from logrotate) would end it: they wait, blocked, and the
-        # blocked set survives exec.
-        signal.pthread_sigmask(signal.SIG_BLOCK, _CHILD_SIGNALS)
-        try:
-            os.execv(command[0], command)   # handlers reset; sockets stay
-        except OSError as err:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, _CHILD_SIGNALS)
-            os.environ.pop(_INPLACE_ENV, None)
-            for sock in socks:
-                sock.set_inheritable(False)
-            self.logger.error('restart in place failed: %s', err)
+    # -- the end -------------------------------------------------------------
 
     def stop(self):
         """Immediate: workers get SIGTERM (then SIGKILL), brimd exits."""
-        self.stopping = True
+        self.supervisor.stopping = True
         self.logger.info('brimd stopping')
         self.notifier.send('STOPPING=1')
-        self._signal_children(signal.SIGTERM)
+        self.supervisor.signal_all(signal.SIGTERM)
         self._wait_children(5.0)
         return self._exit()
 
     def shutdown(self):
         """Graceful: release the ports now, let workers finish, then exit."""
-        self.stopping = True
+        self.supervisor.stopping = True
         self.logger.info('brimd shutting down gracefully')
         self.notifier.send('STOPPING=1')
         for sock in self.listening_sockets():
             sock.close()
-        self._signal_children(signal.SIGHUP)
+        self.supervisor.signal_all(signal.SIGHUP)
         self._wait_children(self.graceful_timeout + 1.0)
         return self._exit()
-
-    def _signal_children(self, signum):
-        for pid in list(self.children) + list(self.retired):
-            _kill(pid, signum)
 
     def _wait_children(self, seconds):
         """Reap children until none is left or ``seconds`` pass; then kill
@@ -5936,19 +6173,19 @@ class Server(object):
         if self._reaped_all(seconds):
             return
         self.logger.warning('killing %d workers that did not exit in %.0fs',
-                            len(self.children) + len(self.retired), seconds)
-        self._signal_children(signal.SIGKILL)
+                            len(self.supervisor.pids()), seconds)
+        self.supervisor.signal_all(signal.SIGKILL)
         if not self._reaped_all(5.0):
             self.logger.error('workers %s outlived SIGKILL for 5s; exiting '
                               'without them', ' '.join(map(str, sorted(
-                                  list(self.children) + list(self.retired)))))
+                                  self.supervisor.pids()))))
 
     def _reaped_all(self, seconds):
         """True once every child is reaped, within ``seconds``."""
         deadline = time.monotonic() + seconds
         while True:
-            self._reap()
-            if not (self.children or self.retired):
+            self.supervisor.reap()
+            if not self.supervisor.pids():
                 return True
             try:
                 os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
@@ -5967,32 +6204,57 @@ class Server(object):
         self.logger.info('brimd exited')
         return 0
 
-    # -- no-daemon: everything in this one process ---------------------------
 
-    def run_inline(self):
-        """Serve every subserver from threads of this process (debugging)."""
-        import copy
-        self._install_signals()
-        for worker in self.workers:
-            subserver = copy.copy(worker.subserver)
-            subserver.open_log(True)
-            subserver.start_worker(worker.index, self.stats.bucket(
-                worker.subserver, worker.index))
-            threading.Thread(target=subserver.serve, daemon=True).start()
-        self.logger.info('brimd %s serving %s in one process (pid %d)',
-                         __version__, ', '.join(self._describe()),
-                         os.getpid())
-        wake_r = self.wake_fds[0]
-        while True:
-            select.select([wake_r], [], [])
-            try:
-                signums = os.read(wake_r, 512)
-            except BlockingIOError:
-                continue
-            if any(s in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
-                         signal.SIGHUP) for s in signums):
-                self.logger.info('brimd exited')
-                return 0
+def _run_inline(server):
+    """no-daemon: serve every subserver from threads of this process
+    (debugging), until a signal to end."""
+    import copy
+    wake_r, _ = _wake_on_signals()
+    for worker in server.workers:
+        subserver = copy.copy(worker.subserver)
+        subserver.open_log(True)
+        subserver.start_worker(worker.index, server.stats.bucket(
+            worker.subserver, worker.index))
+        threading.Thread(target=subserver.serve, daemon=True).start()
+    server.logger.info('brimd %s serving %s in one process (pid %d)',
+                       __version__, _serving(server.subservers), os.getpid())
+    while True:
+        select.select([wake_r], [], [])
+        try:
+            signums = os.read(wake_r, 512)
+        except BlockingIOError:
+            continue
+        if any(s in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
+                     signal.SIGHUP) for s in signums):
+            server.logger.info('brimd exited')
+            return 0
+
+
+def _serving(subservers):
+    """What brimd serves, for its log and systemd's status line."""
+    return ', '.join('[%s] %s' % (s.name, ' '.join(s.addresses()) or
+                                  '%d daemons' % s.bucket_count)
+                     for s in subservers)
+
+
+def _wake_on_signals():
+    """Have every signal the main process handles write its number to a
+    new pipe, which wakes the main loop; the pipe (read end, write end).
+
+    The handler itself does nothing: one that acted could run in the
+    middle of anything the main loop does.
+    """
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
+                   signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1,
+                   signal.SIGUSR2):
+        signal.signal(signum, _note_signal)
+    # Blocked by a brimd that restarted in place (see _Restarter).
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _CHILD_SIGNALS)
+    return wake_r, wake_w
 
 
 #: What the main process handles and a new child must not miss.
@@ -6025,13 +6287,6 @@ def _signal_name(signum):
         return signal.Signals(signum).name
     except ValueError:
         return str(signum)
-
-
-def _kill(pid, signum):
-    try:
-        os.kill(pid, signum)
-    except ProcessLookupError:
-        pass
 
 
 def _monotonic_usec():
@@ -6087,19 +6342,6 @@ class _Notifier(object):
             self.send('WATCHDOG=1')
 
 
-def _reap_now():
-    """Every (pid, status) of a child that has exited, without waiting."""
-    reaped = []
-    while True:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return reaped
-        if pid == 0:
-            return reaped
-        reaped.append((pid, status))
-
-
 def _write_line(fd, text):
     try:
         os.write(fd, (text.replace('\n', ' ') + '\n').encode('utf-8'))
@@ -6121,52 +6363,6 @@ def _read_pid_file(path):
             return int(fp.read().strip() or 0) or None
     except (OSError, ValueError):
         return None
-
-
-def _ask(pid, request, timeout=5.0):
-    """Send ``request`` to brimd ``pid``'s control socket; its socket.
-
-    Raises OSError when no brimd answers there: the pid is not a brimd.
-    """
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    conn.settimeout(timeout)
-    try:
-        conn.connect(_control_address(pid))
-        conn.sendall(request + b'\n')
-    except OSError:
-        conn.close()
-        raise
-    return conn
-
-
-def _ping(pid):
-    """The generation of brimd ``pid`` (restarts in place), or None when
-    ``pid`` is not a running brimd (it does not answer on its socket)."""
-    if not pid or not _pid_alive(pid):
-        return None
-    try:
-        with _ask(pid, b'ping', 2.0) as conn:
-            answer = conn.recv(64).split()
-    except OSError:
-        return None
-    if len(answer) == 2 and answer[0] == b'pong' and answer[1].isdigit():
-        return int(answer[1])
-    return None
-
-
-def _is_brimd(pid):
-    return _ping(pid) is not None
-
-
-def _ask_json(pid, request):
-    """brimd ``pid``'s JSON answer to ``request``."""
-    with _ask(pid, request) as conn:
-        chunks = []
-        while True:
-            chunk = conn.recv(65536)
-            if not chunk:
-                return json.loads(b''.join(chunks).decode('utf-8'))
-            chunks.append(chunk)
 
 
 # ---------------------------------------------------------------------------
@@ -6226,9 +6422,6 @@ _INPLACE_ENV = 'BRIM_RESTART_IN_PLACE'
 #: brimd holds, which count as available.
 _HELD_ENV = 'BRIM_CHECK_HELD'
 
-#: (script path, parsed arguments) of this process's command line.
-_invocation = None
-
 
 def _parse_args(argv):
     import argparse
@@ -6272,62 +6465,79 @@ def _parse_args(argv):
     return parser, args
 
 
-def _command_line(args, command):
-    """The argv that runs brimd ``command`` with this process's options
-    (and the app that ``serve`` serves)."""
-    script, _ = _invocation
-    argv = [sys.executable, script]
-    for path in args.conf or ():
-        argv += ['-c', path]
-    if args.pid_file:
-        argv += ['-p', args.pid_file]
-    if args.output:
-        argv.append('-o')
-    for flag in ('ip', 'port', 'workers'):
-        if getattr(args, flag) is not None:
-            argv += ['--' + flag, str(getattr(args, flag))]
-    return argv + [command] + ([args.app] if args.app else [])
+class _CommandLine(object):
+    """How this brimd was started: its script and parsed arguments; what
+    a restart in place runs again."""
+
+    def __init__(self, script, args):
+        self.script = script
+        self.args = args
+
+    def argv(self, command=None):
+        """The argv that runs brimd ``command`` (default: the one this
+        process runs) with this process's options (and the app that
+        ``serve`` serves)."""
+        args = self.args
+        argv = [sys.executable, self.script]
+        for path in args.conf or ():
+            argv += ['-c', path]
+        if args.pid_file:
+            argv += ['-p', args.pid_file]
+        if args.output:
+            argv.append('-o')
+        for flag in ('ip', 'port', 'workers'):
+            if getattr(args, flag) is not None:
+                argv += ['--' + flag, str(getattr(args, flag))]
+        return (argv + [command or args.command] +
+                ([args.app] if args.app else []))
 
 
-def _restart_command(command=None):
-    """The argv a restart in place re-executes (or, given ``command``,
-    that command with the same options), or None when brimd was not
-    started from its command line."""
-    if _invocation is None:
-        return None
-    args = _invocation[1]
-    return _command_line(args, command or args.command)
+class _StartPlan(collections.namedtuple('_StartPlan', (
+        'origin', 'sockets', 'pid_file', 'foreground', 'keep_output',
+        'generation', 'start_time', 'old_workers'))):
+    """How a main process starts, decided once, before it binds.
+
+    ``origin``: where its listening sockets come from: ``bind`` (all bound
+    anew), ``systemd`` (socket activation), ``handover`` (from the brimd
+    that ``restart`` replaces) or ``in place`` (this process's previous
+    image, after a restart in place); ``sockets``: those taken over,
+    {key: socket}, which binding uses first.  ``pid_file``: where the
+    main pid is kept, or None.  ``foreground``: serve attached (SIGTERM
+    drains) rather than as a daemon; ``keep_output``: a daemon keeps
+    standard output and error (-o) instead of sending them to its log.
+    After a restart in place the generation and start time carry on and
+    ``old_workers`` drain once the new ones serve.
+    """
+
+    @property
+    def detach(self):
+        """Fork into the background: a daemon's first start (one that
+        restarted in place is in the background already)."""
+        return not self.foreground and self.origin != 'in place'
 
 
-def _check_in_subprocess(command, held):
-    """Run ``command``, a ``check``; None when it passes, else its one-line
-    reason.  ``held``: socket keys this brimd holds (they need not be
-    free)."""
-    import subprocess
-    env = dict(os.environ)
-    env[_HELD_ENV] = json.dumps(held)
-    try:
-        done = subprocess.run(command, env=env, stdin=subprocess.DEVNULL,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              timeout=120)
-    except (OSError, subprocess.SubprocessError) as err:
-        return 'could not run check: %s' % err
-    if done.returncode == 0:
-        return None
-    lines = done.stderr.decode('utf-8', 'replace').strip().splitlines()
-    return lines[-1] if lines else 'check exited %d' % done.returncode
-
-
-def _restarted_in_place():
-    """What the brimd this process was passed on, after a restart in
-    place (SIGUSR2): (generation, start time, sockets, old worker pids);
-    None for a fresh start."""
+def _in_place_plan(foreground, keep_output):
+    """The plan of a brimd that a restart in place (SIGUSR2) started, from
+    what its previous image passed on; None for a fresh start."""
     raw = os.environ.pop(_INPLACE_ENV, None)
     if not raw:
         return None
     state = json.loads(raw)
-    return (state['generation'], state['start_time'],
-            _sockets_from_fds(state['fds']), state['workers'])
+    return _StartPlan('in place', _sockets_from_fds(state['fds']), None,
+                      foreground, keep_output, state['generation'],
+                      state['start_time'], tuple(state['workers']))
+
+
+def _fresh_plan(pid_file, foreground, keep_output, handed_over=None):
+    """A fresh start's plan: the sockets an old brimd handed over, else
+    those systemd passed, else none."""
+    if handed_over:
+        origin, sockets = 'handover', handed_over
+    else:
+        sockets = _systemd_sockets()
+        origin = 'systemd' if sockets else 'bind'
+    return _StartPlan(origin, sockets, pid_file, foreground, keep_output,
+                      0, None, ())
 
 
 def _pid_file_path(args, configured):
@@ -6424,8 +6634,34 @@ def _check_log_file(path, what_to_change):
                         % (path, err.strerror or err, what_to_change))
 
 
-def _daemonize(server, pid_file, keep_output):
-    """Fork the main process into the background; True in the child.
+def _launch(server, plan):
+    """Start ``server`` as ``plan`` says and serve until the end; the exit
+    status (for a daemon's first start: whether it serves)."""
+    if plan.foreground:
+        server.foreground = True
+        _become_subreaper()
+        return _serve_plan(server, plan)
+    if plan.detach:
+        # Bound before the fork: a port that stays busy is start's error.
+        server.bind(plan.sockets)
+        return _daemonize(server, plan)
+    return _run_daemon(server, plan)
+
+
+def _serve_plan(server, plan, ready_fd=None):
+    """The main process: bind (unless it did before it detached), then
+    fork the workers and supervise them."""
+    if plan.origin == 'in place':
+        server.generation = plan.generation
+        server.start_time = plan.start_time
+    if not plan.detach:
+        server.bind(plan.sockets)
+    return server.run(ready_fd, plan.pid_file, plan.old_workers)
+
+
+def _daemonize(server, plan):
+    """Fork the main process into the background; in the parent, the exit
+    status of ``start``.
 
     The parent waits for the child to say it serves (or why it could not)
     through a pipe, so ``start`` reports failures and exits 1.
@@ -6434,43 +6670,29 @@ def _daemonize(server, pid_file, keep_output):
     pid = os.fork()
     if pid:
         os.close(ready_w)
-        return False, _await_ready(ready_r, pid)
+        return _await_ready(ready_r, pid)
     os.close(ready_r)
     os.setsid()
-    if not keep_output:
+    if not plan.keep_output:
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
         os.close(devnull)
-    return True, _run_daemon(server, pid_file, keep_output, ready_w,
-                             bound=True)
+    os._exit(_run_daemon(server, plan, ready_w))
 
 
-def _run_daemon(server, pid_file, keep_output, ready_fd=None, inplace=None,
-                bound=False):
+def _run_daemon(server, plan, ready_fd=None):
     """The daemonized main process: stray output goes to the log."""
-    if not keep_output:
+    if not plan.keep_output:
         sys.stdout = _LogStream(server.logger, logging.INFO)
         sys.stderr = _LogStream(server.logger, logging.ERROR)
     sys.excepthook = lambda *exc: server.logger.critical(
         'uncaught exception:\n%s', ''.join(traceback.format_exception(*exc)))
     try:
-        return _run_server(server, pid_file, ready_fd, inplace, bound)
+        return _serve_plan(server, plan, ready_fd)
     except BaseException:
         server.logger.exception('brimd main process failed')
         return 1
-
-
-def _run_server(server, pid_file, ready_fd=None, inplace=None, bound=False):
-    """Bind (taking over inherited sockets), then serve until the end."""
-    old_workers = ()
-    if inplace:
-        server.generation, server.start_time, inherited, old_workers = \
-            inplace
-        server.bind(inherited)
-    elif not bound:
-        server.bind(_systemd_sockets())
-    return server.run(ready_fd, pid_file, old_workers)
 
 
 def _await_ready(ready_r, pid):
@@ -6630,13 +6852,14 @@ def _signal_brimd(args, signum, verb, seconds):
     return 0
 
 
-def _cmd_start(args, restart=False):
-    inplace = _restarted_in_place()
+def _cmd_start(args, command_line, restart=False):
+    in_place = _in_place_plan(False, args.output)
     server = _load_server(args, to_stderr=args.output, daemon=True)
+    server.restarter = _Restarter(server, command_line)
     pid_file = _pid_file_path(args, server.settings.pid_file)
-    if inplace:
+    if in_place:
         # A daemonized brimd that re-executed itself (SIGUSR2).
-        return _run_daemon(server, pid_file, args.output, inplace=inplace)
+        return _launch(server, in_place._replace(pid_file=pid_file))
     if server.fallback_log_file and not server.settings.log_file:
         print('brimd: no syslog socket here; logging to %s (set [brim] '
               'log_file to choose)' % server.fallback_log_file)
@@ -6650,18 +6873,16 @@ def _cmd_start(args, restart=False):
         return 0
     if old_pid and _ask_json(old_pid, b'status')['foreground']:
         return _restart_in_place_of(old_pid)
-    inherited = {}
+    handed_over = {}
     if old_pid:
-        inherited = _take_sockets(old_pid)
-        if not inherited:
+        handed_over = _take_sockets(old_pid)
+        if not handed_over:
             # No handover possible: the old brimd must let go of its ports.
             os.kill(old_pid, signal.SIGHUP)
             _wait_gone(old_pid, server.graceful_timeout + _EXIT_SLACK)
             old_pid = None
-    server.bind(inherited or _systemd_sockets())
-    in_child, code = _daemonize(server, pid_file, args.output)
-    if in_child:
-        os._exit(code)
+    code = _launch(server, _fresh_plan(pid_file, False, args.output,
+                                       handed_over))
     if code == 0 and old_pid:
         os.kill(old_pid, signal.SIGHUP)     # the new one serves: drain old
     return code
@@ -6736,7 +6957,7 @@ def _cmd_hash_password(args):
     return 0
 
 
-def _cmd_foreground(args):
+def _cmd_foreground(args, command_line):
     """start's process tree, attached: for containers and supervisors, and
     for ``serve``.
 
@@ -6744,18 +6965,21 @@ def _cmd_foreground(args):
     start: the supervisor that runs foreground expects this process to be
     the server, and an exit 0 would read as the server having ended.
     """
-    inplace = _restarted_in_place()
+    in_place = _in_place_plan(True, True)
     server = _load_server(args, to_stderr=True)
+    server.restarter = _Restarter(server, command_line)
     pid_file = None
     if args.pid_file or server.settings.pid_file:
         pid_file = _pid_file_path(args, server.settings.pid_file)
-    if pid_file and not inplace:
+    if in_place:
+        return _launch(server, in_place._replace(pid_file=pid_file))
+    if pid_file:
         running = _read_pid_file(pid_file)
         if _is_brimd(running):
             print('%d already running' % running, file=sys.stderr)
             return 1
         _check_pid_file_writable(pid_file)
-    return _serve_attached(server, pid_file, inplace)
+    return _launch(server, _fresh_plan(pid_file, True, True))
 
 
 def serve(app, ip='127.0.0.1', port=8000, workers=2, **options):
@@ -6775,14 +6999,7 @@ def serve(app, ip='127.0.0.1', port=8000, workers=2, **options):
     server = Server(Conf({'wsgi': wsgi}), to_stderr=True)
     server.parse_conf()
     server.subservers[0].apps.append(('serve', _as_it_is(app), None))
-    return _serve_attached(server)
-
-
-def _serve_attached(server, pid_file=None, inplace=None):
-    """Run ``server`` in this process, attached: SIGTERM drains."""
-    server.foreground = True
-    _become_subreaper()
-    return _run_server(server, pid_file, inplace=inplace)
+    return _launch(server, _fresh_plan(None, True, True))
 
 
 def _become_subreaper():
@@ -6798,15 +7015,15 @@ def _become_subreaper():
 def _cmd_no_daemon(args):
     server = _load_server(args, to_stderr=True)
     server.bind()
-    return server.run_inline()
+    return _run_inline(server)
 
 
 def main(argv=None):
     """brimd's command line; returns the exit status."""
-    global _invocation
     parser, args = _parse_args(sys.argv[1:] if argv is None else argv)
-    if argv is None:
-        _invocation = (os.path.abspath(sys.argv[0]), args)
+    # Only a brimd run from its own command line can run it again.
+    command_line = (_CommandLine(os.path.abspath(sys.argv[0]), args)
+                    if argv is None else None)
     if args.help:
         parser.print_help()
         return 0
@@ -6838,9 +7055,9 @@ def main(argv=None):
         if args.command == 'hash-password':
             return _cmd_hash_password(args)
         if args.command == 'start':
-            return _cmd_start(args)
+            return _cmd_start(args, command_line)
         if args.command in ('restart', 'reload', 'force-reload'):
-            return _cmd_start(args, restart=True)
+            return _cmd_start(args, command_line, restart=True)
         if args.command == 'stop':
             # SIGQUIT: immediate in daemon and foreground mode alike (a
             # foreground brimd drains on SIGTERM, as containers expect).
@@ -6852,7 +7069,7 @@ def main(argv=None):
         if args.command == 'check':
             return _cmd_check(args)
         if args.command in ('foreground', 'serve'):
-            return _cmd_foreground(args)
+            return _cmd_foreground(args, command_line)
         return _cmd_no_daemon(args)
     except BrokenPipeError:
         return 0        # ``brimd status | head``: the reader has enough

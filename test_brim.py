@@ -3110,6 +3110,483 @@ class TestSupervision(EchoTestCase):
         self.echo_ok(self.port)
 
 
+class _FakeClock(object):
+    """A clock a test moves by hand."""
+
+    def __init__(self, now=1000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+class _FakeBucket(object):
+    """What the supervisor reads of a worker's stats bucket."""
+
+    def __init__(self):
+        self.beat = 0.0
+        self.latest = (0.0, '')
+        self.values = {}
+
+    def reset(self):
+        self.values.clear()
+
+    def set(self, name, value):
+        self.values[name] = value
+
+    def heartbeat(self):
+        return self.beat
+
+    def latest_request(self):
+        return self.latest
+
+    def served(self):
+        return 0
+
+
+class _SupervisedSubserver(object):
+    """What _Supervisor asks of a subserver."""
+
+    def __init__(self, worker_timeout=0.0):
+        self.worker_timeout = worker_timeout
+
+    def worker_label(self, index):
+        return '[fake] worker %d' % index
+
+
+class _NotedLog(object):
+    """A logger that keeps its lines as (level, text)."""
+
+    def __init__(self):
+        self.lines = []
+
+    def _note(level):
+        def note(self, msg, *args):
+            self.lines.append((level, msg % args))
+        return note
+
+    error, warning, info = _note('error'), _note('warning'), _note('info')
+    del _note
+
+    def texts(self, level):
+        return [text for noted, text in self.lines if noted == level]
+
+
+class TestSupervisorInProcess(unittest.TestCase):
+    """The supervisor's schedule against a fake clock and fake pids: no
+    process is started and nothing sleeps."""
+
+    def setUp(self):
+        self.clock = _FakeClock()
+        self.wall = _FakeClock(5000.0)
+        self.pids = itertools.count(100)
+        self.forked = []        # (worker, ready_fd)
+        self.killed = []        # (pid, signum)
+        self.exited = []        # (pid, status) for the next reap
+        self.log = _NotedLog()
+
+    def supervisor(self, slots=1, worker_timeout=0.0, graceful=30.0):
+        subserver = _SupervisedSubserver(worker_timeout)
+        workers = [brim._Worker(subserver, index, _FakeBucket())
+                   for index in range(slots)]
+        return brim._Supervisor(workers, self.log, graceful, self.fork,
+                                kill=self.kill, reap=self.reap,
+                                clock=self.clock, wall_clock=self.wall)
+
+    def fork(self, worker, ready_fd):
+        self.forked.append((worker, ready_fd))
+        return next(self.pids)
+
+    def kill(self, pid, signum):
+        self.killed.append((pid, signum))
+
+    def reap(self):
+        exited, self.exited = self.exited, []
+        return exited
+
+    def die(self, supervisor, pid, status=1 << 8):
+        """``pid`` exits (status 1 unless told) and is reaped."""
+        self.exited.append((pid, status))
+        supervisor.reap()
+
+    def test_backoff_doubles_to_its_cap_then_resets_after_a_stable_run(self):
+        sup = self.supervisor()
+        [worker] = sup.workers
+        sup.spawn(worker)
+        delays = []
+        for _ in range(7):
+            self.clock.now += 0.5               # dies soon after starting
+            self.die(sup, worker.pid)
+            self.assertIsNone(worker.pid)
+            delays.append(worker.due - self.clock.now)
+            self.clock.now = worker.due - 0.01
+            sup.respawn_due()
+            self.assertIsNone(worker.pid, 'restarted before its backoff')
+            self.clock.now = worker.due
+            sup.respawn_due()
+            self.assertIsNotNone(worker.pid)
+        self.assertEqual(delays, [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0])
+        self.assertEqual(worker.restarts, 7)
+        self.clock.now += sup.STABLE_SECONDS + 1    # a stable run
+        self.die(sup, worker.pid)
+        self.assertEqual(worker.due, self.clock.now)
+        self.assertEqual(sup.next_due(), 0.0)
+        sup.respawn_due()
+        self.clock.now += 0.5
+        self.die(sup, worker.pid)
+        self.assertEqual(worker.due - self.clock.now, 1.0)
+        self.assertRegex(self.log.texts('error')[-1],
+                         r'^\[fake\] worker 0 \(pid \d+\) exit status 1 '
+                         r'after 0\.5s; restarting in 1\.0s$')
+
+    def test_the_stats_show_a_dead_worker_down(self):
+        sup = self.supervisor()
+        [worker] = sup.workers
+        sup.spawn(worker)
+        self.assertEqual(worker.bucket.values, {'_restarts': 0})
+        worker.bucket.set('_pid', worker.pid)
+        self.die(sup, worker.pid, status=signal.SIGKILL)
+        self.assertEqual(worker.bucket.values['_pid'], 0)
+        self.assertIn('killed by signal SIGKILL', worker.last_exit)
+
+    def test_a_hung_worker_is_aborted_then_killed(self):
+        sup = self.supervisor(worker_timeout=5.0)
+        [worker] = sup.workers
+        sup.spawn(worker)
+        pid = worker.pid
+        worker.bucket.beat = self.wall.now
+        worker.bucket.latest = (self.wall.now - 1.5, 'GET /slow')
+        self.wall.now += 5.0
+        sup.tend()
+        self.assertEqual(self.killed, [])
+        self.wall.now += 0.5
+        sup.tend()
+        self.assertEqual(self.killed, [(pid, signal.SIGABRT),
+                                       (pid, signal.SIGCONT)])
+        self.assertRegex(self.log.texts('error')[-1],
+                         r'is hung: no heartbeat for \d+s \(worker_timeout '
+                         r'5s\); its latest request, GET /slow, started 7s')
+        self.wall.now += 60
+        self.clock.now += sup.ABORT_SECONDS - 0.01
+        sup.tend()
+        self.assertEqual(len(self.killed), 2, 'aborted twice, or too soon')
+        self.clock.now += 0.01
+        sup.tend()
+        self.assertEqual(self.killed[2:], [(pid, signal.SIGKILL)])
+        self.clock.now += 10
+        sup.tend()
+        self.assertEqual(len(self.killed), 3, 'SIGKILL sent twice')
+        self.die(sup, pid, status=signal.SIGKILL)
+        self.assertEqual(worker.failures, 0, 'a hung worker is no crash loop')
+        self.assertEqual(worker.due, self.clock.now)
+
+    def test_a_worker_without_worker_timeout_is_never_aborted(self):
+        sup = self.supervisor(worker_timeout=0.0)
+        sup.spawn(sup.workers[0])
+        self.wall.now += 3600
+        sup.tend()
+        self.assertEqual(self.killed, [])
+
+    def test_a_worker_gets_worker_timeout_from_its_start(self):
+        sup = self.supervisor(worker_timeout=5.0)
+        sup.spawn(sup.workers[0])
+        self.wall.now += 4.9        # no heartbeat yet, but only just started
+        sup.tend()
+        self.assertEqual(self.killed, [])
+
+    def test_a_retired_worker_is_killed_at_its_deadline(self):
+        sup = self.supervisor(graceful=30.0)
+        [worker] = sup.workers
+        sup.spawn(worker)
+        old = worker.pid
+        sup.replace(old, 'asked to be replaced')
+        new = worker.pid
+        self.assertNotEqual(new, old)
+        self.assertEqual(list(sup.children), [new])
+        [ready_r] = sup.replacing
+        self.assertEqual(self.killed, [], 'drained before its replacement')
+        sup.replacement_ready(ready_r)      # EOF: the replacement serves
+        self.assertEqual(sup.replacing, {})
+        self.assertEqual(self.killed, [(old, signal.SIGHUP)])
+        self.clock.now += 29.9
+        sup.tend()
+        self.assertEqual(self.killed, [(old, signal.SIGHUP)])
+        self.clock.now += 0.1
+        sup.tend()
+        self.assertEqual(self.killed[1:], [(old, signal.SIGKILL)])
+        self.assertIn('pid %d did not finish draining' % old,
+                      self.log.texts('warning')[-1])
+        self.die(sup, old, status=signal.SIGKILL)
+        self.assertEqual((worker.pid, worker.restarts), (new, 0))
+
+    def test_a_replacement_failure_line_waits_for_its_eof(self):
+        sup = self.supervisor()
+        [worker] = sup.workers
+        sup.spawn(worker)
+        old = worker.pid
+
+        def failing_fork(worker, ready_fd):
+            os.write(ready_fd, b'worker 0 failed to start: boom\n')
+            return self.fork(worker, ready_fd)
+        sup.fork = failing_fork
+        sup.replace(old, 'asked to be replaced')
+        [ready_r] = sup.replacing
+        sup.replacement_ready(ready_r)
+        self.assertEqual(self.killed, [])
+        sup.replacement_ready(ready_r)
+        self.assertEqual(self.killed, [(old, signal.SIGHUP)])
+
+    def test_stopping_neither_restarts_nor_replaces(self):
+        sup = self.supervisor(slots=2)
+        for worker in sup.workers:
+            sup.spawn(worker)
+        first, second = sup.workers
+        sup.stopping = True
+        self.die(sup, first.pid)
+        sup.respawn_due()
+        self.assertEqual(len(self.forked), 2)
+        sup.replace(second.pid, 'asked to be replaced')
+        self.assertEqual((len(self.forked), sup.replacing), (2, {}))
+        sup.signal_all(signal.SIGTERM)
+        self.assertEqual(self.killed, [(second.pid, signal.SIGTERM)])
+
+    def test_a_worker_that_exits_before_its_first_beat_fails_the_start(self):
+        sup = self.supervisor(slots=2)
+        for worker in sup.workers:
+            sup.spawn(worker)
+        first, second = sup.workers
+        self.assertIsNone(sup.starting_failure())
+        self.assertFalse(sup.all_started())
+        first.bucket.beat = second.bucket.beat = self.wall.now
+        self.assertTrue(sup.all_started())
+        self.exited.append((first.pid, 1 << 8))     # beat, then died
+        self.assertIsNone(sup.starting_failure())
+        self.assertIsNone(first.pid)
+        second.bucket.beat = 0.0
+        self.exited.append((second.pid, 3 << 8))
+        self.assertEqual(sup.starting_failure(), '[fake] worker 1 exited '
+                         'while starting (exit status 3).')
+
+    def test_old_generation_workers_drain_once_the_new_ones_serve(self):
+        sup = self.supervisor()
+        sup.adopt([7, 8])
+        sup.spawn(sup.workers[0])
+        self.assertEqual(sorted(sup.pids()), [7, 8, sup.workers[0].pid])
+        sup.drain_retired()
+        self.assertEqual(self.killed, [(7, signal.SIGHUP),
+                                       (8, signal.SIGHUP)])
+        self.die(sup, 7)
+        self.assertEqual(sup.workers[0].restarts, 0)
+        self.assertNotIn(7, sup.pids())
+
+    def test_an_orphan_reaped_is_ignored(self):
+        sup = self.supervisor()
+        sup.spawn(sup.workers[0])
+        self.die(sup, 4242)
+        self.assertEqual(self.log.lines, [])
+        self.assertEqual(sup.workers[0].restarts, 0)
+
+
+class _FakeRestarter(object):
+    def __init__(self, problem):
+        self.problem = problem
+        self.execs = 0
+
+    def check(self):
+        return self.problem
+
+    def exec_in_place(self):
+        self.execs += 1
+
+
+class _ReplacingSupervisor(object):
+    """What the control channel asks of the supervisor."""
+
+    def __init__(self):
+        self.children = {}
+        self.replaced = []
+
+    def replace(self, pid, reason):
+        self.replaced.append((pid, reason))
+
+
+class _ControlledServer(object):
+    """What the control channel asks of the Server."""
+
+    def __init__(self):
+        self.generation = 3
+        self.logger = _NotedLog()
+        self.restarter = _FakeRestarter(None)
+        self.supervisor = _ReplacingSupervisor()
+        self.sock = socket.socket()
+        self.sock.bind(('127.0.0.1', 0))
+
+    def status(self):
+        return {'pid': 1, 'generation': self.generation}
+
+    def listening_sockets(self):
+        return [self.sock]
+
+
+class TestControlChannelInProcess(unittest.TestCase):
+    """Each verb of the control socket, asked over a socketpair (whose peer
+    credentials are this process's)."""
+
+    def setUp(self):
+        self.server = _ControlledServer()
+        self.addCleanup(self.server.sock.close)
+        self.channel = brim._ControlChannel(self.server)
+
+    def ask(self, request):
+        """The channel's whole answer to ``request``, and the client end."""
+        served, client = socket.socketpair()
+        self.addCleanup(client.close)
+        with served:
+            client.sendall(request + b'\n')
+            self.channel.serve_request(served)
+        client.settimeout(5)
+        chunks = []
+        while True:
+            chunk = client.recv(65536)
+            if not chunk:
+                return b''.join(chunks)
+            chunks.append(chunk)
+
+    def test_the_verbs(self):
+        self.assertEqual(sorted(self.channel.VERBS), [
+            b'addresses', b'ping', b'restart', b'retire', b'sockets',
+            b'status'])
+        self.assertIn('_ControlChannel.VERBS', brim.Server.__doc__)
+
+    def test_ping_answers_the_generation(self):
+        self.assertEqual(self.ask(b'ping'), b'pong 3')
+
+    def test_status_and_addresses_answer_json(self):
+        self.assertEqual(json.loads(self.ask(b'status')),
+                         {'pid': 1, 'generation': 3})
+        port = self.server.sock.getsockname()[1]
+        self.assertEqual(json.loads(self.ask(b'addresses')),
+                         ['tcp 127.0.0.1 %d' % port])
+
+    def test_sockets_hands_over_the_listening_sockets(self):
+        served, client = socket.socketpair()
+        with served, client:
+            client.sendall(b'sockets\n')
+            self.channel.serve_request(served)
+            socks = brim._receive_sockets(client)
+        port = self.server.sock.getsockname()[1]
+        [(key, sock)] = socks.items()
+        with sock:
+            self.assertEqual(key, 'tcp 127.0.0.1 %d' % port)
+            self.assertEqual(sock.getsockname()[1], port)
+        self.assertIn('handed the listening sockets to a new brimd',
+                      self.server.logger.texts('info'))
+
+    def test_restart_answers_before_it_execs(self):
+        self.assertEqual(self.ask(b'restart'), b'restarting')
+        self.assertEqual(self.server.restarter.execs, 1)
+
+    def test_a_refused_restart_says_why_and_does_not_exec(self):
+        self.server.restarter.problem = 'bad conf'
+        self.assertEqual(self.ask(b'restart'), b'refused: bad conf')
+        self.assertEqual(self.server.restarter.execs, 0)
+
+    def test_retire_only_from_a_child(self):
+        self.assertEqual(self.ask(b'retire'), b'')
+        self.assertEqual(self.server.supervisor.replaced, [])
+        self.server.supervisor.children[os.getpid()] = object()
+        self.assertEqual(self.ask(b'retire'), b'')
+        self.assertEqual(self.server.supervisor.replaced,
+                         [(os.getpid(), 'asked to be replaced')])
+
+    def test_an_unknown_verb_is_closed_without_an_answer(self):
+        self.assertEqual(self.ask(b'reboot'), b'')
+        self.assertEqual(self.ask(b''), b'')
+        self.assertEqual(self.server.restarter.execs, 0)
+        self.assertEqual(self.server.logger.lines, [])
+
+    def test_who_may_ask(self):
+        may_ask = self.channel.may_ask
+        other = os.getuid() + 1
+        for verb in (b'ping', b'status', b'addresses', b'restart',
+                     b'sockets'):
+            self.assertTrue(may_ask(verb, 1, 0))
+            self.assertTrue(may_ask(verb, 1, os.getuid()))
+            self.assertEqual(may_ask(verb, 1, other), other == 0)
+        self.server.supervisor.children[55] = object()
+        self.assertTrue(may_ask(b'retire', 55, other))
+        self.assertFalse(may_ask(b'retire', 56, 0))
+
+
+class TestRestarterInProcess(unittest.TestCase):
+    """What a restart in place runs, and that it needs a command line."""
+
+    def test_the_command_line_runs_again_with_the_same_options(self):
+        _parser, args = brim._parse_args(
+            ['-c', 'a.conf', '-c', 'b.conf', '-p', 'x.pid', '-o', 'serve',
+             '--port', '8080', 'mod:app'])
+        command_line = brim._CommandLine('/srv/brim.py', args)
+        options = ['-c', 'a.conf', '-c', 'b.conf', '-p', 'x.pid', '-o',
+                   '--port', '8080']
+        self.assertEqual(command_line.argv(), [
+            sys.executable, '/srv/brim.py'] + options + ['serve', 'mod:app'])
+        self.assertEqual(command_line.argv('check'), [
+            sys.executable, '/srv/brim.py'] + options + ['check', 'mod:app'])
+
+    def test_without_a_command_line_a_restart_is_refused(self):
+        server = _ControlledServer()
+        self.addCleanup(server.sock.close)
+        server.notifier = brim._Notifier()
+        sent = []
+        server.notifier.send = sent.append
+        restarter = brim._Restarter(server)
+        restarter.restart()
+        self.assertEqual(server.logger.texts('error'), [
+            'restart in place refused: this brimd was not started from its '
+            'command line'])
+        self.assertTrue(sent[0].startswith('RELOADING=1\n'), sent)
+        self.assertEqual(sent[1], 'READY=1\nSTATUS=restart refused: this '
+                         'brimd was not started from its command line')
+
+
+class TestStartPlanInProcess(unittest.TestCase):
+    """Where a start's sockets come from, and whether it detaches."""
+
+    def setUp(self):
+        self.sock = socket.socket()
+        self.addCleanup(self.sock.close)
+        self.sock.bind(('127.0.0.1', 0))
+        self.key = 'tcp 127.0.0.1 %d' % self.sock.getsockname()[1]
+
+    def test_a_restart_in_place_carries_on_and_stays_where_it_is(self):
+        fd = os.dup(self.sock.fileno())
+        self.addCleanup(os.environ.pop, brim._INPLACE_ENV, None)
+        os.environ[brim._INPLACE_ENV] = json.dumps({
+            'generation': 4, 'start_time': 1234, 'fds': [fd],
+            'workers': [7, 8]})
+        plan = brim._in_place_plan(False, False)
+        self.assertNotIn(brim._INPLACE_ENV, os.environ)
+        [(key, sock)] = plan.sockets.items()
+        sock.close()
+        self.assertEqual((plan.origin, key), ('in place', self.key))
+        self.assertEqual((plan.generation, plan.start_time, plan.old_workers),
+                         (4, 1234, (7, 8)))
+        self.assertFalse(plan.detach, 'a daemon in place is detached already')
+        self.assertIsNone(brim._in_place_plan(False, False))
+
+    def test_a_fresh_start_takes_a_handover_first(self):
+        plan = brim._fresh_plan('/run/x.pid', False, False,
+                                {self.key: self.sock})
+        self.assertEqual((plan.origin, plan.sockets, plan.pid_file),
+                         ('handover', {self.key: self.sock}, '/run/x.pid'))
+        self.assertTrue(plan.detach)
+
+    def test_a_fresh_start_binds_without_sockets_to_take_over(self):
+        plan = brim._fresh_plan(None, True, True)
+        self.assertEqual((plan.origin, plan.sockets), ('bind', {}))
+        self.assertFalse(plan.detach, 'foreground stays attached')
+
+
 # ---------------------------------------------------------------------------
 # 6. Stats
 # ---------------------------------------------------------------------------
