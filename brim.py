@@ -2962,40 +2962,30 @@ class _ConnectionPool(object):
     there are only as many threads as requests in hand (at most
     ``limit``, plus the one with the turn); a thread idle for
     ``_IDLE_THREAD_SECONDS`` ends.
-    ends.
 
     ``handle(sock, address)`` makes a new connection's job: an object with
     ``serve(turn)``, which returns the job to park, or None once the
     connection is closed, ``close()``, ``client``, and ``idle`` (true
-    between requests: a drain closes it).  At most ``limit`` connections
-    are open at once (then the worker stops accepting and new ones wait in
-    the backlog); parked ones are closed after ``idle_timeout`` seconds.
-    ``accept()`` returns (sock, address), None when there was nothing to
-    take, or _NO_DESCRIPTORS when the process is out of file descriptors:
-    then the oldest parked connections are closed to make room, as nginx
-    does, or accepting pauses while none is parked.
+    between requests: a drain closes it).  ``accept()`` returns (sock,
+    address), None when there was nothing to take, or _NO_DESCRIPTORS
+    when the process is out of file descriptors.  What is open and parked
+    is kept by ``conns`` (_OpenConnections).
     """
 
     def __init__(self, listener, stop_fd, accept, handle, limit,
                  idle_timeout, logger, label='worker'):
         self.listener = listener
-        self.listener_fd = listener.fileno()    # kept: closed, it is -1
         self.stop_fd = stop_fd
         self.accept = accept
         self.handle = handle
-        self.limit = limit
-        self.idle_timeout = idle_timeout
         self.logger = logger
-        self.label = label          # names the worker in log lines
         self.lock = threading.Lock()
         self.epoll = select.epoll()
         self.epoll.register(stop_fd, select.EPOLLIN)
-        self.epoll.register(self.listener_fd, select.EPOLLIN)
-        self.accepting = True
+        self.conns = _OpenConnections(self.epoll, listener.fileno(), limit,
+                                      idle_timeout, logger, label)
         self.stopping = False
         self.stopped = threading.Event()    # set once the listener is closed
-        self.open = 0               # connections open: served or parked
-        self.parked = collections.OrderedDict()     # fd -> (job, since)
         self.ready = collections.deque()    # jobs to serve, in order
         self.turn = 0               # numbers turns: each passes once
         # (turn, job, _PoolThread, when it began, its CPU time then)
@@ -3006,8 +2996,6 @@ class _ConnectionPool(object):
         self.idle = []              # _PoolThreads waiting, newest last
         self.unheld = False         # passed, but no thread could take it
         self.apps_wait_until = 0.0  # monotonic: pass the turn before apps
-        self.paused_until = 0.0     # monotonic: no accepting (out of fds)
-        self.fd_shortage = None     # [open when it began, closed since]
         threading.Thread(target=self._watch, daemon=True).start()
         threading.Thread(target=self._run, daemon=True).start()
 
@@ -3036,40 +3024,60 @@ class _ConnectionPool(object):
                 self.holder = (turn, job, me, began, ran)
                 if not self.holder_serves.is_set():
                     self.holder_serves.set()
-            # Waits too short for the watch to see are found by timing
-            # every _PROBE_EVERY-th job served with the turn: a fraction of
-            # the cost of timing them all.  Two in a row must have waited:
-            # now and then one was kept off the GIL by a thread that the
-            # machine left without a CPU, which looks the same.
-            self.jobs += 1
-            probe = me.times() if not self.jobs % _PROBE_EVERY and \
-                not self.apps_wait() else None
-            try:
-                job = job.serve(_Turn(self, turn))
-            except BaseException:   # even sys.exit(): the turn goes on
-                self.logger.exception('connection from %s failed',
-                                      job.client)
-                job.close()
-                job = None
+            probe = self._probe_start(me)
+            job = self._serve(job, turn)
             if probe is not None and self.turn == turn:
-                ended = me.times()
-                waited = self.probes_waited = \
-                    self.probes_waited + 1 if _waited(probe, ended) else 0
-                if waited >= 2:
-                    self.apps_wait_until = ended[0] + _APPS_WAIT_SECONDS
-            with self.lock:
-                if job is None:
-                    self._closed()
-                else:
-                    self._park(job)
-                holds_turn = self.turn == turn or self.unheld
-                self.unheld = False
-                if holds_turn:
-                    self.holder = None
-                    continue
+                self._probe_end(probe, me.times())
+            if not self._after_job(job, turn, me):
+                if not self._wait_for_turn(me):
+                    return
+
+    def _serve(self, job, turn):
+        """The job to park once ``job`` has served with turn ``turn``."""
+        try:
+            return job.serve(_Turn(self, turn))
+        except BaseException:   # even sys.exit(): the turn goes on
+            self.logger.exception('connection from %s failed', job.client)
+            job.close()
+            return None
+
+    # Waits too short for the watch to see are found by timing every
+    # _PROBE_EVERY-th job served with the turn: a fraction of the cost of
+    # timing them all.  Two in a row must have waited: now and then one
+    # was kept off the GIL by a thread that the machine left without a
+    # CPU, which looks the same.
+
+    def _probe_start(self, me):
+        """The thread's times() when this job is to be timed, else None."""
+        self.jobs += 1
+        if self.jobs % _PROBE_EVERY or self.apps_wait():
+            return None
+        return me.times()
+
+    def _probe_end(self, probe, ended):
+        waited = _waited(probe, ended)
+        self.probes_waited = self.probes_waited + 1 if waited else 0
+        if self.probes_waited >= 2:
+            self.apps_wait_until = ended[0] + _APPS_WAIT_SECONDS
+
+    def _after_job(self, job, turn, me):
+        """Park ``job`` (None: closed); True when this thread still has
+        the turn, else it joins the idle ones."""
+        with self.lock:
+            if job is None:
+                self.conns.closed()
+            elif self.stopping and job.idle:
+                job.close()
+                self.conns.closed()
+            else:
+                self.conns.park(job)
+            holds_turn = self.turn == turn or self.unheld
+            self.unheld = False
+            if holds_turn:
+                self.holder = None
+            else:
                 self.idle.append(me)
-            if not self._wait_for_turn(me):
-                return
+            return holds_turn
 
     def _wait_for_turn(self, me):
         """An idle thread's wait; False when it is to end instead."""
@@ -3103,8 +3111,8 @@ class _ConnectionPool(object):
             turn, _job, thread, began, ran = holder
             now = time.monotonic()
             try:
-                blocked = delayed - before < _WATCH_TICK / 4 and \
-                    thread.blocked(now - began, thread.cpu() - ran)
+                blocked = (delayed - before < _WATCH_TICK / 4 and
+                           thread.blocked(now - began, thread.cpu() - ran))
             except OSError:         # its thread just ended
                 continue
             if blocked:
@@ -3119,54 +3127,49 @@ class _ConnectionPool(object):
         """What the turn's holder serves next: a connection with something
         to read, or _ACCEPT; None once stopped and every connection is
         closed (one served elsewhere may yet be parked)."""
+        conns = self.conns
         while True:
             with self.lock:
                 while self.ready:
                     job = self.ready.popleft()
-                    if job is not _ACCEPT or self.accepting:
+                    if job is not _ACCEPT or conns.accepting:
                         return job
-                if self.stopping and not self.open:
+                if self.stopping and not conns.open:
                     return None
-                now = time.monotonic()
-                timeout = self._close_parked(now)
-                if self.paused_until:
-                    if now >= self.paused_until:
-                        self.paused_until = 0.0
-                        self._room_changed()
-                    else:
-                        timeout = min(timeout or 1.0,
-                                      self.paused_until - now)
+                timeout = conns.due(time.monotonic())
             _flush_logs()   # lines wait in memory only while work waits
             # At least once a second: a connection parked meanwhile may be
             # the first to be due.
             events = self.epoll.poll(1.0 if timeout is None else timeout)
             with self.lock:
                 for fd, _mask in events:
-                    if fd == self.listener_fd:
+                    if fd == conns.listener_fd:
                         self.ready.append(_ACCEPT)
                     elif fd == self.stop_fd:
                         self._stop()
-                    elif fd in self.parked:
-                        self.ready.append(self.parked.pop(fd)[0])
+                    else:
+                        job = conns.unpark(fd)
+                        if job is not None:
+                            self.ready.append(job)
 
     def _accept_waiting(self):
         """Accept what waits in the backlog, up to 128 (a burst is not
         taken one per poll, nor does it hold up the parked connections);
         the new connections join the ready jobs."""
+        conns = self.conns
         for _ in range(128):
             with self.lock:
-                if not self.accepting:
+                if not conns.accepting:
                     return
                 # Counted first: an accept that begins the drain (at
                 # max_requests) must keep the worker until it is served.
-                self.open += 1
-                self._room_changed()
+                conns.opened()
             taken = self.accept()
             if taken is None or taken is _NO_DESCRIPTORS:
                 with self.lock:
-                    self._closed()
+                    conns.closed()
                     if taken is _NO_DESCRIPTORS:
-                        self._make_room()
+                        conns.make_room()
                 return
             try:
                 job = self.handle(*taken)
@@ -3175,81 +3178,11 @@ class _ConnectionPool(object):
                                       taken[1][0] if taken[1] else '-')
                 taken[0].close()
                 with self.lock:
-                    self._closed()
+                    conns.closed()
                 continue
             with self.lock:
                 self.ready.append(job)
-                if self.fd_shortage is not None:
-                    self._shortage_over()
-
-    def _make_room(self):
-        """Lock held: out of file descriptors.  Close the connections
-        parked longest (idle keep-alive ones, and new ones yet to send a
-        request): any client may see an idle connection closed.  With none
-        parked, stop accepting for a moment; the backlog holds the rest.
-        Logged once, until the shortage is over."""
-        if self.fd_shortage is None:
-            self.fd_shortage = [self.open, 0]   # open then, closed since
-            self.logger.error(
-                '%s is out of file descriptors with %d connections open; '
-                'closing the longest idle ones to accept new ones (raise '
-                'the limit: ulimit -n, or systemd LimitNOFILE=; or lower '
-                'concurrent_per_worker)', self.label, self.open)
-        closing = min(len(self.parked), _ROOM_PER_SHORTAGE)
-        for _ in range(closing):
-            fd, (job, _since) = next(iter(self.parked.items()))
-            self._unpark(fd, job)
-        self.fd_shortage[1] += closing
-        if not closing:
-            self.paused_until = time.monotonic() + _ACCEPT_PAUSE
-            self._room_changed()
-
-    def _shortage_over(self):
-        """Lock held, after an accept: the shortage is over once the
-        connections open fell well below where it began."""
-        began_at, closed = self.fd_shortage
-        if self.open < began_at * 0.9:
-            self.fd_shortage = None
-            self.logger.warning('%s has file descriptors to spare again; '
-                                'it closed %d idle connections for room',
-                                self.label, closed)
-
-    def _park(self, job):
-        """Lock held: wait in epoll for ``job``'s connection to be readable."""
-        if self.stopping and job.idle:
-            job.close()
-            self._closed()
-            return
-        fd = job.sock.fileno()
-        mask = select.EPOLLIN | select.EPOLLONESHOT
-        try:
-            try:
-                self.epoll.modify(fd, mask)
-            except FileNotFoundError:   # parked for the first time
-                self.epoll.register(fd, mask)
-        except OSError as err:          # out of epoll watches, or memory
-            self.logger.error('cannot keep the connection from %s open: '
-                              '%s', job.client, _one_line(err))
-            job.close()
-            self._closed()
-            return
-        self.parked[fd] = (job, time.monotonic())
-
-    def _close_parked(self, now):
-        """Lock held: close connections parked for ``idle_timeout`` by
-        ``now``; returns the seconds until the next is due, or None."""
-        while self.parked:
-            fd, (job, since) = next(iter(self.parked.items()))
-            if since + self.idle_timeout > now:
-                return since + self.idle_timeout - now
-            self._unpark(fd, job)
-        return None
-
-    def _unpark(self, fd, job):
-        del self.parked[fd]
-        self.epoll.unregister(fd)
-        job.close()
-        self._closed()
+                conns.accepted()
 
     def _stop(self):
         """Lock held: the drain began.  Stop accepting (the port is free
@@ -3258,28 +3191,11 @@ class _ConnectionPool(object):
         if self.stopping:
             return
         self.stopping = True
-        self.accepting = False
         self.epoll.unregister(self.stop_fd)     # it stays readable
-        self.epoll.unregister(self.listener_fd)
+        self.conns.stop_accepting()
         self.listener.close()
         self.stopped.set()
-        for fd, (job, _since) in list(self.parked.items()):
-            if job.idle:
-                self._unpark(fd, job)
-
-    def _closed(self):
-        self.open -= 1
-        self._room_changed()
-
-    def _room_changed(self):
-        """Lock held: accept only while fewer than ``limit`` are open (and
-        not paused for want of file descriptors)."""
-        accepting = self.open < self.limit and not self.stopping and \
-            not self.paused_until
-        if accepting != self.accepting:
-            self.accepting = accepting
-            self.epoll.modify(self.listener_fd,
-                              select.EPOLLIN if accepting else 0)
+        self.conns.close_idle()
 
     # -- passing the turn --------------------------------------------------
 
@@ -3303,6 +3219,147 @@ class _ConnectionPool(object):
     def apps_wait(self):
         """True while the worker's apps are known to wait."""
         return time.monotonic() < self.apps_wait_until
+
+
+class _OpenConnections(object):
+    """A worker's connections, counted, and parked in its pool's epoll
+    between requests; its pool's lock is held around every call.
+
+    At most ``limit`` connections are open at once: then the worker stops
+    accepting and new ones wait in the backlog.  Parked ones are closed
+    after ``idle_timeout`` seconds.  When the process is out of file
+    descriptors, the oldest parked connections are closed to make room,
+    as nginx does, or accepting pauses while none is parked.
+    """
+
+    def __init__(self, epoll, listener_fd, limit, idle_timeout, logger,
+                 label):
+        self.epoll = epoll
+        self.listener_fd = listener_fd      # kept: closed, it is -1
+        epoll.register(listener_fd, select.EPOLLIN)
+        self.limit = limit
+        self.idle_timeout = idle_timeout
+        self.logger = logger
+        self.label = label          # names the worker in log lines
+        self.open = 0               # connections open: served or parked
+        self.parked = collections.OrderedDict()     # fd -> (job, since)
+        self.accepting = True
+        self.stopped = False        # no more accepting, ever
+        self.paused_until = 0.0     # monotonic: no accepting (out of fds)
+        self.fd_shortage = None     # [open when it began, closed since]
+
+    def opened(self):
+        self.open += 1
+        self._room_changed()
+
+    def accepted(self):
+        """A connection opened() was accepted."""
+        if self.fd_shortage is not None:
+            self._shortage_over()
+
+    def closed(self):
+        self.open -= 1
+        self._room_changed()
+
+    def park(self, job):
+        """Wait in epoll for ``job``'s connection to be readable."""
+        fd = job.sock.fileno()
+        mask = select.EPOLLIN | select.EPOLLONESHOT
+        try:
+            try:
+                self.epoll.modify(fd, mask)
+            except FileNotFoundError:   # parked for the first time
+                self.epoll.register(fd, mask)
+        except OSError as err:          # out of epoll watches, or memory
+            self.logger.error('cannot keep the connection from %s open: '
+                              '%s', job.client, _one_line(err))
+            job.close()
+            self.closed()
+            return
+        self.parked[fd] = (job, time.monotonic())
+
+    def unpark(self, fd):
+        """The job parked on ``fd``, now readable; None if there is none."""
+        parked = self.parked.pop(fd, None)
+        return parked and parked[0]
+
+    def due(self, now):
+        """Close connections parked for ``idle_timeout`` by ``now``, end a
+        pause that is over; the seconds until the next of those is due, or
+        None."""
+        timeout = None
+        while self.parked:
+            fd, (job, since) = next(iter(self.parked.items()))
+            if since + self.idle_timeout > now:
+                timeout = since + self.idle_timeout - now
+                break
+            self._close(fd, job)
+        if self.paused_until:
+            if now < self.paused_until:
+                return min(timeout or 1.0, self.paused_until - now)
+            self.paused_until = 0.0
+            self._room_changed()
+        return timeout
+
+    def make_room(self):
+        """Out of file descriptors.  Close the connections parked longest
+        (idle keep-alive ones, and new ones yet to send a request): any
+        client may see an idle connection closed.  With none parked, stop
+        accepting for a moment; the backlog holds the rest.  Logged once,
+        until the shortage is over."""
+        if self.fd_shortage is None:
+            self.fd_shortage = [self.open, 0]   # open then, closed since
+            self.logger.error(
+                '%s is out of file descriptors with %d connections open; '
+                'closing the longest idle ones to accept new ones (raise '
+                'the limit: ulimit -n, or systemd LimitNOFILE=; or lower '
+                'concurrent_per_worker)', self.label, self.open)
+        closing = min(len(self.parked), _ROOM_PER_SHORTAGE)
+        for _ in range(closing):
+            fd, (job, _since) = next(iter(self.parked.items()))
+            self._close(fd, job)
+        self.fd_shortage[1] += closing
+        if not closing:
+            self.paused_until = time.monotonic() + _ACCEPT_PAUSE
+            self._room_changed()
+
+    def _shortage_over(self):
+        """The shortage is over once the connections open fell well below
+        where it began."""
+        began_at, closed = self.fd_shortage
+        if self.open < began_at * 0.9:
+            self.fd_shortage = None
+            self.logger.warning('%s has file descriptors to spare again; '
+                                'it closed %d idle connections for room',
+                                self.label, closed)
+
+    def stop_accepting(self):
+        """For good: the listening socket is about to be closed."""
+        self.stopped = True
+        self.accepting = False
+        self.epoll.unregister(self.listener_fd)
+
+    def close_idle(self):
+        """Close the parked connections that are between requests."""
+        for fd, (job, _since) in list(self.parked.items()):
+            if job.idle:
+                self._close(fd, job)
+
+    def _close(self, fd, job):
+        del self.parked[fd]
+        self.epoll.unregister(fd)
+        job.close()
+        self.closed()
+
+    def _room_changed(self):
+        """Accept only while fewer than ``limit`` are open (and not paused
+        for want of file descriptors)."""
+        accepting = (self.open < self.limit and not self.stopped and
+                     not self.paused_until)
+        if accepting != self.accepting:
+            self.accepting = accepting
+            self.epoll.modify(self.listener_fd,
+                              select.EPOLLIN if accepting else 0)
 
 
 class _Turn(object):
@@ -3755,16 +3812,17 @@ class _IPSubserver(Subserver):
         # worker ends at once, and must not hold the port while it does.
         pool.stopped.wait(1.0)
         deadline = time.monotonic() + self.server.graceful_timeout
-        while pool.open and time.monotonic() < deadline and \
+        while pool.conns.open and time.monotonic() < deadline and \
                 not self.orphaned():
             self._tick()
             self._close_idle()
             time.sleep(0.05)
-        if pool.open:
+        if pool.conns.open:
             self.logger.warning(
                 '[%s] worker %d: graceful_timeout (%gs) is over; exiting, '
                 'killing %d connections in flight%s', self.name,
-                self.worker_index, self.server.graceful_timeout, pool.open,
+                self.worker_index, self.server.graceful_timeout,
+                pool.conns.open,
                 ''.join(
                     '; %s %s %s' % current[1:] for current in
                     self._requests_in_flight()))

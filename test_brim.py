@@ -5268,7 +5268,7 @@ class TestConnectionPool(unittest.TestCase):
         for event in self.released.values():
             event.set()
         os.write(self.stop_w, b'\0')
-        wait_until(lambda: pool.stopping and not pool.open)
+        wait_until(lambda: pool.stopping and not pool.conns.open)
 
     def client(self, kind):
         sock = socket.create_connection(self.listener.getsockname(), 10)
@@ -5356,16 +5356,16 @@ class TestConnectionPool(unittest.TestCase):
         os.write(self.stop_w, b'\0')
         wait_until(lambda: pool.stopping)
         self.released['f'].set()
-        wait_until(lambda: pool.parked)
+        wait_until(lambda: pool.conns.parked)
         client.sendall(b'.')
         wait_until(lambda: self.closed == ['f'])
 
     def test_no_more_than_limit_connections_at_once(self):
         pool = self.pool(limit=1)
         self.client('w')
-        wait_until(lambda: not pool.accepting)
+        wait_until(lambda: not pool.conns.accepting)
         self.client('q')
-        self.assertEqual((pool.open, len(self.accepted_on)), (1, 1))
+        self.assertEqual((pool.conns.open, len(self.accepted_on)), (1, 1))
         self.released['w'].set()
         wait_until(lambda: 'q' in self.closed)
         self.assertEqual(len(self.accepted_on), 2)
@@ -5373,7 +5373,7 @@ class TestConnectionPool(unittest.TestCase):
     def test_parked_connections_are_served_when_they_send(self):
         pool = self.pool(idle_timeout=0.3)
         parked = self.client('p')
-        wait_until(lambda: pool.parked)
+        wait_until(lambda: pool.conns.parked)
         self.client('q')
         wait_until(lambda: 'q' in self.closed)
         parked.sendall(b'.')
@@ -5383,22 +5383,22 @@ class TestConnectionPool(unittest.TestCase):
         self.client('p')
         wait_until(lambda: self.closed.count('p') == 2)
         self.assertEqual(len(self.served_on('p')), 3)
-        self.assertEqual(pool.open, 0)
+        self.assertEqual(pool.conns.open, 0)
 
     def test_stop_closes_idle_connections_and_answers_new_ones(self):
         pool = self.pool()
         self.client('p')
-        wait_until(lambda: pool.parked)
+        wait_until(lambda: pool.conns.parked)
         fresh = socket.create_connection(self.listener.getsockname(), 10)
         self.addCleanup(fresh.close)
         wait_until(lambda: len(self.accepted_on) == 2 and
-                   len(pool.parked) == 2)
+                   len(pool.conns.parked) == 2)
         os.write(self.stop_w, b'\0')
         wait_until(lambda: self.closed == ['p'])
         self.assertEqual(self.listener.fileno(), -1)    # the port is free
         fresh.sendall(b'q')             # its first request is still served
         wait_until(lambda: self.closed == ['p', 'q'])
-        self.assertEqual(pool.open, 0)
+        self.assertEqual(pool.conns.open, 0)
 
 
 # Apps that wait as an app waits on a database: on a barrier, a file.
