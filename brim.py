@@ -805,14 +805,22 @@ logging.addLevelName(NOTICE, 'NOTICE')
 # The txn of the request this thread is serving, stamped on every line.
 _txn_local = threading.local()
 
-#: Log lines this process could not write, for its worker's
-#: log_lines_dropped stat (copied there once a second, in _tick).
-_lines_dropped = 0
+class _LogLines(object):
+    """What happens to this process's log lines: ``dropped`` counts those
+    that could not be written, for its worker's log_lines_dropped stat
+    (copied there once a second, in _tick); ``batched`` lists the handlers
+    whose lines wait to be sent together (see _Handler)."""
+
+    def __init__(self):
+        self.dropped = 0
+        self.batched = []
+
+
+_log_lines = _LogLines()
 
 
 def _count_dropped(lines=1):
-    global _lines_dropped
-    _lines_dropped += lines
+    _log_lines.dropped += lines
 
 
 class _TxnFilter(logging.Filter):
@@ -1072,19 +1080,17 @@ class _Handler(logging.Handler):
 def _batch_logs(logger):
     """Batch the lines of ``logger``'s brim handlers (see _Handler)."""
     _Handler.batched = True
-    _batched_handlers.extend(handler for handler in logger.handlers
-                             if isinstance(handler, _Handler))
+    _log_lines.batched.extend(handler for handler in logger.handlers
+                              if isinstance(handler, _Handler))
 
 
 def _flush_logs():
     """Send the log lines that wait: the thread with the turn, before it
     waits for work; a worker's housekeeping; a worker as it ends."""
-    for handler in _batched_handlers:
+    for handler in _log_lines.batched:
         if handler.waiting:
             handler.flush()
 
-
-_batched_handlers = []
 
 
 class _AppendHandler(_Handler):
@@ -3585,7 +3591,7 @@ class Subserver(object):
         """
         # Lines dropped before this process became the worker (by the main
         # process, the count copied by fork) are not the worker's.
-        self.dropped_before = _lines_dropped
+        self.dropped_before = _log_lines.dropped
         # Without a log_file of its own or [brim]'s, a daemon logs where
         # the main process does (see _load_server).
         settings = self.settings
@@ -3608,7 +3614,7 @@ class Subserver(object):
         _flush_logs()
         self.stats.beat()
         self.stats.set('log_lines_dropped',
-                       _lines_dropped - self.dropped_before)
+                       _log_lines.dropped - self.dropped_before)
         if self.reopen_pending:
             self.reopen_pending = False
             _reopen_logs()

@@ -4856,12 +4856,12 @@ class TestLogHandlersInProcess(unittest.TestCase):
 
     def test_failing_file_counts_then_reports(self):
         logger = self.logger(log_file='/dev/full')
-        before = brim._lines_dropped
+        before = brim._log_lines.dropped
         with contextlib.redirect_stderr(io.StringIO()) as stderr:
             for number in range(3):
                 logger.warning('lost-%d', number)
         self.assertEqual(stderr.getvalue(), '')
-        self.assertEqual(brim._lines_dropped - before, 3)
+        self.assertEqual(brim._log_lines.dropped - before, 3)
         handler, = logger.handlers
         handler.path = self.path
         handler.reopen()
@@ -4881,9 +4881,9 @@ class TestLogHandlersInProcess(unittest.TestCase):
         looping = logging.StreamHandler(stream)
         logger.addHandler(looping)
         self.addCleanup(logger.removeHandler, looping)
-        before = brim._lines_dropped
+        before = brim._log_lines.dropped
         stream.write('stray-print-marker\n')
-        self.assertEqual(brim._lines_dropped - before, 1)
+        self.assertEqual(brim._log_lines.dropped - before, 1)
         lines = self.text().splitlines()
         self.assertEqual(len(lines), 1, lines)
         self.assertTrue(lines[0].endswith(
