@@ -805,14 +805,22 @@ logging.addLevelName(NOTICE, 'NOTICE')
 # The txn of the request this thread is serving, stamped on every line.
 _txn_local = threading.local()
 
-#: Log lines this process could not write, for its worker's
-#: log_lines_dropped stat (copied there once a second, in _tick).
-_lines_dropped = 0
+class _LogLines(object):
+    """What happens to this process's log lines: ``dropped`` counts those
+    that could not be written, for its worker's log_lines_dropped stat
+    (copied there once a second, in _tick); ``batched`` lists the handlers
+    whose lines wait to be sent together (see _Handler)."""
+
+    def __init__(self):
+        self.dropped = 0
+        self.batched = []
+
+
+_log_lines = _LogLines()
 
 
 def _count_dropped(lines=1):
-    global _lines_dropped
-    _lines_dropped += lines
+    _log_lines.dropped += lines
 
 
 class _TxnFilter(logging.Filter):
@@ -1072,19 +1080,17 @@ class _Handler(logging.Handler):
 def _batch_logs(logger):
     """Batch the lines of ``logger``'s brim handlers (see _Handler)."""
     _Handler.batched = True
-    _batched_handlers.extend(handler for handler in logger.handlers
-                             if isinstance(handler, _Handler))
+    _log_lines.batched.extend(handler for handler in logger.handlers
+                              if isinstance(handler, _Handler))
 
 
 def _flush_logs():
     """Send the log lines that wait: the thread with the turn, before it
     waits for work; a worker's housekeeping; a worker as it ends."""
-    for handler in _batched_handlers:
+    for handler in _log_lines.batched:
         if handler.waiting:
             handler.flush()
 
-
-_batched_handlers = []
 
 
 class _AppendHandler(_Handler):
@@ -3491,8 +3497,9 @@ _OUT_OF_DESCRIPTORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS,
 class Subserver(object):
     """A configuration section that brimd serves with worker processes.
 
-    In the main process it parses its section; in each worker process it
-    runs the serving loop (``serve``) for one worker ``index``.  Apps and
+    In the main process it reads its section (``configure``); in each
+    worker process it runs the serving loop (``serve_forever``) for one
+    worker ``index``.  Apps and
     handlers reach it as ``env['brim']`` or their ``subserver`` argument,
     and most use its ``logger``; ``settings`` are its section's, as
     ``check`` shows them.
@@ -3511,14 +3518,11 @@ class Subserver(object):
         self.reopen_pending = False
         self.logger = None
 
-    def parse_conf(self, conf):
+    def configure(self, conf):
         """Read this section's settings (main process, before forking)."""
         self.settings = _read_settings(conf, self.name, self.kind)
         self.stats_conf['log_lines_dropped'] = 'sum'
 
-    # Read by the supervision code: settings it takes from the subserver.
-    workers = property(lambda self: self.settings.workers)
-    worker_timeout = property(lambda self: self.settings.worker_timeout)
     # Read by apps: the original brimd's subserver had them.
     json_dumps = property(lambda self: self.settings.dumps)
     json_loads = property(lambda self: self.settings.loads)
@@ -3587,7 +3591,7 @@ class Subserver(object):
         """
         # Lines dropped before this process became the worker (by the main
         # process, the count copied by fork) are not the worker's.
-        self.dropped_before = _lines_dropped
+        self.dropped_before = _log_lines.dropped
         # Without a log_file of its own or [brim]'s, a daemon logs where
         # the main process does (see _load_server).
         settings = self.settings
@@ -3610,7 +3614,7 @@ class Subserver(object):
         _flush_logs()
         self.stats.beat()
         self.stats.set('log_lines_dropped',
-                       _lines_dropped - self.dropped_before)
+                       _log_lines.dropped - self.dropped_before)
         if self.reopen_pending:
             self.reopen_pending = False
             _reopen_logs()
@@ -3634,6 +3638,10 @@ class Subserver(object):
     def orphaned(self):
         """True when the main process is gone: the worker should exit."""
         return self.server.forked and os.getppid() != self.parent_pid
+
+    def open_wakeups(self):
+        """Make, in the worker process, what drain() writes to, before
+        any signal can ask for a drain."""
 
     def drain(self):
         """Stop taking new work; finish what is in hand.  Signal-safe."""
@@ -3719,12 +3727,21 @@ class _IPSubserver(Subserver):
         except OSError:
             pass            # no main process: this worker just ends
 
+    def open_wakeups(self):
+        # A drain writes to both: the serving loop's wake-up pipe, which it
+        # reads, and one that is readable from the drain on, never read,
+        # which wakes the connection pool whenever it looks.
+        self.wake_r, self.wake_w = os.pipe()
+        self.drained_r, self.drained_w = os.pipe()
+        os.set_blocking(self.wake_w, False)
+        os.set_blocking(self.drained_w, False)
+
     def drain(self):
         Subserver.drain(self)
-        for fd in ('wake_w', 'drained_w'):     # wake both loops now
+        for fd in (self.wake_w, self.drained_w):    # wake both loops now
             try:
-                os.write(getattr(self, fd), b'\0')
-            except (AttributeError, OSError):
+                os.write(fd, b'\0')
+            except OSError:     # full (a wake-up is pending), or closed
                 pass
 
     def _keys(self):
@@ -3765,15 +3782,13 @@ class _IPSubserver(Subserver):
         """Beat the heartbeat (at least once a second) until a drain or the
         main process is gone; meanwhile wait for ``self.sock`` readable and
         call ``on_ready``, or (None) just wait: pooled threads accept."""
-        wake_r, wake_w = os.pipe()
-        os.set_blocking(wake_w, False)
+        wake_r = self.wake_r
         # A signal only needs to wake the select: with the pipe full, one
         # already will, so that is no reason to complain.
-        wakes_on_signals = threading.current_thread() is \
-            threading.main_thread()
+        wakes_on_signals = (threading.current_thread() is
+                            threading.main_thread())
         if wakes_on_signals:
-            signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-        self.wake_w = wake_w
+            signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
         sock = self.sock
         waits = [wake_r] if on_ready is None else [sock, wake_r]
         while not self.draining and not self.orphaned():
@@ -3799,10 +3814,6 @@ class _IPSubserver(Subserver):
         if self.tls is not None:
             handle = self._after_handshake(handle)
         _batch_logs(self.logger)
-        # Readable from the drain on, never read: it wakes the accepting
-        # thread whenever it looks.
-        self.drained_r, self.drained_w = os.pipe()
-        os.set_blocking(self.drained_w, False)
         pool = _ConnectionPool(
             self.sock, self.drained_r, self._accept, handle,
             self.concurrent_per_worker, self.client_timeout, self.logger,
@@ -3892,8 +3903,8 @@ class WSGISubserver(_IPSubserver):
 
     kind = 'wsgi'
 
-    def parse_conf(self, conf):
-        _IPSubserver.parse_conf(self, conf)
+    def configure(self, conf):
+        _IPSubserver.configure(self, conf)
         for stat in ['request_count', 'status_2xx_count', 'status_3xx_count',
                      'status_4xx_count', 'status_5xx_count'] + [
                 'status_%d_count' % c
@@ -4070,7 +4081,7 @@ class WSGISubserver(_IPSubserver):
                                          ('Content-Length', str(len(body)))])
         return [body]
 
-    def serve(self):
+    def serve_forever(self):
         self._accept_connections(self._handle)
 
     def _handle(self, sock, address):
@@ -4121,15 +4132,15 @@ class TCPSubserver(_IPSubserver):
 
     kind = 'tcp'
 
-    def parse_conf(self, conf):
-        _IPSubserver.parse_conf(self, conf)
+    def configure(self, conf):
+        _IPSubserver.configure(self, conf)
         self.handler_class, self.handler_conf = self._load_handler(conf)
 
     def start_worker(self, index, bucket):
         _IPSubserver.start_worker(self, index, bucket)
         self.handler = self.handler_class(self.name, self.handler_conf)
 
-    def serve(self):
+    def serve_forever(self):
         self._accept_connections(self._job)
 
     def _job(self, sock, address):
@@ -4154,15 +4165,15 @@ class UDPSubserver(_IPSubserver):
 
     kind = 'udp'
 
-    def parse_conf(self, conf):
-        _IPSubserver.parse_conf(self, conf)
+    def configure(self, conf):
+        _IPSubserver.configure(self, conf)
         self.handler_class, self.handler_conf = self._load_handler(conf)
 
     def start_worker(self, index, bucket):
         _IPSubserver.start_worker(self, index, bucket)
         self.handler = self.handler_class(self.name, self.handler_conf)
 
-    def serve(self):
+    def serve_forever(self):
         self._serve_loop(self._receive)
         self.sock.close()   # the port is free when every process has
 
@@ -4195,8 +4206,8 @@ class DaemonsSubserver(Subserver):
         Subserver.__init__(self, server, name)
         self.stats_conf['start_time'] = 'daemon'
 
-    def parse_conf(self, conf):
-        Subserver.parse_conf(self, conf)
+    def configure(self, conf):
+        Subserver.configure(self, conf)
         self.daemons = []
         for daemon_name in self.settings.daemons:
             cls, parsed = self._load_call(conf, daemon_name,
@@ -4215,7 +4226,7 @@ class DaemonsSubserver(Subserver):
         name, cls, parsed = self.daemons[index]
         self.daemon = cls(name, parsed)
 
-    def serve(self):
+    def serve_forever(self):
         """Run daemon ``worker_index`` until it returns (then it restarts).
 
         The daemon owns this process's main thread, so a helper thread
@@ -5394,7 +5405,7 @@ def _reap_now():
         reaped.append((pid, status))
 
 
-class _Worker(object):
+class _WorkerSlot(object):
     """The main process's record of one worker or daemon slot."""
 
     def __init__(self, subserver, index, bucket):
@@ -5434,9 +5445,9 @@ class _Supervisor(object):
     #: How long a hung worker gets to dump its stacks before SIGKILL.
     ABORT_SECONDS = 2.0
 
-    def __init__(self, workers, logger, graceful_timeout, fork, kill=_kill,
+    def __init__(self, slots, logger, graceful_timeout, fork, kill=_kill,
                  reap=_reap_now, clock=time.monotonic, wall_clock=time.time):
-        self.workers = workers
+        self.slots = slots
         self.logger = logger
         self.graceful_timeout = graceful_timeout
         self.fork = fork
@@ -5444,7 +5455,7 @@ class _Supervisor(object):
         self.exited = reap
         self.clock = clock
         self.wall_clock = wall_clock
-        self.children = {}      # pid: _Worker, for every serving process
+        self.children = {}      # pid: _WorkerSlot, for every serving process
         self.retired = {}       # pid: SIGKILL deadline of a replaced one
         self.replacing = {}     # ready pipe: pid its new worker replaces
         self.aborted = {}       # pid: SIGKILL deadline of a hung one
@@ -5514,7 +5525,7 @@ class _Supervisor(object):
 
     def all_started(self):
         """True once every worker has beaten at least once."""
-        return all(w.bucket.heartbeat() for w in self.workers)
+        return all(w.bucket.heartbeat() for w in self.slots)
 
     def _schedule_restart(self, worker, pid, status, backoff=True):
         """Log why ``worker`` died and when it starts again (backed off,
@@ -5535,13 +5546,13 @@ class _Supervisor(object):
 
     def respawn_due(self):
         now = self.clock()
-        for worker in self.workers:
+        for worker in self.slots:
             if worker.pid is None and worker.due <= now:
                 self.spawn(worker)
 
     def next_due(self):
         """Seconds until the next restart is due (1.0 with none waiting)."""
-        waiting = [w.due for w in self.workers if w.pid is None]
+        waiting = [w.due for w in self.slots if w.pid is None]
         return min(waiting) - self.clock() if waiting else 1.0
 
     # -- replacements --------------------------------------------------------
@@ -5586,7 +5597,7 @@ class _Supervisor(object):
         """Abort (stack dump, then SIGKILL) workers that stopped beating."""
         now = self.wall_clock()
         for pid, worker in list(self.children.items()):
-            timeout = worker.subserver.worker_timeout
+            timeout = worker.subserver.settings.worker_timeout
             if not timeout or pid in self.aborted:
                 continue
             silent = now - max(worker.bucket.heartbeat(), worker.started_at)
@@ -5602,8 +5613,8 @@ class _Supervisor(object):
         self.logger.error(
             '%s (pid %d) is hung: no heartbeat for %.0fs (worker_timeout '
             '%gs)%s; aborting it for a stack dump, then killing it',
-            worker.label(), pid, silent, worker.subserver.worker_timeout,
-            serving)
+            worker.label(), pid, silent,
+            worker.subserver.settings.worker_timeout, serving)
         self.aborted[pid] = self.clock() + self.ABORT_SECONDS
         self.kill(pid, signal.SIGABRT)
         self.kill(pid, signal.SIGCONT)  # a stopped one dumps and dies too
@@ -5892,13 +5903,15 @@ class _Forker(object):
             self._child_signals(subserver)
             self._close_main_fds(subserver, ready_fd)
             subserver.open_log(self.server.to_stderr)
+            subserver.open_wakeups()
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _CHILD_SIGNALS)
             self._drop_privileges()
             subserver.start_worker(worker.index, worker.bucket)
             worker.bucket.beat()
             if ready_fd is not None:
                 os.close(ready_fd)
                 ready_fd = None
-            subserver.serve()
+            subserver.serve_forever()
             code = 0
         except BaseException as err:
             if isinstance(err, SystemExit) and not err.code:
@@ -5916,8 +5929,8 @@ class _Forker(object):
 
     @staticmethod
     def _child_signals(subserver):
-        """A worker's own handlers; then the signals fork held back reach
-        it."""
+        """A worker's own handlers, for the signals fork held back (they
+        reach it once it can drain)."""
         signal.set_wakeup_fd(-1)
         for signum in (signal.SIGTERM, signal.SIGCHLD, signal.SIGQUIT,
                        signal.SIGUSR2, signal.SIGABRT):
@@ -5928,7 +5941,6 @@ class _Forker(object):
             signal.signal(signal.SIGHUP, signal.SIG_DFL)
         else:
             signal.signal(signal.SIGHUP, lambda *_: subserver.drain())
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _CHILD_SIGNALS)
 
     def _close_main_fds(self, keep, ready_fd):
         """A child needs its own listening socket and ready pipe only."""
@@ -5970,7 +5982,7 @@ class Server(object):
         self.start_time = int(time.time())
         self.forked = False
         self.foreground = False
-        self.workers = []       # a _Worker for every worker and daemon slot
+        self.slots = []         # a _WorkerSlot for every worker and daemon
         self.supervisor = None  # made by run(), once the workers are known
         self.control = _ControlChannel(self)
         self.restarter = _Restarter(self)
@@ -5982,7 +5994,7 @@ class Server(object):
 
     # -- configuration (main process, before forking) -----------------------
 
-    def parse_conf(self):
+    def configure(self):
         conf = self.conf
         for section in conf.sections():
             cls = _SUBSERVER_KINDS.get(section.split('#', 1)[0])
@@ -5990,7 +6002,7 @@ class Server(object):
                                                            'daemons'):
                 continue
             subserver = cls(self, section)
-            subserver.parse_conf(conf)
+            subserver.configure(conf)
             self.subservers.append(subserver)
         if not self.subservers:
             raise ConfError('No [wsgi], [tcp], [udp] or [daemons] section in '
@@ -6005,7 +6017,7 @@ class Server(object):
         self.stats = _StatsLayout(self.subservers)
         for subserver in self.subservers:
             for index in range(subserver.bucket_count):
-                self.workers.append(_Worker(subserver, index,
+                self.slots.append(_WorkerSlot(subserver, index,
                                             self.stats.bucket(subserver,
                                                               index)))
 
@@ -6065,13 +6077,13 @@ class Server(object):
         """
         self.forked = True
         self.pid_file = pid_file
-        self.supervisor = _Supervisor(self.workers, self.logger,
+        self.supervisor = _Supervisor(self.slots, self.logger,
                                       self.graceful_timeout,
                                       _Forker(self).fork)
         self.wake_fds = _wake_on_signals()
         self.supervisor.adopt(old_workers)
         _prepare_to_fork()
-        for worker in self.workers:
+        for worker in self.slots:
             self.supervisor.spawn(worker, ready_fd)
         failure = self._wait_ready()
         if failure:
@@ -6181,7 +6193,7 @@ class Server(object):
         for subserver in self.subservers:
             read = reading.subservers[subserver.name].workers
             workers = [self._worker_status(worker, read[worker.index], now)
-                       for worker in self.workers
+                       for worker in self.slots
                        if worker.subserver is subserver]
             subservers.append({'name': subserver.name,
                                'kind': subserver.kind,
@@ -6268,12 +6280,13 @@ def _run_inline(server):
     (debugging), until a signal to end."""
     import copy
     wake_r, _ = _wake_on_signals()
-    for worker in server.workers:
+    for worker in server.slots:
         subserver = copy.copy(worker.subserver)
         subserver.open_log(True)
+        subserver.open_wakeups()
         subserver.start_worker(worker.index, server.stats.bucket(
             worker.subserver, worker.index))
-        threading.Thread(target=subserver.serve, daemon=True).start()
+        threading.Thread(target=subserver.serve_forever, daemon=True).start()
     server.logger.info('brimd %s serving %s in one process (pid %d)',
                        __version__, _serving(server.subservers), os.getpid())
     while True:
@@ -6465,10 +6478,6 @@ commands (default: no-daemon):
                 just the hash
 '''
 
-_COMMANDS = ('serve', 'start', 'stop', 'shutdown', 'restart', 'reload',
-             'force-reload', 'status', 'check', 'foreground', 'no-daemon',
-             'hash-password')
-
 #: Where ``serve`` listens, and with how many workers, unless the command
 #: line or the configuration says otherwise.
 _SERVE_DEFAULTS = {'ip': '127.0.0.1', 'port': '8000', 'workers': '2'}
@@ -6637,7 +6646,7 @@ def _load_server(args, to_stderr, daemon=False):
         _check_log_file(settings.log_file, 'change [brim] log_file')
     elif fallback_why:
         _check_log_file(server.fallback_log_file, fallback_why)
-    server.parse_conf()
+    server.configure()
     for subserver in server.subservers:
         own = subserver.settings.log_file
         if own and own != settings.log_file:
@@ -7055,7 +7064,7 @@ def serve(app, ip='127.0.0.1', port=8000, workers=2, **options):
     wsgi = {option: str(value) for option, value in options.items()}
     wsgi.update(ip=str(ip), port=str(port), workers=str(workers))
     server = Server(Conf({'wsgi': wsgi}), to_stderr=True)
-    server.parse_conf()
+    server.configure()
     server.subservers[0].apps.append(('serve', _as_it_is(app), None))
     return _launch(server, _fresh_plan(None, True, True))
 
@@ -7076,6 +7085,60 @@ def _cmd_no_daemon(args):
     return _run_inline(server)
 
 
+def _stop(args, _command_line):
+    # SIGQUIT: immediate in daemon and foreground mode alike (a foreground
+    # brimd drains on SIGTERM, as containers expect).
+    return _signal_brimd(args, signal.SIGQUIT, 'stop', 15)
+
+
+def _shutdown(args, _command_line):
+    return _signal_brimd(args, signal.SIGHUP, 'shut down', None)
+
+
+def _restart(args, command_line):
+    return _cmd_start(args, command_line, restart=True)
+
+
+def _without_command_line(command):
+    return lambda args, _command_line: command(args)
+
+
+#: What each command runs: function(args, command line).
+_COMMANDS = {
+    'serve': _cmd_foreground,
+    'start': _cmd_start,
+    'stop': _stop,
+    'shutdown': _shutdown,
+    'restart': _restart,
+    'reload': _restart,
+    'force-reload': _restart,
+    'status': _without_command_line(_cmd_status),
+    'check': _without_command_line(_cmd_check),
+    'foreground': _cmd_foreground,
+    'no-daemon': _without_command_line(_cmd_no_daemon),
+    'hash-password': _without_command_line(_cmd_hash_password),
+}
+
+
+def _misuse(args):
+    """What is wrong with how the command line asks, or None."""
+    if args.command not in _COMMANDS:
+        return 'Unknown command %r; use one of: %s.' % (
+            args.command, ', '.join(_COMMANDS))
+    if args.name is not None and args.command not in ('hash-password',
+                                                      'serve', 'check'):
+        return ('%s takes no argument (%r); only serve APP, check APP and '
+                'hash-password NAME do.' % (args.command, args.name))
+    if args.command == 'serve' and args.app is None:
+        return 'serve needs the app to serve: serve package.module:app.'
+    flags = [flag for flag in ('ip', 'port', 'workers')
+             if getattr(args, flag) is not None]
+    if flags and args.app is None:
+        return ('--%s is for serve APP (and check APP); set [wsgi] %s in the '
+                'configuration instead.' % (flags[0], flags[0]))
+    return None
+
+
 def main(argv=None):
     """brimd's command line; returns the exit status."""
     parser, args = _parse_args(sys.argv[1:] if argv is None else argv)
@@ -7088,47 +7151,12 @@ def main(argv=None):
     if args.version:
         print('brim %s' % __version__)
         return 0
-    if args.command not in _COMMANDS:
-        print('Unknown command %r; use one of: %s.' % (
-            args.command, ', '.join(_COMMANDS)), file=sys.stderr)
-        return 1
-    if args.name is not None and args.command not in ('hash-password',
-                                                      'serve', 'check'):
-        print('%s takes no argument (%r); only serve APP, check APP and '
-              'hash-password NAME do.' % (args.command, args.name),
-              file=sys.stderr)
-        return 1
-    if args.command == 'serve' and args.app is None:
-        print('serve needs the app to serve: serve package.module:app.',
-              file=sys.stderr)
-        return 1
-    flags = [flag for flag in ('ip', 'port', 'workers')
-             if getattr(args, flag) is not None]
-    if flags and args.app is None:
-        print('--%s is for serve APP (and check APP); set [wsgi] %s in the '
-              'configuration instead.' % (flags[0], flags[0]),
-              file=sys.stderr)
+    misuse = _misuse(args)
+    if misuse:
+        print(misuse, file=sys.stderr)
         return 1
     try:
-        if args.command == 'hash-password':
-            return _cmd_hash_password(args)
-        if args.command == 'start':
-            return _cmd_start(args, command_line)
-        if args.command in ('restart', 'reload', 'force-reload'):
-            return _cmd_start(args, command_line, restart=True)
-        if args.command == 'stop':
-            # SIGQUIT: immediate in daemon and foreground mode alike (a
-            # foreground brimd drains on SIGTERM, as containers expect).
-            return _signal_brimd(args, signal.SIGQUIT, 'stop', 15)
-        if args.command == 'shutdown':
-            return _signal_brimd(args, signal.SIGHUP, 'shut down', None)
-        if args.command == 'status':
-            return _cmd_status(args)
-        if args.command == 'check':
-            return _cmd_check(args)
-        if args.command in ('foreground', 'serve'):
-            return _cmd_foreground(args, command_line)
-        return _cmd_no_daemon(args)
+        return _COMMANDS[args.command](args, command_line)
     except BrokenPipeError:
         return 0        # ``brimd status | head``: the reader has enough
     except Exception as err:

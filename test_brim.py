@@ -41,6 +41,7 @@ import tempfile
 import textwrap
 import threading
 import time
+import types
 import unittest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -1522,7 +1523,7 @@ class TestSettingsInProcess(unittest.TestCase):
             conf = brim.Conf(conf)
         cls = brim._SUBSERVER_KINDS[section.split('#')[0]]
         subserver = cls(brim.Server(conf), section)
-        subserver.parse_conf(conf)
+        subserver.configure(conf)
         return subserver
 
     def parse_refusal(self, store, section):
@@ -3148,7 +3149,7 @@ class _SupervisedSubserver(object):
     """What _Supervisor asks of a subserver."""
 
     def __init__(self, worker_timeout=0.0):
-        self.worker_timeout = worker_timeout
+        self.settings = types.SimpleNamespace(worker_timeout=worker_timeout)
 
     def worker_label(self, index):
         return '[fake] worker %d' % index
@@ -3187,7 +3188,7 @@ class TestSupervisorInProcess(unittest.TestCase):
 
     def supervisor(self, slots=1, worker_timeout=0.0, graceful=30.0):
         subserver = _SupervisedSubserver(worker_timeout)
-        workers = [brim._Worker(subserver, index, _FakeBucket())
+        workers = [brim._WorkerSlot(subserver, index, _FakeBucket())
                    for index in range(slots)]
         return brim._Supervisor(workers, self.log, graceful, self.fork,
                                 kill=self.kill, reap=self.reap,
@@ -3211,7 +3212,7 @@ class TestSupervisorInProcess(unittest.TestCase):
 
     def test_backoff_doubles_to_its_cap_then_resets_after_a_stable_run(self):
         sup = self.supervisor()
-        [worker] = sup.workers
+        [worker] = sup.slots
         sup.spawn(worker)
         delays = []
         for _ in range(7):
@@ -3241,7 +3242,7 @@ class TestSupervisorInProcess(unittest.TestCase):
 
     def test_the_stats_show_a_dead_worker_down(self):
         sup = self.supervisor()
-        [worker] = sup.workers
+        [worker] = sup.slots
         sup.spawn(worker)
         self.assertEqual(worker.bucket.values, {'_restarts': 0})
         worker.bucket.set('_pid', worker.pid)
@@ -3251,7 +3252,7 @@ class TestSupervisorInProcess(unittest.TestCase):
 
     def test_a_hung_worker_is_aborted_then_killed(self):
         sup = self.supervisor(worker_timeout=5.0)
-        [worker] = sup.workers
+        [worker] = sup.slots
         sup.spawn(worker)
         pid = worker.pid
         worker.bucket.beat = self.wall.now
@@ -3282,21 +3283,21 @@ class TestSupervisorInProcess(unittest.TestCase):
 
     def test_a_worker_without_worker_timeout_is_never_aborted(self):
         sup = self.supervisor(worker_timeout=0.0)
-        sup.spawn(sup.workers[0])
+        sup.spawn(sup.slots[0])
         self.wall.now += 3600
         sup.tend()
         self.assertEqual(self.killed, [])
 
     def test_a_worker_gets_worker_timeout_from_its_start(self):
         sup = self.supervisor(worker_timeout=5.0)
-        sup.spawn(sup.workers[0])
+        sup.spawn(sup.slots[0])
         self.wall.now += 4.9        # no heartbeat yet, but only just started
         sup.tend()
         self.assertEqual(self.killed, [])
 
     def test_a_retired_worker_is_killed_at_its_deadline(self):
         sup = self.supervisor(graceful=30.0)
-        [worker] = sup.workers
+        [worker] = sup.slots
         sup.spawn(worker)
         old = worker.pid
         sup.replace(old, 'asked to be replaced')
@@ -3321,7 +3322,7 @@ class TestSupervisorInProcess(unittest.TestCase):
 
     def test_a_replacement_failure_line_waits_for_its_eof(self):
         sup = self.supervisor()
-        [worker] = sup.workers
+        [worker] = sup.slots
         sup.spawn(worker)
         old = worker.pid
 
@@ -3338,9 +3339,9 @@ class TestSupervisorInProcess(unittest.TestCase):
 
     def test_stopping_neither_restarts_nor_replaces(self):
         sup = self.supervisor(slots=2)
-        for worker in sup.workers:
+        for worker in sup.slots:
             sup.spawn(worker)
-        first, second = sup.workers
+        first, second = sup.slots
         sup.stopping = True
         self.die(sup, first.pid)
         sup.respawn_due()
@@ -3352,9 +3353,9 @@ class TestSupervisorInProcess(unittest.TestCase):
 
     def test_a_worker_that_exits_before_its_first_beat_fails_the_start(self):
         sup = self.supervisor(slots=2)
-        for worker in sup.workers:
+        for worker in sup.slots:
             sup.spawn(worker)
-        first, second = sup.workers
+        first, second = sup.slots
         self.assertIsNone(sup.starting_failure())
         self.assertFalse(sup.all_started())
         first.bucket.beat = second.bucket.beat = self.wall.now
@@ -3370,21 +3371,21 @@ class TestSupervisorInProcess(unittest.TestCase):
     def test_old_generation_workers_drain_once_the_new_ones_serve(self):
         sup = self.supervisor()
         sup.adopt([7, 8])
-        sup.spawn(sup.workers[0])
-        self.assertEqual(sorted(sup.pids()), [7, 8, sup.workers[0].pid])
+        sup.spawn(sup.slots[0])
+        self.assertEqual(sorted(sup.pids()), [7, 8, sup.slots[0].pid])
         sup.drain_retired()
         self.assertEqual(self.killed, [(7, signal.SIGHUP),
                                        (8, signal.SIGHUP)])
         self.die(sup, 7)
-        self.assertEqual(sup.workers[0].restarts, 0)
+        self.assertEqual(sup.slots[0].restarts, 0)
         self.assertNotIn(7, sup.pids())
 
     def test_an_orphan_reaped_is_ignored(self):
         sup = self.supervisor()
-        sup.spawn(sup.workers[0])
+        sup.spawn(sup.slots[0])
         self.die(sup, 4242)
         self.assertEqual(self.log.lines, [])
-        self.assertEqual(sup.workers[0].restarts, 0)
+        self.assertEqual(sup.slots[0].restarts, 0)
 
 
 class _FakeRestarter(object):
@@ -4855,12 +4856,12 @@ class TestLogHandlersInProcess(unittest.TestCase):
 
     def test_failing_file_counts_then_reports(self):
         logger = self.logger(log_file='/dev/full')
-        before = brim._lines_dropped
+        before = brim._log_lines.dropped
         with contextlib.redirect_stderr(io.StringIO()) as stderr:
             for number in range(3):
                 logger.warning('lost-%d', number)
         self.assertEqual(stderr.getvalue(), '')
-        self.assertEqual(brim._lines_dropped - before, 3)
+        self.assertEqual(brim._log_lines.dropped - before, 3)
         handler, = logger.handlers
         handler.path = self.path
         handler.reopen()
@@ -4880,9 +4881,9 @@ class TestLogHandlersInProcess(unittest.TestCase):
         looping = logging.StreamHandler(stream)
         logger.addHandler(looping)
         self.addCleanup(logger.removeHandler, looping)
-        before = brim._lines_dropped
+        before = brim._log_lines.dropped
         stream.write('stray-print-marker\n')
-        self.assertEqual(brim._lines_dropped - before, 1)
+        self.assertEqual(brim._log_lines.dropped - before, 1)
         lines = self.text().splitlines()
         self.assertEqual(len(lines), 1, lines)
         self.assertTrue(lines[0].endswith(
