@@ -6,30 +6,40 @@ privileges in them) and keeps them alive.  Workers serve WSGI app chains,
 raw TCP connections or UDP datagrams; background daemons run supervised
 beside them.  Workers share counters through shared memory.
 
-The file reads top to bottom in the order data flows:
+The file reads top to bottom in the order data flows, one banner a
+section:
 
-    configuration     Conf, reading files, resolving ``call = dotted.Name``
-                      (a brim app class) and ``call = module:app`` (a
-                      plain WSGI app, or a factory of one)
-    logging           NOTICE level, txn-stamped lines (text or JSON),
-                      syslog or a file reopened on SIGUSR1
-    stats             one shared-memory bucket per worker (and its
-                      heartbeat), rolled up on read, as JSON or Prometheus
-    listening sockets binding with retry, handing them to a new brimd,
-                      taking them from systemd (LISTEN_FDS)
-    HTTP/WSGI         a strict, lean HTTP/1.1 parser and WSGI gateway
-    TCP, UDP          connection and datagram subservers
-    daemons           supervised background processes
-    apps              WSGIEcho, WSGIStats (JSON and a live page), WSGIFS,
-                      WSGIBasicAuth, TCPEcho, UDPEcho, DaemonSample, and
-                      what apps use: brim.http responses, brim.httpform
-    supervision       Server: the main process, its signals; its workers
-                      kept alive (_Supervisor), its control socket, its
-                      restarts in place, systemd notify
-    command line      main(): serve, start, stop, shutdown, restart,
-                      status, check, foreground, hash-password, ...; and
-                      serve(app) for projects that vendor brim.py
-    stats page        the HTML and script WSGIStats answers a browser
+    Configuration           Conf and reading files; the table of brim's
+                            options (_OPTIONS) and the settings read from
+                            it; ``call = dotted.Name`` (a brim app class)
+                            and ``call = module:app`` (a plain WSGI app,
+                            or a factory of one)
+    Logging                 NOTICE level, txn-stamped lines (text or
+                            JSON), syslog or a file reopened on SIGUSR1
+    Stats                   the shared memory (_StatsLayout): a bucket per
+                            worker, its heartbeat, one reading for every
+                            view (JSON, Prometheus, status)
+    Listening sockets       binding with retry, handing them to a new
+                            brimd, taking them from systemd (LISTEN_FDS)
+    The HTTP/WSGI path      a strict, lean HTTP/1.1 parser and WSGI
+                            gateway; the threads that take turns to serve
+                            (_ConnectionPool)
+    Subservers              [wsgi], [tcp], [udp] and [daemons]: what a
+                            worker process runs
+    Apps that ship with brim  WSGIEcho, WSGIStats, TCPEcho, UDPEcho,
+                            DaemonSample
+    brim.http               responses that are exceptions and WSGI apps
+    brim.httpform           multipart/form-data, streamed
+    WSGIFS                  files from a directory
+    WSGIBasicAuth           HTTP Basic authentication
+    Supervision             Server, the main process: its signals; its
+                            workers kept alive (_Supervisor), its control
+                            socket, its restarts in place, systemd notify
+    Command line            main(): serve, start, stop, shutdown, restart,
+                            status, check, foreground, hash-password, ...;
+                            and serve(app) for projects that vendor brim.py
+    The stats page          the HTML and script WSGIStats answers a
+                            browser
 
 Everything is standard library.  Names without a leading underscore are the
 ones configs and apps use.

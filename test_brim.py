@@ -7478,6 +7478,21 @@ class TestStatsPage(BrimTestCase):
 # 10 and 11. The brimd script and the shipped sample configuration
 # ---------------------------------------------------------------------------
 
+class TestModuleMap(unittest.TestCase):
+    """The module docstring's map names brim.py's sections, in order."""
+
+    def test_the_map_lists_every_banner_in_order(self):
+        with open(BRIM, encoding='utf-8') as fp:
+            source = fp.read()
+        banners = [title.split(':')[0] for title in re.findall(
+            r'^# -{20,}\n# (.+)\n# -{20,}$', source, re.M)]
+        the_map = brim.__doc__.split('one banner a\nsection:')[1]
+        entries = [line.strip().split('  ')[0] for line in
+                   the_map.splitlines() if re.match(r'    \S', line)]
+        self.assertGreater(len(banners), 10)
+        self.assertEqual(entries, banners)
+
+
 class TestBrimdScript(EchoTestCase):
     """./brimd works in place and when copied with brim.py elsewhere."""
 
