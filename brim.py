@@ -748,8 +748,8 @@ def _import_name(section, spec, module_name, attr):
     except Exception as err:
         where = ''
         if isinstance(err, ModuleNotFoundError):
-            where = ' (looked in %s; add its directory to [brim] ' \
-                'pythonpath)' % ', '.join(_import_places())
+            where = (' (looked in %s; add its directory to [brim] '
+                     'pythonpath)' % ', '.join(_import_places()))
         raise ConfError('[%s] call = %s could not be imported: %s%s'
                         % (section, spec, _one_line(err), where))
 
@@ -1008,8 +1008,8 @@ class _Handler(logging.Handler):
         except Exception:
             self.handleError(record)
             return
-        if not self.batched or record.levelno >= logging.WARNING or \
-                len(self.waiting) >= _BATCH_LINES:
+        if (not self.batched or record.levelno >= logging.WARNING or
+                len(self.waiting) >= _BATCH_LINES):
             self.flush()
 
     def flush(self):
@@ -1031,8 +1031,8 @@ class _Handler(logging.Handler):
         """Whole lines from the queue, up to BATCH_BYTES (at least one)."""
         parts = [self.waiting.popleft()]
         size = len(parts[0])
-        while self.waiting and size + len(self.waiting[0]) <= \
-                self.BATCH_BYTES:
+        while (self.waiting and size + len(self.waiting[0]) <=
+                self.BATCH_BYTES):
             parts.append(self.waiting.popleft())
             size += len(parts[-1])
         return b''.join(parts)
@@ -1683,8 +1683,8 @@ def _prometheus_name(name, stat_type, owners):
     max would both be brim_hits_total)."""
     base = 'brim_' + re.sub(r'[^a-zA-Z0-9_]', '_', name)
     suffix = '_total' if stat_type == 'sum' else ''
-    while owners.setdefault(base + suffix, (name, stat_type)) != \
-            (name, stat_type):
+    while (owners.setdefault(base + suffix, (name, stat_type)) !=
+            (name, stat_type)):
         base += '_'
     return base + suffix
 
@@ -1731,8 +1731,8 @@ def _bind(section, ip, port, kind, backlog, retry_seconds):
             return sock
         except OSError as err:
             sock.close()
-            if err.errno == errno.EADDRINUSE and \
-                    time.monotonic() < deadline:
+            if (err.errno == errno.EADDRINUSE and
+                    time.monotonic() < deadline):
                 if not waiting:     # say so, rather than wait in silence
                     waiting = True
                     print('[%s] %s:%s is in use; retrying for %gs '
@@ -3833,8 +3833,8 @@ class _IPSubserver(Subserver):
         # worker ends at once, and must not hold the port while it does.
         pool.stopped.wait(1.0)
         deadline = time.monotonic() + self.server.graceful_timeout
-        while pool.conns.open and time.monotonic() < deadline and \
-                not self.orphaned():
+        while (pool.conns.open and time.monotonic() < deadline and
+                not self.orphaned()):
             self._tick()
             self._close_idle()
             time.sleep(0.05)
@@ -3963,8 +3963,8 @@ class WSGISubserver(_IPSubserver):
                 made = app()
             except Exception as err:
                 raise ConfError('[%s] call = %s raised %s: %s' % (
-                    section, spec, type(err).__name__, _one_line(err))) \
-                    from err
+                    section, spec, type(err).__name__,
+                    _one_line(err))) from err
             if not callable(made):
                 raise ConfError('[%s] call = %s returned a %s, not a WSGI '
                                 'app.' % (section, spec,
@@ -4115,8 +4115,8 @@ class WSGISubserver(_IPSubserver):
         """A request over request_timeout: log it, recycle this worker."""
         for conn in list(self.connections):
             current = conn.current
-            if current and now - current[0] > self.request_timeout and \
-                    not self.retiring:
+            if (current and now - current[0] > self.request_timeout and
+                    not self.retiring):
                 conn.current = None     # report each request once
                 started, txn, method, path = current
                 self.logger.error('request %s %s %s has run for %.0fs, over '
@@ -4315,8 +4315,8 @@ class WSGIStats(object):
         if env['REQUEST_METHOD'] not in ('GET', 'HEAD'):
             return HTTPMethodNotAllowed(headers=[('Allow', 'GET, HEAD')])(
                 env, start_response)
-        answer = 'prometheus' if path == self.metrics_path else \
-            self._format(env)
+        answer = ('prometheus' if path == self.metrics_path else
+                  self._format(env))
         if answer == 'json':
             return self._json(env, start_response)
         if answer == 'html':
@@ -4592,8 +4592,8 @@ def parse_attrs(header):
         if name and name.endswith('*'):
             extended[name[:-1].lower()] = _decode_rfc2231(plain or '')
         elif name:
-            attrs[name.lower()] = plain if quoted is None else \
-                _QUOTED_PAIR_RE.sub(r'\1', quoted)
+            attrs[name.lower()] = (plain if quoted is None else
+                                   _QUOTED_PAIR_RE.sub(r'\1', quoted))
         pos = match.end()
     attrs.update(extended)
     return value.strip().lower(), attrs
@@ -4768,8 +4768,8 @@ class _FormParts(object):
         headers = {}
         for line in block.split(b'\r\n') if block else ():
             name, colon, value = line.partition(b':')
-            if not colon or not _TOKEN_RE.fullmatch(name) or \
-                    _BAD_VALUE_RE.search(value):
+            if (not colon or not _TOKEN_RE.fullmatch(name) or
+                    _BAD_VALUE_RE.search(value)):
                 raise FormInvalid('bad part header line %r' % line[:80])
             name = name.decode('ascii').lower()
             if name in headers:
@@ -4987,8 +4987,8 @@ class WSGIFS(object):
         if not match or not any(match.groups()):
             return whole
         if_range = env.get('HTTP_IF_RANGE', '').strip()
-        if if_range and if_range != etag and \
-                parse_http_date(if_range) != int(info.st_mtime):
+        if (if_range and if_range != etag and
+                parse_http_date(if_range) != int(info.st_mtime)):
             return whole
         first, last = match.groups()
         if not first:                       # the last N bytes
@@ -5148,8 +5148,8 @@ def _parse_hash(text):
     if not match:
         return None
     n, r, p = (int(group) for group in match.groups()[:3])
-    if n < 2 or n & (n - 1) or not r or not p or \
-            128 * r * (n + p + 2) > _SCRYPT_MAXMEM:
+    if (n < 2 or n & (n - 1) or not r or not p or
+            128 * r * (n + p + 2) > _SCRYPT_MAXMEM):
         return None
     return (n, r, p, base64.b64decode(match.group(4)),
             base64.b64decode(match.group(5)))
@@ -5291,8 +5291,8 @@ class WSGIBasicAuth(object):
     def _reload_if_changed(self, logger):
         """Re-read auth_path when it changed; one thread does it."""
         now = time.monotonic()
-        if now < self.next_check or \
-                not self.reload_lock.acquire(blocking=False):
+        if (now < self.next_check or
+                not self.reload_lock.acquire(blocking=False)):
             return
         try:
             self.next_check = now + self.check_interval
@@ -6390,8 +6390,8 @@ class _Notifier(object):
         self.interval = None
         usec = os.environ.get('WATCHDOG_USEC', '')
         watchdog_pid = os.environ.get('WATCHDOG_PID', '')
-        if usec.isdigit() and int(usec) and \
-                watchdog_pid in ('', str(os.getpid())):
+        if (usec.isdigit() and int(usec) and
+                watchdog_pid in ('', str(os.getpid()))):
             self.interval = int(usec) / 2e6
         self.next_watchdog = time.monotonic()
         self.logger = None
@@ -6417,8 +6417,8 @@ class _Notifier(object):
         return self.next_watchdog - time.monotonic()
 
     def watchdog(self):
-        if self.interval is not None and \
-                time.monotonic() >= self.next_watchdog:
+        if (self.interval is not None and
+                time.monotonic() >= self.next_watchdog):
             self.next_watchdog = time.monotonic() + self.interval
             self.send('WATCHDOG=1')
 
@@ -6650,8 +6650,8 @@ def _load_server(args, to_stderr, daemon=False):
         if pid_file:
             _check_pid_file_writable(pid_file)
         if not to_stderr and not _syslog_socket():
-            server.fallback_log_file, fallback_why = \
-                _fallback_log_file(pid_file)
+            server.fallback_log_file, fallback_why = _fallback_log_file(
+                pid_file)
     if settings.log_file:
         _check_log_file(settings.log_file, 'change [brim] log_file')
     elif fallback_why:
@@ -6855,8 +6855,8 @@ def _cmd_check(args):
     else:
         pid_file = _pid_file_path(args, server.settings.pid_file)
         holder = _read_pid_file(pid_file) if pid_file else None
-        held = set(_ask_json(holder, b'addresses')) \
-            if _is_brimd(holder) else set()
+        held = (set(_ask_json(holder, b'addresses'))
+                if _is_brimd(holder) else set())
     lines = ['[brim]']
     lines.extend(server.settings.lines())
     for subserver in server.subservers:
