@@ -5363,6 +5363,49 @@ _SUBSERVER_KINDS = {'wsgi': WSGISubserver, 'tcp': TCPSubserver,
                     'udp': UDPSubserver, 'daemons': DaemonsSubserver}
 
 
+def _configure_subservers(server, conf):
+    """A configured subserver for each [wsgi], [tcp], [udp] section (and
+    their #name variants) and [daemons], in the configuration's order."""
+    subservers = []
+    for section in conf.sections():
+        cls = _SUBSERVER_KINDS.get(section.split('#', 1)[0])
+        if cls is None or (section == 'daemons') != (cls.kind == 'daemons'):
+            continue
+        subserver = cls(server, section)
+        subserver.configure(conf)
+        subservers.append(subserver)
+    if not subservers:
+        raise ConfError('No [wsgi], [tcp], [udp] or [daemons] section in '
+                        '%s; nothing to serve.' % ', '.join(conf.files))
+    return subservers
+
+
+def _user_to_run_as(settings):
+    """(name, uid, gid) to drop to in workers, or (None, None, None)."""
+    import grp
+    import pwd
+    user, group = settings.user, settings.group
+    if not user and not group:
+        return None, None, None
+    try:
+        entry = pwd.getpwnam(user) if user else pwd.getpwuid(os.getuid())
+    except KeyError:
+        raise ConfError('[brim] user %r does not exist on this host.'
+                        % user)
+    gid = entry.pw_gid
+    if group:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise ConfError('[brim] group %r does not exist on this '
+                            'host.' % group)
+    if os.geteuid() != 0 and (entry.pw_uid != os.geteuid() or
+                              gid != os.getegid()):
+        raise ConfError('[brim] user/group need brimd started as root '
+                        '(it is running as uid %d).' % os.geteuid())
+    return entry.pw_name, entry.pw_uid, gid
+
+
 def _exit_reason(status):
     """'exit status N' or 'signal SIGNAME' for a waitpid status."""
     if os.WIFSIGNALED(status):
@@ -6005,19 +6048,10 @@ class Server(object):
     # -- configuration (main process, before forking) -----------------------
 
     def configure(self):
-        conf = self.conf
-        for section in conf.sections():
-            cls = _SUBSERVER_KINDS.get(section.split('#', 1)[0])
-            if cls is None or (section == 'daemons') != (cls.kind ==
-                                                           'daemons'):
-                continue
-            subserver = cls(self, section)
-            subserver.configure(conf)
-            self.subservers.append(subserver)
-        if not self.subservers:
-            raise ConfError('No [wsgi], [tcp], [udp] or [daemons] section in '
-                            '%s; nothing to serve.' % ', '.join(conf.files))
-        self.user, self.uid, self.gid = self._resolve_user()
+        """Read the subservers' sections, the user to run as, open the
+        log, lay out the stats (main process, before forking)."""
+        self.subservers = _configure_subservers(self, self.conf)
+        self.user, self.uid, self.gid = _user_to_run_as(self.settings)
         settings = self.settings
         self.logger = get_logger(
             settings.log_name, settings.log_level, settings.log_facility,
@@ -6035,31 +6069,6 @@ class Server(object):
     # server.
     graceful_timeout = property(lambda self: self.settings.graceful_timeout)
     umask = property(lambda self: self.settings.umask)
-
-    def _resolve_user(self):
-        """(name, uid, gid) to drop to in workers, or (None, None, None)."""
-        import grp
-        import pwd
-        user, group = self.settings.user, self.settings.group
-        if not user and not group:
-            return None, None, None
-        try:
-            entry = pwd.getpwnam(user) if user else pwd.getpwuid(os.getuid())
-        except KeyError:
-            raise ConfError('[brim] user %r does not exist on this host.'
-                            % user)
-        gid = entry.pw_gid
-        if group:
-            try:
-                gid = grp.getgrnam(group).gr_gid
-            except KeyError:
-                raise ConfError('[brim] group %r does not exist on this '
-                                'host.' % group)
-        if os.geteuid() != 0 and (entry.pw_uid != os.geteuid() or
-                                  gid != os.getegid()):
-            raise ConfError('[brim] user/group need brimd started as root '
-                            '(it is running as uid %d).' % os.geteuid())
-        return entry.pw_name, entry.pw_uid, gid
 
     def bind(self, inherited=None):
         """Bind every listening socket (or take over an old brimd's)."""
