@@ -6106,18 +6106,21 @@ class Server(object):
             self.supervisor.spawn(worker, ready_fd)
         failure = self._wait_ready()
         if failure:
-            self.logger.error('brimd could not start: %s', failure)
-            if ready_fd is not None:
-                _write_line(ready_fd, failure)
-            # Drain, not stop: during a restart the workers that did start
-            # have taken connections from the shared sockets already.
-            self.shutdown()
-            return 1
+            return self._start_failed(failure, ready_fd)
         self.supervisor.drain_retired()
         # Listening only now: a ``ping`` answer means the workers serve.
         self.control.listen()
         self._report_ready(ready_fd)
         return self._main_loop()
+
+    def _start_failed(self, failure, ready_fd):
+        self.logger.error('brimd could not start: %s', failure)
+        if ready_fd is not None:
+            _write_line(ready_fd, failure)
+        # Drain, not stop: during a restart the workers that did start
+        # have taken connections from the shared sockets already.
+        self.shutdown()
+        return 1
 
     def _report_ready(self, ready_fd):
         """Tell the pid file, the log, systemd and ``start`` that brimd
