@@ -647,6 +647,12 @@ def _sections_of(option):
     return '%s or %s' % (', '.join(names[:-1]), names[-1])
 
 
+def _app_call(conf, section):
+    """``call`` of an app's (or a daemon's) section: the one option brim
+    reads there; '' when it is not set."""
+    return conf.get(section, 'call') or ''
+
+
 def _check_app_options(section, cls, conf, also_known=()):
     """Refuse options ``cls`` (an app, handler or daemon class that
     declares ``options``) does not know in ``[section]``; ``call`` and
@@ -3925,7 +3931,7 @@ class WSGISubserver(_IPSubserver):
         self.apps = []
         names = list(self.settings.apps)
         for app_name, after in zip(names, names[1:] + [None]):
-            spec = conf.get(app_name, 'call') or ''
+            spec = _app_call(conf, app_name)
             if ':' in spec:
                 self.apps.append((app_name, self._load_plain_app(
                     app_name, spec, after), None))
@@ -4221,7 +4227,7 @@ class DaemonsSubserver(Subserver):
         self.daemons = []
         for daemon_name in self.settings.daemons:
             cls, parsed = self._load_call(conf, daemon_name,
-                                          conf.get(daemon_name, 'call'))
+                                          _app_call(conf, daemon_name))
             self.daemons.append((daemon_name, cls, parsed))
 
     @property
