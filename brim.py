@@ -3679,13 +3679,6 @@ class _IPSubserver(Subserver):
         lambda self: self.settings.concurrent_per_worker)
     tls = property(lambda self: self.settings.tls)
 
-    def _load_handler(self, conf):
-        """(class, parsed conf) of a [tcp] or [udp] section's handler; one
-        that declares its options shares the section with brim's."""
-        return self._load_call(
-            conf, self.name, self.settings.call,
-            [option.name for option in _options_of(self.kind)])
-
     @property
     def port(self):
         """The port bound (the one the system chose, for port 0), else the
@@ -4143,18 +4136,30 @@ class WSGISubserver(_IPSubserver):
                     pass
 
 
-class TCPSubserver(_IPSubserver):
-    """``[tcp]`` / ``[tcp#name]``: a handler called per connection."""
-
-    kind = 'tcp'
+class _HandlerSubserver(_IPSubserver):
+    """What [tcp] and [udp] share: a handler class (``call``), made once
+    per worker."""
 
     def configure(self, conf):
         _IPSubserver.configure(self, conf)
         self.handler_class, self.handler_conf = self._load_handler(conf)
 
+    def _load_handler(self, conf):
+        """(class, parsed conf) of a [tcp] or [udp] section's handler; one
+        that declares its options shares the section with brim's."""
+        return self._load_call(
+            conf, self.name, self.settings.call,
+            [option.name for option in _options_of(self.kind)])
+
     def start_worker(self, index, bucket):
         _IPSubserver.start_worker(self, index, bucket)
         self.handler = self.handler_class(self.name, self.handler_conf)
+
+
+class TCPSubserver(_HandlerSubserver):
+    """``[tcp]`` / ``[tcp#name]``: a handler called per connection."""
+
+    kind = 'tcp'
 
     def serve_forever(self):
         self._accept_connections(self._job)
@@ -4176,18 +4181,10 @@ class TCPSubserver(_IPSubserver):
             sock.close()
 
 
-class UDPSubserver(_IPSubserver):
+class UDPSubserver(_HandlerSubserver):
     """``[udp]`` / ``[udp#name]``: a handler called per datagram."""
 
     kind = 'udp'
-
-    def configure(self, conf):
-        _IPSubserver.configure(self, conf)
-        self.handler_class, self.handler_conf = self._load_handler(conf)
-
-    def start_worker(self, index, bucket):
-        _IPSubserver.start_worker(self, index, bucket)
-        self.handler = self.handler_class(self.name, self.handler_conf)
 
     def serve_forever(self):
         self._serve_loop(self._receive)
