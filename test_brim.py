@@ -4563,52 +4563,40 @@ class _HeldTurn(object):
 
 
 class _SeamWorker(object):
-    """What _HTTPConnection and _Response use of a [wsgi] worker, and no
-    more: brim's own reading, parsing and answering, in this process."""
-
-    tls = None
-    draining = False
-    client_timeout = 5.0
+    """What a [wsgi] worker gives _HTTPConnection (an _HTTPSite), and what
+    it is told back: brim's own reading, parsing and answering, in this
+    process."""
 
     def __init__(self, app, max_request_line=8190, max_header_line=8190,
-                 max_header_count=100, max_body=None):
-        self.app = app
-        self.max_request_line = max_request_line
-        self.max_header_line = max_header_line
-        self.max_header_count = max_header_count
-        self.max_body = max_body
-        self.max_head = max_request_line + 4 + \
-            max_header_count * (max_header_line + 2)
-        self.base_env = {
-            'SCRIPT_NAME': '', 'SERVER_NAME': '127.0.0.1',
-            'SERVER_PORT': '80', 'wsgi.version': (1, 0),
-            'wsgi.url_scheme': 'http', 'wsgi.input_terminated': True,
-            'wsgi.file_wrapper': brim._FileWrapper}
+                 max_header_count=100, max_body=None, client_timeout=5.0):
         self.connections = set()
-        self.stats = self
         self.records = []       # what brim logged
+        self.answered = []      # (env, status, body bytes read) of each
+        self.refused = []       # the status of each request refused
+        self.draining = False
         self.logger = logging.Logger('seams')
         self.logger.propagate = False
         self.logger.addHandler(_KeptRecords(self.records))
+        self.site = brim._HTTPSite(
+            app=app, base_env={
+                'SCRIPT_NAME': '', 'SERVER_NAME': '127.0.0.1',
+                'SERVER_PORT': '80', 'wsgi.version': (1, 0),
+                'wsgi.url_scheme': 'http', 'wsgi.input_terminated': True,
+                'wsgi.file_wrapper': brim._FileWrapper},
+            limits=brim._HTTPLimits(max_request_line, max_header_line,
+                                    max_header_count, max_body,
+                                    client_timeout),
+            logger=self.logger, tls=False, connections=self.connections,
+            next_txn=lambda: 'txn', began=lambda *request: None,
+            ended=self.ended, refused=self.refused.append,
+            draining=lambda: self.draining)
+
+    def ended(self, env, response, duration, txn):
+        self.answered.append((env, response.code, response.bytes_in()))
 
     def errors(self):
         return [r.getMessage() for r in self.records
                 if r.levelno >= logging.ERROR]
-
-    def note_request(self, start, txn, method, path):
-        pass
-
-    def count_served(self, toward_limit):
-        pass
-
-    def count_request(self, code):
-        pass
-
-    def next_txn(self):
-        return 'txn'
-
-    def log_request(self, env, response, duration, txn):
-        pass
 
 
 class _KeptRecords(logging.Handler):
@@ -4718,7 +4706,8 @@ class SplitClient(object):
     def _serve(self, sock):
         """As the pool serves a connection: the job returned is parked
         until the client sends more, then served again."""
-        job = brim._HTTPConnection(self.worker, sock, ('127.0.0.1', 40000))
+        job = brim._HTTPConnection(self.worker.site, sock,
+                                   ('127.0.0.1', 40000))
         self.worker.connections.add(job)
         job = job.serve(_HeldTurn())       # as from the accept
         while job is not None:
