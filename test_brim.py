@@ -4835,8 +4835,8 @@ class _FramingApp(object):
     """/echo answers with the body, /gen with a generator, /write through
     write(), /here with bytes and /list with a list (neither a list nor a
     length), /closing?NAME with a body whose close() it notes, /closed with
-    the names closed so far, /pid with this process's id; other paths get
-    brimd's own 404."""
+    the names closed so far, /pid with this process's id; /raise raises;
+    other paths get brimd's own 404."""
 
     def __init__(self):
         self.closed = []
@@ -4882,6 +4882,9 @@ class _FramingApp(object):
 
     def do_closed(self, env, start_response):
         return self.reply(start_response, ','.join(self.closed).encode())
+
+    def do_raise(self, env, start_response):
+        raise ValueError('app-raised-marker')
 
 
 # Ends a pipeline: brim answers it, then closes.
@@ -5033,6 +5036,17 @@ class TestHTTPFraming(InProcessHTTPTestCase):
                          [b'part1-part2', b'part1-part2', b'a,b'])
         self.assertEqual(self.framing.closed, ['a', 'b'])
 
+    def test_app_that_raises(self):
+        answers, _reset = self.exchange(
+            b'GET /raise HTTP/1.1\r\nHost: x\r\n\r\n',
+            b'GET /pid HTTP/1.1\r\nHost: x\r\n\r\n')
+        self.assertEqual([(a.status, a.headers.get('connection'), a.body)
+                          for a in answers],
+                         [(500, 'close',
+                           b'500 Internal Server Error\ntxn txn\n')])
+        self.assertEqual(answers[0].headers['content-type'], 'text/plain')
+        self.assert_logged(r'GET /raise: the app raised: app-raised-marker')
+
 
 class TestHTTPRefusals(InProcessHTTPTestCase):
     """Requests brim refuses; the server keeps serving after each."""
@@ -5048,6 +5062,9 @@ class TestHTTPRefusals(InProcessHTTPTestCase):
         self.assertTrue(body.startswith(b'%d ' % status), body)
         self.assert_still_serves()
         self.assert_logged(r'refused %d' % status)
+        # Counted, whether refused as it was parsed or as its body was read.
+        self.assertIn(status, self.worker.refused + [
+            code for _env, code, _bytes_in in self.worker.answered])
         return data
 
     def assert_still_serves(self):
