@@ -532,8 +532,7 @@ def _setting(conf, section, option):
 
 def _derived(section, kind, values):
     """The values brim computes from a subserver's settings, in one place:
-    the functions json_dumps and json_loads name, the TLS context, and the
-    longest head the HTTP limits allow (so reading can stop early)."""
+    the functions json_dumps and json_loads name, and the TLS context."""
     if kind == 'brim':
         return {}
     derived = {'dumps': import_call(section, values['json_dumps']),
@@ -543,10 +542,6 @@ def _derived(section, kind, values):
                                       values['keyfile'])
     elif kind == 'udp':
         derived['tls'] = None
-    if kind == 'wsgi':
-        derived['max_head'] = (values['max_request_line'] + 4 +
-                               values['max_header_count'] *
-                               (values['max_header_line'] + 2))
     return derived
 
 
@@ -1827,6 +1822,62 @@ class _AppError(Exception):
     """A WSGI app broke the protocol; the text says what it did wrong."""
 
 
+class _HTTPLimits(collections.namedtuple('_HTTPLimits', (
+        'max_request_line', 'max_header_line', 'max_header_count',
+        'max_body', 'client_timeout', 'max_head'))):
+    """What a worker's connections allow a client, fixed as it starts:
+    the settings of the same names, and ``max_head``, the longest head
+    they allow, so reading a head can stop as soon as it is too long."""
+
+    __slots__ = ()
+
+    def __new__(cls, max_request_line, max_header_line, max_header_count,
+                max_body, client_timeout):
+        max_head = (max_request_line + 4 +
+                    max_header_count * (max_header_line + 2))
+        return super().__new__(cls, max_request_line, max_header_line,
+                               max_header_count, max_body, client_timeout,
+                               max_head)
+
+    @classmethod
+    def of(cls, settings):
+        """The limits a [wsgi] section's settings give."""
+        return cls(settings.max_request_line, settings.max_header_line,
+                   settings.max_header_count, settings.max_body,
+                   settings.client_timeout)
+
+
+class _HTTPSite(collections.namedtuple('_HTTPSite', (
+        'app', 'base_env', 'limits', 'logger', 'tls', 'connections',
+        'next_txn', 'began', 'ended', 'refused', 'draining'))):
+    """All a connection sees of the worker that serves it.
+
+    ``app`` is the WSGI app, ``base_env`` what each request's environ
+    starts as, ``limits`` an _HTTPLimits; ``tls``: whether the sockets
+    are TLS ones; ``connections``, the set of open connections (each
+    leaves it as it closes).  A request gets its txn from ``next_txn()``;
+    ``began(start, txn, method, path, first)`` says it starts (``first``:
+    the connection's first, counted when it was accepted), ``ended(env,
+    response, duration, txn)`` that it was answered; ``refused(status)``
+    says brim refused one.  ``draining()``: whether the worker drains.
+    """
+
+    __slots__ = ()
+
+
+class _Request(object):
+    """One parsed request: its environ, whether the client would keep the
+    connection, and its body as brim frames it (which an app or middleware
+    may replace in wsgi.input, but brim reads to its end)."""
+
+    __slots__ = ('env', 'keep_alive', 'body')
+
+    def __init__(self, env, keep_alive, body):
+        self.env = env
+        self.keep_alive = keep_alive
+        self.body = body
+
+
 _RESPONSE_REASONS = {
     100: 'Continue', 200: 'OK', 201: 'Created', 202: 'Accepted',
     204: 'No Content', 206: 'Partial Content', 301: 'Moved Permanently',
@@ -1843,6 +1894,36 @@ _RESPONSE_REASONS = {
     502: 'Bad Gateway', 503: 'Service Unavailable', 504: 'Gateway Timeout',
     505: 'HTTP Version Not Supported',
 }
+
+
+def _status(code):
+    """The status line's text for ``code``: '404 Not Found'."""
+    return '%d %s' % (code, _RESPONSE_REASONS.get(code, 'Unknown'))
+
+
+def _plain_answer(code, body=None, headers=(), content_type='text/plain'):
+    """(status, headers, body) of a plain-text answer: every answer brim
+    makes itself (a refusal, an app that failed, a path no app serves) and
+    brim.http's responses.
+
+    ``body`` (bytes) defaults to the status and a newline; a status that
+    has no body (1xx, 204, 304) gets none.  Content-Type and
+    Content-Length are added unless ``headers`` names them.
+    """
+    status = _status(code)
+    has_body = code >= 200 and code not in _NO_BODY_STATUSES
+    if not has_body:
+        body = b''
+    elif body is None:
+        body = (status + '\n').encode('ascii')
+    headers = list(headers)
+    named = {name.lower() for name, _value in headers}
+    if body and 'content-type' not in named:
+        headers.append(('Content-Type', content_type))
+    if has_body and 'content-length' not in named:
+        headers.append(('Content-Length', str(len(body))))
+    return status, headers, body
+
 
 # RFC 9110 tokens; methods are further limited to upper case, 3 to 20
 # characters, as gunicorn does, which refuses lower-case smuggling tricks.
@@ -1944,6 +2025,8 @@ _log_time = _DateCache(lambda now: time.strftime('%Y%m%dT%H%M%SZ',
 class _NoBody(object):
     """wsgi.input for a request without a body."""
 
+    expect_continue = False     # there is nothing to ask for
+
     def read(self, size=-1):
         return b''
 
@@ -1971,19 +2054,23 @@ class _Input(object):
 
     Subclasses say how the body is framed.  ``read()`` returns b'' at the end
     of the body, never blocking for more, so ``wsgi.input_terminated`` holds.
+    ``expect_continue``: the client waits to be asked for the body
+    (Expect: 100-continue), until the first read or the response's head.
     """
 
     def __init__(self, conn):
         self.conn = conn
         self.done = False
         self.consumed = 0      # body bytes read, for the request log
+        self.expect_continue = False
 
     def _next(self, size):
         """Up to ``size`` more body bytes, b'' at the end of the body.  The
-        first read is when a client that waits (Expect: 100-continue) is
-        asked for the body, whatever of it is buffered already."""
-        if self.conn.expect_continue:
-            self.conn.send_continue()
+        first read is when a client that waits is asked for the body,
+        whatever of it is buffered already."""
+        if self.expect_continue:
+            self.expect_continue = False
+            self.conn.sendall(b'HTTP/1.1 100 Continue\r\n\r\n')
         return self._read_some(size)
 
     def _read_some(self, size):
@@ -2207,11 +2294,16 @@ class _HTTPConnection(object):
     """One client connection: reads requests and answers them in turn.
 
     Per-connection state is kept here and reused for every request on the
-    connection, so keep-alive requests create little garbage.
+    connection, so keep-alive requests create little garbage; a request's
+    own is its _Request's.  ``site`` (an _HTTPSite) is all it sees of the
+    worker.
     """
 
-    def __init__(self, worker, sock, address):
-        self.worker = worker
+    def __init__(self, site, sock, address):
+        self.site = site
+        self.limits = site.limits
+        self.logger = site.logger
+        self.draining = site.draining
         self.sock = sock
         self.fresh = True       # no read yet (nor the socket's timeout)
         # A plain connection is non-blocking: a read or write that would
@@ -2219,19 +2311,15 @@ class _HTTPConnection(object):
         # would make every read and write a poll and a call.  Between
         # requests it is parked in the pool's epoll.  TLS may hold
         # decrypted bytes that epoll cannot see: it blocks, with a timeout.
-        self.plain = self.parkable = worker.tls is None
-        self.timeout = worker.client_timeout    # for a wait on the client
+        self.plain = self.parkable = not site.tls
+        self.timeout = site.limits.client_timeout   # for a wait on the client
         self.turn = None        # a _Turn while this thread has it
         self.poll = None        # made when first needed
         self.buf = b''
         self.client = address[0] if address else '-'
-        self.base_env = worker.base_env.copy()
+        self.base_env = site.base_env.copy()
         self.base_env['REMOTE_ADDR'] = self.client
         self.base_env['REMOTE_PORT'] = str(address[1]) if address else ''
-        self.expect_continue = False
-        # The request's body as brim framed it: an app or middleware may
-        # put another stream in wsgi.input, but this is what brim drains.
-        self.body = _NO_BODY
         self.current = None     # (start, txn, method, path) being served
         # Idle means between keep-alive requests: a drain may close it then.
         # A new connection is not idle: its first request is always served.
@@ -2311,11 +2399,6 @@ class _HTTPConnection(object):
         except BlockingIOError:
             return None
 
-    def send_continue(self):
-        """Tell a client that waits for it to send the body."""
-        self.expect_continue = False
-        self.sendall(b'HTTP/1.1 100 Continue\r\n\r\n')
-
     def take(self, size):
         """Up to ``size`` body bytes: buffered ones first, else one recv."""
         if not self.buf:
@@ -2364,7 +2447,7 @@ class _HTTPConnection(object):
         Refuses a head that breaks the limits as soon as it does, so a
         client cannot make brim buffer more than the limits allow.
         """
-        worker = self.worker
+        limits = self.limits
         buf = self.buf
         while True:
             end = buf.find(b'\r\n\r\n')
@@ -2379,10 +2462,10 @@ class _HTTPConnection(object):
             if buf.count(b'\n') != buf.count(b'\r\n'):
                 raise _HTTPError(400, 'bare LF in the head')
             first = buf.find(b'\r\n', 2)
-            if (first < 0 and len(buf) > worker.max_request_line + 2) or \
-                    first > worker.max_request_line + 2:
+            if (first < 0 and len(buf) > limits.max_request_line + 2) or \
+                    first > limits.max_request_line + 2:
                 raise _HTTPError(414, 'request line over max_request_line')
-            if len(buf) > worker.max_head:
+            if len(buf) > limits.max_head:
                 raise _HTTPError(431, 'request head over the header limits')
             try:
                 data = self.recv_or_eof()
@@ -2401,11 +2484,11 @@ class _HTTPConnection(object):
     # -- parsing -----------------------------------------------------------
 
     def parse(self, head):
-        """The WSGI environ for ``head``; sets framing and keep-alive."""
-        worker = self.worker
+        """The _Request ``head`` asks for."""
+        limits = self.limits
         lines = head.split(b'\r\n')
         request_line = lines[0]
-        if len(request_line) > worker.max_request_line:
+        if len(request_line) > limits.max_request_line:
             raise _HTTPError(414, 'request line over max_request_line')
         parts = request_line.split(b' ')
         if len(parts) != 3:
@@ -2426,10 +2509,9 @@ class _HTTPConnection(object):
         env['REQUEST_METHOD'] = method.decode('ascii')
         env['SERVER_PROTOCOL'] = version.decode('ascii')
         self._parse_target(env, method, target)
-        if len(lines) - 1 > worker.max_header_count:
+        if len(lines) - 1 > limits.max_header_count:
             raise _HTTPError(431, 'more than max_header_count fields')
-        self._parse_fields(env, lines, http11)
-        return env
+        return self._parse_fields(env, lines, http11)
 
     def _parse_target(self, env, method, target):
         if target[:1] == b'/':
@@ -2468,8 +2550,9 @@ class _HTTPConnection(object):
         env['RAW_URI'] = target.decode('latin-1')
 
     def _parse_fields(self, env, lines, http11):
-        worker = self.worker
-        max_line = worker.max_header_line - 2      # the limit counts CRLF
+        """The _Request of ``env`` once the fields in ``lines`` are in."""
+        limits = self.limits
+        max_line = limits.max_header_line - 2      # the limit counts CRLF
         names = _header_names
         codings = None
         for line in itertools.islice(lines, 1, None):
@@ -2497,11 +2580,9 @@ class _HTTPConnection(object):
                 codings = env[key]
         connection = env.get('HTTP_CONNECTION', '').lower()
         if http11:
-            self.keep_alive = 'close' not in connection
+            keep_alive = 'close' not in connection
         else:
-            self.keep_alive = 'keep-alive' in connection
-        self.expect_continue = http11 and \
-            env.get('HTTP_EXPECT', '').lower() == '100-continue'
+            keep_alive = 'keep-alive' in connection
         length = env.get('CONTENT_LENGTH')
         if codings is not None:
             body = self._chunked(codings, length, http11)
@@ -2509,14 +2590,16 @@ class _HTTPConnection(object):
             if not length.isdigit() or not length.isascii():
                 raise _HTTPError(400, 'bad Content-Length %r' % length)
             size = int(length)
-            if worker.max_body is not None and size > worker.max_body:
+            if limits.max_body is not None and size > limits.max_body:
                 raise _HTTPError(413, 'Content-Length over max_body')
             body = _LengthInput(self, size) if size else _NO_BODY
         else:
             body = _NO_BODY
-        if body is _NO_BODY:
-            self.expect_continue = False    # there is nothing to ask for
-        env['wsgi.input'] = self.body = body
+        if (body is not _NO_BODY and http11 and
+                env.get('HTTP_EXPECT', '').lower() == '100-continue'):
+            body.expect_continue = True
+        env['wsgi.input'] = body
+        return _Request(env, keep_alive, body)
 
     def _chunked(self, codings, length, http11):
         """Check Transfer-Encoding; the de-chunking wsgi.input."""
@@ -2532,7 +2615,7 @@ class _HTTPConnection(object):
         for coding in listed[:-1]:
             if coding not in _KNOWN_CODINGS:
                 raise _HTTPError(501, 'unknown transfer coding %r' % coding)
-        return _ChunkedInput(self, self.worker.max_body)
+        return _ChunkedInput(self, self.limits.max_body)
 
     # -- serving -----------------------------------------------------------
 
@@ -2562,14 +2645,14 @@ class _HTTPConnection(object):
                         return self.close()
                     self.idle = False   # a pipelined head needs no recv
                     self.served += 1
-                    env = self.parse(head)
+                    request = self.parse(head)
                 except _HTTPError as err:
                     self.refuse(err)
                     return self.linger()
                 if self.turn is not None and self.turn.before_app():
                     self.turn = None
-                if not self.respond(env):
-                    return self.hang_up()
+                if not self.respond(request):
+                    return self.hang_up(request.body)
                 self.idle = True
                 if self.parkable and not self.buf:
                     return self
@@ -2582,20 +2665,19 @@ class _HTTPConnection(object):
 
     def close(self):
         """Close the connection (for good); returns None."""
-        self.worker.connections.discard(self)
-        self.body = _NO_BODY    # it refers back to the connection
+        self.site.connections.discard(self)
         try:
             self.sock.close()
         except OSError:
             pass
 
-    def hang_up(self):
+    def hang_up(self, body):
         """Close after a response that ends the connection; returns None.
 
-        The client may still be sending (the rest of a body, the next
+        The client may still be sending (the rest of ``body``, the next
         request): then brim lingers before it closes.
         """
-        if self.buf or not self.body.left_at_most(0) or self.arrived():
+        if self.buf or not body.left_at_most(0) or self.arrived():
             return self.linger()
         return self.close()
 
@@ -2628,73 +2710,70 @@ class _HTTPConnection(object):
 
     def refuse(self, err):
         """Answer a request brim will not serve, then close."""
-        worker = self.worker
-        worker.logger.warning('%s refused %s: %s', self.client, err.status,
-                              err.reason)
-        body = ('%d %s\n' % (err.status, _RESPONSE_REASONS.get(
-            err.status, ''))).encode('ascii')
-        head = 'HTTP/1.1 %d %s\r\nDate: %s\r\nServer: brim\r\n' \
-               'Content-Type: text/plain\r\nContent-Length: %d\r\n' \
-               'Connection: close\r\n\r\n' % (
-                   err.status, _RESPONSE_REASONS.get(err.status, ''),
-                   _http_date(), len(body))
+        self.logger.warning('%s refused %s: %s', self.client, err.status,
+                            err.reason)
         try:
-            self.sendall(head.encode('ascii') + body)
+            _Response(self, _UNPARSED).answer(err.status)
         except OSError:
             pass
-        worker.count_request(err.status)
+        self.site.refused(err.status)
 
-    def respond(self, env):
-        """Run the app for ``env`` and answer; True to keep the connection."""
-        worker = self.worker
-        response = _Response(self, env)
-        _txn_local.txn = txn = env['brim.txn'] = worker.next_txn()
+    def respond(self, request):
+        """Run the app for ``request`` and answer; True to keep the
+        connection."""
+        site = self.site
+        env = request.env
+        response = _Response(self, request)
+        _txn_local.txn = txn = env['brim.txn'] = site.next_txn()
         env['brim.start'] = start = time.time()
         env['brim.log_info'] = []
         method, path = env['REQUEST_METHOD'], env['PATH_INFO']
         self.current = (start, txn, method, path)
-        worker.stats.note_request(start, txn, method, path)
-        # A connection's first request was counted when it was accepted.
-        worker.count_served(toward_limit=self.served > 1)
+        site.began(start, txn, method, path, self.served == 1)
         try:
-            keep = response.run(worker.app)
+            keep = response.run(site.app)
             if keep:
-                keep = self._finish_body()
-            worker.count_request(response.code)
-            worker.log_request(env, response, time.time() - start, txn)
+                keep = self._finish_body(request.body)
+            site.ended(env, response, time.time() - start, txn)
         finally:
             _txn_local.txn = None
             self.current = None
-        return keep and not worker.draining
+        return keep and not self.draining()
 
-    def reusable(self):
+    def reusable(self, body):
         """Whether the connection can take a request after the response
         that is starting (its head says so): brim must know where the
-        next request begins, and read no more than _DRAIN_LIMIT to get
-        there."""
-        if self.worker.draining:
+        next request begins, and read no more than _DRAIN_LIMIT of
+        ``body`` to get there."""
+        if self.draining():
             return False
-        if self.expect_continue:
+        if body.expect_continue:
             # Expect: 100-continue and the app read none of the body: the
             # client, told nothing, may send it or not, so the connection
             # has no sure next request.
             return False
-        return self.body.left_at_most(_DRAIN_LIMIT)
+        return body.left_at_most(_DRAIN_LIMIT)
 
-    def _finish_body(self):
+    def _finish_body(self, body):
         """Drop what the app left of the body so the next request parses."""
         try:
-            return self.body.drain(_DRAIN_LIMIT)
+            return body.drain(_DRAIN_LIMIT)
         except _HTTPError:
             return False
+
+
+# The request a refusal answers: brim could not parse it.
+_UNPARSED = _Request({'REQUEST_METHOD': '', 'SERVER_PROTOCOL': 'HTTP/1.1'},
+                     False, _NO_BODY)
 
 
 class _Response(object):
     """One response: start_response, write, and sending the app's body."""
 
-    def __init__(self, conn, env):
+    def __init__(self, conn, request):
         self.conn = conn
-        self.env = env
+        self.body = request.body
+        self.env = env = request.env
         self.status = None
         self.headers = None
         self.code = 0
@@ -2702,13 +2781,13 @@ class _Response(object):
         self.chunked = False
         self.length = None      # Content-Length the app gave, if any
         self.sent = 0           # body bytes sent
-        self.keep_alive = conn.keep_alive
+        self.keep_alive = request.keep_alive
         self.head_only = env['REQUEST_METHOD'] == 'HEAD'
 
     def bytes_in(self):
         """Body bytes read from the client for this request, whatever
         middleware put in env['wsgi.input'] since."""
-        return getattr(self.conn.body, 'consumed', 0)
+        return getattr(self.body, 'consumed', 0)
 
     def start_response(self, status, headers, exc_info=None):
         if exc_info is not None:
@@ -2786,11 +2865,13 @@ class _Response(object):
             lines.append('Transfer-Encoding: chunked\r\n')
         else:
             self.keep_alive = False     # HTTP/1.0: the close ends the body
-        if self.keep_alive and not self.conn.reusable():
+        body = self.body
+        if self.keep_alive and not self.conn.reusable(body):
             self.keep_alive = False
         # The final response is on its way: a 100 (Continue) for a body the
         # app reads from now on would land in the middle of it.
-        self.conn.expect_continue = False
+        if body.expect_continue:
+            body.expect_continue = False
         if not self.keep_alive:
             lines.append('Connection: close\r\n')
         elif self.env['SERVER_PROTOCOL'] == 'HTTP/1.0':
@@ -2871,8 +2952,7 @@ class _Response(object):
 
     def run(self, app):
         """Call the app and send its answer; True to keep the connection."""
-        conn = self.conn
-        logger = conn.worker.logger
+        logger = self.conn.logger
         result = None
         try:
             result = app(self.env, self.start_response)
@@ -2915,7 +2995,7 @@ class _Response(object):
         """The app raised or misbehaved: log it, answer 500 if we still can."""
         conn = self.conn
         env = self.env
-        logger = conn.worker.logger
+        logger = conn.logger
         if isinstance(err, OSError):
             self.code = self.code or 499
             return False       # the client went away mid-response
@@ -2935,17 +3015,21 @@ class _Response(object):
         self.code = status
         if self.head_sent:
             return False      # too late for a status: cut the response short
-        body = ('%d %s\ntxn %s\n' % (status, _RESPONSE_REASONS.get(
-            status, ''), env.get('brim.txn', '-'))).encode('ascii')
-        self.status = '%d %s' % (status, _RESPONSE_REASONS.get(status, ''))
-        self.headers = [('Content-Type', 'text/plain')]
-        self.keep_alive = False
-        self.length = None
         try:
-            self._send_whole(body)
+            self.answer(status, ('%s\ntxn %s\n' % (
+                _status(status), env.get('brim.txn', '-'))).encode('ascii'))
         except OSError:
             pass
         return False
+
+    def answer(self, code, body=None):
+        """Answer with brim's own plain text (see _plain_answer), and end
+        the connection."""
+        self.status, self.headers, body = _plain_answer(code, body)
+        self.code = code
+        self.keep_alive = False
+        self.length = None
+        self._send_whole(body)
 
     def _answer_raised(self, response):
         """The app raised a brim.http response (``raise HTTPNotFound()``):
@@ -3673,12 +3757,6 @@ class _IPSubserver(Subserver):
         self.bound_port = None
         self.stats_conf['start_time'] = 'worker'
 
-    # Read by the connection pool and the HTTP path.
-    client_timeout = property(lambda self: self.settings.client_timeout)
-    concurrent_per_worker = property(
-        lambda self: self.settings.concurrent_per_worker)
-    tls = property(lambda self: self.settings.tls)
-
     @property
     def port(self):
         """The port bound (the one the system chose, for port 0), else the
@@ -3820,18 +3898,19 @@ class _IPSubserver(Subserver):
         """The serving loop of WSGI and TCP workers: pooled threads accept
         and serve; this thread beats the heartbeat, then waits for the
         connections in hand when draining."""
-        if self.tls is not None:
+        if self.settings.tls is not None:
             handle = self._after_handshake(handle)
         _batch_logs(self.logger)
         pool = _ConnectionPool(
             self.sock, self.drained_r, self._accept, handle,
-            self.concurrent_per_worker, self.client_timeout, self.logger,
+            self.settings.concurrent_per_worker,
+            self.settings.client_timeout, self.logger,
             '[%s] worker %d' % (self.name, self.worker_index))
         self._serve_loop()
         # The thread with the turn closes the listening socket; an orphaned
         # worker ends at once, and must not hold the port while it does.
         pool.stopped.wait(1.0)
-        deadline = time.monotonic() + self.server.graceful_timeout
+        deadline = time.monotonic() + self.server.settings.graceful_timeout
         while (pool.conns.open and time.monotonic() < deadline and
                 not self.orphaned()):
             self._tick()
@@ -3841,7 +3920,7 @@ class _IPSubserver(Subserver):
             self.logger.warning(
                 '[%s] worker %d: graceful_timeout (%gs) is over; exiting, '
                 'killing %d connections in flight%s', self.name,
-                self.worker_index, self.server.graceful_timeout,
+                self.worker_index, self.server.settings.graceful_timeout,
                 pool.conns.open,
                 ''.join(
                     '; %s %s %s' % current[1:] for current in
@@ -3869,9 +3948,9 @@ class _IPSubserver(Subserver):
         self.count_toward_limit()   # may start draining
         try:
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self.tls is not None:
-                client = self.tls.wrap_socket(client, server_side=True,
-                                              do_handshake_on_connect=False)
+            if self.settings.tls is not None:
+                client = self.settings.tls.wrap_socket(
+                    client, server_side=True, do_handshake_on_connect=False)
         except OSError:     # reset already (wrap_socket reads to see)
             client.close()
             return None
@@ -3886,7 +3965,7 @@ class _IPSubserver(Subserver):
         handshake waits on the client, so the turn passes on first."""
         def handshake_and_serve(sock, address, turn):
             turn.pass_on()
-            sock.settimeout(self.client_timeout)
+            sock.settimeout(self.settings.client_timeout)
             try:
                 sock.do_handshake()
             except OSError as err:
@@ -3932,19 +4011,6 @@ class WSGISubserver(_IPSubserver):
                 cls, parsed = self._load_call(conf, app_name, spec)
                 self.apps.append((app_name, cls, parsed))
 
-    # Read by the HTTP path (the connection, its request and response) and
-    # the request log: the settings it takes from the worker.
-    max_request_line = property(lambda self: self.settings.max_request_line)
-    max_header_line = property(lambda self: self.settings.max_header_line)
-    max_header_count = property(lambda self: self.settings.max_header_count)
-    max_body = property(lambda self: self.settings.max_body)
-    max_head = property(lambda self: self.settings.max_head)
-    request_timeout = property(lambda self: self.settings.request_timeout)
-    log_headers = property(lambda self: self.settings.log_headers)
-    log_format = property(lambda self: self.settings.log_format)
-    count_status_codes = property(
-        lambda self: self.settings.count_status_codes)
-
     def _load_plain_app(self, section, spec, after):
         """What makes ``call = package.module:app`` (or ``:factory()``)
         in each worker; it ends the chain, as it takes no next app."""
@@ -3983,10 +4049,11 @@ class WSGISubserver(_IPSubserver):
         self.next_request_check = 0.0
         self.status_slots = self._status_slots()
         host, port = self.sock.getsockname()[:2]
-        self.base_env = {
+        base_env = {
             'SCRIPT_NAME': '', 'SERVER_NAME': host, 'SERVER_PORT': str(port),
             'wsgi.version': (1, 0),
-            'wsgi.url_scheme': 'http' if self.tls is None else 'https',
+            'wsgi.url_scheme': ('http' if self.settings.tls is None
+                                else 'https'),
             'wsgi.errors': _ErrorStream(self.logger),
             'wsgi.multithread': True, 'wsgi.multiprocess': True,
             'wsgi.run_once': False, 'wsgi.input_terminated': True,
@@ -3995,12 +4062,17 @@ class WSGISubserver(_IPSubserver):
             'brim.json_dumps': self.settings.dumps,
             'brim.json_loads': self.settings.loads,
         }
-        if self.tls is not None:
-            self.base_env['HTTPS'] = 'on'
+        if self.settings.tls is not None:
+            base_env['HTTPS'] = 'on'
         app = self._not_found
         for app_name, make, parsed in reversed(self.apps):
             app = make(app_name, parsed, app)
-        self.app = app
+        self.site = _HTTPSite(
+            app=app, base_env=base_env, limits=_HTTPLimits.of(self.settings),
+            logger=self.logger, tls=self.settings.tls is not None,
+            connections=self.connections, next_txn=self.next_txn,
+            began=self._request_began, ended=self._request_ended,
+            refused=self.count_request, draining=lambda: self.draining)
 
     def _status_slots(self):
         """{status code: the bucket's slots that count it}, for every code:
@@ -4010,7 +4082,7 @@ class WSGISubserver(_IPSubserver):
             names = ['request_count']
             if 200 <= code < 600 and code // 100 > 1:
                 names.append('status_%dxx_count' % (code // 100))
-            if code in self.count_status_codes:
+            if code in self.settings.count_status_codes:
                 names.append('status_%d_count' % code)
             slots[code] = self.stats.slots(names)
         return slots
@@ -4022,6 +4094,15 @@ class WSGISubserver(_IPSubserver):
     def next_txn(self):
         return '%s%016x' % (self.txn_prefix, next(self.txn_counter))
 
+    def _request_began(self, start, txn, method, path, first):
+        self.stats.note_request(start, txn, method, path)
+        # A connection's first request was counted when it was accepted.
+        self.count_served(toward_limit=not first)
+
+    def _request_ended(self, env, response, duration, txn):
+        self.count_request(response.code)
+        self.log_request(env, response, duration, txn)
+
     def log_request(self, env, response, duration, txn):
         """The one NOTICE line per request.  It never raises: a line that
         cannot be made (a ``brim.log_info`` word whose str() fails) is
@@ -4029,7 +4110,7 @@ class WSGISubserver(_IPSubserver):
         try:
             if not self.logger.isEnabledFor(NOTICE):
                 return
-            if self.log_format == 'json':
+            if self.settings.log_format == 'json':
                 self._log_request_json(env, response, duration, txn)
             else:
                 self._log_request_text(env, response, duration, txn)
@@ -4054,7 +4135,7 @@ class WSGISubserver(_IPSubserver):
                  response.bytes_in(), env.get('HTTP_REFERER'),
                  env.get('HTTP_USER_AGENT'), txn, '%.5f' % duration]
         words.extend(env.get('brim.log_info') or ())
-        if self.log_headers:
+        if self.settings.log_headers:
             words.append('headers:')
             words.extend('%s:%s' % (k[5:].replace('_', '-').title(), v)
                          for k, v in sorted(env.items())
@@ -4076,7 +4157,7 @@ class WSGISubserver(_IPSubserver):
             'user_agent': env.get('HTTP_USER_AGENT'),
             'referer': env.get('HTTP_REFERER'),
             'log_info': [str(w) for w in env.get('brim.log_info') or ()]}
-        if self.log_headers:
+        if self.settings.log_headers:
             record.fields['headers'] = {
                 k[5:].replace('_', '-').title(): v
                 for k, v in env.items() if k.startswith('HTTP_')}
@@ -4085,9 +4166,8 @@ class WSGISubserver(_IPSubserver):
     @staticmethod
     def _not_found(env, start_response):
         """brimd itself, the last app of every chain: 404."""
-        body = b'404 Not Found\n'
-        start_response('404 Not Found', [('Content-Type', 'text/plain'),
-                                         ('Content-Length', str(len(body)))])
+        status, headers, body = _plain_answer(404)
+        start_response(status, headers)
         return [body]
 
     def serve_forever(self):
@@ -4095,14 +4175,14 @@ class WSGISubserver(_IPSubserver):
 
     def _handle(self, sock, address):
         """A new connection's job, for the pool."""
-        conn = _HTTPConnection(self, sock, address)
+        conn = _HTTPConnection(self.site, sock, address)
         self.connections.add(conn)
         return conn
 
     def _tick(self):
         _IPSubserver._tick(self)
         now = time.time()
-        if self.request_timeout and now >= self.next_request_check:
+        if self.settings.request_timeout and now >= self.next_request_check:
             self.next_request_check = now + 1.0
             self._check_request_times(now)
 
@@ -4112,15 +4192,16 @@ class WSGISubserver(_IPSubserver):
 
     def _check_request_times(self, now):
         """A request over request_timeout: log it, recycle this worker."""
+        timeout = self.settings.request_timeout
         for conn in list(self.connections):
             current = conn.current
-            if (current and now - current[0] > self.request_timeout and
+            if (current and now - current[0] > timeout and
                     not self.retiring):
                 conn.current = None     # report each request once
                 started, txn, method, path = current
                 self.logger.error('request %s %s %s has run for %.0fs, over '
                                   'request_timeout (%gs)', txn, method, path,
-                                  now - started, self.request_timeout)
+                                  now - started, timeout)
                 self.retire('has a request over request_timeout')
 
     def _close_idle(self):
@@ -4170,7 +4251,7 @@ class TCPSubserver(_HandlerSubserver):
     def _handle(self, sock, address, turn):
         if turn is not None:        # None: after a TLS handshake
             turn.pass_on()  # a handler may wait on its client at once
-            sock.settimeout(self.client_timeout)
+            sock.settimeout(self.settings.client_timeout)
         self.count_served(toward_limit=False)
         try:
             self.handler(self, self.stats, sock, address[0], address[1])
@@ -4474,8 +4555,7 @@ class HTTPException(Exception):
     code = 500
 
     def __init__(self, body=None, headers=None):
-        self.status = '%d %s' % (self.code,
-                                 _RESPONSE_REASONS.get(self.code, 'Unknown'))
+        self.status = _status(self.code)
         Exception.__init__(self, self.status)
         if body is None:
             body = self.status + '\n'
@@ -4486,15 +4566,9 @@ class HTTPException(Exception):
                         for name, value in headers or ()]
 
     def __call__(self, env, start_response):
-        has_body = self.code >= 200 and self.code not in _NO_BODY_STATUSES
-        body = self.body if has_body else b''
-        headers = list(self.headers)
-        named = {name.lower() for name, _value in headers}
-        if body and 'content-type' not in named:
-            headers.append(('Content-Type', 'text/plain; charset=utf-8'))
-        if has_body and 'content-length' not in named:
-            headers.append(('Content-Length', str(len(body))))
-        start_response(self.status, headers)
+        status, headers, body = _plain_answer(
+            self.code, self.body, self.headers, 'text/plain; charset=utf-8')
+        start_response(status, headers)
         return [body]
 
 
@@ -6015,7 +6089,7 @@ class _Forker(object):
             os.setgroups([])
             os.setgid(server.gid)
             os.setuid(server.uid)
-        os.umask(server.umask)
+        os.umask(server.settings.umask)
 
 
 class Server(object):
@@ -6068,11 +6142,6 @@ class Server(object):
                                             self.stats.bucket(subserver,
                                                               index)))
 
-    # Read by the supervision code: [brim] settings it takes from the
-    # server.
-    graceful_timeout = property(lambda self: self.settings.graceful_timeout)
-    umask = property(lambda self: self.settings.umask)
-
     def bind(self, inherited=None):
         """Bind every listening socket (or take over an old brimd's)."""
         inherited = dict(inherited or {})
@@ -6100,7 +6169,7 @@ class Server(object):
         self.forked = True
         self.pid_file = pid_file
         self.supervisor = _Supervisor(self.slots, self.logger,
-                                      self.graceful_timeout,
+                                      self.settings.graceful_timeout,
                                       _Forker(self).fork)
         self.wake_fds = _wake_on_signals()
         self.supervisor.adopt(old_workers)
@@ -6258,7 +6327,7 @@ class Server(object):
         for sock in self.listening_sockets():
             sock.close()
         self.supervisor.signal_all(signal.SIGHUP)
-        self._wait_children(self.graceful_timeout + 1.0)
+        self._wait_children(self.settings.graceful_timeout + 1.0)
         return self._exit()
 
     def _wait_children(self, seconds):
@@ -6971,7 +7040,7 @@ def _cmd_start(args, command_line, restart=False):
         if not handed_over:
             # No handover possible: the old brimd must let go of its ports.
             os.kill(old_pid, signal.SIGHUP)
-            _wait_gone(old_pid, server.graceful_timeout + _EXIT_SLACK)
+            _wait_gone(old_pid, server.settings.graceful_timeout + _EXIT_SLACK)
             old_pid = None
     code = _launch(server, _fresh_plan(pid_file, False, args.output,
                                        handed_over))
