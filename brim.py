@@ -813,16 +813,36 @@ def _put_on_sys_path(pythonpath):
 NOTICE = 25
 logging.addLevelName(NOTICE, 'NOTICE')
 
-# The txn of the request this thread is serving, stamped on every line.
-_txn_local = threading.local()
+class _DateCache(object):
+    """A time formatted once a second, not per request: the Date header,
+    the request log line's time."""
+
+    def __init__(self, format_time):
+        self.format_time = format_time
+        self.second = 0
+        self.value = ''
+
+    def __call__(self):
+        now = int(time.time())
+        if now != self.second:
+            self.value = self.format_time(now)
+            self.second = now
+        return self.value
+
 
 class _LogLines(object):
-    """What happens to this process's log lines: ``dropped`` counts those
-    that could not be written, for its worker's log_lines_dropped stat
-    (copied there once a second, in _tick); ``batched`` lists the handlers
-    whose lines wait to be sent together (see _Handler)."""
+    """This process's log lines: ``serving.txn`` is the txn of the
+    request a thread serves (a thread-local), stamped on every line it
+    logs; ``time`` the request line's time, formatted once a second;
+    ``dropped`` counts the lines that could not be written, for the
+    worker's log_lines_dropped stat (copied there once a second, in
+    _tick); ``batched`` lists the handlers whose lines wait to be sent
+    together (see _Handler)."""
 
     def __init__(self):
+        self.serving = threading.local()
+        self.time = _DateCache(lambda now: time.strftime(
+            '%Y%m%dT%H%M%SZ', time.gmtime(now)))
         self.dropped = 0
         self.batched = []
 
@@ -838,7 +858,7 @@ class _TxnFilter(logging.Filter):
     """Stamps each record with the current thread's txn (or '-')."""
 
     def filter(self, record):
-        record.txn = getattr(_txn_local, 'txn', None) or '-'
+        record.txn = getattr(_log_lines.serving, 'txn', None) or '-'
         return True
 
 
@@ -1997,29 +2017,7 @@ class _HeaderNames(dict):
         return key
 
 
-_header_names = _HeaderNames()
-
-
-class _DateCache(object):
-    """A time formatted once a second, not per request: the Date header,
-    the request log line's time."""
-
-    def __init__(self, format_time):
-        self.format_time = format_time
-        self.second = 0
-        self.value = ''
-
-    def __call__(self):
-        now = int(time.time())
-        if now != self.second:
-            self.value = self.format_time(now)
-            self.second = now
-        return self.value
-
-
 _http_date = _DateCache(lambda now: http_date(now))
-_log_time = _DateCache(lambda now: time.strftime('%Y%m%dT%H%M%SZ',
-                                                 time.gmtime(now)))
 
 
 class _NoBody(object):
@@ -2225,8 +2223,8 @@ class _ChunkedInput(_Input):
             if not line:
                 return
             name, colon, value = line.partition(b':')
-            if not colon or not _TOKEN_RE.fullmatch(name) or \
-                    _BAD_VALUE_RE.search(value):
+            if (not colon or not _TOKEN_RE.fullmatch(name) or
+                    _BAD_VALUE_RE.search(value)):
                 raise _HTTPError(400, 'bad trailer field %r' % line[:64])
             if name.lower() in _FORBIDDEN_TRAILERS:
                 raise _HTTPError(400, 'forbidden trailer field %r' % name)
@@ -2290,43 +2288,177 @@ def _log_words(words):
     return _UNSAFE_LOG_RE.sub(_percent, line).replace('\0', ' ')
 
 
-class _HTTPConnection(object):
-    """One client connection: reads requests and answers them in turn.
+class _RequestParser(object):
+    """Reads a request's head (the bytes up to the blank line) into its
+    _Request, or refuses it (_HTTPError), by RFC 9112 and the limits."""
 
-    Per-connection state is kept here and reused for every request on the
-    connection, so keep-alive requests create little garbage; a request's
-    own is its _Request's.  ``site`` (an _HTTPSite) is all it sees of the
-    worker.
+    __slots__ = ('limits',)
+
+    #: Field names as environ keys, learned as they come (see _HeaderNames).
+    NAMES = _HeaderNames()
+
+    def __init__(self, limits):
+        self.limits = limits
+
+    def parse(self, head, conn):
+        """The _Request ``head`` asks for; its body reads from ``conn``."""
+        limits = self.limits
+        lines = head.split(b'\r\n')
+        request_line = lines[0]
+        if len(request_line) > limits.max_request_line:
+            raise _HTTPError(414, 'request line over max_request_line')
+        parts = request_line.split(b' ')
+        if len(parts) != 3:
+            raise _HTTPError(400, 'malformed request line %r'
+                             % request_line[:100])
+        method, target, version = parts
+        if method not in _KNOWN_METHODS and not _METHOD_RE.fullmatch(method):
+            raise _HTTPError(400, 'bad method %r' % method[:30])
+        if version == b'HTTP/1.1':
+            http11 = True
+        elif version == b'HTTP/1.0':
+            http11 = False
+        elif _VERSION_RE.fullmatch(version):
+            raise _HTTPError(505, 'unsupported version %r' % version)
+        else:
+            raise _HTTPError(400, 'bad version %r' % version[:30])
+        env = conn.base_env.copy()
+        env['REQUEST_METHOD'] = method.decode('ascii')
+        env['SERVER_PROTOCOL'] = version.decode('ascii')
+        self._target(env, method, target)
+        if len(lines) - 1 > limits.max_header_count:
+            raise _HTTPError(431, 'more than max_header_count fields')
+        codings = self._fields(env, lines)
+        return self._request(env, codings, http11, conn)
+
+    def _target(self, env, method, target):
+        if target[:1] == b'/':
+            if not _TARGET_RE.fullmatch(target):
+                raise _HTTPError(400, 'bad request target')
+            path = target
+        elif (target[:7].lower() == b'http://' or
+                target[:8].lower() == b'https://'):
+            if not _TARGET_RE.fullmatch(target):
+                raise _HTTPError(400, 'bad request target')
+            rest = target.split(b'://', 1)[1]
+            # The authority ends at the path, the query or the fragment,
+            # and the path may be empty: "http://host?q" asks for /?q.
+            end = _AUTHORITY_END_RE.search(rest)
+            end = end.start() if end else len(rest)
+            authority = rest[:end]
+            if not authority or not _AUTHORITY_RE.fullmatch(authority):
+                raise _HTTPError(400, 'bad absolute-form target')
+            path = rest[end:]
+            if path[:1] != b'/':
+                path = b'/' + path
+        elif target == b'*' and method == b'OPTIONS':
+            path = b'*'
+        elif method == b'CONNECT' and _AUTHORITY_RE.fullmatch(target):
+            path = b''
+        else:
+            raise _HTTPError(400, 'bad request target %r' % target[:100])
+        path = path.split(b'#', 1)[0]
+        path, _, query = path.partition(b'?')
+        if b'%' in path:
+            path = unquote_to_bytes(path)
+            if b'\0' in path:
+                raise _HTTPError(400, 'NUL in the path')
+        env['PATH_INFO'] = path.decode('latin-1')
+        env['QUERY_STRING'] = query.decode('latin-1')
+        env['RAW_URI'] = target.decode('latin-1')
+
+    def _fields(self, env, lines):
+        """Put the fields in ``lines`` (after the request line) in ``env``;
+        the Transfer-Encoding codings, or None."""
+        max_line = self.limits.max_header_line - 2  # the limit counts CRLF
+        names = self.NAMES
+        codings = None
+        for line in itertools.islice(lines, 1, None):
+            if len(line) > max_line:
+                raise _HTTPError(431, 'a header line over max_header_line')
+            colon = line.find(b':')
+            if colon <= 0:
+                raise _HTTPError(400, 'header line without a name: %r'
+                                 % line[:64])
+            key = names[line[:colon]]
+            value = line[colon + 1:].strip(b' \t')
+            if _BAD_VALUE_RE.search(value):
+                raise _HTTPError(400, 'control character in header %r'
+                                 % line[:colon])
+            if key is None:
+                continue
+            value = value.decode('latin-1')
+            if key in env:
+                if key in ('CONTENT_LENGTH', 'HTTP_HOST', 'CONTENT_TYPE'):
+                    raise _HTTPError(400, 'duplicate %s' % key)
+                env[key] += ',' + value
+            else:
+                env[key] = value
+            if key == 'HTTP_TRANSFER_ENCODING':
+                codings = env[key]
+        return codings
+
+    def _request(self, env, codings, http11, conn):
+        """The _Request of ``env``: whether it keeps the connection, and
+        its body, framed as its fields say."""
+        connection = env.get('HTTP_CONNECTION', '').lower()
+        if http11:
+            keep_alive = 'close' not in connection
+        else:
+            keep_alive = 'keep-alive' in connection
+        length = env.get('CONTENT_LENGTH')
+        if codings is not None:
+            body = self._chunked(codings, length, http11, conn)
+        elif length is not None:
+            if not length.isdigit() or not length.isascii():
+                raise _HTTPError(400, 'bad Content-Length %r' % length)
+            size = int(length)
+            max_body = self.limits.max_body
+            if max_body is not None and size > max_body:
+                raise _HTTPError(413, 'Content-Length over max_body')
+            body = _LengthInput(conn, size) if size else _NO_BODY
+        else:
+            body = _NO_BODY
+        if (body is not _NO_BODY and http11 and
+                env.get('HTTP_EXPECT', '').lower() == '100-continue'):
+            body.expect_continue = True
+        env['wsgi.input'] = body
+        return _Request(env, keep_alive, body)
+
+    def _chunked(self, codings, length, http11, conn):
+        """Check Transfer-Encoding; the de-chunking wsgi.input."""
+        if length is not None:
+            raise _HTTPError(400, 'both Content-Length and '
+                             'Transfer-Encoding (request smuggling)')
+        if not http11:
+            raise _HTTPError(400, 'Transfer-Encoding in an HTTP/1.0 request')
+        listed = [c.strip(' \t').lower() for c in codings.split(',')]
+        if listed[-1] != 'chunked' or listed.count('chunked') != 1:
+            raise _HTTPError(400, 'Transfer-Encoding %r does not end with '
+                             'one chunked' % codings)
+        for coding in listed[:-1]:
+            if coding not in _KNOWN_CODINGS:
+                raise _HTTPError(501, 'unknown transfer coding %r' % coding)
+        return _ChunkedInput(conn, self.limits.max_body)
+
+
+class _ClientSocket(object):
+    """A client's socket, for a thread that may hold the worker's turn.
+
+    A plain one is non-blocking: a read or write that would wait says so
+    and brim waits itself (poll), where a socket timeout would make every
+    read and write a poll and a call; between requests it is parked in
+    the pool's epoll.  TLS may hold decrypted bytes that epoll cannot
+    see: it blocks, with a timeout.  Before a wait on the client, the
+    turn (``turn``, a _Turn, while this thread has it) passes on.
     """
 
-    def __init__(self, site, sock, address):
-        self.site = site
-        self.limits = site.limits
-        self.logger = site.logger
-        self.draining = site.draining
+    def __init__(self, sock, plain, timeout):
         self.sock = sock
-        self.fresh = True       # no read yet (nor the socket's timeout)
-        # A plain connection is non-blocking: a read or write that would
-        # wait says so and brim waits itself (poll), where a socket timeout
-        # would make every read and write a poll and a call.  Between
-        # requests it is parked in the pool's epoll.  TLS may hold
-        # decrypted bytes that epoll cannot see: it blocks, with a timeout.
-        self.plain = self.parkable = not site.tls
-        self.timeout = site.limits.client_timeout   # for a wait on the client
-        self.turn = None        # a _Turn while this thread has it
+        self.plain = plain
+        self.timeout = timeout  # for a wait on the client
+        self.turn = None
         self.poll = None        # made when first needed
-        self.buf = b''
-        self.client = address[0] if address else '-'
-        self.base_env = site.base_env.copy()
-        self.base_env['REMOTE_ADDR'] = self.client
-        self.base_env['REMOTE_PORT'] = str(address[1]) if address else ''
-        self.current = None     # (start, txn, method, path) being served
-        # Idle means between keep-alive requests: a drain may close it then.
-        # A new connection is not idle: its first request is always served.
-        self.idle = False
-        self.served = 0         # requests begun on this connection
-
-    # -- reading -----------------------------------------------------------
 
     def recv(self):
         """More bytes from the client; raises EOFError when it closed."""
@@ -2399,6 +2531,39 @@ class _HTTPConnection(object):
         except BlockingIOError:
             return None
 
+
+class _HTTPConnection(_ClientSocket):
+    """One client connection: reads requests and answers them in turn.
+
+    Per-connection state is kept here and reused for every request on the
+    connection, so keep-alive requests create little garbage; a request's
+    own is its _Request's.  ``site`` (an _HTTPSite) is all it sees of the
+    worker.
+    """
+
+    def __init__(self, site, sock, address):
+        self.site = site
+        self.limits = site.limits
+        self.parser = _RequestParser(site.limits)
+        self.logger = site.logger
+        self.draining = site.draining
+        _ClientSocket.__init__(self, sock, not site.tls,
+                               site.limits.client_timeout)
+        self.fresh = True       # no read yet (nor the socket's timeout)
+        self.parkable = self.plain
+        self.buf = b''
+        self.client = address[0] if address else '-'
+        self.base_env = site.base_env.copy()
+        self.base_env['REMOTE_ADDR'] = self.client
+        self.base_env['REMOTE_PORT'] = str(address[1]) if address else ''
+        self.current = None     # (start, txn, method, path) being served
+        # Idle means between keep-alive requests: a drain may close it then.
+        # A new connection is not idle: its first request is always served.
+        self.idle = False
+        self.served = 0         # requests begun on this connection
+
+    # -- reading -----------------------------------------------------------
+
     def take(self, size):
         """Up to ``size`` body bytes: buffered ones first, else one recv."""
         if not self.buf:
@@ -2455,15 +2620,15 @@ class _HTTPConnection(object):
                 head, self.buf = buf[:end], buf[end + 4:]
                 if head.startswith(b'\r\n'):     # one stray CRLF is allowed
                     head = head[2:]
-                if head.count(b'\n') != head.count(b'\r\n') or \
-                        head.count(b'\r') != head.count(b'\r\n'):
+                if (head.count(b'\n') != head.count(b'\r\n') or
+                        head.count(b'\r') != head.count(b'\r\n')):
                     raise _HTTPError(400, 'bare CR or LF in the head')
                 return head
             if buf.count(b'\n') != buf.count(b'\r\n'):
                 raise _HTTPError(400, 'bare LF in the head')
             first = buf.find(b'\r\n', 2)
-            if (first < 0 and len(buf) > limits.max_request_line + 2) or \
-                    first > limits.max_request_line + 2:
+            if ((first < 0 and len(buf) > limits.max_request_line + 2) or
+                    first > limits.max_request_line + 2):
                 raise _HTTPError(414, 'request line over max_request_line')
             if len(buf) > limits.max_head:
                 raise _HTTPError(431, 'request head over the header limits')
@@ -2480,142 +2645,6 @@ class _HTTPConnection(object):
             self.idle = False
             buf += data
             self.buf = buf
-
-    # -- parsing -----------------------------------------------------------
-
-    def parse(self, head):
-        """The _Request ``head`` asks for."""
-        limits = self.limits
-        lines = head.split(b'\r\n')
-        request_line = lines[0]
-        if len(request_line) > limits.max_request_line:
-            raise _HTTPError(414, 'request line over max_request_line')
-        parts = request_line.split(b' ')
-        if len(parts) != 3:
-            raise _HTTPError(400, 'malformed request line %r'
-                             % request_line[:100])
-        method, target, version = parts
-        if method not in _KNOWN_METHODS and not _METHOD_RE.fullmatch(method):
-            raise _HTTPError(400, 'bad method %r' % method[:30])
-        if version == b'HTTP/1.1':
-            http11 = True
-        elif version == b'HTTP/1.0':
-            http11 = False
-        elif _VERSION_RE.fullmatch(version):
-            raise _HTTPError(505, 'unsupported version %r' % version)
-        else:
-            raise _HTTPError(400, 'bad version %r' % version[:30])
-        env = self.base_env.copy()
-        env['REQUEST_METHOD'] = method.decode('ascii')
-        env['SERVER_PROTOCOL'] = version.decode('ascii')
-        self._parse_target(env, method, target)
-        if len(lines) - 1 > limits.max_header_count:
-            raise _HTTPError(431, 'more than max_header_count fields')
-        return self._parse_fields(env, lines, http11)
-
-    def _parse_target(self, env, method, target):
-        if target[:1] == b'/':
-            if not _TARGET_RE.fullmatch(target):
-                raise _HTTPError(400, 'bad request target')
-            path = target
-        elif target[:7].lower() == b'http://' or \
-                target[:8].lower() == b'https://':
-            if not _TARGET_RE.fullmatch(target):
-                raise _HTTPError(400, 'bad request target')
-            rest = target.split(b'://', 1)[1]
-            # The authority ends at the path, the query or the fragment,
-            # and the path may be empty: "http://host?q" asks for /?q.
-            end = _AUTHORITY_END_RE.search(rest)
-            end = end.start() if end else len(rest)
-            authority = rest[:end]
-            if not authority or not _AUTHORITY_RE.fullmatch(authority):
-                raise _HTTPError(400, 'bad absolute-form target')
-            path = rest[end:]
-            if path[:1] != b'/':
-                path = b'/' + path
-        elif target == b'*' and method == b'OPTIONS':
-            path = b'*'
-        elif method == b'CONNECT' and _AUTHORITY_RE.fullmatch(target):
-            path = b''
-        else:
-            raise _HTTPError(400, 'bad request target %r' % target[:100])
-        path = path.split(b'#', 1)[0]
-        path, _, query = path.partition(b'?')
-        if b'%' in path:
-            path = unquote_to_bytes(path)
-            if b'\0' in path:
-                raise _HTTPError(400, 'NUL in the path')
-        env['PATH_INFO'] = path.decode('latin-1')
-        env['QUERY_STRING'] = query.decode('latin-1')
-        env['RAW_URI'] = target.decode('latin-1')
-
-    def _parse_fields(self, env, lines, http11):
-        """The _Request of ``env`` once the fields in ``lines`` are in."""
-        limits = self.limits
-        max_line = limits.max_header_line - 2      # the limit counts CRLF
-        names = _header_names
-        codings = None
-        for line in itertools.islice(lines, 1, None):
-            if len(line) > max_line:
-                raise _HTTPError(431, 'a header line over max_header_line')
-            colon = line.find(b':')
-            if colon <= 0:
-                raise _HTTPError(400, 'header line without a name: %r'
-                                 % line[:64])
-            key = names[line[:colon]]
-            value = line[colon + 1:].strip(b' \t')
-            if _BAD_VALUE_RE.search(value):
-                raise _HTTPError(400, 'control character in header %r'
-                                 % line[:colon])
-            if key is None:
-                continue
-            value = value.decode('latin-1')
-            if key in env:
-                if key in ('CONTENT_LENGTH', 'HTTP_HOST', 'CONTENT_TYPE'):
-                    raise _HTTPError(400, 'duplicate %s' % key)
-                env[key] += ',' + value
-            else:
-                env[key] = value
-            if key == 'HTTP_TRANSFER_ENCODING':
-                codings = env[key]
-        connection = env.get('HTTP_CONNECTION', '').lower()
-        if http11:
-            keep_alive = 'close' not in connection
-        else:
-            keep_alive = 'keep-alive' in connection
-        length = env.get('CONTENT_LENGTH')
-        if codings is not None:
-            body = self._chunked(codings, length, http11)
-        elif length is not None:
-            if not length.isdigit() or not length.isascii():
-                raise _HTTPError(400, 'bad Content-Length %r' % length)
-            size = int(length)
-            if limits.max_body is not None and size > limits.max_body:
-                raise _HTTPError(413, 'Content-Length over max_body')
-            body = _LengthInput(self, size) if size else _NO_BODY
-        else:
-            body = _NO_BODY
-        if (body is not _NO_BODY and http11 and
-                env.get('HTTP_EXPECT', '').lower() == '100-continue'):
-            body.expect_continue = True
-        env['wsgi.input'] = body
-        return _Request(env, keep_alive, body)
-
-    def _chunked(self, codings, length, http11):
-        """Check Transfer-Encoding; the de-chunking wsgi.input."""
-        if length is not None:
-            raise _HTTPError(400, 'both Content-Length and '
-                             'Transfer-Encoding (request smuggling)')
-        if not http11:
-            raise _HTTPError(400, 'Transfer-Encoding in an HTTP/1.0 request')
-        listed = [c.strip(' \t').lower() for c in codings.split(',')]
-        if listed[-1] != 'chunked' or listed.count('chunked') != 1:
-            raise _HTTPError(400, 'Transfer-Encoding %r does not end with '
-                             'one chunked' % codings)
-        for coding in listed[:-1]:
-            if coding not in _KNOWN_CODINGS:
-                raise _HTTPError(501, 'unknown transfer coding %r' % coding)
-        return _ChunkedInput(self, self.limits.max_body)
 
     # -- serving -----------------------------------------------------------
 
@@ -2638,30 +2667,34 @@ class _HTTPConnection(object):
                 if not data:
                     return self.close()
                 self.buf = data
-            while True:
-                try:
-                    head = self.read_head()
-                    if head is None:
-                        return self.close()
-                    self.idle = False   # a pipelined head needs no recv
-                    self.served += 1
-                    request = self.parse(head)
-                except _HTTPError as err:
-                    self.refuse(err)
-                    return self.linger()
-                if self.turn is not None and self.turn.before_app():
-                    self.turn = None
-                if not self.respond(request):
-                    return self.hang_up(request.body)
-                self.idle = True
-                if self.parkable and not self.buf:
-                    return self
+            return self._serve_requests()
         except (OSError, EOFError):
             # The client went away or timed out: nothing to say.
             return self.close()
         except BaseException:
             self.close()
             raise
+
+    def _serve_requests(self):
+        """serve()'s loop: a request at a time, while the client sends."""
+        while True:
+            try:
+                head = self.read_head()
+                if head is None:
+                    return self.close()
+                self.idle = False   # a pipelined head needs no recv
+                self.served += 1
+                request = self.parser.parse(head, self)
+            except _HTTPError as err:
+                self.refuse(err)
+                return self.linger()
+            if self.turn is not None and self.turn.before_app():
+                self.turn = None
+            if not self.respond(request):
+                return self.hang_up(request.body)
+            self.idle = True
+            if self.parkable and not self.buf:
+                return self
 
     def close(self):
         """Close the connection (for good); returns None."""
@@ -2724,7 +2757,8 @@ class _HTTPConnection(object):
         site = self.site
         env = request.env
         response = _Response(self, request)
-        _txn_local.txn = txn = env['brim.txn'] = site.next_txn()
+        serving = _log_lines.serving
+        serving.txn = txn = env['brim.txn'] = site.next_txn()
         env['brim.start'] = start = time.time()
         env['brim.log_info'] = []
         method, path = env['REQUEST_METHOD'], env['PATH_INFO']
@@ -2736,7 +2770,7 @@ class _HTTPConnection(object):
                 keep = self._finish_body(request.body)
             site.ended(env, response, time.time() - start, txn)
         finally:
-            _txn_local.txn = None
+            serving.txn = None
             self.current = None
         return keep and not self.draining()
 
@@ -2798,8 +2832,8 @@ class _Response(object):
                 exc_info = None
         elif self.status is not None:
             raise _AppError('called start_response twice without exc_info')
-        if type(status) is not str or len(status) < 4 or \
-                not status[:3].isdigit() or status[3:4] != ' ':
+        if (type(status) is not str or len(status) < 4 or
+                not status[:3].isdigit() or status[3:4] != ' '):
             raise _AppError('gave start_response a status of %r; it must '
                             'be a str like "200 OK"' % (status,))
         if type(headers) is not list:
@@ -2807,12 +2841,12 @@ class _Response(object):
                             'must be a list of (str, str) tuples'
                             % type(headers).__name__)
         for header in headers:
-            if type(header) is not tuple or len(header) != 2 or \
-                    type(header[0]) is not str or type(header[1]) is not str:
+            if (type(header) is not tuple or len(header) != 2 or
+                    type(header[0]) is not str or type(header[1]) is not str):
                 raise _AppError('gave start_response the header %r; headers '
                                 'must be (str, str) tuples' % (header,))
-            if '\n' in header[1] or '\r' in header[1] or \
-                    not _FIELD_NAME_RE.fullmatch(header[0]):
+            if ('\n' in header[1] or '\r' in header[1] or
+                    not _FIELD_NAME_RE.fullmatch(header[0])):
                 raise _AppError('gave start_response the header %r; a name '
                                 'is a token and a value has no CR or LF'
                                 % (header,))
@@ -2823,8 +2857,20 @@ class _Response(object):
 
     def _head(self, body_length):
         """The response head as bytes, deciding the body's framing."""
-        code = self.code
         lines = ['HTTP/1.1 ', self.status, '\r\n']
+        self._app_fields(lines)
+        self._framing(lines, body_length)
+        self._connection(lines)
+        lines.append('\r\n')
+        try:
+            return ''.join(lines).encode('latin-1')
+        except UnicodeEncodeError:
+            raise _AppError('sent a header that is not latin-1 text')
+
+    def _app_fields(self, lines):
+        """Add the app's fields to ``lines``, but those brim decides
+        (Connection, Transfer-Encoding); Date and Server unless the app
+        sent them."""
         has_date = has_server = False
         for name, value in self.headers:
             lower = name.lower()
@@ -2848,6 +2894,11 @@ class _Response(object):
             lines.extend(('Date: ', _http_date(), '\r\n'))
         if not has_server:
             lines.append('Server: brim\r\n')
+
+    def _framing(self, lines, body_length):
+        """How the body's end will show: its length (given, or the whole
+        body's), chunks, or the connection's close."""
+        code = self.code
         if code < 200 or code in _NO_BODY_STATUSES:
             pass
         elif self.length is not None:
@@ -2865,6 +2916,9 @@ class _Response(object):
             lines.append('Transfer-Encoding: chunked\r\n')
         else:
             self.keep_alive = False     # HTTP/1.0: the close ends the body
+
+    def _connection(self, lines):
+        """Whether the connection stays open after this response."""
         body = self.body
         if self.keep_alive and not self.conn.reusable(body):
             self.keep_alive = False
@@ -2876,11 +2930,6 @@ class _Response(object):
             lines.append('Connection: close\r\n')
         elif self.env['SERVER_PROTOCOL'] == 'HTTP/1.0':
             lines.append('Connection: keep-alive\r\n')
-        lines.append('\r\n')
-        try:
-            return ''.join(lines).encode('latin-1')
-        except UnicodeEncodeError:
-            raise _AppError('sent a header that is not latin-1 text')
 
     def write(self, data):
         """The WSGI write() callable (and how iterables are sent)."""
@@ -2906,8 +2955,8 @@ class _Response(object):
         """Head and a body known in full, in one send."""
         head = self._head(len(body))
         self.head_sent = True
-        if self.head_only or self.code < 200 or \
-                self.code in _NO_BODY_STATUSES:
+        if (self.head_only or self.code < 200 or
+                self.code in _NO_BODY_STATUSES):
             body = b''
         self.sent = len(body)
         self.conn.sendall(head + body)
@@ -2982,8 +3031,8 @@ class _Response(object):
                     close()
                 except Exception:
                     logger.exception('the app\'s close() raised')
-        if self.length is not None and self.sent != self.length and \
-                not self.head_only:
+        if (self.length is not None and self.sent != self.length and
+                not self.head_only):
             logger.error('%s %s: the app said Content-Length %d but sent '
                          '%d bytes; closing the connection',
                          self.env['REQUEST_METHOD'], self.env['PATH_INFO'],
@@ -4129,7 +4178,7 @@ class WSGISubserver(_IPSubserver):
         if env.get('QUERY_STRING'):
             path += '?' + env['QUERY_STRING']
         words = [env.get('REMOTE_ADDR'), env.get('REMOTE_ADDR'), None,
-                 env.get('REMOTE_USER'), _log_time(),
+                 env.get('REMOTE_USER'), _log_lines.time(),
                  env.get('REQUEST_METHOD'), path, env.get('SERVER_PROTOCOL'),
                  response.code, response.sent,
                  response.bytes_in(), env.get('HTTP_REFERER'),
