@@ -1968,7 +1968,9 @@ _KNOWN_CODINGS = frozenset(('gzip', 'x-gzip', 'deflate', 'compress',
 _FORBIDDEN_TRAILERS = frozenset((b'content-length', b'transfer-encoding',
                                  b'host', b'trailer'))
 _NO_BODY_STATUSES = frozenset((204, 304))
-_DRAIN_LIMIT = 65536
+# How much of a body the app left unread brim reads past to keep the
+# connection for the next request; more, and it closes instead.
+_SKIP_LIMIT = 65536
 _RECV_SIZE = 65536
 # How long, and for how many bytes, a connection brim closes still reads
 # what the client sends: enough for it to see the response and stop.
@@ -2040,7 +2042,7 @@ class _NoBody(object):
     def left_at_most(self, limit):
         return True
 
-    def drain(self, limit):
+    def skip_rest(self, limit):
         return True
 
 
@@ -2134,7 +2136,7 @@ class _Input(object):
         """True if no more than ``limit`` bytes of the body are left."""
         raise NotImplementedError
 
-    def drain(self, limit):
+    def skip_rest(self, limit):
         """Read and drop what is left; False if more than ``limit`` is."""
         while limit >= 0:
             part = self._next(_RECV_SIZE)
@@ -2777,7 +2779,7 @@ class _HTTPConnection(_ClientSocket):
     def reusable(self, body):
         """Whether the connection can take a request after the response
         that is starting (its head says so): brim must know where the
-        next request begins, and read no more than _DRAIN_LIMIT of
+        next request begins, and read no more than _SKIP_LIMIT of
         ``body`` to get there."""
         if self.draining():
             return False
@@ -2786,12 +2788,12 @@ class _HTTPConnection(_ClientSocket):
             # client, told nothing, may send it or not, so the connection
             # has no sure next request.
             return False
-        return body.left_at_most(_DRAIN_LIMIT)
+        return body.left_at_most(_SKIP_LIMIT)
 
     def _finish_body(self, body):
         """Drop what the app left of the body so the next request parses."""
         try:
-            return body.drain(_DRAIN_LIMIT)
+            return body.skip_rest(_SKIP_LIMIT)
         except _HTTPError:
             return False
 
@@ -3782,7 +3784,7 @@ class Subserver(object):
         """Every subserver's stats, read now (a _StatsReading), for
         WSGIStats: from the memory the main process laid out before
         forking, with brimd's start time (kept by restarts in place)."""
-        return self.server.stats.read(self.server.start_time)
+        return self.server.stats_layout.read(self.server.start_time)
 
     def orphaned(self):
         """True when the main process is gone: the worker should exit."""
@@ -6184,11 +6186,11 @@ class Server(object):
             settings.log_file or self.fallback_log_file, self.to_stderr,
             settings.log_format)
         self.notifier.logger = self.logger
-        self.stats = _StatsLayout(self.subservers)
+        self.stats_layout = _StatsLayout(self.subservers)
         for subserver in self.subservers:
             for index in range(subserver.bucket_count):
                 self.slots.append(_WorkerSlot(subserver, index,
-                                            self.stats.bucket(subserver,
+                                            self.stats_layout.bucket(subserver,
                                                               index)))
 
     def bind(self, inherited=None):
@@ -6331,7 +6333,7 @@ class Server(object):
     def status(self):
         """What ``brimd status`` shows: every worker of every subserver."""
         now = time.time()
-        reading = self.stats.read(self.start_time)
+        reading = self.stats_layout.read(self.start_time)
         subservers = []
         for subserver in self.subservers:
             read = reading.subservers[subserver.name].workers
@@ -6427,7 +6429,7 @@ def _run_inline(server):
         subserver = copy.copy(worker.subserver)
         subserver.open_log(True)
         subserver.open_wakeups()
-        subserver.start_worker(worker.index, server.stats.bucket(
+        subserver.start_worker(worker.index, server.stats_layout.bucket(
             worker.subserver, worker.index))
         threading.Thread(target=subserver.serve_forever, daemon=True).start()
     server.logger.info('brimd %s serving %s in one process (pid %d)',

@@ -6340,13 +6340,13 @@ class TestHTTPMiddleware(SeamsTestCase):
                           if env['PATH_INFO'] == '/replaced'], [100, 100])
 
     def test_body_read_in_part(self):
-        small = b'x' * (brim._DRAIN_LIMIT - 3)
+        small = b'x' * (brim._SKIP_LIMIT - 3)
         self.assert_kept_alive(b'/partial?3', b'abc' + small, b'abc')
         self.assert_closed(b'/partial?3', b'abc' + small, b'abc',
                            chunked=True)
         # Too much to drain: brim says it closes, and lets the client
         # send the rest and read the answer before it does.
-        large = b'y' * (4 * brim._DRAIN_LIMIT)
+        large = b'y' * (4 * brim._SKIP_LIMIT)
         for chunked in (False, True):
             self.assert_closed(b'/partial?3', b'abc' + large, b'abc',
                                chunked)
