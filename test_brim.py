@@ -5674,6 +5674,56 @@ class TestProxies(EchoTestCase):
         seen = self.peer({})
         self.assertEqual(seen['REMOTE_ADDR'], '127.0.0.1')
 
+    def haproxy(self, backend_port, server_options):
+        """A haproxy in front of ``backend_port``, as a child stopped in a
+        cleanup; the port it listens on."""
+        if not shutil.which('haproxy'):
+            self.skipTest('needs the Debian package haproxy')
+        port = free_port()
+        conf = os.path.join(self.tmp, 'haproxy-%d.cfg' % port)
+        with open(conf, 'w') as fp:
+            fp.write(textwrap.dedent('''
+                defaults
+                    mode tcp
+                    timeout connect 5s
+                    timeout client 10s
+                    timeout server 10s
+                frontend front
+                    bind 127.0.0.1:%d
+                    default_backend back
+                backend back
+                    server b 127.0.0.1:%d %s
+                ''' % (port, backend_port, server_options)))
+        proc = subprocess.Popen(['haproxy', '-f', conf, '-db'],
+                                stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        self.addCleanup(proc.wait, 10)
+        self.addCleanup(os.kill, proc.pid, signal.SIGTERM)
+        wait_until(lambda: proc.poll() is not None or
+                   not connect_refused(port))
+        self.assertIsNone(proc.poll(), 'haproxy exited')
+        return port
+
+    def test_behind_haproxy(self):
+        self.echo_conf(wsgi_extra='proxy_protocol = yes')
+        self.start()
+        for options in ('send-proxy-v2', 'send-proxy'):
+            port = self.haproxy(self.port, options)
+            sock = socket.create_connection(('127.0.0.1', port), timeout=5)
+            self.addCleanup(sock.close)
+            sock.sendall(b'GET /peer HTTP/1.0\r\n\r\n')
+            answer = b''
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                answer += data
+            seen = json.loads(answer.partition(b'\r\n\r\n')[2])
+            # haproxy's client is this socket: its port, not haproxy's.
+            self.assertEqual((seen['REMOTE_ADDR'], seen['REMOTE_PORT']),
+                             ('127.0.0.1', str(sock.getsockname()[1])),
+                             options)
+
     def test_tcp_handler_sees_the_proxied_client(self):
         port = free_port()
         self.write_conf('''
