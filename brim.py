@@ -2602,6 +2602,11 @@ def _forwarded_host(text):
     return text
 
 
+_FORWARDED_KEYS = frozenset((
+    'HTTP_FORWARDED', 'HTTP_X_FORWARDED_PROTO', 'HTTP_X_FORWARDED_PROTOCOL',
+    'HTTP_X_FORWARDED_SSL', 'HTTP_X_FORWARDED_FOR'))
+
+
 def _believe_proxy(env):
     """Set the scheme and client address a trusted proxy forwarded.
 
@@ -2609,6 +2614,8 @@ def _believe_proxy(env):
     entry is the one the proxy next to brim added, and only that proxy is
     trusted, so only that entry is believed.  REMOTE_ADDR stays the peer's.
     """
+    if _FORWARDED_KEYS.isdisjoint(env):
+        return      # the common case, even from a proxy: cheaply
     forwarded = env.get('HTTP_FORWARDED')
     pairs = _forwarded_pairs(forwarded) if forwarded else {}
     scheme = (env.get('HTTP_X_FORWARDED_PROTO') or

@@ -5471,7 +5471,8 @@ PROXY_HEADERS = [
 
 class TestProxyProtocolHeader(unittest.TestCase):
     """The PROXY header's reader, over socketpairs in this process: it
-    reads the header's bytes and not one more, however they arrive."""
+    reads the header's bytes and not one more, however they arrive; and
+    the allow lists that say whose header to read."""
 
     def pair(self):
         ours, theirs = socket.socketpair()
@@ -5549,6 +5550,29 @@ class TestProxyProtocolHeader(unittest.TestCase):
                             close=False)
         self.assert_refused(brim._PROXY_V2_SIGNATURE + b'\x21\x11\xff\xff',
                             'over', close=False)
+
+    def test_whom_the_allow_lists_trust(self):
+        peers = brim._peers('wsgi', 'proxy_allow_ips',
+                            '10.0.0.0/8, 192.0.2.7 2001:db8::/32')
+        for address, trusted in ((('10.1.2.3', 80), True),
+                                 (('192.0.2.7', 80), True),
+                                 (('192.0.2.8', 80), False),
+                                 (('127.0.0.1', 80), False),
+                                 (('::ffff:10.0.0.1', 80, 0, 0), True),
+                                 (('2001:db8::1', 80, 0, 0), True),
+                                 (('::1', 80, 0, 0), False),
+                                 ('', True), (None, True),   # Unix sockets
+                                 ('/run/brim.sock', True)):
+            self.assertIs(brim._trusted_peer(peers, address), trusted,
+                          address)
+        anyone = brim._peers('wsgi', 'forwarded_allow_ips', '*')
+        self.assertTrue(brim._trusted_peer(anyone, ('203.0.113.1', 1)))
+        self.assertTrue(brim._trusted_peer(anyone, ('2001:db8::1', 1, 0, 0)))
+        with self.assertRaises(brim.ConfError) as caught:
+            brim._peers('wsgi', 'proxy_allow_ips', '10.0.0.0/33')
+        self.assertEqual(str(caught.exception),
+                         "[wsgi] proxy_allow_ips: '10.0.0.0/33' is not an "
+                         "address or a CIDR range.")
 
     def test_a_header_that_never_completes_times_out(self):
         ours, theirs = self.pair()
