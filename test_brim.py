@@ -5634,6 +5634,17 @@ class TestProxies(EchoTestCase):
         self.assertEqual(self.logged_clients()[:2], [
             ('198.51.100.4', '127.0.0.1'), ('2001:db8::7', '127.0.0.1')])
 
+    def test_json_log_shows_the_forwarded_client(self):
+        self.echo_conf(wsgi_extra='log_format = json')
+        self.start()
+        self.peer({'X-Forwarded-For': '203.0.113.9'})
+
+        def request_line():
+            for line in self.log_lines():
+                if '"path": "/peer"' in line:
+                    return json.loads(line)
+        self.assertEqual(wait_until(request_line)['client'], '203.0.113.9')
+
     def test_forwarded_headers_from_anyone_else_change_nothing(self):
         self.echo_conf(wsgi_extra='forwarded_allow_ips = 10.0.0.0/8, '
                                   '192.168.0.0/16')
