@@ -105,6 +105,7 @@ import hmac
 import html
 import importlib
 import io
+import ipaddress
 import itertools
 import json
 import logging
@@ -352,6 +353,27 @@ def _log_format(section, option, text):
     return text
 
 
+def _peers(section, option, text):
+    """Comma- or space-separated addresses and CIDR ranges; ``*`` is any
+    peer.  The networks, for _trusted_peer()."""
+    networks = []
+    for word in text.replace(',', ' ').split():
+        if word == '*':
+            word = '0.0.0.0/0 ::/0'
+        for entry in word.split():
+            try:
+                networks.append(ipaddress.ip_network(entry, strict=False))
+            except ValueError:
+                raise ConfError('[%s] %s: %r is not an address or a CIDR '
+                                'range.' % (section, option, entry))
+    return tuple(networks)
+
+
+def _show_peers(networks):
+    return ','.join(str(net.network_address) if net.num_addresses == 1
+                    else str(net) for net in networks)
+
+
 def _show(value):
     """A setting as ``check`` prints it."""
     if value is None or value == ():
@@ -432,6 +454,15 @@ _OPTIONS = (
     _Option('max_header_line', 'wsgi', _int, 8190, from_brim=True),
     _Option('max_header_count', 'wsgi', _int, 100, from_brim=True),
     _Option('max_body', 'wsgi', _int, None, from_brim=True),
+    # Proxies: whose X-Forwarded-* and Forwarded headers brim believes,
+    # and who must (and alone may) start a connection with a PROXY header.
+    _Option('forwarded_allow_ips', 'wsgi', _peers,
+            _peers('brim', 'forwarded_allow_ips', '127.0.0.1,::1'),
+            from_brim=True, show=_show_peers),
+    _Option('proxy_protocol', 'wsgi tcp', _bool, False, from_brim=True),
+    _Option('proxy_allow_ips', 'wsgi tcp', _peers,
+            _peers('brim', 'proxy_allow_ips', '127.0.0.1,::1'),
+            from_brim=True, show=_show_peers),
     _Option('call', 'tcp udp', _text, None),
     _Option('max_datagram_size', 'udp', _int, 65536, from_brim=True),
     _Option('daemons', 'daemons', _words, ()),
@@ -1869,7 +1900,8 @@ class _HTTPLimits(collections.namedtuple('_HTTPLimits', (
 
 class _HTTPSite(collections.namedtuple('_HTTPSite', (
         'app', 'base_env', 'limits', 'logger', 'tls', 'connections',
-        'next_txn', 'began', 'ended', 'refused', 'draining'))):
+        'next_txn', 'began', 'ended', 'refused', 'draining',
+        'forwarded_allow'), defaults=(None,))):
     """All a connection sees of the worker that serves it.
 
     ``app`` is the WSGI app, ``base_env`` what each request's environ
@@ -1880,6 +1912,8 @@ class _HTTPSite(collections.namedtuple('_HTTPSite', (
     the connection's first, counted when it was accepted), ``ended(env,
     response, duration, txn)`` that it was answered; ``refused(status)``
     says brim refused one.  ``draining()``: whether the worker drains.
+    ``forwarded_allow``: the networks of the proxies whose forwarded
+    headers are believed (None: nobody's).
     """
 
     __slots__ = ()
@@ -2534,6 +2568,184 @@ class _ClientSocket(object):
             return None
 
 
+def _trusted_peer(networks, address):
+    """Whether the peer at ``address`` (from accept) is in ``networks``.
+    A peer with no (ip, port), on a Unix socket, is a local one: trusted."""
+    if not isinstance(address, tuple) or not address or not address[0]:
+        return True
+    try:
+        ip = ipaddress.ip_address(address[0].partition('%')[0])
+    except ValueError:
+        return False
+    ip = getattr(ip, 'ipv4_mapped', None) or ip
+    return any(ip in network for network in networks)
+
+
+def _forwarded_pairs(value):
+    """The last element of a Forwarded header (RFC 7239), the one the
+    proxy next to brim added, as {name: value}."""
+    pairs = {}
+    for pair in value.rpartition(',')[2].split(';'):
+        name, _, text = pair.partition('=')
+        pairs[name.strip().lower()] = text.strip().strip('"')
+    return pairs
+
+
+def _forwarded_host(text):
+    """The address of a forwarded for= or X-Forwarded-For entry, without a
+    port: '[2001:db8::1]:80' is '2001:db8::1', '192.0.2.1:80' '192.0.2.1'."""
+    text = text.strip()
+    if text.startswith('['):
+        return text[1:].partition(']')[0]
+    if text.count(':') == 1:
+        return text.partition(':')[0]
+    return text
+
+
+_FORWARDED_KEYS = frozenset((
+    'HTTP_FORWARDED', 'HTTP_X_FORWARDED_PROTO', 'HTTP_X_FORWARDED_PROTOCOL',
+    'HTTP_X_FORWARDED_SSL', 'HTTP_X_FORWARDED_FOR'))
+
+
+def _believe_proxy(env):
+    """Set the scheme and client address a trusted proxy forwarded.
+
+    X-Forwarded-For may list every proxy on the way; only its right-most
+    entry is the one the proxy next to brim added, and only that proxy is
+    trusted, so only that entry is believed.  REMOTE_ADDR stays the peer's.
+    """
+    if _FORWARDED_KEYS.isdisjoint(env):
+        return      # the common case, even from a proxy: cheaply
+    forwarded = env.get('HTTP_FORWARDED')
+    pairs = _forwarded_pairs(forwarded) if forwarded else {}
+    scheme = (env.get('HTTP_X_FORWARDED_PROTO') or
+              env.get('HTTP_X_FORWARDED_PROTOCOL') or pairs.get('proto'))
+    if scheme:
+        scheme = scheme.rpartition(',')[2].strip().lower()
+    elif env.get('HTTP_X_FORWARDED_SSL', '').lower() == 'on':
+        scheme = 'https'
+    if scheme == 'https':
+        env['wsgi.url_scheme'] = 'https'
+        env['HTTPS'] = 'on'
+    elif scheme == 'http':
+        env['wsgi.url_scheme'] = 'http'
+        env.pop('HTTPS', None)
+    client = env.get('HTTP_X_FORWARDED_FOR') or pairs.get('for')
+    if client:
+        client = _forwarded_host(client.rpartition(',')[2])
+        if client:
+            env['brim.client_addr'] = client
+
+
+class _ProxyError(Exception):
+    """A PROXY header that is not one; the text says what is wrong."""
+
+
+_PROXY_V2_SIGNATURE = b'\r\n\r\n\0\r\nQUIT\n'
+_PROXY_V1_MAX = 107         # the longest v1 line, by the specification
+_PROXY_V2_MAX = 16 + 2048   # addresses and more TLVs than proxies send
+_PROXY_V2_ADDRESSES = {0x1: (socket.AF_INET, 4), 0x2: (socket.AF_INET6, 16)}
+
+
+def _proxy_header(buf):
+    """(need, address) for ``buf``, the first bytes of a connection.
+
+    ``need`` > 0: read that many bytes more, and no more (they may all be
+    the header's; the bytes after it are the client's).  0: ``buf`` is a
+    whole header, and ``address`` the client's (ip, port), None for v1
+    UNKNOWN and v2 LOCAL (a proxy's own check: the peer's address).
+    Raises _ProxyError at the first byte that cannot be a header's.
+    """
+    if not buf:
+        return 15, None     # "PROXY UNKNOWN\r\n", the shortest header
+    if buf[:12] == _PROXY_V2_SIGNATURE[:len(buf)]:
+        if len(buf) < 16:
+            return 16 - len(buf), None
+        total = 16 + struct.unpack('!H', buf[14:16])[0]
+        if total > _PROXY_V2_MAX:
+            raise _ProxyError('a v2 header of %d bytes is over %d'
+                              % (total, _PROXY_V2_MAX))
+        if len(buf) < total:
+            return total - len(buf), None
+        return 0, _proxy_v2_address(buf)
+    if buf[:6] != b'PROXY '[:len(buf)]:
+        raise _ProxyError('no PROXY header: %r' % buf[:16])
+    if buf.endswith(b'\n'):
+        if not buf.endswith(b'\r\n'):
+            raise _ProxyError('a v1 header ending in a bare LF')
+        return 0, _proxy_v1_address(buf[:-2])
+    if len(buf) >= _PROXY_V1_MAX:
+        raise _ProxyError('a v1 header over %d bytes' % _PROXY_V1_MAX)
+    # Byte by byte past the shortest header: nothing says where the line
+    # ends.
+    return max(15 - len(buf), 1), None
+
+
+def _proxy_v1_address(line):
+    """The (ip, port) of a v1 line (without its CRLF), None for UNKNOWN."""
+    words = line.split(b' ')
+    if words[1:2] == [b'UNKNOWN']:
+        return None
+    if len(words) != 6 or words[1] not in (b'TCP4', b'TCP6'):
+        raise _ProxyError('a malformed v1 header: %r' % line[:_PROXY_V1_MAX])
+    version = 4 if words[1] == b'TCP4' else 6
+    try:
+        ips = [ipaddress.ip_address(w.decode('ascii')) for w in words[2:4]]
+        ports = [int(w) for w in words[4:6] if w.isdigit()]
+    except (UnicodeDecodeError, ValueError):
+        ips, ports = [], []
+    if (len(ports) != 2 or max(ports) > 65535 or
+            [ip.version for ip in ips] != [version, version]):
+        raise _ProxyError('bad addresses in a v1 header: %r'
+                          % line[:_PROXY_V1_MAX])
+    return str(ips[0]), ports[0]
+
+
+def _proxy_v2_address(header):
+    """The source (ip, port) of a whole v2 header, None for LOCAL and for
+    families without one (UNSPEC, UNIX).  TLVs are skipped."""
+    version, command = header[12] >> 4, header[12] & 0xF
+    if version != 2 or command > 1:
+        raise _ProxyError('a v2 header of version %d, command %d'
+                          % (version, command))
+    if command == 0:        # LOCAL
+        return None
+    family = _PROXY_V2_ADDRESSES.get(header[13] >> 4)
+    if family is None:
+        if header[13] >> 4 in (0x0, 0x3):   # UNSPEC, UNIX
+            return None
+        raise _ProxyError('a v2 header of family %#x' % (header[13] >> 4))
+    family, size = family
+    body = header[16:]
+    if len(body) < 2 * size + 4:
+        raise _ProxyError('a v2 header too short for its addresses')
+    ip = socket.inet_ntop(family, body[:size])
+    return ip, struct.unpack('!H', body[2 * size:2 * size + 2])[0]
+
+
+def _read_proxy_header(sock, timeout):
+    """Read a PROXY header from ``sock`` (its own bytes, not one more); the
+    client's (ip, port), or None: the peer's own.  socket.timeout after
+    ``timeout`` seconds, all told; _ProxyError for a bad header."""
+    deadline = time.monotonic() + timeout
+    buf = b''
+    while True:
+        need, address = _proxy_header(buf)
+        if not need:
+            return address
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout('timed out')
+        sock.settimeout(left)
+        # The plain socket's recv, also under TLS: the header comes before
+        # the handshake.
+        data = socket.socket.recv(sock, need)
+        if not data:
+            raise _ProxyError('closed before the header ended'
+                              if buf else 'closed before a header')
+        buf += data
+
+
 class _HTTPConnection(_ClientSocket):
     """One client connection: reads requests and answers them in turn.
 
@@ -2543,7 +2755,7 @@ class _HTTPConnection(_ClientSocket):
     worker.
     """
 
-    def __init__(self, site, sock, address):
+    def __init__(self, site, sock, address, peer=None):
         self.site = site
         self.limits = site.limits
         self.parser = _RequestParser(site.limits)
@@ -2558,6 +2770,11 @@ class _HTTPConnection(_ClientSocket):
         self.base_env = site.base_env.copy()
         self.base_env['REMOTE_ADDR'] = self.client
         self.base_env['REMOTE_PORT'] = str(address[1]) if address else ''
+        self.base_env['brim.client_addr'] = self.client
+        # Trust is the peer's (the proxy's, under the PROXY protocol),
+        # decided once: a connection from anyone else reads no header.
+        self.trusted = site.forwarded_allow is not None and _trusted_peer(
+            site.forwarded_allow, address if peer is None else peer)
         self.current = None     # (start, txn, method, path) being served
         # Idle means between keep-alive requests: a drain may close it then.
         # A new connection is not idle: its first request is always served.
@@ -2690,6 +2907,8 @@ class _HTTPConnection(_ClientSocket):
             except _HTTPError as err:
                 self.refuse(err)
                 return self.linger()
+            if self.trusted:
+                _believe_proxy(request.env)
             if self.turn is not None and self.turn.before_app():
                 self.turn = None
             if not self.respond(request):
@@ -3951,6 +4170,8 @@ class _IPSubserver(Subserver):
         connections in hand when draining."""
         if self.settings.tls is not None:
             handle = self._after_handshake(handle)
+        if self.settings.proxy_protocol:
+            handle = self._after_proxy_header(handle)
         _batch_logs(self.logger)
         pool = _ConnectionPool(
             self.sock, self.drained_r, self._accept, handle,
@@ -4014,7 +4235,7 @@ class _IPSubserver(Subserver):
     def _after_handshake(self, handle):
         """Jobs that do the TLS handshake, then ``handle``'s job; the
         handshake waits on the client, so the turn passes on first."""
-        def handshake_and_serve(sock, address, turn):
+        def handshake_and_serve(sock, address, turn, peer=None):
             turn.pass_on()
             sock.settimeout(self.settings.client_timeout)
             try:
@@ -4024,12 +4245,49 @@ class _IPSubserver(Subserver):
                                  self.name, address[0], _one_line(err))
                 sock.close()
                 return None
-            return handle(sock, address).serve(None)
-        return lambda sock, address: _Call(handshake_and_serve, sock,
-                                           address)
+            return handle(sock, address, peer).serve(None)
+
+        def job(sock, address, peer=None):
+            return _Call(lambda sock, address, turn: handshake_and_serve(
+                sock, address, turn, peer), sock, address)
+        return job
+
+    def _after_proxy_header(self, handle):
+        """Jobs that read the PROXY header of a connection from a peer in
+        proxy_allow_ips, then do ``handle``'s job as the client's (its
+        peer, the proxy, still decides whose forwarded headers count).
+        Anyone else's connection is ``handle``'s at once: a PROXY header
+        from them is just their bytes."""
+        allowed = self.settings.proxy_allow_ips
+
+        def read_header_and_serve(sock, peer, turn):
+            turn.pass_on()  # the header waits on the client
+            try:
+                address = _read_proxy_header(sock,
+                                             self.settings.client_timeout)
+            except (_ProxyError, OSError) as err:
+                self.logger.warning(
+                    '[%s] closed the connection from %s: PROXY header: %s',
+                    self.name, _peer_name(peer), _one_line(err))
+                sock.close()
+                return None
+            return handle(sock, address or peer, peer).serve(turn)
+
+        def job(sock, peer):
+            if not _trusted_peer(allowed, peer):
+                return handle(sock, peer)
+            return _Call(read_header_and_serve, sock, peer)
+        return job
 
     def _close_idle(self):
         pass
+
+
+def _peer_name(address):
+    """A peer's address as a log line names it."""
+    if isinstance(address, tuple) and len(address) >= 2:
+        return '%s:%s' % address[:2]
+    return str(address or 'a local peer')
 
 
 def _as_it_is(app):
@@ -4123,7 +4381,8 @@ class WSGISubserver(_IPSubserver):
             logger=self.logger, tls=self.settings.tls is not None,
             connections=self.connections, next_txn=self.next_txn,
             began=self._request_began, ended=self._request_ended,
-            refused=self.count_request, draining=lambda: self.draining)
+            refused=self.count_request, draining=lambda: self.draining,
+            forwarded_allow=self.settings.forwarded_allow_ips)
 
     def _status_slots(self):
         """{status code: the bucket's slots that count it}, for every code:
@@ -4179,7 +4438,8 @@ class WSGISubserver(_IPSubserver):
         path = env.get('PATH_INFO', '')
         if env.get('QUERY_STRING'):
             path += '?' + env['QUERY_STRING']
-        words = [env.get('REMOTE_ADDR'), env.get('REMOTE_ADDR'), None,
+        words = [env.get('brim.client_addr', env.get('REMOTE_ADDR')),
+                 env.get('REMOTE_ADDR'), None,
                  env.get('REMOTE_USER'), _log_lines.time(),
                  env.get('REQUEST_METHOD'), path, env.get('SERVER_PROTOCOL'),
                  response.code, response.sent,
@@ -4197,7 +4457,8 @@ class WSGISubserver(_IPSubserver):
     def _log_request_json(self, env, response, duration, txn):
         record = _RequestRecord(self.logger.name, '')
         record.fields = {
-            'client': env.get('REMOTE_ADDR'), 'user': env.get('REMOTE_USER'),
+            'client': env.get('brim.client_addr', env.get('REMOTE_ADDR')),
+            'user': env.get('REMOTE_USER'),
             'method': env.get('REQUEST_METHOD'),
             'path': env.get('PATH_INFO', ''),
             'query': env.get('QUERY_STRING', ''),
@@ -4224,9 +4485,10 @@ class WSGISubserver(_IPSubserver):
     def serve_forever(self):
         self._accept_connections(self._handle)
 
-    def _handle(self, sock, address):
-        """A new connection's job, for the pool."""
-        conn = _HTTPConnection(self.site, sock, address)
+    def _handle(self, sock, address, peer=None):
+        """A new connection's job, for the pool; ``peer``: the proxy that
+        sent a PROXY header with ``address``."""
+        conn = _HTTPConnection(self.site, sock, address, peer)
         self.connections.add(conn)
         return conn
 
@@ -4296,7 +4558,7 @@ class TCPSubserver(_HandlerSubserver):
     def serve_forever(self):
         self._accept_connections(self._job)
 
-    def _job(self, sock, address):
+    def _job(self, sock, address, peer=None):
         return _Call(self._handle, sock, address)
 
     def _handle(self, sock, address, turn):

@@ -38,6 +38,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import struct
 import sys
 import tempfile
 import textwrap
@@ -748,6 +749,18 @@ class Misc(object):
     def do_port(self, env, start_response):
         return self._reply(start_response, env['REMOTE_PORT'].encode())
 
+    def do_peer(self, env, start_response):
+        # What an app learns of its client, and the URLs it would build
+        # (as Flask's url_for does) from wsgi.url_scheme.
+        import json
+        import wsgiref.util
+        keys = ('REMOTE_ADDR', 'REMOTE_PORT', 'brim.client_addr',
+                'wsgi.url_scheme', 'HTTPS')
+        seen = {key: env.get(key) for key in keys}
+        seen['request_uri'] = wsgiref.util.request_uri(env)
+        seen['application_uri'] = wsgiref.util.application_uri(env)
+        return self._reply(start_response, json.dumps(seen).encode())
+
     def do_slow(self, env, start_response):
         with open(os.path.join(self.dir, 'slow-started'), 'a') as fp:
             fp.write('x')
@@ -936,6 +949,16 @@ class Raiser(object):
         if data.startswith(b'boom'):
             raise ValueError('tcp-boom-marker')
         sock.sendall(b'ok:' + data)
+
+
+class Peer(object):
+    """Answers each connection with the ip and port it was handed."""
+
+    def __init__(self, name, conf):
+        self.name = name
+
+    def __call__(self, subserver, stats, sock, ip, port):
+        sock.sendall(('%s %s' % (ip, port)).encode())
 
 
 class NoDelay(object):
@@ -5411,6 +5434,350 @@ class TestWaitingApps(BrimTestCase):
         self.assertLessEqual(len(os.listdir('/proc/%d/task' % worker)), 7)
 
 
+def _proxy_v2(command=0x1, family=0x11, addresses=b'', tlvs=b''):
+    """A PROXY protocol v2 header."""
+    body = addresses + tlvs
+    return (brim._PROXY_V2_SIGNATURE + bytes((0x20 | command, family)) +
+            struct.pack('!H', len(body)) + body)
+
+
+def _proxy_v2_inet(ip, port, tlvs=b''):
+    return _proxy_v2(family=0x11, tlvs=tlvs, addresses=(
+        socket.inet_aton(ip) + socket.inet_aton('127.0.0.1') +
+        struct.pack('!HH', port, 8080)))
+
+
+def _proxy_v2_inet6(ip, port):
+    return _proxy_v2(family=0x21, addresses=(
+        socket.inet_pton(socket.AF_INET6, ip) +
+        socket.inet_pton(socket.AF_INET6, '::1') +
+        struct.pack('!HH', port, 8080)))
+
+
+#: (header, the client address it gives).
+PROXY_HEADERS = [
+    (b'PROXY TCP4 192.0.2.1 127.0.0.1 5555 8080\r\n', ('192.0.2.1', 5555)),
+    (b'PROXY TCP6 2001:db8::1 ::1 6666 8080\r\n', ('2001:db8::1', 6666)),
+    (b'PROXY UNKNOWN\r\n', None),
+    (b'PROXY UNKNOWN ff::1 ::1 1 2\r\n', None),
+    (_proxy_v2_inet('192.0.2.2', 7777), ('192.0.2.2', 7777)),
+    (_proxy_v2_inet('192.0.2.3', 1, tlvs=b'\x04\x00\x03abc\x01\x00\x02h2'),
+     ('192.0.2.3', 1)),
+    (_proxy_v2_inet6('2001:db8::2', 8888), ('2001:db8::2', 8888)),
+    (_proxy_v2(command=0x0, family=0x00), None),     # LOCAL: health checks
+    (_proxy_v2(command=0x0, family=0x11, addresses=b'x' * 12), None),
+]
+
+
+class TestProxyProtocolHeader(unittest.TestCase):
+    """The PROXY header's reader, over socketpairs in this process: it
+    reads the header's bytes and not one more, however they arrive; and
+    the allow lists that say whose header to read."""
+
+    def pair(self):
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(theirs.close)
+        return ours, theirs
+
+    def test_no_prefix_asks_for_more_than_the_header_has(self):
+        for header, address in PROXY_HEADERS:
+            for split in range(len(header)):
+                need, _ = brim._proxy_header(header[:split])
+                self.assertTrue(0 < need <= len(header) - split,
+                                (header, split, need))
+            self.assertEqual(brim._proxy_header(header), (0, address))
+
+    def test_every_split_point_leaves_the_request(self):
+        request = b'GET / HTTP/1.1\r\n\r\n'
+        for header, address in PROXY_HEADERS:
+            for split in range(1, len(header)):
+                ours, theirs = self.pair()
+                theirs.sendall(header[:split])
+                rest = threading.Thread(target=theirs.sendall,
+                                        args=(header[split:] + request,))
+                rest.start()
+                self.assertEqual(brim._read_proxy_header(ours, 5), address,
+                                 (header, split))
+                rest.join()
+                self.assertEqual(ours.recv(100), request)
+
+    def assert_refused(self, data, reason, close=True):
+        ours, theirs = self.pair()
+        theirs.sendall(data)
+        if close:
+            theirs.shutdown(socket.SHUT_WR)
+        with self.assertRaises(brim._ProxyError) as caught:
+            brim._read_proxy_header(ours, 5)
+        self.assertIn(reason, str(caught.exception), data)
+
+    def test_truncated(self):
+        for header, _ in PROXY_HEADERS:
+            for split in (1, len(header) // 2, len(header) - 1):
+                self.assert_refused(header[:split], 'closed before the '
+                                    'header ended')
+        self.assert_refused(b'', 'closed before a header')
+
+    def test_malformed(self):
+        request = b'GET / HTTP/1.1\r\nHost: x\r\n\r\n'
+        self.assert_refused(request, 'no PROXY header', close=False)
+        self.assert_refused(b'\r\n\r\n\0\r\nQUIT!', 'no PROXY header')
+        for line in (b'PROXY TCP5 1.2.3.4 1.2.3.4 1 2\r\n',
+                     b'PROXY TCP4 1.2.3.4 1.2.3.4 1\r\n',
+                     b'PROXY  TCP4 1.2.3.4 1.2.3.4 1 2\r\n'):
+            self.assert_refused(line, 'a malformed v1 header')
+        for line in (b'PROXY TCP4 1.2.3.999 1.2.3.4 1 2\r\n',
+                     b'PROXY TCP4 ::1 ::1 1 2\r\n',
+                     b'PROXY TCP6 1.2.3.4 1.2.3.4 1 2\r\n',
+                     b'PROXY TCP4 1.2.3.4 1.2.3.4 70000 2\r\n',
+                     b'PROXY TCP4 1.2.3.4 1.2.3.4 -1 2\r\n',
+                     b'PROXY TCP4 1.2.3.4 1.2.3.4 x 2\r\n'):
+            self.assert_refused(line, 'bad addresses in a v1 header')
+        self.assert_refused(b'PROXY TCP4 1.2.3.4 1.2.3.4 1 2\n',
+                            'bare LF')
+        v2 = bytearray(_proxy_v2_inet('192.0.2.1', 1))
+        v2[12] = 0x11
+        self.assert_refused(bytes(v2), 'version 1, command 1')
+        v2[12] = 0x22
+        self.assert_refused(bytes(v2), 'version 2, command 2')
+        self.assert_refused(_proxy_v2(family=0x41, addresses=b'x' * 12),
+                            'family 0x4')
+        self.assert_refused(_proxy_v2(family=0x21, addresses=b'x' * 12),
+                            'too short for its addresses')
+
+    def test_oversized(self):
+        self.assert_refused(b'PROXY TCP4 ' + b'1' * 200, 'over 107 bytes',
+                            close=False)
+        self.assert_refused(brim._PROXY_V2_SIGNATURE + b'\x21\x11\xff\xff',
+                            'over', close=False)
+
+    def test_whom_the_allow_lists_trust(self):
+        peers = brim._peers('wsgi', 'proxy_allow_ips',
+                            '10.0.0.0/8, 192.0.2.7 2001:db8::/32')
+        for address, trusted in ((('10.1.2.3', 80), True),
+                                 (('192.0.2.7', 80), True),
+                                 (('192.0.2.8', 80), False),
+                                 (('127.0.0.1', 80), False),
+                                 (('::ffff:10.0.0.1', 80, 0, 0), True),
+                                 (('2001:db8::1', 80, 0, 0), True),
+                                 (('::1', 80, 0, 0), False),
+                                 ('', True), (None, True),   # Unix sockets
+                                 ('/run/brim.sock', True)):
+            self.assertIs(brim._trusted_peer(peers, address), trusted,
+                          address)
+        anyone = brim._peers('wsgi', 'forwarded_allow_ips', '*')
+        self.assertTrue(brim._trusted_peer(anyone, ('203.0.113.1', 1)))
+        self.assertTrue(brim._trusted_peer(anyone, ('2001:db8::1', 1, 0, 0)))
+        with self.assertRaises(brim.ConfError) as caught:
+            brim._peers('wsgi', 'proxy_allow_ips', '10.0.0.0/33')
+        self.assertEqual(str(caught.exception),
+                         "[wsgi] proxy_allow_ips: '10.0.0.0/33' is not an "
+                         "address or a CIDR range.")
+
+    def test_a_header_that_never_completes_times_out(self):
+        ours, theirs = self.pair()
+        theirs.sendall(b'PROXY TCP4 1.2.')
+        with self.assertRaises(socket.timeout):
+            brim._read_proxy_header(ours, 0.05)
+
+
+class TestProxies(EchoTestCase):
+    """Forwarded headers and PROXY headers, believed from the proxies the
+    allow lists name, and from nobody else."""
+
+    def peer(self, headers=None, data=None, port=None):
+        """What /peer saw, sent as headers or as raw ``data``."""
+        port = port or self.port
+        if data is None:
+            status, _h, body = self.http(port, 'GET', '/peer',
+                                         headers=headers)
+        else:
+            answer = self.raw(port, data)
+            status = int(answer.split(b' ', 2)[1])
+            body = answer.partition(b'\r\n\r\n')[2]
+        self.assertEqual(status, 200, body)
+        return json.loads(body)
+
+    def logged_clients(self):
+        """(client, remote address) of each request line, in order."""
+        # After NOTICE: the txn, then the client and the remote address.
+        return [tuple(line['line'].split(' NOTICE ')[1].split(' ')[1:3])
+                for line in self.request_lines()]
+
+    def test_forwarded_headers_from_a_trusted_proxy(self):
+        self.echo_conf()
+        self.start()
+        seen = self.peer({'X-Forwarded-Proto': 'https',
+                          'X-Forwarded-For': '203.0.113.9, 198.51.100.4'})
+        self.assertEqual(seen['wsgi.url_scheme'], 'https')
+        self.assertEqual(seen['HTTPS'], 'on')
+        self.assertTrue(seen['request_uri'].startswith('https://'), seen)
+        self.assertTrue(seen['application_uri'].startswith('https://'))
+        # The right-most entry: the one the trusted proxy added.
+        self.assertEqual(seen['brim.client_addr'], '198.51.100.4')
+        self.assertEqual(seen['REMOTE_ADDR'], '127.0.0.1')
+        seen = self.peer({'Forwarded': 'for=192.0.2.60;proto=http, '
+                                       'for="[2001:db8::7]:4711";proto=https'})
+        self.assertEqual((seen['wsgi.url_scheme'], seen['brim.client_addr']),
+                         ('https', '2001:db8::7'))
+        for name, value in (('X-Forwarded-Ssl', 'on'),
+                            ('X-Forwarded-Protocol', 'https')):
+            seen = self.peer({name: value})
+            self.assertEqual(seen['wsgi.url_scheme'], 'https', name)
+            self.assertEqual(seen['brim.client_addr'], '127.0.0.1')
+        seen = self.peer({})
+        self.assertEqual(seen['wsgi.url_scheme'], 'http')
+        self.assertIsNone(seen['HTTPS'])
+        self.assertTrue(seen['request_uri'].startswith('http://'), seen)
+        # The log shows the client the proxy named, then the peer.
+        wait_until(lambda: len(self.request_lines()) == 5)
+        self.assertEqual(self.logged_clients()[:2], [
+            ('198.51.100.4', '127.0.0.1'), ('2001:db8::7', '127.0.0.1')])
+
+    def test_json_log_shows_the_forwarded_client(self):
+        self.echo_conf(wsgi_extra='log_format = json')
+        self.start()
+        self.peer({'X-Forwarded-For': '203.0.113.9'})
+
+        def request_line():
+            for line in self.log_lines():
+                if '"path": "/peer"' in line:
+                    return json.loads(line)
+        self.assertEqual(wait_until(request_line)['client'], '203.0.113.9')
+
+    def test_forwarded_headers_from_anyone_else_change_nothing(self):
+        self.echo_conf(wsgi_extra='forwarded_allow_ips = 10.0.0.0/8, '
+                                  '192.168.0.0/16')
+        self.start()
+        seen = self.peer({'X-Forwarded-Proto': 'https',
+                          'X-Forwarded-Ssl': 'on',
+                          'Forwarded': 'for=192.0.2.1;proto=https',
+                          'X-Forwarded-For': '203.0.113.9'})
+        self.assertEqual(seen['wsgi.url_scheme'], 'http')
+        self.assertIsNone(seen['HTTPS'])
+        self.assertTrue(seen['request_uri'].startswith('http://'), seen)
+        self.assertTrue(seen['application_uri'].startswith('http://'))
+        self.assertEqual(seen['brim.client_addr'], '127.0.0.1')
+        wait_until(lambda: self.request_lines())
+        self.assertEqual(self.logged_clients(), [('127.0.0.1', '127.0.0.1')])
+
+    def test_a_bad_allow_list_is_refused(self):
+        for option in ('forwarded_allow_ips', 'proxy_allow_ips'):
+            self.echo_conf(wsgi_extra='%s = 10.0.0.0/8 nonsense' % option)
+            code, out, err = self.brim('start')
+            self.assertEqual(code, 1, (out, err))
+            self.assertIn("[wsgi] %s: 'nonsense' is not an address or a "
+                          "CIDR range." % option, err)
+
+    def test_proxy_protocol_from_an_allowed_peer(self):
+        self.echo_conf(wsgi_extra='proxy_protocol = yes')
+        self.start()
+        request = (b'GET /peer HTTP/1.1\r\nHost: x\r\n'
+                   b'Connection: close\r\n\r\n')
+        expected = []
+        for header, address in PROXY_HEADERS:
+            seen = self.peer(data=header + request)
+            ip, port = address or ('127.0.0.1', None)
+            self.assertEqual(seen['REMOTE_ADDR'], ip, header)
+            self.assertEqual(seen['brim.client_addr'], ip)
+            if port:
+                self.assertEqual(seen['REMOTE_PORT'], str(port))
+            expected.append((ip, ip))
+        wait_until(lambda: len(self.request_lines()) == len(expected))
+        self.assertEqual(self.logged_clients(), expected)
+
+    def test_an_allowed_peer_without_a_header_is_closed(self):
+        self.echo_conf(wsgi_extra='proxy_protocol = yes')
+        self.start()
+        self.assertEqual(self.raw(self.port, b'GET /peer HTTP/1.1\r\n'
+                                             b'Host: x\r\n\r\n'), b'')
+        self.wait_for_log(r"WARNING .*\[wsgi\] closed the connection from "
+                          r"127\.0\.0\.1:\d+: PROXY header: no PROXY header: "
+                          r"b'GET /peer HTTP/'")
+        # And it serves on.
+        seen = self.peer(data=PROXY_HEADERS[0][0] + b'GET /peer HTTP/1.0\r\n'
+                         b'\r\n')
+        self.assertEqual(seen['REMOTE_ADDR'], '192.0.2.1')
+
+    def test_proxy_header_from_anyone_else_is_not_believed(self):
+        self.echo_conf(wsgi_extra='proxy_protocol = yes\n'
+                                  'proxy_allow_ips = 10.0.0.0/8')
+        self.start()
+        answer = self.raw(self.port, PROXY_HEADERS[0][0] +
+                          b'GET /peer HTTP/1.0\r\n\r\n')
+        self.assertTrue(answer.startswith(b'HTTP/1.1 400 '), answer)
+        seen = self.peer({})
+        self.assertEqual(seen['REMOTE_ADDR'], '127.0.0.1')
+
+    def haproxy(self, backend_port, server_options):
+        """A haproxy in front of ``backend_port``, as a child stopped in a
+        cleanup; the port it listens on."""
+        if not shutil.which('haproxy'):
+            self.skipTest('needs the Debian package haproxy')
+        port = free_port()
+        conf = os.path.join(self.tmp, 'haproxy-%d.cfg' % port)
+        with open(conf, 'w') as fp:
+            fp.write(textwrap.dedent('''
+                defaults
+                    mode tcp
+                    timeout connect 5s
+                    timeout client 10s
+                    timeout server 10s
+                frontend front
+                    bind 127.0.0.1:%d
+                    default_backend back
+                backend back
+                    server b 127.0.0.1:%d %s
+                ''' % (port, backend_port, server_options)))
+        proc = subprocess.Popen(['haproxy', '-f', conf, '-db'],
+                                stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        self.addCleanup(proc.wait, 10)
+        self.addCleanup(os.kill, proc.pid, signal.SIGTERM)
+        wait_until(lambda: proc.poll() is not None or
+                   not connect_refused(port))
+        self.assertIsNone(proc.poll(), 'haproxy exited')
+        return port
+
+    def test_behind_haproxy(self):
+        self.echo_conf(wsgi_extra='proxy_protocol = yes')
+        self.start()
+        for options in ('send-proxy-v2', 'send-proxy'):
+            port = self.haproxy(self.port, options)
+            sock = socket.create_connection(('127.0.0.1', port), timeout=5)
+            self.addCleanup(sock.close)
+            sock.sendall(b'GET /peer HTTP/1.0\r\n\r\n')
+            answer = b''
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                answer += data
+            seen = json.loads(answer.partition(b'\r\n\r\n')[2])
+            # haproxy's client is this socket: its port, not haproxy's.
+            self.assertEqual((seen['REMOTE_ADDR'], seen['REMOTE_PORT']),
+                             ('127.0.0.1', str(sock.getsockname()[1])),
+                             options)
+
+    def test_tcp_handler_sees_the_proxied_client(self):
+        port = free_port()
+        self.write_conf('''
+            [tcp]
+            ip = 127.0.0.1
+            port = %d
+            call = mytcp.Peer
+            proxy_protocol = yes
+            ''' % port)
+        self.start()
+        self.assertEqual(tcp_exchange(port, PROXY_HEADERS[0][0]),
+                         b'192.0.2.1 5555')
+        self.assertEqual(tcp_exchange(port, _proxy_v2_inet6('2001:db8::2',
+                                                            8888)),
+                         b'2001:db8::2 8888')
+        self.assertEqual(tcp_exchange(port, _proxy_v2(0, 0)).split()[0],
+                         b'127.0.0.1')
+
+
 class TestOutOfDescriptors(EchoTestCase):
     """A worker out of file descriptors closes its longest idle connections
     to take new ones; it is not recycled, nor restarted."""
@@ -9251,6 +9618,25 @@ class TestTLS(EchoTestCase):
         response = self.https('POST', '/echo', b'after resets')
         self.assertEqual((response.status, response.body),
                          (200, b'after resets'))
+
+    def test_proxy_header_before_the_handshake(self):
+        self.tls_conf(self.cert, self.key, extra='proxy_protocol = yes\n')
+        self.start()
+        sock = socket.create_connection(('127.0.0.1', self.port), timeout=5)
+        self.addCleanup(sock.close)
+        sock.sendall(PROXY_HEADERS[0][0])
+        tls = self.context.wrap_socket(sock, server_hostname='localhost')
+        self.addCleanup(tls.close)
+        tls.sendall(b'GET /peer HTTP/1.0\r\n\r\n')
+        answer = b''
+        while True:
+            data = tls.recv(65536)
+            if not data:
+                break
+            answer += data
+        seen = json.loads(answer.partition(b'\r\n\r\n')[2])
+        self.assertEqual((seen['REMOTE_ADDR'], seen['wsgi.url_scheme']),
+                         ('192.0.2.1', 'https'))
 
     def test_https(self):
         self.tls_conf(self.cert, self.key, extra='client_timeout = 2\n')
