@@ -327,6 +327,14 @@ def _port(section, option, text):
     return value
 
 
+def _at_least_seconds(section, option, text):
+    value = _float(section, option, text)
+    if not value >= 0:     # nan too
+        raise ConfError('[%s] %s must be 0 or more seconds, not %r.'
+                        % (section, option, text))
+    return value
+
+
 def _worker_timeout(section, option, text):
     value = _float(section, option, text)
     if value and value < 2:
@@ -398,6 +406,8 @@ _OPTIONS = (
     _Option('umask', 'brim', _octal, 0o022, show='{:04o}'.format),
     _Option('pid_file', 'brim', _path, None),
     _Option('graceful_timeout', 'brim', _float, 30.0),
+    # Time for load balancers to see readiness fail before the ports close.
+    _Option('shutdown_delay', 'brim', _at_least_seconds, 0.0),
     _Option('log_name', _EVERY_KIND, _text, 'brim', from_brim=True),
     _Option('log_level', _EVERY_KIND, _log_level, 'INFO', from_brim=True),
     _Option('log_facility', _EVERY_KIND, _log_facility, 'LOCAL0',
@@ -1405,7 +1415,11 @@ class _StatsLayout(object):
     unsigned 64-bit slot per stat: first the HIDDEN ones brim keeps for
     itself, then the declared ones in stats_conf's order.  Beside the
     slots, each bucket has LATEST_SIZE bytes for "txn METHOD path" of its
-    latest request, for the log line about a hung worker.
+    latest request, for the log line about a hung worker.  After the
+    buckets, one slot is brimd's own: nonzero while the main process
+    reports not ready (shutdown_delay).  Only the main process writes it,
+    and a worker reads it on each readiness probe: shared memory every
+    worker maps already, where a signal would need a handler in each.
     """
 
     HEARTBEAT, SERVED, REQUEST_START, PID, RESTARTS = range(5)
@@ -1427,7 +1441,8 @@ class _StatsLayout(object):
             offset += region.size * len(region.labels)
             ordinal += len(region.labels)
         # 'Q': unsigned 64-bit.  lock=False: see _Bucket for who writes.
-        self._array = multiprocessing.Array('Q', max(offset, 1), lock=False)
+        self._not_ready_slot = offset
+        self._array = multiprocessing.Array('Q', offset + 1, lock=False)
         self._latest = multiprocessing.RawArray(
             'c', max(ordinal, 1) * self.LATEST_SIZE)
 
@@ -1440,6 +1455,15 @@ class _StatsLayout(object):
                         for name, slot in region.slots.items()},
                        self._latest,
                        (region.ordinal + index) * self.LATEST_SIZE)
+
+    def set_not_ready(self):
+        """Have every worker's readiness probe fail from now on (main
+        process, at the start of shutdown_delay)."""
+        self._array[self._not_ready_slot] = 1
+
+    def ready(self):
+        """False once the main process has said brimd is not ready."""
+        return not self._array[self._not_ready_slot]
 
     def read(self, start_time):
         """Every stat of every bucket, read now, as a _StatsReading;
@@ -1514,7 +1538,8 @@ class _Bucket(object):
 
     Who writes a bucket.  Its worker, from its threads: increments under
     the bucket's lock, so they are exact.  The main process writes only
-    hidden slots, with plain stores: before it forks a worker into the
+    hidden slots (and the layout's not-ready slot, beyond every bucket),
+    with plain stores: before it forks a worker into the
     bucket it clears them (``reset``) and sets _restarts; once it has
     reaped the worker it sets _pid to 0.  A worker then is either not yet
     forked or gone, with one exception: a worker being replaced (at
@@ -6169,6 +6194,8 @@ class Server(object):
         self.restarter = _Restarter(self)
         self.pid_file = None
         self.generation = 0     # restarts in place so far
+        #: When shutdown_delay ends (time.monotonic()), while it runs.
+        self.shutdown_at = None
         self.notifier = _Notifier()
         #: Where a daemonized brimd logs when there is no syslog socket.
         self.fallback_log_file = None
@@ -6273,14 +6300,23 @@ class Server(object):
         workers at least once a second."""
         while True:
             timeout = max(0.0, min(1.0, self.supervisor.next_due(),
-                                   self.notifier.watchdog_due()))
+                                   self.notifier.watchdog_due(),
+                                   self._delay_left()))
             for signum in self._wait(timeout):
                 handler = getattr(self, '_on_' + _signal_name(signum), None)
                 code = handler() if handler else None
                 if code is not None:
                     return code
+            if self._delay_left() <= 0:
+                return self.shutdown()
             self.supervisor.tend()
             self.notifier.watchdog()
+
+    def _delay_left(self):
+        """Seconds left of shutdown_delay (inf when none runs)."""
+        if self.shutdown_at is None:
+            return float('inf')
+        return self.shutdown_at - time.monotonic()
 
     def _wait(self, timeout):
         """Wait up to ``timeout`` seconds; answer control requests and
@@ -6310,7 +6346,7 @@ class Server(object):
     def _on_SIGTERM(self):
         # Container runtimes and systemd stop with SIGTERM and expect a
         # graceful exit; a daemonized brimd keeps brimd's meaning: stop.
-        return self.shutdown() if self.foreground else self.stop()
+        return self.shut_down_later() if self.foreground else self.stop()
 
     def _on_SIGINT(self):
         return self.stop()
@@ -6318,7 +6354,7 @@ class Server(object):
     _on_SIGQUIT = _on_SIGINT
 
     def _on_SIGHUP(self):
-        return self.shutdown()
+        return self.shut_down_later()
 
     def _on_SIGUSR1(self):
         """Reopen log files (after logrotate moved them), here and in
@@ -6369,6 +6405,20 @@ class Server(object):
         self.supervisor.signal_all(signal.SIGTERM)
         self._wait_children(5.0)
         return self._exit()
+
+    def shut_down_later(self):
+        """Graceful, after shutdown_delay: report not ready at once but
+        go on serving, so load balancers and Kubernetes stop sending
+        before the ports close.  Asked again meanwhile: shut down now."""
+        delay = self.settings.shutdown_delay
+        if delay <= 0 or self.shutdown_at is not None:
+            return self.shutdown()
+        self.shutdown_at = time.monotonic() + delay
+        self.stats_layout.set_not_ready()
+        self.logger.info('brimd not ready; shutting down gracefully in '
+                         '%gs (shutdown_delay)', delay)
+        self.notifier.send('STATUS=not ready, shutting down in %gs' % delay)
+        return None
 
     def shutdown(self):
         """Graceful: release the ports now, let workers finish, then exit."""
@@ -7040,7 +7090,8 @@ def _signal_brimd(args, signum, verb, seconds):
     """stop / shutdown: signal the running brimd and wait for it to go
     (``seconds``, or None: as long as a graceful shutdown may take)."""
     if seconds is None:
-        seconds = _EXIT_SLACK + _setting_if_any(args, 'graceful_timeout')
+        seconds = (_EXIT_SLACK + _setting_if_any(args, 'graceful_timeout') +
+                   _setting_if_any(args, 'shutdown_delay'))
     pid_file = _pid_file_path(args, _setting_if_any(args, 'pid_file'))
     pid = _read_pid_file(pid_file) if pid_file else None
     if not _is_brimd(pid):

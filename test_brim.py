@@ -8175,6 +8175,37 @@ sys.exit(brim.serve(application, port=int(sys.argv[1]), max_body=8,
 '''
 
 
+class TestHealthAndRollingUpdates(EchoTestCase):
+    """WSGIHealth's probes, shutdown_delay and reuse_port: a brimd that
+    leaves a load balancer's rotation, or shares its port, without a
+    failed request."""
+
+    foreground = TestOperations.foreground
+    wait_serving = TestOperations.wait_serving
+    in_background = TestOperations.in_background
+
+    def test_shutdown_delay_without_the_app_and_a_second_sigterm(self):
+        self.echo_conf(brim_extra='shutdown_delay = 30')
+        proc = self.foreground()
+        self.wait_serving(proc)
+        os.kill(proc.pid, signal.SIGTERM)
+        self.wait_for_log(r'brimd not ready; shutting down gracefully in '
+                          r'30s \(shutdown_delay\)')
+        self.echo_ok(self.port)
+        # A second SIGTERM ends the delay: brimd drains and exits now.
+        sent = time.monotonic()
+        os.kill(proc.pid, signal.SIGTERM)
+        self.assertEqual(proc.wait(20), 0)
+        self.assertLess(time.monotonic() - sent, 10)
+        self.assertTrue(connect_refused(self.port))
+
+    def test_shutdown_delay_is_checked(self):
+        self.echo_conf(brim_extra='shutdown_delay = -1')
+        code, out, err = self.brim('check')
+        self.assertEqual((code, err), (1, '[brim] shutdown_delay must be 0 '
+                                          "or more seconds, not '-1'.\n"))
+
+
 class TestPlainApps(BrimTestCase):
     """call = package.module:app and :factory(), serve APP, brim.serve()."""
 
