@@ -26,8 +26,8 @@ section:
                             (_ConnectionPool)
     Subservers              [wsgi], [tcp], [udp] and [daemons]: what a
                             worker process runs
-    Apps that ship with brim  WSGIEcho, WSGIStats, TCPEcho, UDPEcho,
-                            DaemonSample
+    Apps that ship with brim  WSGIEcho, WSGIStats, WSGIHealth, TCPEcho,
+                            UDPEcho, DaemonSample
     brim.http               responses that are exceptions and WSGI apps
     brim.httpform           multipart/form-data, streamed
     WSGIFS                  files from a directory
@@ -681,6 +681,7 @@ _SUBMODULES = {
     'brim.conf': ('Conf', 'read_conf', 'ConfError'),
     'brim.wsgi_echo': ('WSGIEcho',),
     'brim.wsgi_stats': ('WSGIStats',),
+    'brim.wsgi_health': ('WSGIHealth',),
     'brim.tcp_echo': ('TCPEcho',),
     'brim.udp_echo': ('UDPEcho',),
     'brim.daemon_sample': ('DaemonSample',),
@@ -4177,7 +4178,9 @@ class WSGISubserver(_IPSubserver):
 
     def _request_ended(self, env, response, duration, txn):
         self.count_request(response.code)
-        self.log_request(env, response, duration, txn)
+        # An app may spare the log a line (WSGIHealth's frequent probes).
+        if env.get('brim.log_request', True):
+            self.log_request(env, response, duration, txn)
 
     def log_request(self, env, response, duration, txn):
         """The one NOTICE line per request.  It never raises: a line that
@@ -4536,6 +4539,67 @@ class WSGIStats(object):
                             'the page\'s updates).' % name)
         return (conf.get(name, 'path', '/stats'), refresh,
                 conf.get(name, 'metrics_path', '/metrics') or None)
+
+
+class WSGIHealth(object):
+    """Readiness and liveness probes, for load balancers and Kubernetes;
+    put it first in the chain.
+
+    ``ready_path`` (default /readyz): 200 while this brimd serves, 503
+    once it drains or its main process has said it is not ready
+    (shutdown_delay).  ``live_path`` (default /livez): 200 while the main
+    process supervises this worker (it is still the worker's parent and
+    the worker's heartbeat is fresh), 503 otherwise.  Other paths go to
+    the next app.  Probes log no request line unless ``log_probes``.
+    """
+
+    options = ('ready_path', 'live_path', 'log_probes')
+
+    #: How old a heartbeat may be while the worker still counts as
+    #: supervised: workers beat once a second.
+    STALE_SECONDS = 5.0
+
+    def __init__(self, name, parsed_conf, next_app):
+        self.name = name
+        self.next_app = next_app
+        self.ready_path, self.live_path, self.log_probes = parsed_conf
+
+    def __call__(self, env, start_response):
+        path = env['PATH_INFO']
+        if path == self.ready_path:
+            ok, words = self._ready(env['brim']), ('ready', 'draining')
+        elif path == self.live_path:
+            ok, words = self._live(env), ('live', 'unsupervised')
+        else:
+            return self.next_app(env, start_response)
+        if not self.log_probes:
+            env['brim.log_request'] = False
+        body = (words[0] if ok else words[1]).encode('ascii') + b'\n'
+        start_response('200 OK' if ok else '503 Service Unavailable', [
+            ('Content-Type', 'text/plain'),
+            ('Content-Length', str(len(body))),
+            ('Cache-Control', 'no-store')])
+        return [body]
+
+    @staticmethod
+    def _ready(subserver):
+        return (not subserver.draining and
+                subserver.server.stats_layout.ready())
+
+    def _live(self, env):
+        beat = env['brim.stats'].heartbeat()
+        return (not env['brim'].orphaned() and
+                time.time() - beat < self.STALE_SECONDS)
+
+    @classmethod
+    def parse_conf(cls, name, conf):
+        paths = (conf.get(name, 'ready_path', '/readyz'),
+                 conf.get(name, 'live_path', '/livez'))
+        for option, path in zip(('ready_path', 'live_path'), paths):
+            if not path.startswith('/'):
+                raise ConfError('[%s] %s must start with /, not %r.'
+                                % (name, option, path))
+        return paths + (conf.get_bool(name, 'log_probes', False),)
 
 
 class TCPEcho(object):
