@@ -442,6 +442,7 @@ _OPTIONS = (
     _Option('max_header_line', 'wsgi', _int, 8190, from_brim=True),
     _Option('max_header_count', 'wsgi', _int, 100, from_brim=True),
     _Option('max_body', 'wsgi', _int, None, from_brim=True),
+    _Option('reuse_port', 'wsgi tcp', _bool, False, from_brim=True),
     _Option('call', 'tcp udp', _text, None),
     _Option('max_datagram_size', 'udp', _int, 65536, from_brim=True),
     _Option('daemons', 'daemons', _words, ()),
@@ -1757,10 +1758,14 @@ def _address_family(ip):
     return socket.AF_INET, host
 
 
-def _bind(section, ip, port, kind, backlog, retry_seconds):
+def _bind(section, ip, port, kind, backlog, retry_seconds,
+          reuse_port=False):
     """A bound (and, for TCP, listening) socket, retrying a busy port.
 
-    The socket is inheritable so a restart in place can hand it on.
+    The socket is inheritable so a restart in place can hand it on.  With
+    ``reuse_port``, SO_REUSEPORT: another brimd that sets it too (blue and
+    green on one host) shares the port, and the kernel spreads the
+    connections between them.
     """
     family, host = _address_family(ip)
     sock_type = socket.SOCK_DGRAM if kind == 'udp' else socket.SOCK_STREAM
@@ -1770,6 +1775,8 @@ def _bind(section, ip, port, kind, backlog, retry_seconds):
         sock = socket.socket(family, sock_type)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind((host, port))
@@ -3928,19 +3935,35 @@ class _IPSubserver(Subserver):
             self.sock = _bind(self.name, self.settings.ip, self.port,
                               'udp' if self.kind == 'udp' else 'tcp',
                               self.settings.backlog,
-                              self.settings.listen_retry)
+                              self.settings.listen_retry,
+                              self._reuse_port())
         self.bound_port = self.sock.getsockname()[1]
 
     def check(self, held):
         if any(key in held for key in self._keys()):
             where = 'held by the running brimd'
         else:
-            _bind(self.name, self.settings.ip, self.port,
-                  'udp' if self.kind == 'udp' else 'tcp', 1, 0).close()
-            where = 'free to bind'
+            where = self._check_bind()
         return '[%s] %s on %s:%s (%s), %d workers%s' % (
             self.name, self.kind, self.settings.ip, self.port, where,
             self.settings.workers, ', TLS' if self.settings.tls else '')
+
+    def _reuse_port(self):
+        return getattr(self.settings, 'reuse_port', False)    # not [udp]
+
+    def _check_bind(self):
+        """Whether ``check`` could bind the port: free, or (reuse_port)
+        shared with another listener that sets SO_REUSEPORT too."""
+        kind = 'udp' if self.kind == 'udp' else 'tcp'
+        try:
+            _bind(self.name, self.settings.ip, self.port, kind, 1, 0).close()
+            return 'free to bind'
+        except ConfError:
+            if not self._reuse_port():
+                raise
+        _bind(self.name, self.settings.ip, self.port, kind, 1, 0,
+              True).close()
+        return 'in use, shared by reuse_port'
 
     def _serve_loop(self, on_ready=None):
         """Beat the heartbeat (at least once a second) until a drain or the

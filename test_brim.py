@@ -8318,6 +8318,51 @@ class TestHealthAndRollingUpdates(EchoTestCase):
         self.assertEqual((code, err), (1, '[brim] shutdown_delay must be 0 '
                                           "or more seconds, not '-1'.\n"))
 
+    def worker_pids_answering(self, port):
+        return int(self.http(port, 'GET', '/pid')[2])
+
+    def test_reuse_port_shares_a_port_between_two_brimd(self):
+        blue = self.health_conf(wsgi_extra='reuse_port = yes\n',
+                                name='blue.conf')
+        green = self.health_conf(wsgi_extra='reuse_port = yes\n',
+                                 port=self.port, name='green.conf')
+        blue_pid_file = os.path.join(self.tmp, 'blue.pid')
+        green_pid_file = os.path.join(self.tmp, 'green.pid')
+        blue_pid = self.start(conf=blue, pid_file=blue_pid_file)
+        code, out, err = self.brim('check', conf=green,
+                                   pid_file=green_pid_file)
+        self.assertEqual((code, err), (0, ''), out)
+        self.assertIn('(in use, shared by reuse_port)', out)
+        green_pid = self.start(conf=green, pid_file=green_pid_file)
+        self.assertNotEqual(blue_pid, green_pid)
+        blue_workers = set(live_children_of(blue_pid))
+        green_workers = set(live_children_of(green_pid))
+        seen = set()
+
+        def both_answer():
+            seen.add(self.worker_pids_answering(self.port))
+            return seen & blue_workers and seen & green_workers
+        wait_until(both_answer, timeout=20, msg='both brimd answer')
+        code, out, err = self.brim('stop', conf=blue,
+                                   pid_file=blue_pid_file)
+        self.assertEqual(code, 0, (out, err))
+        for _ in range(20):
+            self.assertIn(self.worker_pids_answering(self.port),
+                          green_workers)
+
+    def test_without_reuse_port_a_second_brimd_is_refused(self):
+        blue = self.health_conf(name='blue.conf')
+        blue_pid_file = os.path.join(self.tmp, 'blue.pid')
+        self.start(conf=blue, pid_file=blue_pid_file)
+        self.health_conf(wsgi_extra='listen_retry = 0\n', port=self.port)
+        code, out, err = self.brim('start')
+        self.assertEqual(code, 1, out)
+        self.assertEqual(err.count('\n'), 1, err)
+        self.assertTrue(err.startswith('[wsgi] could not bind 127.0.0.1:%d: '
+                                       % self.port), err)
+        self.assertFalse(os.path.exists(self.pid_file))
+        self.echo_ok(self.port)
+
 
 class TestPlainApps(BrimTestCase):
     """call = package.module:app and :factory(), serve APP, brim.serve()."""
