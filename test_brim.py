@@ -8312,6 +8312,47 @@ class TestHealthAndRollingUpdates(EchoTestCase):
         self.assertFalse(pid_alive(pid))
         self.assertTrue(connect_refused(self.port))
 
+    def probe(self, path, draining=False, ready=True, orphaned=False,
+              beat_age=0.0):
+        """WSGIHealth called in this process: (status, headers, body,
+        whether the request is to be logged)."""
+        layout = types.SimpleNamespace(ready=lambda: ready)
+        subserver = types.SimpleNamespace(
+            draining=draining, orphaned=lambda: orphaned,
+            server=types.SimpleNamespace(stats_layout=layout))
+        bucket = types.SimpleNamespace(
+            heartbeat=lambda: time.time() - beat_age)
+        env = {'PATH_INFO': path, 'brim': subserver, 'brim.stats': bucket}
+        app = brim.WSGIHealth('health', ('/readyz', '/livez', False),
+                              lambda env, start: [b'next'])
+        got = {}
+        body = b''.join(app(env, lambda status, headers: got.update(
+            status=status, headers=dict(headers))))
+        return (got.get('status'), got.get('headers'), body,
+                env.get('brim.log_request', True))
+
+    def test_probe_answers_in_process(self):
+        self.assertEqual(self.probe('/readyz')[::2], ('200 OK', b'ready\n'))
+        for state in ({'draining': True}, {'ready': False}):
+            self.assertEqual(self.probe('/readyz', **state)[::2],
+                             ('503 Service Unavailable', b'draining\n'))
+        self.assertEqual(self.probe('/livez')[::2], ('200 OK', b'live\n'))
+        for state in ({'orphaned': True}, {'beat_age': 10.0}):
+            self.assertEqual(self.probe('/livez', **state)[::2],
+                             ('503 Service Unavailable', b'unsupervised\n'))
+        status, headers, body, logged = self.probe('/readyz', ready=False)
+        self.assertEqual(headers, {'Content-Type': 'text/plain',
+                                   'Content-Length': '9',
+                                   'Cache-Control': 'no-store'})
+        self.assertFalse(logged)
+        self.assertEqual(self.probe('/other'), (None, None, b'next', True))
+
+    def test_probe_paths_are_checked(self):
+        self.health_conf(health_extra='ready_path = readyz\n')
+        code, out, err = self.brim('check')
+        self.assertEqual((code, err), (1, "[health] ready_path must start "
+                                          "with /, not 'readyz'.\n"))
+
     def test_shutdown_delay_is_checked(self):
         self.echo_conf(brim_extra='shutdown_delay = -1')
         code, out, err = self.brim('check')
