@@ -26,8 +26,8 @@ section:
                             (_ConnectionPool)
     Subservers              [wsgi], [tcp], [udp] and [daemons]: what a
                             worker process runs
-    Apps that ship with brim  WSGIEcho, WSGIStats, TCPEcho, UDPEcho,
-                            DaemonSample
+    Apps that ship with brim  WSGIEcho, WSGIStats, WSGIHealth, TCPEcho,
+                            UDPEcho, DaemonSample
     brim.http               responses that are exceptions and WSGI apps
     brim.httpform           multipart/form-data, streamed
     WSGIFS                  files from a directory
@@ -328,6 +328,14 @@ def _port(section, option, text):
     return value
 
 
+def _at_least_seconds(section, option, text):
+    value = _float(section, option, text)
+    if not value >= 0:     # nan too
+        raise ConfError('[%s] %s must be 0 or more seconds, not %r.'
+                        % (section, option, text))
+    return value
+
+
 def _worker_timeout(section, option, text):
     value = _float(section, option, text)
     if value and value < 2:
@@ -420,6 +428,8 @@ _OPTIONS = (
     _Option('umask', 'brim', _octal, 0o022, show='{:04o}'.format),
     _Option('pid_file', 'brim', _path, None),
     _Option('graceful_timeout', 'brim', _float, 30.0),
+    # Time for load balancers to see readiness fail before the ports close.
+    _Option('shutdown_delay', 'brim', _at_least_seconds, 0.0),
     _Option('log_name', _EVERY_KIND, _text, 'brim', from_brim=True),
     _Option('log_level', _EVERY_KIND, _log_level, 'INFO', from_brim=True),
     _Option('log_facility', _EVERY_KIND, _log_facility, 'LOCAL0',
@@ -463,6 +473,7 @@ _OPTIONS = (
     _Option('proxy_allow_ips', 'wsgi tcp', _peers,
             _peers('brim', 'proxy_allow_ips', '127.0.0.1,::1'),
             from_brim=True, show=_show_peers),
+    _Option('reuse_port', 'wsgi tcp', _bool, False, from_brim=True),
     _Option('call', 'tcp udp', _text, None),
     _Option('max_datagram_size', 'udp', _int, 65536, from_brim=True),
     _Option('daemons', 'daemons', _words, ()),
@@ -702,6 +713,7 @@ _SUBMODULES = {
     'brim.conf': ('Conf', 'read_conf', 'ConfError'),
     'brim.wsgi_echo': ('WSGIEcho',),
     'brim.wsgi_stats': ('WSGIStats',),
+    'brim.wsgi_health': ('WSGIHealth',),
     'brim.tcp_echo': ('TCPEcho',),
     'brim.udp_echo': ('UDPEcho',),
     'brim.daemon_sample': ('DaemonSample',),
@@ -1436,7 +1448,11 @@ class _StatsLayout(object):
     unsigned 64-bit slot per stat: first the HIDDEN ones brim keeps for
     itself, then the declared ones in stats_conf's order.  Beside the
     slots, each bucket has LATEST_SIZE bytes for "txn METHOD path" of its
-    latest request, for the log line about a hung worker.
+    latest request, for the log line about a hung worker.  After the
+    buckets, one slot is brimd's own: nonzero while the main process
+    reports not ready (shutdown_delay).  Only the main process writes it,
+    and a worker reads it on each readiness probe: shared memory every
+    worker maps already, where a signal would need a handler in each.
     """
 
     HEARTBEAT, SERVED, REQUEST_START, PID, RESTARTS = range(5)
@@ -1458,7 +1474,8 @@ class _StatsLayout(object):
             offset += region.size * len(region.labels)
             ordinal += len(region.labels)
         # 'Q': unsigned 64-bit.  lock=False: see _Bucket for who writes.
-        self._array = multiprocessing.Array('Q', max(offset, 1), lock=False)
+        self._not_ready_slot = offset
+        self._array = multiprocessing.Array('Q', offset + 1, lock=False)
         self._latest = multiprocessing.RawArray(
             'c', max(ordinal, 1) * self.LATEST_SIZE)
 
@@ -1471,6 +1488,15 @@ class _StatsLayout(object):
                         for name, slot in region.slots.items()},
                        self._latest,
                        (region.ordinal + index) * self.LATEST_SIZE)
+
+    def set_not_ready(self):
+        """Have every worker's readiness probe fail from now on (main
+        process, at the start of shutdown_delay)."""
+        self._array[self._not_ready_slot] = 1
+
+    def ready(self):
+        """False once the main process has said brimd is not ready."""
+        return not self._array[self._not_ready_slot]
 
     def read(self, start_time):
         """Every stat of every bucket, read now, as a _StatsReading;
@@ -1545,7 +1571,8 @@ class _Bucket(object):
 
     Who writes a bucket.  Its worker, from its threads: increments under
     the bucket's lock, so they are exact.  The main process writes only
-    hidden slots, with plain stores: before it forks a worker into the
+    hidden slots (and the layout's not-ready slot, beyond every bucket),
+    with plain stores: before it forks a worker into the
     bucket it clears them (``reset``) and sets _restarts; once it has
     reaped the worker it sets _pid to 0.  A worker then is either not yet
     forked or gone, with one exception: a worker being replaced (at
@@ -1762,10 +1789,14 @@ def _address_family(ip):
     return socket.AF_INET, host
 
 
-def _bind(section, ip, port, kind, backlog, retry_seconds):
+def _bind(section, ip, port, kind, backlog, retry_seconds,
+          reuse_port=False):
     """A bound (and, for TCP, listening) socket, retrying a busy port.
 
-    The socket is inheritable so a restart in place can hand it on.
+    The socket is inheritable so a restart in place can hand it on.  With
+    ``reuse_port``, SO_REUSEPORT: another brimd that sets it too (blue and
+    green on one host) shares the port, and the kernel spreads the
+    connections between them.
     """
     family, host = _address_family(ip)
     sock_type = socket.SOCK_DGRAM if kind == 'udp' else socket.SOCK_STREAM
@@ -1775,6 +1806,8 @@ def _bind(section, ip, port, kind, backlog, retry_seconds):
         sock = socket.socket(family, sock_type)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind((host, port))
@@ -4121,19 +4154,35 @@ class _IPSubserver(Subserver):
             self.sock = _bind(self.name, self.settings.ip, self.port,
                               'udp' if self.kind == 'udp' else 'tcp',
                               self.settings.backlog,
-                              self.settings.listen_retry)
+                              self.settings.listen_retry,
+                              self._reuse_port())
         self.bound_port = self.sock.getsockname()[1]
 
     def check(self, held):
         if any(key in held for key in self._keys()):
             where = 'held by the running brimd'
         else:
-            _bind(self.name, self.settings.ip, self.port,
-                  'udp' if self.kind == 'udp' else 'tcp', 1, 0).close()
-            where = 'free to bind'
+            where = self._check_bind()
         return '[%s] %s on %s:%s (%s), %d workers%s' % (
             self.name, self.kind, self.settings.ip, self.port, where,
             self.settings.workers, ', TLS' if self.settings.tls else '')
+
+    def _reuse_port(self):
+        return getattr(self.settings, 'reuse_port', False)    # not [udp]
+
+    def _check_bind(self):
+        """Whether ``check`` could bind the port: free, or (reuse_port)
+        shared with another listener that sets SO_REUSEPORT too."""
+        kind = 'udp' if self.kind == 'udp' else 'tcp'
+        try:
+            _bind(self.name, self.settings.ip, self.port, kind, 1, 0).close()
+            return 'free to bind'
+        except ConfError:
+            if not self._reuse_port():
+                raise
+        _bind(self.name, self.settings.ip, self.port, kind, 1, 0,
+              True).close()
+        return 'in use, shared by reuse_port'
 
     def _serve_loop(self, on_ready=None):
         """Beat the heartbeat (at least once a second) until a drain or the
@@ -4411,7 +4460,9 @@ class WSGISubserver(_IPSubserver):
 
     def _request_ended(self, env, response, duration, txn):
         self.count_request(response.code)
-        self.log_request(env, response, duration, txn)
+        # An app may spare the log a line (WSGIHealth's frequent probes).
+        if env.get('brim.log_request', True):
+            self.log_request(env, response, duration, txn)
 
     def log_request(self, env, response, duration, txn):
         """The one NOTICE line per request.  It never raises: a line that
@@ -4773,6 +4824,67 @@ class WSGIStats(object):
                             'the page\'s updates).' % name)
         return (conf.get(name, 'path', '/stats'), refresh,
                 conf.get(name, 'metrics_path', '/metrics') or None)
+
+
+class WSGIHealth(object):
+    """Readiness and liveness probes, for load balancers and Kubernetes;
+    put it first in the chain.
+
+    ``ready_path`` (default /readyz): 200 while this brimd serves, 503
+    once it drains or its main process has said it is not ready
+    (shutdown_delay).  ``live_path`` (default /livez): 200 while the main
+    process supervises this worker (it is still the worker's parent and
+    the worker's heartbeat is fresh), 503 otherwise.  Other paths go to
+    the next app.  Probes log no request line unless ``log_probes``.
+    """
+
+    options = ('ready_path', 'live_path', 'log_probes')
+
+    #: How old a heartbeat may be while the worker still counts as
+    #: supervised: workers beat once a second.
+    STALE_SECONDS = 5.0
+
+    def __init__(self, name, parsed_conf, next_app):
+        self.name = name
+        self.next_app = next_app
+        self.ready_path, self.live_path, self.log_probes = parsed_conf
+
+    def __call__(self, env, start_response):
+        path = env['PATH_INFO']
+        if path == self.ready_path:
+            ok, words = self._ready(env['brim']), ('ready', 'draining')
+        elif path == self.live_path:
+            ok, words = self._live(env), ('live', 'unsupervised')
+        else:
+            return self.next_app(env, start_response)
+        if not self.log_probes:
+            env['brim.log_request'] = False
+        body = (words[0] if ok else words[1]).encode('ascii') + b'\n'
+        start_response('200 OK' if ok else '503 Service Unavailable', [
+            ('Content-Type', 'text/plain'),
+            ('Content-Length', str(len(body))),
+            ('Cache-Control', 'no-store')])
+        return [body]
+
+    @staticmethod
+    def _ready(subserver):
+        return (not subserver.draining and
+                subserver.server.stats_layout.ready())
+
+    def _live(self, env):
+        beat = env['brim.stats'].heartbeat()
+        return (not env['brim'].orphaned() and
+                time.time() - beat < self.STALE_SECONDS)
+
+    @classmethod
+    def parse_conf(cls, name, conf):
+        paths = (conf.get(name, 'ready_path', '/readyz'),
+                 conf.get(name, 'live_path', '/livez'))
+        for option, path in zip(('ready_path', 'live_path'), paths):
+            if not path.startswith('/'):
+                raise ConfError('[%s] %s must start with /, not %r.'
+                                % (name, option, path))
+        return paths + (conf.get_bool(name, 'log_probes', False),)
 
 
 class TCPEcho(object):
@@ -6431,6 +6543,8 @@ class Server(object):
         self.restarter = _Restarter(self)
         self.pid_file = None
         self.generation = 0     # restarts in place so far
+        #: When shutdown_delay ends (time.monotonic()), while it runs.
+        self.shutdown_at = None
         self.notifier = _Notifier()
         #: Where a daemonized brimd logs when there is no syslog socket.
         self.fallback_log_file = None
@@ -6535,14 +6649,23 @@ class Server(object):
         workers at least once a second."""
         while True:
             timeout = max(0.0, min(1.0, self.supervisor.next_due(),
-                                   self.notifier.watchdog_due()))
+                                   self.notifier.watchdog_due(),
+                                   self._delay_left()))
             for signum in self._wait(timeout):
                 handler = getattr(self, '_on_' + _signal_name(signum), None)
                 code = handler() if handler else None
                 if code is not None:
                     return code
+            if self._delay_left() <= 0:
+                return self.shutdown()
             self.supervisor.tend()
             self.notifier.watchdog()
+
+    def _delay_left(self):
+        """Seconds left of shutdown_delay (inf when none runs)."""
+        if self.shutdown_at is None:
+            return float('inf')
+        return self.shutdown_at - time.monotonic()
 
     def _wait(self, timeout):
         """Wait up to ``timeout`` seconds; answer control requests and
@@ -6572,7 +6695,7 @@ class Server(object):
     def _on_SIGTERM(self):
         # Container runtimes and systemd stop with SIGTERM and expect a
         # graceful exit; a daemonized brimd keeps brimd's meaning: stop.
-        return self.shutdown() if self.foreground else self.stop()
+        return self.shut_down_later() if self.foreground else self.stop()
 
     def _on_SIGINT(self):
         return self.stop()
@@ -6580,7 +6703,7 @@ class Server(object):
     _on_SIGQUIT = _on_SIGINT
 
     def _on_SIGHUP(self):
-        return self.shutdown()
+        return self.shut_down_later()
 
     def _on_SIGUSR1(self):
         """Reopen log files (after logrotate moved them), here and in
@@ -6631,6 +6754,20 @@ class Server(object):
         self.supervisor.signal_all(signal.SIGTERM)
         self._wait_children(5.0)
         return self._exit()
+
+    def shut_down_later(self):
+        """Graceful, after shutdown_delay: report not ready at once but
+        go on serving, so load balancers and Kubernetes stop sending
+        before the ports close.  Asked again meanwhile: shut down now."""
+        delay = self.settings.shutdown_delay
+        if delay <= 0 or self.shutdown_at is not None:
+            return self.shutdown()
+        self.shutdown_at = time.monotonic() + delay
+        self.stats_layout.set_not_ready()
+        self.logger.info('brimd not ready; shutting down gracefully in '
+                         '%gs (shutdown_delay)', delay)
+        self.notifier.send('STATUS=not ready, shutting down in %gs' % delay)
+        return None
 
     def shutdown(self):
         """Graceful: release the ports now, let workers finish, then exit."""
@@ -7302,7 +7439,8 @@ def _signal_brimd(args, signum, verb, seconds):
     """stop / shutdown: signal the running brimd and wait for it to go
     (``seconds``, or None: as long as a graceful shutdown may take)."""
     if seconds is None:
-        seconds = _EXIT_SLACK + _setting_if_any(args, 'graceful_timeout')
+        seconds = (_EXIT_SLACK + _setting_if_any(args, 'graceful_timeout') +
+                   _setting_if_any(args, 'shutdown_delay'))
     pid_file = _pid_file_path(args, _setting_if_any(args, 'pid_file'))
     pid = _read_pid_file(pid_file) if pid_file else None
     if not _is_brimd(pid):

@@ -8542,6 +8542,236 @@ sys.exit(brim.serve(application, port=int(sys.argv[1]), max_body=8,
 '''
 
 
+HEALTH_CONF = '''
+[brim]
+%(brim_extra)s
+[wsgi]
+ip = 127.0.0.1
+port = %(port)d
+workers = 2
+apps = health misc echo
+%(wsgi_extra)s
+[health]
+call = brim.wsgi_health.WSGIHealth
+%(health_extra)s
+[misc]
+call = myapps.Misc
+dir = %(dir)s
+
+[echo]
+call = brim.wsgi_echo.WSGIEcho
+'''
+
+
+class TestHealthAndRollingUpdates(EchoTestCase):
+    """WSGIHealth's probes, shutdown_delay and reuse_port: a brimd that
+    leaves a load balancer's rotation, or shares its port, without a
+    failed request."""
+
+    foreground = TestOperations.foreground
+    wait_serving = TestOperations.wait_serving
+    in_background = TestOperations.in_background
+
+    def health_conf(self, brim_extra='', wsgi_extra='', health_extra='',
+                    port=None, name='brimd.conf'):
+        self.port = port or free_port()
+        return self.write_conf(HEALTH_CONF % {
+            'port': self.port, 'dir': self.tmp, 'brim_extra': brim_extra,
+            'wsgi_extra': wsgi_extra, 'health_extra': health_extra},
+            name=name)
+
+    def test_probes_answer_and_other_paths_pass_on(self):
+        self.health_conf()
+        self.start()
+        for path, body in (('/readyz', b'ready\n'), ('/livez', b'live\n')):
+            status, headers, got = self.http(self.port, 'GET', path)
+            self.assertEqual((status, got), (200, body))
+            self.assertEqual(headers['content-type'], 'text/plain')
+            self.assertEqual(headers['cache-control'], 'no-store')
+        self.echo_ok(self.port)
+        # Probes log no request line; the echo does.
+        self.wait_for_log(r' POST /echo HTTP/1.1 200 ')
+        self.assertNotIn('/readyz', self.log_text())
+        self.assertNotIn('/livez', self.log_text())
+
+    def test_log_probes_logs_them(self):
+        self.health_conf(health_extra='log_probes = yes\n')
+        self.start()
+        self.assertEqual(self.http(self.port, 'GET', '/readyz')[0], 200)
+        self.wait_for_log(r' GET /readyz HTTP/1.1 200 ')
+
+    def test_paths_are_options(self):
+        self.health_conf(health_extra='ready_path = /r\nlive_path = /l\n')
+        self.start()
+        self.assertEqual(self.http(self.port, 'GET', '/r')[2], b'ready\n')
+        self.assertEqual(self.http(self.port, 'GET', '/l')[2], b'live\n')
+        self.assertEqual(self.http(self.port, 'GET', '/readyz')[0], 404)
+
+    def test_sigterm_with_shutdown_delay_drops_nothing(self):
+        self.health_conf(brim_extra='shutdown_delay = 2\n')
+        proc = self.foreground()
+        self.wait_serving(proc)
+        workers = live_children_of(proc.pid)
+        outcome = {'ok': 0, 'failed': []}
+        done = threading.Event()
+
+        def load():
+            while not done.is_set():
+                try:
+                    status, _h, body = self.http(self.port, 'POST', '/echo',
+                                                 b'x')
+                    if (status, body) == (200, b'x'):
+                        outcome['ok'] += 1
+                    else:
+                        outcome['failed'].append(status)
+                except OSError as err:
+                    outcome['failed'].append(err)
+        client = threading.Thread(target=load)
+        client.start()
+        self.addCleanup(client.join, 30)
+        self.addCleanup(done.set)
+        wait_until(lambda: outcome['ok'] >= 10, msg='load flows')
+        sent = time.monotonic()
+        os.kill(proc.pid, signal.SIGTERM)
+        wait_until(lambda: self.http(self.port, 'GET', '/readyz')[::2] ==
+                   (503, b'draining\n'), msg='readiness fails')
+        self.assertLess(time.monotonic() - sent, 0.5)
+        # Alive, and still serving, through the delay.
+        self.assertEqual(self.http(self.port, 'GET', '/livez')[0], 200)
+        served_before = outcome['ok']
+        wait_until(lambda: time.monotonic() - sent >= 1.5, msg='1.5s on')
+        done.set()
+        client.join(10)
+        self.assertEqual(outcome['failed'], [])
+        self.assertGreater(outcome['ok'], served_before)
+        # Then the ports close (not before the delay) and brimd drains.
+        wait_until(lambda: connect_refused(self.port), msg='port released')
+        self.assertGreaterEqual(time.monotonic() - sent, 2.0)
+        self.assertEqual(proc.wait(20), 0)
+        self.assert_gone(workers)
+
+    def test_shutdown_delay_without_the_app_and_a_second_sigterm(self):
+        self.echo_conf(brim_extra='shutdown_delay = 30')
+        proc = self.foreground()
+        self.wait_serving(proc)
+        os.kill(proc.pid, signal.SIGTERM)
+        self.wait_for_log(r'brimd not ready; shutting down gracefully in '
+                          r'30s \(shutdown_delay\)')
+        self.echo_ok(self.port)
+        # A second SIGTERM ends the delay: brimd drains and exits now.
+        sent = time.monotonic()
+        os.kill(proc.pid, signal.SIGTERM)
+        self.assertEqual(proc.wait(20), 0)
+        self.assertLess(time.monotonic() - sent, 10)
+        self.assertTrue(connect_refused(self.port))
+
+    def test_shutdown_command_waits_out_the_delay(self):
+        self.health_conf(brim_extra='shutdown_delay = 1.5\n')
+        pid = self.start()
+        sent = time.monotonic()
+        command = self.in_background(self.brim, 'shutdown')
+        wait_until(lambda: self.http(self.port, 'GET', '/readyz')[0] == 503,
+                   msg='readiness fails')
+        self.echo_ok(self.port)
+        command['thread'].join(30)
+        self.assertEqual(command['result'], (0, '', ''))
+        self.assertGreaterEqual(time.monotonic() - sent, 1.5)
+        self.assertFalse(pid_alive(pid))
+        self.assertTrue(connect_refused(self.port))
+
+    def probe(self, path, draining=False, ready=True, orphaned=False,
+              beat_age=0.0):
+        """WSGIHealth called in this process: (status, headers, body,
+        whether the request is to be logged)."""
+        layout = types.SimpleNamespace(ready=lambda: ready)
+        subserver = types.SimpleNamespace(
+            draining=draining, orphaned=lambda: orphaned,
+            server=types.SimpleNamespace(stats_layout=layout))
+        bucket = types.SimpleNamespace(
+            heartbeat=lambda: time.time() - beat_age)
+        env = {'PATH_INFO': path, 'brim': subserver, 'brim.stats': bucket}
+        app = brim.WSGIHealth('health', ('/readyz', '/livez', False),
+                              lambda env, start: [b'next'])
+        got = {}
+        body = b''.join(app(env, lambda status, headers: got.update(
+            status=status, headers=dict(headers))))
+        return (got.get('status'), got.get('headers'), body,
+                env.get('brim.log_request', True))
+
+    def test_probe_answers_in_process(self):
+        self.assertEqual(self.probe('/readyz')[::2], ('200 OK', b'ready\n'))
+        for state in ({'draining': True}, {'ready': False}):
+            self.assertEqual(self.probe('/readyz', **state)[::2],
+                             ('503 Service Unavailable', b'draining\n'))
+        self.assertEqual(self.probe('/livez')[::2], ('200 OK', b'live\n'))
+        for state in ({'orphaned': True}, {'beat_age': 10.0}):
+            self.assertEqual(self.probe('/livez', **state)[::2],
+                             ('503 Service Unavailable', b'unsupervised\n'))
+        status, headers, body, logged = self.probe('/readyz', ready=False)
+        self.assertEqual(headers, {'Content-Type': 'text/plain',
+                                   'Content-Length': '9',
+                                   'Cache-Control': 'no-store'})
+        self.assertFalse(logged)
+        self.assertEqual(self.probe('/other'), (None, None, b'next', True))
+
+    def test_probe_paths_are_checked(self):
+        self.health_conf(health_extra='ready_path = readyz\n')
+        code, out, err = self.brim('check')
+        self.assertEqual((code, err), (1, "[health] ready_path must start "
+                                          "with /, not 'readyz'.\n"))
+
+    def test_shutdown_delay_is_checked(self):
+        self.echo_conf(brim_extra='shutdown_delay = -1')
+        code, out, err = self.brim('check')
+        self.assertEqual((code, err), (1, '[brim] shutdown_delay must be 0 '
+                                          "or more seconds, not '-1'.\n"))
+
+    def worker_pids_answering(self, port):
+        return int(self.http(port, 'GET', '/pid')[2])
+
+    def test_reuse_port_shares_a_port_between_two_brimd(self):
+        blue = self.health_conf(wsgi_extra='reuse_port = yes\n',
+                                name='blue.conf')
+        green = self.health_conf(wsgi_extra='reuse_port = yes\n',
+                                 port=self.port, name='green.conf')
+        blue_pid_file = os.path.join(self.tmp, 'blue.pid')
+        green_pid_file = os.path.join(self.tmp, 'green.pid')
+        blue_pid = self.start(conf=blue, pid_file=blue_pid_file)
+        code, out, err = self.brim('check', conf=green,
+                                   pid_file=green_pid_file)
+        self.assertEqual((code, err), (0, ''), out)
+        self.assertIn('(in use, shared by reuse_port)', out)
+        green_pid = self.start(conf=green, pid_file=green_pid_file)
+        self.assertNotEqual(blue_pid, green_pid)
+        blue_workers = set(live_children_of(blue_pid))
+        green_workers = set(live_children_of(green_pid))
+        seen = set()
+
+        def both_answer():
+            seen.add(self.worker_pids_answering(self.port))
+            return seen & blue_workers and seen & green_workers
+        wait_until(both_answer, timeout=20, msg='both brimd answer')
+        code, out, err = self.brim('stop', conf=blue,
+                                   pid_file=blue_pid_file)
+        self.assertEqual(code, 0, (out, err))
+        for _ in range(20):
+            self.assertIn(self.worker_pids_answering(self.port),
+                          green_workers)
+
+    def test_without_reuse_port_a_second_brimd_is_refused(self):
+        blue = self.health_conf(name='blue.conf')
+        blue_pid_file = os.path.join(self.tmp, 'blue.pid')
+        self.start(conf=blue, pid_file=blue_pid_file)
+        self.health_conf(wsgi_extra='listen_retry = 0\n', port=self.port)
+        code, out, err = self.brim('start')
+        self.assertEqual(code, 1, out)
+        self.assertEqual(err.count('\n'), 1, err)
+        self.assertTrue(err.startswith('[wsgi] could not bind 127.0.0.1:%d: '
+                                       % self.port), err)
+        self.assertFalse(os.path.exists(self.pid_file))
+        self.echo_ok(self.port)
+
+
 class TestPlainApps(BrimTestCase):
     """call = package.module:app and :factory(), serve APP, brim.serve()."""
 
