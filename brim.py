@@ -116,6 +116,7 @@ import re
 import select
 import signal
 import socket
+import stat
 import string
 import struct
 import threading
@@ -435,6 +436,8 @@ _OPTIONS = (
     _Option('call', 'tcp udp', _text, None),
     _Option('max_datagram_size', 'udp', _int, 65536, from_brim=True),
     _Option('daemons', 'daemons', _words, ()),
+    _Option('socket_mode', 'wsgi tcp', _octal, 0o660, from_brim=True,
+            show='{:03o}'.format),
     # The original's event loop and its buffer sizes, and the X-Auth-Token
     # it could log: brim has no use for them.
     _Option('eventlet_hub', _LISTENERS, _text, None, from_brim=True,
@@ -1720,8 +1723,11 @@ def _prometheus_label(value):
 # ---------------------------------------------------------------------------
 
 def _address_family(ip):
-    """(family, host) for a configured ``ip``: '*', IPv4, IPv6 or name."""
+    """(family, host) for a configured ``ip``: '*', IPv4, IPv6, name or
+    ``unix:PATH`` (then host is the path)."""
     host = ip.strip()
+    if host.startswith('unix:'):
+        return socket.AF_UNIX, host[5:]
     if host in ('', '*'):
         return socket.AF_INET, '0.0.0.0'
     if host.startswith('[') and host.endswith(']'):
@@ -1768,12 +1774,78 @@ def _bind(section, ip, port, kind, backlog, retry_seconds):
                              section))
 
 
+def _bind_unix(section, path, backlog, mode, owner):
+    """A listening Unix stream socket at ``path``, its file given ``mode``
+    and (uid, gid) ``owner`` (or None), so workers that dropped
+    privileges and a proxy in the group can connect.  A file a crash left
+    is replaced; one a process listens on is not."""
+    _check_unix_path(section, path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        os.chmod(path, mode)
+        if owner is not None:
+            os.chown(path, *owner)
+        sock.listen(backlog)
+    except OSError as err:
+        sock.close()
+        raise ConfError('[%s] ip = unix:%s: could not bind: %s.' % (
+            section, path, err.strerror or err))
+    return sock
+
+
+def _check_unix_path(section, path, remove_stale=True):
+    """Raise ConfError unless ``path`` can be bound: its directory exists
+    and no process listens there.  A stale socket file is removed (unless
+    ``remove_stale`` is false: ``check`` changes nothing)."""
+    where = '[%s] ip = unix:%s' % (section, path)
+    directory = os.path.dirname(path) or '.'
+    if not path or not os.path.isdir(directory):
+        raise ConfError('%s: the directory %s does not exist.'
+                        % (where, directory))
+    try:
+        is_socket = stat.S_ISSOCK(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return
+    if not is_socket:
+        raise ConfError('%s: %s is there and is not a socket; brim does not '
+                        'replace it.' % (where, path))
+    if _unix_listening(path):
+        raise ConfError('%s: a running process listens on it (stop that '
+                        'one, or change ip in [%s]).' % (where, section))
+    if not remove_stale:
+        return
+    try:
+        os.unlink(path)     # stale: its listener is gone
+    except FileNotFoundError:
+        pass
+
+
+def _unix_listening(path):
+    """Whether a process accepts connections on the socket file ``path``:
+    refused (or gone) means the file is stale."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+        return True
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    finally:
+        probe.close()
+
+
 def _socket_key(kind, host, port):
-    """What identifies a listening socket across a handover."""
+    """What identifies a listening socket across a handover: for a Unix
+    socket, ``unix:PATH``."""
+    if port is None:
+        return 'unix:%s' % host
     return '%s %s %s' % (kind, host, port)
 
 
 def _socket_key_of(sock):
+    if sock.family == socket.AF_UNIX:
+        # systemd's ListenStream=/run/x.sock is matched by its path too.
+        return _socket_key('tcp', sock.getsockname(), None)
     kind = 'udp' if sock.type == socket.SOCK_DGRAM else 'tcp'
     return _socket_key(kind, *sock.getsockname()[:2])
 
@@ -3808,16 +3880,35 @@ class _IPSubserver(Subserver):
         self.bound_port = None
         self.stats_conf['start_time'] = 'worker'
 
+    def configure(self, conf):
+        Subserver.configure(self, conf)
+        family, self.unix_path = _address_family(self.settings.ip)
+        if family != socket.AF_UNIX:
+            self.unix_path = None
+        elif self.kind == 'udp':
+            raise ConfError('[%s] ip = %s: a [udp] subserver cannot listen '
+                            'on a Unix socket; use an IP address.'
+                            % (self.name, self.settings.ip))
+
     @property
     def port(self):
         """The port bound (the one the system chose, for port 0), else the
-        one configured."""
+        one configured; None on a Unix socket."""
+        if self.unix_path is not None:
+            return None
         if self.bound_port is None:
             return self.settings.port
         return self.bound_port
 
+    @property
+    def address(self):
+        """``ip:port``, or ``unix:PATH``."""
+        if self.unix_path is not None:
+            return 'unix:%s' % self.unix_path
+        return '%s:%s' % (self.settings.ip, self.port)
+
     def addresses(self):
-        return ['%s:%s' % (self.settings.ip, self.port)]
+        return [self.address]
 
     def start_worker(self, index, bucket):
         Subserver.start_worker(self, index, bucket)
@@ -3886,6 +3977,8 @@ class _IPSubserver(Subserver):
         """The keys an inherited socket for this address may have."""
         kind = 'udp' if self.kind == 'udp' else 'tcp'
         ip = self.settings.ip
+        if self.unix_path is not None:
+            return [_socket_key(kind, self.unix_path, None)]
         keys = [_socket_key(kind, _address_family(ip)[1], self.port)]
         if ip.strip() in ('', '*'):
             # systemd's ListenStream=PORT binds [::] (dual stack).
@@ -3899,22 +3992,45 @@ class _IPSubserver(Subserver):
             if self.sock is not None:
                 break
         else:
-            self.sock = _bind(self.name, self.settings.ip, self.port,
-                              'udp' if self.kind == 'udp' else 'tcp',
+            self.sock = self._bind()
+        if self.unix_path is None:
+            self.bound_port = self.sock.getsockname()[1]
+
+    def _bind(self):
+        if self.unix_path is not None:
+            owner = None
+            if self.server.uid is not None and os.geteuid() == 0:
+                owner = (self.server.uid, self.server.gid)
+            return _bind_unix(self.name, self.unix_path,
                               self.settings.backlog,
-                              self.settings.listen_retry)
-        self.bound_port = self.sock.getsockname()[1]
+                              self.settings.socket_mode, owner)
+        return _bind(self.name, self.settings.ip, self.port,
+                     'udp' if self.kind == 'udp' else 'tcp',
+                     self.settings.backlog, self.settings.listen_retry)
 
     def check(self, held):
         if any(key in held for key in self._keys()):
             where = 'held by the running brimd'
+        elif self.unix_path is not None:
+            _check_unix_path(self.name, self.unix_path, False)
+            where = 'free to bind'
         else:
             _bind(self.name, self.settings.ip, self.port,
                   'udp' if self.kind == 'udp' else 'tcp', 1, 0).close()
             where = 'free to bind'
-        return '[%s] %s on %s:%s (%s), %d workers%s' % (
-            self.name, self.kind, self.settings.ip, self.port, where,
+        return '[%s] %s on %s (%s), %d workers%s' % (
+            self.name, self.kind, self.address, where,
             self.settings.workers, ', TLS' if self.settings.tls else '')
+
+    def remove_socket_file(self):
+        """Remove the Unix socket's file (brimd ends, handing over to no
+        one), if it is still this socket's."""
+        if self.unix_path is None or self.sock is None:
+            return
+        try:
+            os.unlink(self.unix_path)
+        except OSError:
+            pass
 
     def _serve_loop(self, on_ready=None):
         """Beat the heartbeat (at least once a second) until a drain or the
@@ -3997,6 +4113,10 @@ class _IPSubserver(Subserver):
             self.drain()        # without a main process, retire does not
             return None
         self.count_toward_limit()   # may start draining
+        if self.unix_path is not None:
+            # A Unix socket's peer has no address: REMOTE_ADDR and the
+            # handler's ip and port are ''.
+            return client, ('', '')
         try:
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.settings.tls is not None:
@@ -4035,6 +4155,25 @@ class _IPSubserver(Subserver):
 def _as_it_is(app):
     """A plain WSGI app as a link of an app chain: it takes no next app."""
     return lambda name, parsed, next_app: app
+
+
+class _ServerFromHost(object):
+    """On a Unix socket the socket says nothing of the server's name and
+    port: SERVER_NAME and SERVER_PORT come from the Host header (a proxy
+    in front sends the one the client asked for)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    def __call__(self, env, start_response):
+        host = env.get('HTTP_HOST')
+        if host:
+            name, colon, port = host.rpartition(':')
+            if not colon or name.endswith(':') or port.endswith(']'):
+                name, port = host, ''    # no port, or a bare IPv6 address
+            env['SERVER_NAME'] = name
+            env['SERVER_PORT'] = port
+        return self.app(env, start_response)
 
 
 class WSGISubserver(_IPSubserver):
@@ -4099,7 +4238,10 @@ class WSGISubserver(_IPSubserver):
         self.connections = set()
         self.next_request_check = 0.0
         self.status_slots = self._status_slots()
-        host, port = self.sock.getsockname()[:2]
+        if self.unix_path is None:
+            host, port = self.sock.getsockname()[:2]
+        else:
+            host, port = self.unix_path, ''
         base_env = {
             'SCRIPT_NAME': '', 'SERVER_NAME': host, 'SERVER_PORT': str(port),
             'wsgi.version': (1, 0),
@@ -4118,6 +4260,8 @@ class WSGISubserver(_IPSubserver):
         app = self._not_found
         for app_name, make, parsed in reversed(self.apps):
             app = make(app_name, parsed, app)
+        if self.unix_path is not None:
+            app = _ServerFromHost(app)
         self.site = _HTTPSite(
             app=app, base_env=base_env, limits=_HTTPLimits.of(self.settings),
             logger=self.logger, tls=self.settings.tls is not None,
@@ -5910,6 +6054,7 @@ class _ControlChannel(object):
     def _answer_sockets(self, conn, pid):
         """The listening sockets themselves, for a restarting brimd."""
         _send_sockets(conn, self.server.listening_sockets())
+        self.server.keep_socket_files = True
         self.server.logger.info('handed the listening sockets to a new '
                                 'brimd')
 
@@ -6170,6 +6315,11 @@ class Server(object):
         self.pid_file = None
         self.generation = 0     # restarts in place so far
         self.notifier = _Notifier()
+        # Unix socket files stay when brimd ends if another brimd listens
+        # on them now (handed over, or a failed start of one that took
+        # them over), or if systemd made them (it still listens).
+        self.took_sockets = False
+        self.keep_socket_files = False
         #: Where a daemonized brimd logs when there is no syslog socket.
         self.fallback_log_file = None
 
@@ -6196,6 +6346,7 @@ class Server(object):
     def bind(self, inherited=None):
         """Bind every listening socket (or take over an old brimd's)."""
         inherited = dict(inherited or {})
+        self.took_sockets = bool(inherited)
         for subserver in self.subservers:
             if isinstance(subserver, _IPSubserver):
                 subserver.bind(inherited)
@@ -6238,6 +6389,8 @@ class Server(object):
 
     def _start_failed(self, failure, ready_fd):
         self.logger.error('brimd could not start: %s', failure)
+        if self.took_sockets:
+            self.keep_socket_files = True
         if ready_fd is not None:
             _write_line(ready_fd, failure)
         # Drain, not stop: during a restart the workers that did start
@@ -6366,6 +6519,7 @@ class Server(object):
         self.supervisor.stopping = True
         self.logger.info('brimd stopping')
         self.notifier.send('STOPPING=1')
+        self._remove_socket_files()
         self.supervisor.signal_all(signal.SIGTERM)
         self._wait_children(5.0)
         return self._exit()
@@ -6377,9 +6531,17 @@ class Server(object):
         self.notifier.send('STOPPING=1')
         for sock in self.listening_sockets():
             sock.close()
+        self._remove_socket_files()
         self.supervisor.signal_all(signal.SIGHUP)
         self._wait_children(self.settings.graceful_timeout + 1.0)
         return self._exit()
+
+    def _remove_socket_files(self):
+        if self.keep_socket_files:
+            return
+        for subserver in self.subservers:
+            if isinstance(subserver, _IPSubserver):
+                subserver.remove_socket_file()
 
     def _wait_children(self, seconds):
         """Reap children until none is left or ``seconds`` pass; then kill
@@ -6849,6 +7011,8 @@ def _check_log_file(path, what_to_change):
 def _launch(server, plan):
     """Start ``server`` as ``plan`` says and serve until the end; the exit
     status (for a daemon's first start: whether it serves)."""
+    if plan.origin == 'systemd':
+        server.keep_socket_files = True
     if plan.foreground:
         server.foreground = True
         _become_subreaper()
