@@ -1799,8 +1799,8 @@ def _check_unix_path(section, path, remove_stale=True):
     and no process listens there.  A stale socket file is removed (unless
     ``remove_stale`` is false: ``check`` changes nothing)."""
     where = '[%s] ip = unix:%s' % (section, path)
-    directory = os.path.dirname(path) or '.'
-    if not path or not os.path.isdir(directory):
+    directory = os.path.dirname(path)
+    if not os.path.isdir(directory):
         raise ConfError('%s: the directory %s does not exist.'
                         % (where, directory))
     try:
@@ -3882,13 +3882,19 @@ class _IPSubserver(Subserver):
 
     def configure(self, conf):
         Subserver.configure(self, conf)
-        family, self.unix_path = _address_family(self.settings.ip)
+        family, path = _address_family(self.settings.ip)
+        self.unix_path = None
         if family != socket.AF_UNIX:
-            self.unix_path = None
-        elif self.kind == 'udp':
+            return
+        if self.kind == 'udp':
             raise ConfError('[%s] ip = %s: a [udp] subserver cannot listen '
                             'on a Unix socket; use an IP address.'
                             % (self.name, self.settings.ip))
+        if not path:
+            raise ConfError('[%s] ip = unix: names no socket file; give its '
+                            'path (unix:/run/brim/app.sock).' % self.name)
+        # Absolute: stop removes it from wherever brimd's directory is.
+        self.unix_path = os.path.abspath(path)
 
     @property
     def port(self):
@@ -4023,8 +4029,8 @@ class _IPSubserver(Subserver):
             self.settings.workers, ', TLS' if self.settings.tls else '')
 
     def remove_socket_file(self):
-        """Remove the Unix socket's file (brimd ends, handing over to no
-        one), if it is still this socket's."""
+        """Remove the Unix socket's file: brimd ends, handing its socket
+        over to no one."""
         if self.unix_path is None or self.sock is None:
             return
         try:
@@ -4116,9 +4122,10 @@ class _IPSubserver(Subserver):
         if self.unix_path is not None:
             # A Unix socket's peer has no address: REMOTE_ADDR and the
             # handler's ip and port are ''.
-            return client, ('', '')
+            address = ('', '')
         try:
-            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.unix_path is None:
+                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.settings.tls is not None:
                 client = self.settings.tls.wrap_socket(
                     client, server_side=True, do_handshake_on_connect=False)

@@ -9313,6 +9313,37 @@ class TestUnixSocket(BrimTestCase):
                          0o600)
         self.assertEqual(self.unix_http()[0], 200)
 
+    def test_relative_path_and_tls(self):
+        """A relative path is taken from the current directory (stop
+        removes it all the same); certfile makes it speak HTTPS."""
+        cert, key = self_signed()
+        for name, text in (('cert.pem', cert), ('key.pem', key)):
+            with open(os.path.join(self.tmp, name), 'w') as fp:
+                fp.write(text)
+        self.unix_conf('certfile = cert.pem\n            keyfile = key.pem',
+                       path='app.sock')
+        self.start()
+        path = os.path.join(self.tmp, 'app.sock')
+        context = ssl.create_default_context(
+            cafile=os.path.join(self.tmp, 'cert.pem'))
+        context.check_hostname = False
+        raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        raw.settimeout(10)
+        raw.connect(path)
+        with context.wrap_socket(raw) as tls:
+            tls.sendall(b'GET / HTTP/1.0\r\nHost: example.com\r\n\r\n')
+            reply = b''
+            while True:
+                chunk = tls.recv(65536)
+                if not chunk:
+                    break
+                reply += chunk
+        self.assertTrue(reply.startswith(b'HTTP/1.1 200 '), reply)
+        self.assertEqual(json.loads(reply.split(b'\r\n\r\n', 1)[1])[
+            'SERVER_NAME'], 'example.com')
+        self.stop()
+        self.assertFalse(os.path.exists(path))
+
     def test_stale_socket_file_is_replaced(self):
         self.unix_conf()
         crashed = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -9346,6 +9377,11 @@ class TestUnixSocket(BrimTestCase):
         self.assertEqual((code, err), (1, '[wsgi] ip = unix:%s: the '
                          'directory %s does not exist.\n'
                          % (missing, os.path.dirname(missing))), out)
+        self.unix_conf(path=' ')
+        code, out, err = self.brim('start')
+        self.assertEqual((code, err), (1, '[wsgi] ip = unix: names no '
+                         'socket file; give its path '
+                         '(unix:/run/brim/app.sock).\n'), out)
         self.write_conf('''
             [udp]
             ip = unix:%s/udp.sock
