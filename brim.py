@@ -6172,7 +6172,8 @@ class _Restarter(object):
             'generation': server.generation + 1,
             'start_time': server.start_time,
             'fds': [sock.fileno() for sock in socks],
-            'workers': server.supervisor.pids()})
+            'workers': server.supervisor.pids(),
+            'systemd_files': server.systemd_files})
         command = self.command_line.argv()
         # Until the new brimd has its handlers, SIGHUP or SIGUSR1 (say,
         # from logrotate) would end it: they wait, blocked, and the
@@ -6327,6 +6328,7 @@ class Server(object):
         # them over), or if systemd made them (it still listens).
         self.took_sockets = False
         self.keep_socket_files = False
+        self.systemd_files = False
         #: Where a daemonized brimd logs when there is no syslog socket.
         self.fallback_log_file = None
 
@@ -6875,7 +6877,8 @@ class _CommandLine(object):
 
 class _StartPlan(collections.namedtuple('_StartPlan', (
         'origin', 'sockets', 'pid_file', 'foreground', 'keep_output',
-        'generation', 'start_time', 'old_workers'))):
+        'generation', 'start_time', 'old_workers', 'systemd_files'),
+        defaults=(False,))):
     """How a main process starts, decided once, before it binds.
 
     ``origin``: where its listening sockets come from: ``bind`` (all bound
@@ -6887,7 +6890,9 @@ class _StartPlan(collections.namedtuple('_StartPlan', (
     drains) rather than as a daemon; ``keep_output``: a daemon keeps
     standard output and error (-o) instead of sending them to its log.
     After a restart in place the generation and start time carry on and
-    ``old_workers`` drain once the new ones serve.
+    ``old_workers`` drain once the new ones serve.  ``systemd_files``:
+    the Unix socket files are systemd's (it passed the sockets, to this
+    brimd or to the image before a restart in place): stop leaves them.
     """
 
     @property
@@ -6906,7 +6911,8 @@ def _in_place_plan(foreground, keep_output):
     state = json.loads(raw)
     return _StartPlan('in place', _sockets_from_fds(state['fds']), None,
                       foreground, keep_output, state['generation'],
-                      state['start_time'], tuple(state['workers']))
+                      state['start_time'], tuple(state['workers']),
+                      state.get('systemd_files', False))
 
 
 def _fresh_plan(pid_file, foreground, keep_output, handed_over=None):
@@ -6918,7 +6924,7 @@ def _fresh_plan(pid_file, foreground, keep_output, handed_over=None):
         sockets = _systemd_sockets()
         origin = 'systemd' if sockets else 'bind'
     return _StartPlan(origin, sockets, pid_file, foreground, keep_output,
-                      0, None, ())
+                      0, None, (), origin == 'systemd')
 
 
 def _pid_file_path(args, configured):
@@ -7018,7 +7024,8 @@ def _check_log_file(path, what_to_change):
 def _launch(server, plan):
     """Start ``server`` as ``plan`` says and serve until the end; the exit
     status (for a daemon's first start: whether it serves)."""
-    if plan.origin == 'systemd':
+    server.systemd_files = plan.systemd_files
+    if plan.systemd_files:
         server.keep_socket_files = True
     if plan.foreground:
         server.foreground = True

@@ -9397,6 +9397,7 @@ class TestUnixSocket(BrimTestCase):
     def test_restart_keeps_the_socket_file(self):
         self.unix_conf()
         pid = self.start()
+        inode = os.lstat(self.sock_path).st_ino
         box = {'ok': 0, 'errors': []}
         done = threading.Event()
 
@@ -9427,7 +9428,25 @@ class TestUnixSocket(BrimTestCase):
         done.set()
         thread.join(30)
         self.assertEqual(box['errors'][:10], [])
-        self.assertTrue(stat.S_ISSOCK(os.lstat(self.sock_path).st_mode))
+        # The same file: the new brimd took the socket over.
+        self.assertEqual(os.lstat(self.sock_path).st_ino, inode)
+        self.stop()
+        self.assertFalse(os.path.exists(self.sock_path))
+
+    def test_restart_in_place_keeps_the_socket(self):
+        self.unix_conf()
+        pid = self.start()
+        old_workers = live_children_of(pid)
+        inode = os.lstat(self.sock_path).st_ino
+        os.kill(pid, signal.SIGUSR2)
+        wait_until(lambda: re.search(r'restarted in place 1 times',
+                                     self.brim('status')[1]), timeout=20)
+        self.assert_gone(old_workers, timeout=15)
+        self.assertEqual(self.read_pid(), pid)
+        # The same file: the socket was inherited, not bound again.
+        self.assertEqual(os.lstat(self.sock_path).st_ino, inode)
+        self.assertEqual(self.unix_http()[0], 200)
+        self.assertNotIn('listens on it', self.log_text())
         self.stop()
         self.assertFalse(os.path.exists(self.sock_path))
 
@@ -9483,6 +9502,12 @@ class TestUnixSocket(BrimTestCase):
         self.assertEqual(self.unix_http()[0], 200)
         wait_until(lambda: self.read_pid() == proc.pid, timeout=15)
         self.assertNotIn('listens on it', self.log_text())
+        # A restart in place (systemd's ExecReload) still knows the file
+        # is systemd's.
+        os.kill(proc.pid, signal.SIGUSR2)
+        wait_until(lambda: re.search(r'restarted in place 1 times',
+                                     self.brim('status')[1]), timeout=20)
+        self.assertEqual(self.unix_http()[0], 200)
         os.kill(proc.pid, signal.SIGTERM)
         self.assertEqual(proc.wait(15), 0)
         self.assertTrue(os.path.exists(self.sock_path))     # systemd's file
