@@ -9313,6 +9313,28 @@ class TestUnixSocket(BrimTestCase):
                          0o600)
         self.assertEqual(self.unix_http()[0], 200)
 
+    @unittest.skipUnless(hasattr(os, 'geteuid') and os.geteuid() == 0,
+                         'needs root to give the file to another user')
+    def test_socket_file_owned_by_user_and_group(self):
+        try:
+            user = pwd.getpwnam('nobody')
+        except KeyError:
+            self.skipTest('no user nobody')
+        group = grp.getgrgid(user.pw_gid).gr_name
+        self.unix_conf()
+        with open(self.conf_path) as fp:
+            text = fp.read()
+        with open(self.conf_path, 'w') as fp:
+            fp.write(text.replace('[brim]\n', '[brim]\nuser = nobody\n'
+                                  'group = %s\n' % group, 1))
+        self.start()
+        info = os.lstat(self.sock_path)
+        self.assertEqual((info.st_uid, info.st_gid, stat.S_IMODE(
+            info.st_mode)), (user.pw_uid, user.pw_gid, 0o660))
+        self.assertEqual(self.unix_http()[0], 200)
+        self.stop()
+        self.assertFalse(os.path.exists(self.sock_path))
+
     def test_relative_path_and_tls(self):
         """A relative path is taken from the current directory (stop
         removes it all the same); certfile makes it speak HTTPS."""
