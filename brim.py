@@ -117,6 +117,7 @@ import re
 import select
 import signal
 import socket
+import stat
 import string
 import struct
 import threading
@@ -477,6 +478,8 @@ _OPTIONS = (
     _Option('call', 'tcp udp', _text, None),
     _Option('max_datagram_size', 'udp', _int, 65536, from_brim=True),
     _Option('daemons', 'daemons', _words, ()),
+    _Option('socket_mode', 'wsgi tcp', _octal, 0o660, from_brim=True,
+            show='{:03o}'.format),
     # The original's event loop and its buffer sizes, and the X-Auth-Token
     # it could log: brim has no use for them.
     _Option('eventlet_hub', _LISTENERS, _text, None, from_brim=True,
@@ -1778,8 +1781,11 @@ def _prometheus_label(value):
 # ---------------------------------------------------------------------------
 
 def _address_family(ip):
-    """(family, host) for a configured ``ip``: '*', IPv4, IPv6 or name."""
+    """(family, host) for a configured ``ip``: '*', IPv4, IPv6, name or
+    ``unix:PATH`` (then host is the path)."""
     host = ip.strip()
+    if host.startswith('unix:'):
+        return socket.AF_UNIX, host[5:]
     if host in ('', '*'):
         return socket.AF_INET, '0.0.0.0'
     if host.startswith('[') and host.endswith(']'):
@@ -1832,12 +1838,78 @@ def _bind(section, ip, port, kind, backlog, retry_seconds,
                              section))
 
 
+def _bind_unix(section, path, backlog, mode, owner):
+    """A listening Unix stream socket at ``path``, its file given ``mode``
+    and (uid, gid) ``owner`` (or None), so workers that dropped
+    privileges and a proxy in the group can connect.  A file a crash left
+    is replaced; one a process listens on is not."""
+    _check_unix_path(section, path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        os.chmod(path, mode)
+        if owner is not None:
+            os.chown(path, *owner)
+        sock.listen(backlog)
+    except OSError as err:
+        sock.close()
+        raise ConfError('[%s] ip = unix:%s: could not bind: %s.' % (
+            section, path, err.strerror or err))
+    return sock
+
+
+def _check_unix_path(section, path, remove_stale=True):
+    """Raise ConfError unless ``path`` can be bound: its directory exists
+    and no process listens there.  A stale socket file is removed (unless
+    ``remove_stale`` is false: ``check`` changes nothing)."""
+    where = '[%s] ip = unix:%s' % (section, path)
+    directory = os.path.dirname(path)
+    if not os.path.isdir(directory):
+        raise ConfError('%s: the directory %s does not exist.'
+                        % (where, directory))
+    try:
+        is_socket = stat.S_ISSOCK(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return
+    if not is_socket:
+        raise ConfError('%s: %s is there and is not a socket; brim does not '
+                        'replace it.' % (where, path))
+    if _unix_listening(path):
+        raise ConfError('%s: a running process listens on it (stop that '
+                        'one, or change ip in [%s]).' % (where, section))
+    if not remove_stale:
+        return
+    try:
+        os.unlink(path)     # stale: its listener is gone
+    except FileNotFoundError:
+        pass
+
+
+def _unix_listening(path):
+    """Whether a process accepts connections on the socket file ``path``:
+    refused (or gone) means the file is stale."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+        return True
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    finally:
+        probe.close()
+
+
 def _socket_key(kind, host, port):
-    """What identifies a listening socket across a handover."""
+    """What identifies a listening socket across a handover: for a Unix
+    socket, ``unix:PATH``."""
+    if port is None:
+        return 'unix:%s' % host
     return '%s %s %s' % (kind, host, port)
 
 
 def _socket_key_of(sock):
+    if sock.family == socket.AF_UNIX:
+        # systemd's ListenStream=/run/x.sock is matched by its path too.
+        return _socket_key('tcp', sock.getsockname(), None)
     kind = 'udp' if sock.type == socket.SOCK_DGRAM else 'tcp'
     return _socket_key(kind, *sock.getsockname()[:2])
 
@@ -4060,16 +4132,41 @@ class _IPSubserver(Subserver):
         self.bound_port = None
         self.stats_conf['start_time'] = 'worker'
 
+    def configure(self, conf):
+        Subserver.configure(self, conf)
+        family, path = _address_family(self.settings.ip)
+        self.unix_path = None
+        if family != socket.AF_UNIX:
+            return
+        if self.kind == 'udp':
+            raise ConfError('[%s] ip = %s: a [udp] subserver cannot listen '
+                            'on a Unix socket; use an IP address.'
+                            % (self.name, self.settings.ip))
+        if not path:
+            raise ConfError('[%s] ip = unix: names no socket file; give its '
+                            'path (unix:/run/brim/app.sock).' % self.name)
+        # Absolute: stop removes it from wherever brimd's directory is.
+        self.unix_path = os.path.abspath(path)
+
     @property
     def port(self):
         """The port bound (the one the system chose, for port 0), else the
-        one configured."""
+        one configured; None on a Unix socket."""
+        if self.unix_path is not None:
+            return None
         if self.bound_port is None:
             return self.settings.port
         return self.bound_port
 
+    @property
+    def address(self):
+        """``ip:port``, or ``unix:PATH``."""
+        if self.unix_path is not None:
+            return 'unix:%s' % self.unix_path
+        return '%s:%s' % (self.settings.ip, self.port)
+
     def addresses(self):
-        return ['%s:%s' % (self.settings.ip, self.port)]
+        return [self.address]
 
     def start_worker(self, index, bucket):
         Subserver.start_worker(self, index, bucket)
@@ -4138,6 +4235,8 @@ class _IPSubserver(Subserver):
         """The keys an inherited socket for this address may have."""
         kind = 'udp' if self.kind == 'udp' else 'tcp'
         ip = self.settings.ip
+        if self.unix_path is not None:
+            return [_socket_key(kind, self.unix_path, None)]
         keys = [_socket_key(kind, _address_family(ip)[1], self.port)]
         if ip.strip() in ('', '*'):
             # systemd's ListenStream=PORT binds [::] (dual stack).
@@ -4151,20 +4250,33 @@ class _IPSubserver(Subserver):
             if self.sock is not None:
                 break
         else:
-            self.sock = _bind(self.name, self.settings.ip, self.port,
-                              'udp' if self.kind == 'udp' else 'tcp',
+            self.sock = self._bind()
+        if self.unix_path is None:
+            self.bound_port = self.sock.getsockname()[1]
+
+    def _bind(self):
+        if self.unix_path is not None:
+            owner = None
+            if self.server.uid is not None and os.geteuid() == 0:
+                owner = (self.server.uid, self.server.gid)
+            return _bind_unix(self.name, self.unix_path,
                               self.settings.backlog,
-                              self.settings.listen_retry,
-                              self._reuse_port())
-        self.bound_port = self.sock.getsockname()[1]
+                              self.settings.socket_mode, owner)
+        return _bind(self.name, self.settings.ip, self.port,
+                     'udp' if self.kind == 'udp' else 'tcp',
+                     self.settings.backlog, self.settings.listen_retry,
+                     self._reuse_port())
 
     def check(self, held):
         if any(key in held for key in self._keys()):
             where = 'held by the running brimd'
+        elif self.unix_path is not None:
+            _check_unix_path(self.name, self.unix_path, False)
+            where = 'free to bind'
         else:
             where = self._check_bind()
-        return '[%s] %s on %s:%s (%s), %d workers%s' % (
-            self.name, self.kind, self.settings.ip, self.port, where,
+        return '[%s] %s on %s (%s), %d workers%s' % (
+            self.name, self.kind, self.address, where,
             self.settings.workers, ', TLS' if self.settings.tls else '')
 
     def _reuse_port(self):
@@ -4183,6 +4295,16 @@ class _IPSubserver(Subserver):
         _bind(self.name, self.settings.ip, self.port, kind, 1, 0,
               True).close()
         return 'in use, shared by reuse_port'
+
+    def remove_socket_file(self):
+        """Remove the Unix socket's file: brimd ends, handing its socket
+        over to no one."""
+        if self.unix_path is None or self.sock is None:
+            return
+        try:
+            os.unlink(self.unix_path)
+        except OSError:
+            pass
 
     def _serve_loop(self, on_ready=None):
         """Beat the heartbeat (at least once a second) until a drain or the
@@ -4267,8 +4389,13 @@ class _IPSubserver(Subserver):
             self.drain()        # without a main process, retire does not
             return None
         self.count_toward_limit()   # may start draining
+        if self.unix_path is not None:
+            # A Unix socket's peer has no address: REMOTE_ADDR and the
+            # handler's ip and port are ''.
+            address = ('', '')
         try:
-            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.unix_path is None:
+                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.settings.tls is not None:
                 client = self.settings.tls.wrap_socket(
                     client, server_side=True, do_handshake_on_connect=False)
@@ -4344,6 +4471,25 @@ def _as_it_is(app):
     return lambda name, parsed, next_app: app
 
 
+class _ServerFromHost(object):
+    """On a Unix socket the socket says nothing of the server's name and
+    port: SERVER_NAME and SERVER_PORT come from the Host header (a proxy
+    in front sends the one the client asked for)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    def __call__(self, env, start_response):
+        host = env.get('HTTP_HOST')
+        if host:
+            name, colon, port = host.rpartition(':')
+            if not colon or name.endswith(':') or port.endswith(']'):
+                name, port = host, ''    # no port, or a bare IPv6 address
+            env['SERVER_NAME'] = name
+            env['SERVER_PORT'] = port
+        return self.app(env, start_response)
+
+
 class WSGISubserver(_IPSubserver):
     """``[wsgi]`` / ``[wsgi#name]``: serves a chain of WSGI apps."""
 
@@ -4406,7 +4552,10 @@ class WSGISubserver(_IPSubserver):
         self.connections = set()
         self.next_request_check = 0.0
         self.status_slots = self._status_slots()
-        host, port = self.sock.getsockname()[:2]
+        if self.unix_path is None:
+            host, port = self.sock.getsockname()[:2]
+        else:
+            host, port = self.unix_path, ''
         base_env = {
             'SCRIPT_NAME': '', 'SERVER_NAME': host, 'SERVER_PORT': str(port),
             'wsgi.version': (1, 0),
@@ -4425,6 +4574,8 @@ class WSGISubserver(_IPSubserver):
         app = self._not_found
         for app_name, make, parsed in reversed(self.apps):
             app = make(app_name, parsed, app)
+        if self.unix_path is not None:
+            app = _ServerFromHost(app)
         self.site = _HTTPSite(
             app=app, base_env=base_env, limits=_HTTPLimits.of(self.settings),
             logger=self.logger, tls=self.settings.tls is not None,
@@ -6284,6 +6435,7 @@ class _ControlChannel(object):
     def _answer_sockets(self, conn, pid):
         """The listening sockets themselves, for a restarting brimd."""
         _send_sockets(conn, self.server.listening_sockets())
+        self.server.keep_socket_files = True
         self.server.logger.info('handed the listening sockets to a new '
                                 'brimd')
 
@@ -6394,7 +6546,8 @@ class _Restarter(object):
             'generation': server.generation + 1,
             'start_time': server.start_time,
             'fds': [sock.fileno() for sock in socks],
-            'workers': server.supervisor.pids()})
+            'workers': server.supervisor.pids(),
+            'systemd_files': server.systemd_files})
         command = self.command_line.argv()
         # Until the new brimd has its handlers, SIGHUP or SIGUSR1 (say,
         # from logrotate) would end it: they wait, blocked, and the
@@ -6546,6 +6699,12 @@ class Server(object):
         #: When shutdown_delay ends (time.monotonic()), while it runs.
         self.shutdown_at = None
         self.notifier = _Notifier()
+        # Unix socket files stay when brimd ends if another brimd listens
+        # on them now (handed over, or a failed start of one that took
+        # them over), or if systemd made them (it still listens).
+        self.took_sockets = False
+        self.keep_socket_files = False
+        self.systemd_files = False
         #: Where a daemonized brimd logs when there is no syslog socket.
         self.fallback_log_file = None
 
@@ -6572,6 +6731,7 @@ class Server(object):
     def bind(self, inherited=None):
         """Bind every listening socket (or take over an old brimd's)."""
         inherited = dict(inherited or {})
+        self.took_sockets = bool(inherited)
         for subserver in self.subservers:
             if isinstance(subserver, _IPSubserver):
                 subserver.bind(inherited)
@@ -6614,6 +6774,8 @@ class Server(object):
 
     def _start_failed(self, failure, ready_fd):
         self.logger.error('brimd could not start: %s', failure)
+        if self.took_sockets:
+            self.keep_socket_files = True
         if ready_fd is not None:
             _write_line(ready_fd, failure)
         # Drain, not stop: during a restart the workers that did start
@@ -6751,6 +6913,7 @@ class Server(object):
         self.supervisor.stopping = True
         self.logger.info('brimd stopping')
         self.notifier.send('STOPPING=1')
+        self._remove_socket_files()
         self.supervisor.signal_all(signal.SIGTERM)
         self._wait_children(5.0)
         return self._exit()
@@ -6776,9 +6939,17 @@ class Server(object):
         self.notifier.send('STOPPING=1')
         for sock in self.listening_sockets():
             sock.close()
+        self._remove_socket_files()
         self.supervisor.signal_all(signal.SIGHUP)
         self._wait_children(self.settings.graceful_timeout + 1.0)
         return self._exit()
+
+    def _remove_socket_files(self):
+        if self.keep_socket_files:
+            return
+        for subserver in self.subservers:
+            if isinstance(subserver, _IPSubserver):
+                subserver.remove_socket_file()
 
     def _wait_children(self, seconds):
         """Reap children until none is left or ``seconds`` pass; then kill
@@ -7105,7 +7276,8 @@ class _CommandLine(object):
 
 class _StartPlan(collections.namedtuple('_StartPlan', (
         'origin', 'sockets', 'pid_file', 'foreground', 'keep_output',
-        'generation', 'start_time', 'old_workers'))):
+        'generation', 'start_time', 'old_workers', 'systemd_files'),
+        defaults=(False,))):
     """How a main process starts, decided once, before it binds.
 
     ``origin``: where its listening sockets come from: ``bind`` (all bound
@@ -7117,7 +7289,9 @@ class _StartPlan(collections.namedtuple('_StartPlan', (
     drains) rather than as a daemon; ``keep_output``: a daemon keeps
     standard output and error (-o) instead of sending them to its log.
     After a restart in place the generation and start time carry on and
-    ``old_workers`` drain once the new ones serve.
+    ``old_workers`` drain once the new ones serve.  ``systemd_files``:
+    the Unix socket files are systemd's (it passed the sockets, to this
+    brimd or to the image before a restart in place): stop leaves them.
     """
 
     @property
@@ -7136,7 +7310,8 @@ def _in_place_plan(foreground, keep_output):
     state = json.loads(raw)
     return _StartPlan('in place', _sockets_from_fds(state['fds']), None,
                       foreground, keep_output, state['generation'],
-                      state['start_time'], tuple(state['workers']))
+                      state['start_time'], tuple(state['workers']),
+                      state.get('systemd_files', False))
 
 
 def _fresh_plan(pid_file, foreground, keep_output, handed_over=None):
@@ -7148,7 +7323,7 @@ def _fresh_plan(pid_file, foreground, keep_output, handed_over=None):
         sockets = _systemd_sockets()
         origin = 'systemd' if sockets else 'bind'
     return _StartPlan(origin, sockets, pid_file, foreground, keep_output,
-                      0, None, ())
+                      0, None, (), origin == 'systemd')
 
 
 def _pid_file_path(args, configured):
@@ -7248,6 +7423,9 @@ def _check_log_file(path, what_to_change):
 def _launch(server, plan):
     """Start ``server`` as ``plan`` says and serve until the end; the exit
     status (for a daemon's first start: whether it serves)."""
+    server.systemd_files = plan.systemd_files
+    if plan.systemd_files:
+        server.keep_socket_files = True
     if plan.foreground:
         server.foreground = True
         _become_subreaper()

@@ -37,6 +37,7 @@ import shutil
 import signal
 import socket
 import ssl
+import stat
 import subprocess
 import struct
 import sys
@@ -9797,6 +9798,407 @@ class TestMaxRequests(EchoTestCase):
             with self.subTest(value=value):
                 self.echo_conf(wsgi_extra='max_requests = %s\n' % value)
                 self.assert_start_refused(self.port, 'max_requests')
+
+
+# ---------------------------------------------------------------------------
+# 14b. Unix sockets: ip = unix:PATH
+# ---------------------------------------------------------------------------
+
+UNIX_ENV_APP = '''
+import json
+
+
+def application(env, start_response):
+    body = json.dumps({k: env[k] for k in (
+        'REMOTE_ADDR', 'REMOTE_PORT', 'SERVER_NAME', 'SERVER_PORT')})
+    start_response('200 OK', [('Content-Type', 'application/json'),
+                              ('Content-Length', str(len(body)))])
+    return [body.encode()]
+'''
+
+
+class UnixHTTPConnection(httpclient.HTTPConnection):
+    """http.client over a Unix stream socket."""
+
+    def __init__(self, path, timeout=10):
+        httpclient.HTTPConnection.__init__(self, 'localhost', timeout=timeout)
+        self.unix_path = path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.unix_path)
+
+
+class TestUnixSocket(BrimTestCase):
+    """ip = unix:PATH: a [wsgi] or [tcp] listens on a Unix socket file,
+    which a crash may leave (replaced), a live process holds (refused),
+    restart keeps and stop removes."""
+
+    def unix_conf(self, extra='', name='brimd.conf', path=None):
+        self.sock_path = path or os.path.join(self.tmp, 'app.sock')
+        with open(os.path.join(self.tmp, 'unixenv.py'), 'w') as fp:
+            fp.write(UNIX_ENV_APP)
+        return self.write_conf('''
+            [wsgi]
+            ip = unix:%s
+            workers = 2
+            apps = env
+            %s
+
+            [env]
+            call = unixenv:application
+            ''' % (self.sock_path, extra), name=name)
+
+    def unix_http(self, path='/', headers=None, sock_path=None):
+        conn = UnixHTTPConnection(sock_path or self.sock_path)
+        try:
+            conn.request('GET', path, headers=headers or {})
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        finally:
+            conn.close()
+
+    def unix_raw(self, data):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(10)
+        sock.connect(self.sock_path)
+        try:
+            sock.sendall(data)
+            chunks = []
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return b''.join(chunks)
+                chunks.append(chunk)
+        finally:
+            sock.close()
+
+    def test_wsgi_on_unix_socket(self):
+        self.unix_conf()
+        self.start()
+        mode = os.lstat(self.sock_path).st_mode
+        self.assertTrue(stat.S_ISSOCK(mode))
+        self.assertEqual(stat.S_IMODE(mode), 0o660)
+        status, body = self.unix_http(headers={'Host': 'example.com:8080'})
+        self.assertEqual(status, 200)
+        self.assertEqual(json.loads(body), {
+            'REMOTE_ADDR': '', 'REMOTE_PORT': '',
+            'SERVER_NAME': 'example.com', 'SERVER_PORT': '8080'})
+        self.assertEqual(json.loads(self.unix_http(headers={
+            'Host': '[::1]'})[1])['SERVER_NAME'], '[::1]')
+        # HTTP/1.0 without a Host: the socket's path names the server.
+        reply = self.unix_raw(b'GET / HTTP/1.0\r\n\r\n')
+        self.assertEqual(json.loads(reply.split(b'\r\n\r\n', 1)[1]), {
+            'REMOTE_ADDR': '', 'REMOTE_PORT': '',
+            'SERVER_NAME': self.sock_path, 'SERVER_PORT': ''})
+        line = self.wait_for_log(r'GET / HTTP/1\.0 200')[0]
+        self.assertRegex(line, r'NOTICE \w+ - - - - ')
+        address = 'unix:%s' % self.sock_path
+        code, out, err = self.brim('check')
+        self.assertEqual((code, err), (0, ''), out)
+        self.assertIn('[wsgi] wsgi on %s (held by the running brimd), 2 '
+                      'workers' % address, out)
+        self.assertIn('  [wsgi] %s\n' % address, self.brim('status')[1])
+        self.stop()
+        self.assertFalse(os.path.exists(self.sock_path))
+
+    def test_socket_mode(self):
+        self.unix_conf('socket_mode = 600')
+        self.start()
+        self.assertEqual(stat.S_IMODE(os.lstat(self.sock_path).st_mode),
+                         0o600)
+        self.assertEqual(self.unix_http()[0], 200)
+
+    @unittest.skipUnless(hasattr(os, 'geteuid') and os.geteuid() == 0,
+                         'needs root to give the file to another user')
+    def test_socket_file_owned_by_user_and_group(self):
+        try:
+            user = pwd.getpwnam('nobody')
+        except KeyError:
+            self.skipTest('no user nobody')
+        group = grp.getgrgid(user.pw_gid).gr_name
+        self.unix_conf()
+        with open(self.conf_path) as fp:
+            text = fp.read()
+        with open(self.conf_path, 'w') as fp:
+            fp.write(text.replace('[brim]\n', '[brim]\nuser = nobody\n'
+                                  'group = %s\n' % group, 1))
+        self.start()
+        info = os.lstat(self.sock_path)
+        self.assertEqual((info.st_uid, info.st_gid, stat.S_IMODE(
+            info.st_mode)), (user.pw_uid, user.pw_gid, 0o660))
+        self.assertEqual(self.unix_http()[0], 200)
+        self.stop()
+        self.assertFalse(os.path.exists(self.sock_path))
+
+    def test_relative_path_and_tls(self):
+        """A relative path is taken from the current directory (stop
+        removes it all the same); certfile makes it speak HTTPS."""
+        cert, key = self_signed()
+        for name, text in (('cert.pem', cert), ('key.pem', key)):
+            with open(os.path.join(self.tmp, name), 'w') as fp:
+                fp.write(text)
+        self.unix_conf('certfile = cert.pem\n            keyfile = key.pem',
+                       path='app.sock')
+        self.start()
+        path = os.path.join(self.tmp, 'app.sock')
+        context = ssl.create_default_context(
+            cafile=os.path.join(self.tmp, 'cert.pem'))
+        context.check_hostname = False
+        raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        raw.settimeout(10)
+        raw.connect(path)
+        with context.wrap_socket(raw) as tls:
+            tls.sendall(b'GET / HTTP/1.0\r\nHost: example.com\r\n\r\n')
+            reply = b''
+            while True:
+                chunk = tls.recv(65536)
+                if not chunk:
+                    break
+                reply += chunk
+        self.assertTrue(reply.startswith(b'HTTP/1.1 200 '), reply)
+        self.assertEqual(json.loads(reply.split(b'\r\n\r\n', 1)[1])[
+            'SERVER_NAME'], 'example.com')
+        self.stop()
+        self.assertFalse(os.path.exists(path))
+
+    def test_stale_socket_file_is_replaced(self):
+        self.unix_conf()
+        crashed = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        crashed.bind(self.sock_path)     # closed unlistened: a crash's file
+        crashed.close()
+        code, out, err = self.brim('check')
+        self.assertEqual((code, err), (0, ''), out)
+        self.assertIn('(free to bind)', out)
+        self.assertTrue(os.path.exists(self.sock_path))  # check left it
+        self.start()
+        self.assertEqual(self.unix_http()[0], 200)
+
+    def test_live_socket_refuses_start(self):
+        self.unix_conf()
+        pid = self.start()
+        other = self.unix_conf(name='other.conf', path=self.sock_path)
+        other_pid = os.path.join(self.tmp, 'other.pid')
+        code, out, err = self.brim('start', conf=other, pid_file=other_pid)
+        self.assertEqual(code, 1, (out, err))
+        self.assertEqual(err, '[wsgi] ip = unix:%s: a running process '
+                         'listens on it (stop that one, or change ip in '
+                         '[wsgi]).\n' % self.sock_path)
+        self.assertFalse(os.path.exists(other_pid))
+        self.assertTrue(pid_alive(pid))
+        self.assertEqual(self.unix_http()[0], 200)
+
+    def test_bad_unix_addresses_refuse_start(self):
+        missing = os.path.join(self.tmp, 'nowhere', 'app.sock')
+        self.unix_conf(path=missing)
+        code, out, err = self.brim('start')
+        self.assertEqual((code, err), (1, '[wsgi] ip = unix:%s: the '
+                         'directory %s does not exist.\n'
+                         % (missing, os.path.dirname(missing))), out)
+        self.unix_conf(path=' ')
+        code, out, err = self.brim('start')
+        self.assertEqual((code, err), (1, '[wsgi] ip = unix: names no '
+                         'socket file; give its path '
+                         '(unix:/run/brim/app.sock).\n'), out)
+        self.write_conf('''
+            [udp]
+            ip = unix:%s/udp.sock
+            call = brim.udp_echo.UDPEcho
+            ''' % self.tmp)
+        code, out, err = self.brim('start')
+        self.assertEqual(code, 1, out)
+        self.assertEqual(err, '[udp] ip = unix:%s/udp.sock: a [udp] '
+                         'subserver cannot listen on a Unix socket; use an '
+                         'IP address.\n' % self.tmp)
+        self.assertFalse(os.path.exists(self.pid_file))
+
+    def test_restart_keeps_the_socket_file(self):
+        self.unix_conf()
+        pid = self.start()
+        inode = os.lstat(self.sock_path).st_ino
+        box = {'ok': 0, 'errors': []}
+        done = threading.Event()
+
+        def loop():
+            while not done.is_set():
+                try:
+                    status = self.unix_http()[0]
+                    if status == 200:
+                        box['ok'] += 1
+                    else:
+                        box['errors'].append(status)
+                except OSError as err:
+                    box['errors'].append(repr(err))
+        thread = threading.Thread(target=loop)
+        thread.start()
+        self.addCleanup(thread.join, 30)
+        self.addCleanup(done.set)
+        wait_until(lambda: box['ok'] >= 20, msg='served before restart')
+        code, out, err = self.brim('restart')
+        self.assertEqual((code, err), (0, ''), out)
+        new_pid = self.read_pid()
+        self.track(new_pid)
+        self.assertNotEqual(new_pid, pid)
+        self.assert_gone([pid], timeout=15)
+        since = box['ok']
+        wait_until(lambda: box['ok'] >= since + 20,
+                   msg='served after restart')
+        done.set()
+        thread.join(30)
+        self.assertEqual(box['errors'][:10], [])
+        # The same file: the new brimd took the socket over.
+        self.assertEqual(os.lstat(self.sock_path).st_ino, inode)
+        self.stop()
+        self.assertFalse(os.path.exists(self.sock_path))
+
+    def test_restart_in_place_keeps_the_socket(self):
+        self.unix_conf()
+        pid = self.start()
+        old_workers = live_children_of(pid)
+        inode = os.lstat(self.sock_path).st_ino
+        os.kill(pid, signal.SIGUSR2)
+        wait_until(lambda: re.search(r'restarted in place 1 times',
+                                     self.brim('status')[1]), timeout=20)
+        self.assert_gone(old_workers, timeout=15)
+        self.assertEqual(self.read_pid(), pid)
+        # The same file: the socket was inherited, not bound again.
+        self.assertEqual(os.lstat(self.sock_path).st_ino, inode)
+        self.assertEqual(self.unix_http()[0], 200)
+        self.assertNotIn('listens on it', self.log_text())
+        self.stop()
+        self.assertFalse(os.path.exists(self.sock_path))
+
+    def test_tcp_handler_on_unix_socket(self):
+        path = os.path.join(self.tmp, 'tcp.sock')
+        self.write_conf('''
+            [tcp]
+            ip = unix:%s
+            call = brim.tcp_echo.TCPEcho
+            ''' % path)
+        self.start()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(10)
+        sock.connect(path)
+        try:
+            sock.sendall(b'over a unix socket')
+            got = b''
+            while len(got) < 18:
+                chunk = sock.recv(64)
+                if not chunk:
+                    break
+                got += chunk
+        finally:
+            sock.close()
+        self.assertEqual(got, b'over a unix socket')
+        self.stop()
+        self.assertFalse(os.path.exists(path))
+
+    def test_systemd_unix_socket_activation(self):
+        activate = shutil.which('systemd-socket-activate')
+        if activate is None:
+            self.skipTest('needs systemd-socket-activate (Debian package '
+                          'systemd)')
+        self.unix_conf('listen_retry = 0')
+        out = open(os.path.join(self.tmp, 'foreground.out'), 'wb')
+        self.addCleanup(out.close)
+        proc = popen([activate, '-l', self.sock_path, '-E', 'PYTHONPATH',
+                      sys.executable, BRIM, '-c', self.conf_path, '-p',
+                      self.pid_file, 'foreground'],
+                     cwd=self.tmp, env=self.env, stdout=out,
+                     stderr=subprocess.STDOUT)
+        self.track(proc.pid)
+
+        def end():
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+            _protected.discard(proc.pid)
+        self.addCleanup(end)
+        wait_until(lambda: os.path.exists(self.sock_path))
+        # The first connection starts brimd, which takes the socket by its
+        # path rather than binding one.
+        self.assertEqual(self.unix_http()[0], 200)
+        wait_until(lambda: self.read_pid() == proc.pid, timeout=15)
+        self.assertNotIn('listens on it', self.log_text())
+        # A restart in place (systemd's ExecReload) still knows the file
+        # is systemd's.
+        os.kill(proc.pid, signal.SIGUSR2)
+        wait_until(lambda: re.search(r'restarted in place 1 times',
+                                     self.brim('status')[1]), timeout=20)
+        self.assertEqual(self.unix_http()[0], 200)
+        os.kill(proc.pid, signal.SIGTERM)
+        self.assertEqual(proc.wait(15), 0)
+        self.assertTrue(os.path.exists(self.sock_path))     # systemd's file
+
+    def test_behind_nginx(self):
+        nginx = shutil.which('nginx') or (
+            '/usr/sbin/nginx' if os.path.exists('/usr/sbin/nginx') else None)
+        if nginx is None:
+            self.skipTest('needs the Debian package nginx')
+        self.unix_conf()
+        self.start()
+        port = free_port()
+        conf = os.path.join(self.tmp, 'nginx.conf')
+        with open(conf, 'w') as fp:
+            fp.write(NGINX_CONF % {'tmp': self.tmp, 'port': port,
+                                   'sock': self.sock_path})
+        log = open(os.path.join(self.tmp, 'nginx.out'), 'wb')
+        self.addCleanup(log.close)
+        proc = popen([nginx, '-c', conf, '-p', self.tmp, '-e', 'stderr'],
+                     stdout=log, stderr=subprocess.STDOUT,
+                     stdin=subprocess.DEVNULL)
+
+        def end():
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    os.kill(proc.pid, signal.SIGKILL)
+                    proc.wait(10)
+            _protected.discard(proc.pid)
+        self.addCleanup(end)
+        wait_until(lambda: proc.poll() is not None or
+                   not connect_refused(port), msg='nginx listening')
+        self.assertIsNone(proc.poll(), self.log_text(
+            os.path.join(self.tmp, 'nginx.out')))
+        conn = httpclient.HTTPConnection('127.0.0.1', port, timeout=10)
+        self.addCleanup(conn.close)
+        for _ in range(50):
+            conn.request('GET', '/')
+            resp = conn.getresponse()
+            body = resp.read()
+            self.assertEqual(resp.status, 200, body)
+        self.assertEqual(json.loads(body), {
+            'REMOTE_ADDR': '', 'REMOTE_PORT': '',
+            'SERVER_NAME': '127.0.0.1', 'SERVER_PORT': str(port)})
+
+
+NGINX_CONF = '''
+daemon off;
+master_process off;
+pid %(tmp)s/nginx.pid;
+error_log %(tmp)s/nginx-error.log;
+events { worker_connections 64; }
+http {
+    access_log %(tmp)s/nginx-access.log;
+    client_body_temp_path %(tmp)s/nginx-body;
+    proxy_temp_path %(tmp)s/nginx-proxy;
+    fastcgi_temp_path %(tmp)s/nginx-fastcgi;
+    uwsgi_temp_path %(tmp)s/nginx-uwsgi;
+    scgi_temp_path %(tmp)s/nginx-scgi;
+    server {
+        listen 127.0.0.1:%(port)d;
+        location / {
+            proxy_pass http://unix:%(sock)s:;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $http_host;
+        }
+    }
+}
+'''
 
 
 # ---------------------------------------------------------------------------
