@@ -10212,6 +10212,23 @@ class TestUnixSocket(BrimTestCase):
             client = line['line'].split(' NOTICE ')[1].split(' ')[1]
             self.assertEqual(client, '127.0.0.1', line['line'])
 
+    def test_readme_site_is_the_tested_one(self):
+        # The Deployment section's upstream and location, line for line.
+        with open(os.path.join(HERE, 'README')) as fp:
+            readme = fp.read()
+
+        def blocks(text):
+            lines = [l.strip() for l in text.splitlines()]
+            up = lines.index('upstream brim {')
+            loc = lines.index('location / {')
+            return (lines[up + 2:lines.index('}', up)],
+                    lines[loc + 1:lines.index('}', loc)])
+        self.assertIn('    upstream brim {\n'
+                      '        server unix:/run/brim/app.sock;\n', readme)
+        self.assertEqual(blocks(readme), blocks(NGINX_SITE))
+        self.assertIn('        server b1 127.0.0.1:8901 send-proxy-v2\n',
+                      readme)
+
     def test_restart_under_load_behind_nginx(self):
         self.unix_conf()
         pid = self.start()
