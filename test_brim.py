@@ -10131,18 +10131,19 @@ class TestUnixSocket(BrimTestCase):
         self.assertEqual(proc.wait(15), 0)
         self.assertTrue(os.path.exists(self.sock_path))     # systemd's file
 
-    def test_behind_nginx(self):
+    def start_nginx(self, site):
+        """Run nginx in the foreground as a child, serving ``site`` (a
+        server block, %(port)d and %(sock)s filled in) on a free loopback
+        port; return the port."""
         nginx = shutil.which('nginx') or (
             '/usr/sbin/nginx' if os.path.exists('/usr/sbin/nginx') else None)
         if nginx is None:
             self.skipTest('needs the Debian package nginx')
-        self.unix_conf()
-        self.start()
         port = free_port()
         conf = os.path.join(self.tmp, 'nginx.conf')
+        fill = {'tmp': self.tmp, 'port': port, 'sock': self.sock_path}
         with open(conf, 'w') as fp:
-            fp.write(NGINX_CONF % {'tmp': self.tmp, 'port': port,
-                                   'sock': self.sock_path})
+            fp.write(NGINX_CONF % dict(fill, site=site % fill))
         log = open(os.path.join(self.tmp, 'nginx.out'), 'wb')
         self.addCleanup(log.close)
         proc = popen([nginx, '-c', conf, '-p', self.tmp, '-e', 'stderr'],
@@ -10163,6 +10164,12 @@ class TestUnixSocket(BrimTestCase):
                    not connect_refused(port), msg='nginx listening')
         self.assertIsNone(proc.poll(), self.log_text(
             os.path.join(self.tmp, 'nginx.out')))
+        return port
+
+    def test_behind_nginx(self):
+        self.unix_conf()
+        self.start()
+        port = self.start_nginx(NGINX_PLAIN_SITE)
         conn = httpclient.HTTPConnection('127.0.0.1', port, timeout=10)
         self.addCleanup(conn.close)
         for _ in range(50):
@@ -10173,6 +10180,149 @@ class TestUnixSocket(BrimTestCase):
         self.assertEqual(json.loads(body), {
             'REMOTE_ADDR': '', 'REMOTE_PORT': '',
             'SERVER_NAME': '127.0.0.1', 'SERVER_PORT': str(port)})
+
+    def test_behind_nginx_as_the_readme_site(self):
+        # The site the README's Deployment section shows: an upstream on
+        # the Unix socket with keepalive, nginx saying the client came
+        # over https and from where.
+        self.unix_conf()
+        with open(os.path.join(self.tmp, 'unixenv.py'), 'w') as fp:
+            fp.write(FORWARDED_ENV_APP)
+        self.start()
+        port = self.start_nginx(NGINX_SITE)
+        conn = httpclient.HTTPConnection('127.0.0.1', port, timeout=10)
+        self.addCleanup(conn.close)
+        for _ in range(20):
+            conn.request('GET', '/some/path?q=1')
+            resp = conn.getresponse()
+            body = resp.read()
+            self.assertEqual(resp.status, 200, body)
+        seen = json.loads(body)
+        self.assertEqual(seen['wsgi.url_scheme'], 'https')
+        self.assertEqual(seen['HTTPS'], 'on')
+        self.assertEqual(seen['brim.client_addr'], '127.0.0.1')
+        self.assertEqual(seen['HTTP_HOST'], '127.0.0.1')
+        self.assertEqual(seen['request_uri'],
+                         'https://127.0.0.1/some/path?q=1')
+        wait_until(lambda: len(self.request_lines()) >= 20,
+                   msg='request lines logged')
+        for line in self.request_lines():
+            self.assertEqual(line['path'], '/some/path?q=1', line)
+            # The client field: what nginx forwarded, not the socket.
+            client = line['line'].split(' NOTICE ')[1].split(' ')[1]
+            self.assertEqual(client, '127.0.0.1', line['line'])
+
+    def test_readme_site_is_the_tested_one(self):
+        # The Deployment section's upstream and location, line for line.
+        with open(os.path.join(HERE, 'README')) as fp:
+            readme = fp.read()
+
+        def blocks(text):
+            lines = [l.strip() for l in text.splitlines()]
+            up = lines.index('upstream brim {')
+            loc = lines.index('location / {')
+            return (lines[up + 2:lines.index('}', up)],
+                    lines[loc + 1:lines.index('}', loc)])
+        self.assertIn('    upstream brim {\n'
+                      '        server unix:/run/brim/app.sock;\n', readme)
+        self.assertEqual(blocks(readme), blocks(NGINX_SITE))
+        self.assertIn('        server b1 127.0.0.1:8901 send-proxy-v2\n',
+                      readme)
+
+    def test_restart_under_load_behind_nginx(self):
+        self.unix_conf()
+        pid = self.start()
+        port = self.start_nginx(NGINX_SITE)
+        box = {'ok': 0, 'errors': []}
+        done = threading.Event()
+
+        def loop():
+            conn = httpclient.HTTPConnection('127.0.0.1', port, timeout=10)
+            while not done.is_set():
+                try:
+                    conn.request('GET', '/')
+                    resp = conn.getresponse()
+                    resp.read()
+                    if resp.status == 200:
+                        box['ok'] += 1
+                    else:
+                        box['errors'].append(resp.status)
+                except (OSError, httpclient.HTTPException) as err:
+                    box['errors'].append(repr(err))
+                    conn.close()
+            conn.close()
+        thread = threading.Thread(target=loop)
+        thread.start()
+        self.addCleanup(thread.join, 30)
+        self.addCleanup(done.set)
+        wait_until(lambda: box['ok'] >= 50, msg='served before restart')
+        began = time.monotonic()
+        code, out, err = self.brim('restart')
+        self.assertEqual((code, err), (0, ''), out)
+        new_pid = self.read_pid()
+        self.track(new_pid)
+        self.assertNotEqual(new_pid, pid)
+        self.assert_gone([pid], timeout=15)
+        took = time.monotonic() - began
+        since = box['ok']
+        wait_until(lambda: box['ok'] >= since + 50,
+                   msg='served after restart')
+        done.set()
+        thread.join(30)
+        self.assertEqual(box['errors'][:10], [])
+        self.assertGreaterEqual(box['ok'], 100)
+        if os.environ.get('BRIM_TEST_FIGURES'):
+            sys.stderr.write('\nnginx restart: %d requests, %d failures, '
+                             'old brimd gone after %.2fs\n'
+                             % (box['ok'], len(box['errors']), took))
+
+
+NGINX_PLAIN_SITE = '''
+    server {
+        listen 127.0.0.1:%(port)d;
+        location / {
+            proxy_pass http://unix:%(sock)s:;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $http_host;
+        }
+    }
+'''
+
+# The README's Deployment site, but on a test port and socket.
+NGINX_SITE = '''
+    upstream brim {
+        server unix:%(sock)s;
+        keepalive 8;
+    }
+    server {
+        listen 127.0.0.1:%(port)d;
+        location / {
+            proxy_pass http://brim;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-Proto https;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+        }
+    }
+'''
+
+FORWARDED_ENV_APP = '''
+import json
+import wsgiref.util
+
+
+def application(env, start_response):
+    seen = {k: env.get(k) for k in (
+        'wsgi.url_scheme', 'HTTPS', 'brim.client_addr', 'HTTP_HOST',
+        'REMOTE_ADDR')}
+    seen['request_uri'] = wsgiref.util.request_uri(env)
+    body = json.dumps(seen)
+    start_response('200 OK', [('Content-Type', 'application/json'),
+                              ('Content-Length', str(len(body)))])
+    return [body.encode()]
+'''
 
 
 NGINX_CONF = '''
@@ -10188,16 +10338,7 @@ http {
     fastcgi_temp_path %(tmp)s/nginx-fastcgi;
     uwsgi_temp_path %(tmp)s/nginx-uwsgi;
     scgi_temp_path %(tmp)s/nginx-scgi;
-    server {
-        listen 127.0.0.1:%(port)d;
-        location / {
-            proxy_pass http://unix:%(sock)s:;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Host $http_host;
-        }
-    }
-}
+%(site)s}
 '''
 
 
