@@ -1795,6 +1795,11 @@ def _address_family(ip):
     return socket.AF_INET, host
 
 
+def _say_busy(section, ip, port, retry_seconds):
+    print('[%s] %s:%s is in use; retrying for %gs (listen_retry)'
+          % (section, ip, port, retry_seconds), file=sys.stderr)
+
+
 def _bind(section, ip, port, kind, backlog, retry_seconds,
           reuse_port=False):
     """A bound (and, for TCP, listening) socket, retrying a busy port.
@@ -1826,10 +1831,7 @@ def _bind(section, ip, port, kind, backlog, retry_seconds,
                     time.monotonic() < deadline):
                 if not waiting:     # say so, rather than wait in silence
                     waiting = True
-                    print('[%s] %s:%s is in use; retrying for %gs '
-                          '(listen_retry)' % (section, ip, port,
-                                              retry_seconds),
-                          file=sys.stderr)
+                    _say_busy(section, ip, port, retry_seconds)
                 time.sleep(0.1)
                 continue
             raise ConfError('[%s] could not bind %s:%s: %s (change ip/port '
@@ -4340,9 +4342,11 @@ class _IPSubserver(Subserver):
         and serve; this thread beats the heartbeat, then waits for the
         connections in hand when draining."""
         if self.settings.tls is not None:
-            handle = self._after_handshake(handle)
+            handle = _after_handshake(handle, self.name, self.settings,
+                                      self.logger)
         if self.settings.proxy_protocol:
-            handle = self._after_proxy_header(handle)
+            handle = _after_proxy_header(handle, self.name, self.settings,
+                                         self.logger)
         _batch_logs(self.logger)
         pool = _ConnectionPool(
             self.sock, self.drained_r, self._accept, handle,
@@ -4408,55 +4412,56 @@ class _IPSubserver(Subserver):
         """(start, txn, method, path) of each request being served."""
         return []
 
-    def _after_handshake(self, handle):
-        """Jobs that do the TLS handshake, then ``handle``'s job; the
-        handshake waits on the client, so the turn passes on first."""
-        def handshake_and_serve(sock, address, turn, peer=None):
-            turn.pass_on()
-            sock.settimeout(self.settings.client_timeout)
-            try:
-                sock.do_handshake()
-            except OSError as err:
-                self.logger.info('[%s] TLS handshake with %s failed: %s',
-                                 self.name, address[0], _one_line(err))
-                sock.close()
-                return None
-            return handle(sock, address, peer).serve(None)
-
-        def job(sock, address, peer=None):
-            return _Call(lambda sock, address, turn: handshake_and_serve(
-                sock, address, turn, peer), sock, address)
-        return job
-
-    def _after_proxy_header(self, handle):
-        """Jobs that read the PROXY header of a connection from a peer in
-        proxy_allow_ips, then do ``handle``'s job as the client's (its
-        peer, the proxy, still decides whose forwarded headers count).
-        Anyone else's connection is ``handle``'s at once: a PROXY header
-        from them is just their bytes."""
-        allowed = self.settings.proxy_allow_ips
-
-        def read_header_and_serve(sock, peer, turn):
-            turn.pass_on()  # the header waits on the client
-            try:
-                address = _read_proxy_header(sock,
-                                             self.settings.client_timeout)
-            except (_ProxyError, OSError) as err:
-                self.logger.warning(
-                    '[%s] closed the connection from %s: PROXY header: %s',
-                    self.name, _peer_name(peer), _one_line(err))
-                sock.close()
-                return None
-            return handle(sock, address or peer, peer).serve(turn)
-
-        def job(sock, peer):
-            if not _trusted_peer(allowed, peer):
-                return handle(sock, peer)
-            return _Call(read_header_and_serve, sock, peer)
-        return job
-
     def _close_idle(self):
         pass
+
+
+def _after_handshake(handle, name, settings, logger):
+    """Jobs that do the TLS handshake, then ``handle``'s job; the
+    handshake waits on the client, so the turn passes on first."""
+    def handshake_and_serve(sock, address, turn, peer=None):
+        turn.pass_on()
+        sock.settimeout(settings.client_timeout)
+        try:
+            sock.do_handshake()
+        except OSError as err:
+            logger.info('[%s] TLS handshake with %s failed: %s',
+                        name, address[0], _one_line(err))
+            sock.close()
+            return None
+        return handle(sock, address, peer).serve(None)
+
+    def job(sock, address, peer=None):
+        return _Call(lambda sock, address, turn: handshake_and_serve(
+            sock, address, turn, peer), sock, address)
+    return job
+
+
+def _after_proxy_header(handle, name, settings, logger):
+    """Jobs that read the PROXY header of a connection from a peer in
+    proxy_allow_ips, then do ``handle``'s job as the client's (its
+    peer, the proxy, still decides whose forwarded headers count).
+    Anyone else's connection is ``handle``'s at once: a PROXY header
+    from them is just their bytes."""
+    allowed = settings.proxy_allow_ips
+
+    def read_header_and_serve(sock, peer, turn):
+        turn.pass_on()  # the header waits on the client
+        try:
+            address = _read_proxy_header(sock, settings.client_timeout)
+        except (_ProxyError, OSError) as err:
+            logger.warning(
+                '[%s] closed the connection from %s: PROXY header: %s',
+                name, _peer_name(peer), _one_line(err))
+            sock.close()
+            return None
+        return handle(sock, address or peer, peer).serve(turn)
+
+    def job(sock, peer):
+        if not _trusted_peer(allowed, peer):
+            return handle(sock, peer)
+        return _Call(read_header_and_serve, sock, peer)
+    return job
 
 
 def _peer_name(address):
@@ -4552,6 +4557,22 @@ class WSGISubserver(_IPSubserver):
         self.connections = set()
         self.next_request_check = 0.0
         self.status_slots = self._status_slots()
+        base_env = self._base_env(bucket)
+        app = self._not_found
+        for app_name, make, parsed in reversed(self.apps):
+            app = make(app_name, parsed, app)
+        if self.unix_path is not None:
+            app = _ServerFromHost(app)
+        self.site = _HTTPSite(
+            app=app, base_env=base_env, limits=_HTTPLimits.of(self.settings),
+            logger=self.logger, tls=self.settings.tls is not None,
+            connections=self.connections, next_txn=self.next_txn,
+            began=self._request_began, ended=self._request_ended,
+            refused=self.count_request, draining=lambda: self.draining,
+            forwarded_allow=self.settings.forwarded_allow_ips)
+
+    def _base_env(self, bucket):
+        """What every request's environ starts from in this worker."""
         if self.unix_path is None:
             host, port = self.sock.getsockname()[:2]
         else:
@@ -4571,18 +4592,7 @@ class WSGISubserver(_IPSubserver):
         }
         if self.settings.tls is not None:
             base_env['HTTPS'] = 'on'
-        app = self._not_found
-        for app_name, make, parsed in reversed(self.apps):
-            app = make(app_name, parsed, app)
-        if self.unix_path is not None:
-            app = _ServerFromHost(app)
-        self.site = _HTTPSite(
-            app=app, base_env=base_env, limits=_HTTPLimits.of(self.settings),
-            logger=self.logger, tls=self.settings.tls is not None,
-            connections=self.connections, next_txn=self.next_txn,
-            began=self._request_began, ended=self._request_ended,
-            refused=self.count_request, draining=lambda: self.draining,
-            forwarded_allow=self.settings.forwarded_allow_ips)
+        return base_env
 
     def _status_slots(self):
         """{status code: the bucket's slots that count it}, for every code:
@@ -6338,6 +6348,35 @@ class _Supervisor(object):
                     pids[pid] = float('inf')
                     self.kill(pid, signal.SIGKILL)
 
+    def wait_all(self, seconds):
+        """Reap children until none is left or ``seconds`` pass; then kill
+        the rest.  Bounded even then: a child stuck in the kernel (a hung
+        disk, say) must not keep brimd from exiting."""
+        if self._reaped_all(seconds):
+            return
+        self.logger.warning('killing %d workers that did not exit in %.0fs',
+                            len(self.pids()), seconds)
+        self.signal_all(signal.SIGKILL)
+        if not self._reaped_all(5.0):
+            self.logger.error('workers %s outlived SIGKILL for 5s; exiting '
+                              'without them', ' '.join(map(str, sorted(
+                                  self.pids()))))
+
+    def _reaped_all(self, seconds):
+        """True once every child is reaped, within ``seconds``."""
+        deadline = time.monotonic() + seconds
+        while True:
+            self.reap()
+            if not self.pids():
+                return True
+            try:
+                os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                return True             # no child at all: nothing to wait for
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+
 
 # The control socket: the main process answers (_ControlChannel); brimd's
 # commands and its workers ask (_ask and the functions after it).
@@ -6884,7 +6923,7 @@ class Server(object):
         subservers = []
         for subserver in self.subservers:
             read = reading.subservers[subserver.name].workers
-            workers = [self._worker_status(worker, read[worker.index], now)
+            workers = [_slot_status(worker, read[worker.index], now)
                        for worker in self.slots
                        if worker.subserver is subserver]
             subservers.append({'name': subserver.name,
@@ -6895,17 +6934,6 @@ class Server(object):
                 'generation': self.generation,
                 'foreground': self.foreground, 'subservers': subservers}
 
-    @staticmethod
-    def _worker_status(worker, read, now):
-        """``worker``'s status, ``read`` its stats (a _WorkerStats)."""
-        return {'label': read.label,
-                'pid': worker.pid,
-                'uptime': (round(now - worker.started_at, 1)
-                           if worker.pid else None),
-                'served': read.served,
-                'restarts': worker.restarts,
-                'last_exit': worker.last_exit}
-
     # -- the end -------------------------------------------------------------
 
     def stop(self):
@@ -6915,7 +6943,7 @@ class Server(object):
         self.notifier.send('STOPPING=1')
         self._remove_socket_files()
         self.supervisor.signal_all(signal.SIGTERM)
-        self._wait_children(5.0)
+        self.supervisor.wait_all(5.0)
         return self._exit()
 
     def shut_down_later(self):
@@ -6941,7 +6969,7 @@ class Server(object):
             sock.close()
         self._remove_socket_files()
         self.supervisor.signal_all(signal.SIGHUP)
-        self._wait_children(self.settings.graceful_timeout + 1.0)
+        self.supervisor.wait_all(self.settings.graceful_timeout + 1.0)
         return self._exit()
 
     def _remove_socket_files(self):
@@ -6951,35 +6979,6 @@ class Server(object):
             if isinstance(subserver, _IPSubserver):
                 subserver.remove_socket_file()
 
-    def _wait_children(self, seconds):
-        """Reap children until none is left or ``seconds`` pass; then kill
-        the rest.  Bounded even then: a child stuck in the kernel (a hung
-        disk, say) must not keep brimd from exiting."""
-        if self._reaped_all(seconds):
-            return
-        self.logger.warning('killing %d workers that did not exit in %.0fs',
-                            len(self.supervisor.pids()), seconds)
-        self.supervisor.signal_all(signal.SIGKILL)
-        if not self._reaped_all(5.0):
-            self.logger.error('workers %s outlived SIGKILL for 5s; exiting '
-                              'without them', ' '.join(map(str, sorted(
-                                  self.supervisor.pids()))))
-
-    def _reaped_all(self, seconds):
-        """True once every child is reaped, within ``seconds``."""
-        deadline = time.monotonic() + seconds
-        while True:
-            self.supervisor.reap()
-            if not self.supervisor.pids():
-                return True
-            try:
-                os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-            except ChildProcessError:
-                return True             # no child at all: nothing to wait for
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.02)
-
     def _exit(self):
         if self.pid_file and _read_pid_file(self.pid_file) == os.getpid():
             try:
@@ -6988,6 +6987,17 @@ class Server(object):
                 pass
         self.logger.info('brimd exited')
         return 0
+
+
+def _slot_status(worker, read, now):
+    """``worker``'s status, ``read`` its stats (a _WorkerStats)."""
+    return {'label': read.label,
+            'pid': worker.pid,
+            'uptime': (round(now - worker.started_at, 1)
+                       if worker.pid else None),
+            'served': read.served,
+            'restarts': worker.restarts,
+            'last_exit': worker.last_exit}
 
 
 def _run_inline(server):
