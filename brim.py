@@ -2006,15 +2006,15 @@ class _HTTPLimits(collections.namedtuple('_HTTPLimits', (
 
 
 class _HTTPSite(collections.namedtuple('_HTTPSite', (
-        'app', 'base_env', 'limits', 'logger', 'tls', 'connections',
+        'app', 'base_env', 'parser', 'logger', 'tls', 'connections',
         'next_txn', 'began', 'ended', 'refused', 'draining',
         'forwarded_allow'), defaults=(None,))):
     """All a connection sees of the worker that serves it.
 
     ``app`` is the WSGI app, ``base_env`` what each request's environ
-    starts as, ``limits`` an _HTTPLimits; ``tls``: whether the sockets
-    are TLS ones; ``connections``, the set of open connections (each
-    leaves it as it closes).  A request gets its txn from ``next_txn()``;
+    starts as, ``parser`` the worker's _RequestParser (and its limits);
+    ``tls``: whether the sockets are TLS ones; ``connections``, the set
+    of open connections (each leaves it as it closes).  A request gets its txn from ``next_txn()``;
     ``began(start, txn, method, path, first)`` says it starts (``first``:
     the connection's first, counted when it was accepted), ``ended(env,
     response, duration, txn)`` that it was answered; ``refused(status)``
@@ -2864,12 +2864,12 @@ class _HTTPConnection(_ClientSocket):
 
     def __init__(self, site, sock, address, peer=None):
         self.site = site
-        self.limits = site.limits
-        self.parser = _RequestParser(site.limits)
+        self.parser = site.parser
+        self.limits = site.parser.limits
         self.logger = site.logger
         self.draining = site.draining
         _ClientSocket.__init__(self, sock, not site.tls,
-                               site.limits.client_timeout)
+                               self.limits.client_timeout)
         self.fresh = True       # no read yet (nor the socket's timeout)
         self.parkable = self.plain
         self.buf = b''
@@ -4564,7 +4564,8 @@ class WSGISubserver(_IPSubserver):
         if self.unix_path is not None:
             app = _ServerFromHost(app)
         self.site = _HTTPSite(
-            app=app, base_env=base_env, limits=_HTTPLimits.of(self.settings),
+            app=app, base_env=base_env,
+            parser=_RequestParser(_HTTPLimits.of(self.settings)),
             logger=self.logger, tls=self.settings.tls is not None,
             connections=self.connections, next_txn=self.next_txn,
             began=self._request_began, ended=self._request_ended,

@@ -334,6 +334,16 @@ def udp_exchange(port, data, timeout=2.0, tries=3):
         sock.close()
 
 
+def read_until_closed(sock):
+    """Every byte ``sock`` receives until the other end closes."""
+    chunks = []
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return b''.join(chunks)
+        chunks.append(chunk)
+
+
 def tcp_exchange(port, data, timeout=5.0):
     """Connect, send ``data``, half-close, read until EOF (like nc -q)."""
     sock = socket.create_connection(('127.0.0.1', port), timeout=timeout)
@@ -341,12 +351,7 @@ def tcp_exchange(port, data, timeout=5.0):
         if data:
             sock.sendall(data)
         sock.shutdown(socket.SHUT_WR)
-        chunks = []
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                return b''.join(chunks)
-            chunks.append(chunk)
+        return read_until_closed(sock)
     finally:
         sock.close()
 
@@ -5748,12 +5753,7 @@ class TestProxies(EchoTestCase):
             sock = socket.create_connection(('127.0.0.1', port), timeout=5)
             self.addCleanup(sock.close)
             sock.sendall(b'GET /peer HTTP/1.0\r\n\r\n')
-            answer = b''
-            while True:
-                data = sock.recv(65536)
-                if not data:
-                    break
-                answer += data
+            answer = read_until_closed(sock)
             seen = json.loads(answer.partition(b'\r\n\r\n')[2])
             # haproxy's client is this socket: its port, not haproxy's.
             self.assertEqual((seen['REMOTE_ADDR'], seen['REMOTE_PORT']),
@@ -5852,9 +5852,9 @@ class _SeamWorker(object):
                 'wsgi.multithread': True, 'wsgi.multiprocess': True,
                 'wsgi.run_once': False,
                 'wsgi.file_wrapper': brim._FileWrapper},
-            limits=brim._HTTPLimits(max_request_line, max_header_line,
-                                    max_header_count, max_body,
-                                    client_timeout),
+            parser=brim._RequestParser(brim._HTTPLimits(
+                max_request_line, max_header_line, max_header_count,
+                max_body, client_timeout)),
             logger=self.logger, tls=False, connections=self.connections,
             next_txn=lambda: 'txn', began=lambda *request: None,
             ended=self.ended, refused=self.refused.append,
@@ -9550,12 +9550,7 @@ class TestReliability(EchoTestCase):
 
         def until_closed(sock):
             """(every byte until EOF, seconds from ``began``)."""
-            data = b''
-            while True:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    return data, time.monotonic() - began
-                data += chunk
+            return read_until_closed(sock), time.monotonic() - began
         # An idle keep-alive connection and one that never sent a byte
         # are closed without a word; a half-sent head gets a 408.
         for name, sock in (('idle keep-alive', idle.sock),
@@ -9865,12 +9860,7 @@ class TestUnixSocket(BrimTestCase):
         sock.connect(self.sock_path)
         try:
             sock.sendall(data)
-            chunks = []
-            while True:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    return b''.join(chunks)
-                chunks.append(chunk)
+            return read_until_closed(sock)
         finally:
             sock.close()
 
@@ -10401,12 +10391,7 @@ class TestTLS(EchoTestCase):
         tls = self.context.wrap_socket(sock, server_hostname='localhost')
         self.addCleanup(tls.close)
         tls.sendall(b'GET /peer HTTP/1.0\r\n\r\n')
-        answer = b''
-        while True:
-            data = tls.recv(65536)
-            if not data:
-                break
-            answer += data
+        answer = read_until_closed(tls)
         seen = json.loads(answer.partition(b'\r\n\r\n')[2])
         self.assertEqual((seen['REMOTE_ADDR'], seen['wsgi.url_scheme']),
                          ('192.0.2.1', 'https'))
