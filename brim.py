@@ -2014,11 +2014,11 @@ class _HTTPSite(collections.namedtuple('_HTTPSite', (
     ``app`` is the WSGI app, ``base_env`` what each request's environ
     starts as, ``parser`` the worker's _RequestParser (and its limits);
     ``tls``: whether the sockets are TLS ones; ``connections``, the set
-    of open connections (each leaves it as it closes).  A request gets its txn from ``next_txn()``;
-    ``began(start, txn, method, path, first)`` says it starts (``first``:
-    the connection's first, counted when it was accepted), ``ended(env,
-    response, duration, txn)`` that it was answered; ``refused(status)``
-    says brim refused one.  ``draining()``: whether the worker drains.
+    of open connections (each leaves it as it closes).  A request gets
+    its txn from ``next_txn()``; ``began(start, txn, method, path,
+    first)`` says it starts (``first``: the connection's first, counted
+    when it was accepted), ``ended(env, response, duration, txn)`` that
+    it was answered; ``refused(status)`` says brim refused one.  ``draining()``: whether the worker drains.
     ``forwarded_allow``: the networks of the proxies whose forwarded
     headers are believed (None: nobody's).
     """
