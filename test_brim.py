@@ -188,6 +188,18 @@ def popen(cmd, **kwargs):
     return proc
 
 
+def end_process(proc):
+    """Cleanup for a popen() child: SIGTERM, SIGKILL if it lingers."""
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    _protected.discard(proc.pid)
+
+
 def run(cmd, cwd=None, env=None, timeout=40, preexec_fn=None):
     """Run ``cmd``; (exit code, stdout text, stderr text)."""
     proc = popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
@@ -5735,11 +5747,9 @@ class TestProxies(EchoTestCase):
                 backend back
                     server b 127.0.0.1:%d %s
                 ''' % (port, backend_port, server_options)))
-        proc = subprocess.Popen(['haproxy', '-f', conf, '-db'],
-                                stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        self.addCleanup(proc.wait, 10)
-        self.addCleanup(os.kill, proc.pid, signal.SIGTERM)
+        proc = popen(['haproxy', '-f', conf, '-db'],
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.addCleanup(end_process, proc)
         wait_until(lambda: proc.poll() is not None or
                    not connect_refused(port))
         self.assertIsNone(proc.poll(), 'haproxy exited')
@@ -10139,17 +10149,7 @@ class TestUnixSocket(BrimTestCase):
         proc = popen([nginx, '-c', conf, '-p', self.tmp, '-e', 'stderr'],
                      stdout=log, stderr=subprocess.STDOUT,
                      stdin=subprocess.DEVNULL)
-
-        def end():
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    os.kill(proc.pid, signal.SIGKILL)
-                    proc.wait(10)
-            _protected.discard(proc.pid)
-        self.addCleanup(end)
+        self.addCleanup(end_process, proc)
         wait_until(lambda: proc.poll() is not None or
                    not connect_refused(port), msg='nginx listening')
         self.assertIsNone(proc.poll(), self.log_text(
