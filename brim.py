@@ -321,6 +321,31 @@ def _at_least(least):
     return convert
 
 
+class _WorkerCount(collections.namedtuple('_WorkerCount', 'least most')):
+    """``workers``: a count (least == most), or a range ``2..8`` within
+    which brimd adds and retires workers by how busy they are."""
+
+    @property
+    def adaptive(self):
+        return self.least < self.most
+
+    def __str__(self):
+        return ('%d..%d' % self if self.adaptive else str(self.least))
+
+
+def _workers(section, option, text):
+    least, dots, most = text.strip().partition('..')
+    count = _WorkerCount(_at_least(1)(section, option, least),
+                         _at_least(1)(section, option, most) if dots
+                         else None)
+    if count.most is None:
+        return count._replace(most=count.least)
+    if count.most < count.least:
+        raise ConfError('[%s] workers = %s: the range must go up (%d..%d).'
+                        % (section, text.strip(), count.most, count.least))
+    return count
+
+
 def _port(section, option, text):
     value = _int(section, option, text)
     if not 0 <= value <= 65535:
@@ -439,7 +464,8 @@ _OPTIONS = (
     _Option('log_format', _EVERY_KIND, _log_format, 'text', from_brim=True),
     _Option('json_dumps', _SUBSERVERS, _text, 'json.dumps', from_brim=True),
     _Option('json_loads', _SUBSERVERS, _text, 'json.loads', from_brim=True),
-    _Option('workers', _SUBSERVERS, _at_least(1), 1, from_brim=True),
+    _Option('workers', _SUBSERVERS, _workers, _WorkerCount(1, 1),
+            from_brim=True, show=str),
     _Option('worker_timeout', _SUBSERVERS, _worker_timeout, 30.0,
             from_brim=True),
     _Option('ip', _LISTENERS, _text, '*', from_brim=True),
@@ -480,6 +506,9 @@ _OPTIONS = (
     _Option('daemons', 'daemons', _words, ()),
     _Option('socket_mode', 'wsgi tcp', _octal, 0o660, from_brim=True,
             show='{:03o}'.format),
+    # Room in the stats for workers a running brimd adds (``scale``, or
+    # workers = 2..8); None: 4 times the most workers asks for.
+    _Option('max_workers', _LISTENERS, _at_least(1), None, from_brim=True),
     # The original's event loop and its buffer sizes, and the X-Auth-Token
     # it could log: brim has no use for them.
     _Option('eventlet_hub', _LISTENERS, _text, None, from_brim=True,
@@ -582,12 +611,27 @@ def _derived(section, kind, values):
         return {}
     derived = {'dumps': import_call(section, values['json_dumps']),
                'loads': import_call(section, values['json_loads'])}
+    if kind in ('wsgi', 'tcp', 'udp'):
+        derived['max_workers'] = _max_workers(section, values)
     if kind in ('wsgi', 'tcp'):
         derived['tls'] = _tls_context(section, values['certfile'],
                                       values['keyfile'])
     elif kind == 'udp':
         derived['tls'] = None
     return derived
+
+
+def _max_workers(section, values):
+    """The most workers the section may run: max_workers, by default 4
+    times what workers asks for."""
+    most = values['workers'].most
+    if values['max_workers'] is None:
+        return 4 * most
+    if values['max_workers'] < most:
+        raise ConfError('[%s] max_workers %d is below workers %s; raise '
+                        'max_workers or lower workers.'
+                        % (section, values['max_workers'], values['workers']))
+    return values['max_workers']
 
 
 def _tls_context(section, certfile, keyfile):
@@ -1458,14 +1502,17 @@ class _StatsLayout(object):
     worker maps already, where a signal would need a handler in each.
     """
 
-    HEARTBEAT, SERVED, REQUEST_START, PID, RESTARTS = range(5)
+    (HEARTBEAT, SERVED, REQUEST_START, PID, RESTARTS, IN_FLIGHT,
+     BUSY_USEC) = range(7)
     #: The hidden stats: the heartbeat (milliseconds since the epoch);
     #: what the worker served (requests, connections or datagrams), for
     #: ``status``; when its latest request started; its pid (0 while it is
     #: down) and its slot's restarts, so the stats any worker answers say
-    #: what every other one is.
+    #: what every other one is; how many requests it is serving now, and
+    #: for how long in all it has been serving them (microseconds), which
+    #: tell ``top`` and workers = 2..8 how busy it is.
     HIDDEN = ('_heartbeat', '_served', '_request_start', '_pid',
-              '_restarts')
+              '_restarts', '_in_flight', '_busy_usec')
     LATEST_SIZE = 160
 
     def __init__(self, subservers):
@@ -1474,13 +1521,15 @@ class _StatsLayout(object):
         for subserver in subservers:
             region = _StatsRegion(subserver, offset, ordinal)
             self._regions[subserver.name] = region
-            offset += region.size * len(region.labels)
+            offset += region.size * len(region.labels) + 1
             ordinal += len(region.labels)
         # 'Q': unsigned 64-bit.  lock=False: see _Bucket for who writes.
         self._not_ready_slot = offset
         self._array = multiprocessing.Array('Q', offset + 1, lock=False)
         self._latest = multiprocessing.RawArray(
             'c', max(ordinal, 1) * self.LATEST_SIZE)
+        for subserver in subservers:
+            self.set_target(subserver, subserver.starting_workers)
 
     def bucket(self, subserver, index):
         """Where worker ``index`` of ``subserver`` keeps its stats."""
@@ -1491,6 +1540,11 @@ class _StatsLayout(object):
                         for name, slot in region.slots.items()},
                        self._latest,
                        (region.ordinal + index) * self.LATEST_SIZE)
+
+    def set_target(self, subserver, count):
+        """Say how many workers ``subserver`` is to run now (the main
+        process, as it scales), for every view of the stats."""
+        self._array[self._regions[subserver.name].target_slot] = count
 
     def set_not_ready(self):
         """Have every worker's readiness probe fail from now on (main
@@ -1513,7 +1567,9 @@ class _StatsLayout(object):
 class _StatsRegion(object):
     """Where one subserver's buckets lie in the shared array, and what it
     declared: a copy of its stats_conf as the layout was made, so that the
-    layout never has to ask the subserver again."""
+    layout never has to ask the subserver again.  After the buckets, one
+    slot holds how many workers the subserver is to run now (its target),
+    written by the main process only."""
 
     def __init__(self, subserver, offset, ordinal):
         self.name = subserver.name
@@ -1525,40 +1581,61 @@ class _StatsRegion(object):
         self.size = len(names)
         self.offset = offset
         self.ordinal = ordinal
+        self.target_slot = offset + self.size * len(self.labels)
 
     def read(self, values):
         """This subserver's _SubserverStats, from all of the array's
-        ``values``."""
+        ``values``.
+
+        Its buckets are room for as many workers as it may come to run;
+        the ones shown are those of the workers it runs now (its target),
+        and of any other that is still running (draining, after a scale
+        down).  What a stat rolls up to counts every bucket, so that
+        retiring a worker loses no count.
+        """
+        target = values[self.target_slot]
         buckets = [values[base:base + self.size] for base in range(
-            self.offset, self.offset + len(self.labels) * self.size,
-            self.size)]
+            self.offset, self.target_slot, self.size)]
+        shown = [index for index, bucket in enumerate(buckets)
+                 if index < target or bucket[_StatsLayout.PID]]
         started = self.slots.get('start_time')
-        workers = [_WorkerStats(label, bucket[_StatsLayout.PID],
+        workers = [_WorkerStats(self.labels[index], bucket[_StatsLayout.PID],
                                 bucket[_StatsLayout.RESTARTS],
                                 bucket[_StatsLayout.SERVED],
-                                0 if started is None else bucket[started])
-                   for label, bucket in zip(self.labels, buckets)]
+                                0 if started is None else bucket[started],
+                                _in_flight(bucket),
+                                bucket[_StatsLayout.BUSY_USEC])
+                   for index, bucket in ((i, buckets[i]) for i in shown)]
         stats = []
         for name, stat_type in self.types.items():
             per_worker = [bucket[self.slots[name]] for bucket in buckets]
             stats.append(_Stat(name, stat_type,
-                               dict(zip(self.labels, per_worker)),
+                               {self.labels[i]: per_worker[i] for i in shown},
                                _roll_up(stat_type, per_worker)))
-        return _SubserverStats(self.name, self.kind, workers, stats)
+        return _SubserverStats(self.name, self.kind, workers, stats, target)
+
+
+def _in_flight(bucket):
+    """What a bucket has in flight.  A replacement shares the bucket of the
+    worker it replaces, and one of them may have cleared the count while
+    the other still ends requests, taking it below 0: that reads as 0."""
+    count = bucket[_StatsLayout.IN_FLIGHT]
+    return count if count < 1 << 63 else 0
 
 
 #: What _StatsLayout.read gives: brimd's start time, and each subserver's
 #: _SubserverStats by section name, in the configuration's order.
 _StatsReading = collections.namedtuple('_StatsReading',
                                        'start_time subservers')
-#: A subserver's _WorkerStats (one per bucket) and _Stats (one per
-#: declared stat, in stats_conf's order).
+#: A subserver's _WorkerStats (one per worker shown) and _Stats (one per
+#: declared stat, in stats_conf's order); how many workers it is to run.
 _SubserverStats = collections.namedtuple('_SubserverStats',
-                                         'name kind workers stats')
+                                         'name kind workers stats target')
 #: What brim keeps of a worker or daemon: pid (0 while it is down),
-#: restarts, what it served, and its start_time stat (0 if none).
-_WorkerStats = collections.namedtuple('_WorkerStats',
-                                      'label pid restarts served started')
+#: restarts, what it served, its start_time stat (0 if none), what it
+#: serves now and how long it has served in all (microseconds).
+_WorkerStats = collections.namedtuple(
+    '_WorkerStats', 'label pid restarts served started in_flight busy_usec')
 #: A declared stat: {worker label: value}, and what that rolls up to (None
 #: for worker and daemon stats).
 _Stat = collections.namedtuple('_Stat', 'name type per_worker rolled')
@@ -1636,6 +1713,25 @@ class _Bucket(object):
             for slot in slots:
                 array[slot] += 1
 
+    def begin(self):
+        """A request, connection or datagram starts: one more served, one
+        more in flight."""
+        array, base = self._array, self._base
+        with self._lock:
+            array[base + _StatsLayout.SERVED] += 1
+            array[base + _StatsLayout.IN_FLIGHT] += 1
+
+    def end(self, seconds, slots=()):
+        """What began has ended after ``seconds``: no longer in flight, its
+        time added to the busy time; and one added to each stat of
+        ``slots`` (from ``slots()``), under the same lock."""
+        array, base = self._array, self._base
+        with self._lock:
+            for slot in slots:
+                array[slot] += 1
+            array[base + _StatsLayout.IN_FLIGHT] -= 1
+            array[base + _StatsLayout.BUSY_USEC] += int(seconds * 1e6)
+
     def _undeclared(self, name):
         """Log, the first time only, that ``name`` has no slot."""
         with self._lock:
@@ -1671,9 +1767,15 @@ class _Bucket(object):
                 text.split(b'\0', 1)[0].decode('utf-8', 'replace'))
 
     def reset(self):
-        """Clear the hidden slots for a new worker in this bucket."""
-        for slot in range(len(_StatsLayout.HIDDEN)):
+        """Clear the hidden slots for a new worker in this bucket: all but
+        what is in flight and the busy time, which a worker it replaces
+        may still be adding to as it drains (see ``clear_in_flight``)."""
+        for slot in range(_StatsLayout.IN_FLIGHT):
             self._array[self._base + slot] = 0
+
+    def clear_in_flight(self):
+        """The worker died: what it had in flight never ends."""
+        self._array[self._base + _StatsLayout.IN_FLIGHT] = 0
 
 
 def _roll_up(stat_type, values):
@@ -1695,7 +1797,8 @@ def _stats_snapshot(reading):
     one is down.  It is a list at the top, where no section name can clash.
     """
     snapshot = {'start_time': reading.start_time,
-                'workers': list(_worker_records(reading))}
+                'workers': list(_worker_records(reading)),
+                'scale': _scale_records(reading)}
     for sub in reading.subservers.values():
         entry = snapshot[sub.name] = {}
         for stat in sub.stats:
@@ -1704,6 +1807,14 @@ def _stats_snapshot(reading):
             for label, value in stat.per_worker.items():
                 entry.setdefault(label, {})[stat.name] = value
     return snapshot
+
+
+def _scale_records(reading):
+    """The ``scale`` entry: for each subserver, how many workers it is to
+    run (target) and how many run (running: draining ones included)."""
+    return {sub.name: {'target': sub.target,
+                       'running': sum(1 for w in sub.workers if w.pid)}
+            for sub in reading.subservers.values()}
 
 
 def _worker_records(reading):
@@ -1730,6 +1841,17 @@ def _prometheus_text(reading):
     start = families['brim_start_time_seconds'] = (
         'gauge', 'When brimd or a worker started (seconds since the epoch).',
         {(): reading.start_time})
+    scale = _scale_records(reading)
+    for metric, key, help_text in (
+            ('brim_workers_target', 'target',
+             'How many workers a subserver is to run.'),
+            ('brim_workers_running', 'running',
+             'How many worker processes a subserver runs, draining ones '
+             'included.')):
+        families[metric] = ('gauge', help_text, {
+            (('subserver', name),): counts[key]
+            for name, counts in scale.items()})
+        owners[metric] = (metric, None)
     for sub in reading.subservers.values():
         for stat in sub.stats:
             if stat.name == 'start_time':
@@ -3092,12 +3214,14 @@ class _HTTPConnection(_ClientSocket):
         method, path = env['REQUEST_METHOD'], env['PATH_INFO']
         self.current = (start, txn, method, path)
         site.began(start, txn, method, path, self.served == 1)
+        keep = False
         try:
             keep = response.run(site.app)
             if keep:
                 keep = self._finish_body(request.body)
-            site.ended(env, response, time.time() - start, txn)
         finally:
+            # Also when the client went away mid-request: what began ends.
+            site.ended(env, response, time.time() - start, txn)
             serving.txn = None
             self.current = None
         return keep and not self.draining()
@@ -4041,7 +4165,14 @@ class Subserver(object):
 
     @property
     def bucket_count(self):
-        return self.settings.workers
+        """Stats buckets (and worker slots) laid out: room for every
+        worker the subserver may come to run."""
+        return self.settings.max_workers
+
+    @property
+    def starting_workers(self):
+        """How many workers run when brimd starts."""
+        return self.settings.workers.least
 
     def bucket_labels(self):
         return [str(i) for i in range(self.bucket_count)]
@@ -4184,7 +4315,7 @@ class _IPSubserver(Subserver):
     def count_served(self, toward_limit=True):
         """Count a request, connection or datagram as it starts, and
         (unless the accept loop counted it already) toward max_requests."""
-        self.stats.incr('_served')
+        self.stats.begin()
         if toward_limit:
             self.count_toward_limit()
 
@@ -4277,9 +4408,9 @@ class _IPSubserver(Subserver):
             where = 'free to bind'
         else:
             where = self._check_bind()
-        return '[%s] %s on %s (%s), %d workers%s' % (
-            self.name, self.kind, self.address, where,
-            self.settings.workers, ', TLS' if self.settings.tls else '')
+        return '[%s] %s on %s (%s), %s workers (at most %d)%s' % (
+            self.name, self.kind, self.address, where, self.settings.workers,
+            self.settings.max_workers, ', TLS' if self.settings.tls else '')
 
     def _reuse_port(self):
         return getattr(self.settings, 'reuse_port', False)    # not [udp]
@@ -4609,8 +4740,11 @@ class WSGISubserver(_IPSubserver):
         return slots
 
     def count_request(self, code):
-        self.stats.incr_slots(self.status_slots.get(code) or
-                              self.status_slots[500])
+        """Count a request refused before it began."""
+        self.stats.incr_slots(self._code_slots(code))
+
+    def _code_slots(self, code):
+        return self.status_slots.get(code) or self.status_slots[500]
 
     def next_txn(self):
         return '%s%016x' % (self.txn_prefix, next(self.txn_counter))
@@ -4621,7 +4755,7 @@ class WSGISubserver(_IPSubserver):
         self.count_served(toward_limit=not first)
 
     def _request_ended(self, env, response, duration, txn):
-        self.count_request(response.code)
+        self.stats.end(duration, self._code_slots(response.code))
         # An app may spare the log a line (WSGIHealth's frequent probes).
         if env.get('brim.log_request', True):
             self.log_request(env, response, duration, txn)
@@ -4779,6 +4913,7 @@ class TCPSubserver(_HandlerSubserver):
             turn.pass_on()  # a handler may wait on its client at once
             sock.settimeout(self.settings.client_timeout)
         self.count_served(toward_limit=False)
+        start = time.monotonic()
         try:
             self.handler(self, self.stats, sock, address[0], address[1])
         except Exception:
@@ -4786,6 +4921,7 @@ class TCPSubserver(_HandlerSubserver):
                                   self.name, address[0], address[1])
         finally:
             sock.close()
+            self.stats.end(time.monotonic() - start)
 
 
 class UDPSubserver(_HandlerSubserver):
@@ -4808,6 +4944,7 @@ class UDPSubserver(_HandlerSubserver):
             except (BlockingIOError, InterruptedError):
                 return
             self.count_served()
+            start = time.monotonic()
             try:
                 self.handler(self, self.stats, sock, datagram, address[0],
                              address[1])
@@ -4815,6 +4952,8 @@ class UDPSubserver(_HandlerSubserver):
                 self.logger.exception('[%s] handler raised on a datagram '
                                       'from %s:%s', self.name, address[0],
                                       address[1])
+            finally:
+                self.stats.end(time.monotonic() - start)
 
 
 class DaemonsSubserver(Subserver):
@@ -4837,6 +4976,8 @@ class DaemonsSubserver(Subserver):
     @property
     def bucket_count(self):
         return len(self.daemons)
+
+    starting_workers = bucket_count
 
     def bucket_labels(self):
         return [name for name, _cls, _parsed in self.daemons]
@@ -6136,16 +6277,18 @@ class _WorkerSlot(object):
         self.failures = 0       # quick deaths in a row, for the backoff
         self.restarts = 0
         self.last_exit = None   # why the previous process of this slot ended
+        self.wanted = False     # whether a worker is to run in it now
 
     def label(self):
         return self.subserver.worker_label(self.index)
 
 
 class _Supervisor(object):
-    """Keeps a process in every worker slot: starts the workers, reaps
-    them, restarts a crashed one after a backoff, replaces one that asks,
-    and kills a hung one (after a stack dump) or a drained one that
-    overstays graceful_timeout.
+    """Keeps a process in every wanted worker slot: starts the workers,
+    reaps them, restarts a crashed one after a backoff, replaces one that
+    asks, starts and drains workers as a subserver scales, and kills a
+    hung one (after a stack dump) or a drained one that overstays
+    graceful_timeout.
 
     Besides a replacement's ready pipe, it acts only through its
     collaborators, so it runs the same against fakes: ``fork(worker,
@@ -6174,6 +6317,7 @@ class _Supervisor(object):
         self.wall_clock = wall_clock
         self.children = {}      # pid: _WorkerSlot, for every serving process
         self.retired = {}       # pid: SIGKILL deadline of a replaced one
+        self.draining = {}      # pid: the _WorkerSlot a retired one served
         self.replacing = {}     # ready pipe: pid its new worker replaces
         self.aborted = {}       # pid: SIGKILL deadline of a hung one
         self.stopping = False
@@ -6191,6 +6335,9 @@ class _Supervisor(object):
         place), to drain once the new ones serve."""
         for pid in pids:
             self.retired[pid] = float('inf')
+
+    def wanted(self):
+        return [worker for worker in self.slots if worker.wanted]
 
     def spawn(self, worker, ready_fd=None):
         worker.bucket.reset()
@@ -6219,6 +6366,7 @@ class _Supervisor(object):
         for pid, status in self.exited():
             hung = self.aborted.pop(pid, None) is not None
             if self.retired.pop(pid, None) is not None:
+                self._drained(pid)
                 continue
             worker = self.children.pop(pid, None)
             if worker is not None and not self.stopping:
@@ -6230,6 +6378,7 @@ class _Supervisor(object):
         then died, is a crash to restart, not a failure."""
         for pid, status in self.exited():
             if self.retired.pop(pid, None) is not None:
+                self._drained(pid)
                 continue
             worker = self.children.pop(pid, None)
             if worker is None:
@@ -6241,8 +6390,8 @@ class _Supervisor(object):
         return None
 
     def all_started(self):
-        """True once every worker has beaten at least once."""
-        return all(w.bucket.heartbeat() for w in self.slots)
+        """True once every wanted worker has beaten at least once."""
+        return all(w.bucket.heartbeat() for w in self.wanted())
 
     def _schedule_restart(self, worker, pid, status, backoff=True):
         """Log why ``worker`` died and when it starts again (backed off,
@@ -6256,6 +6405,7 @@ class _Supervisor(object):
         worker.due = now + delay
         worker.pid = None
         worker.bucket.set('_pid', 0)        # the stats show it down
+        worker.bucket.clear_in_flight()
         worker.restarts += 1
         worker.last_exit = '%s after %.1fs' % (_exit_reason(status), lived)
         self.logger.error('%s (pid %d) %s; restarting in %.1fs',
@@ -6263,13 +6413,13 @@ class _Supervisor(object):
 
     def respawn_due(self):
         now = self.clock()
-        for worker in self.slots:
+        for worker in self.wanted():
             if worker.pid is None and worker.due <= now:
                 self.spawn(worker)
 
     def next_due(self):
         """Seconds until the next restart is due (1.0 with none waiting)."""
-        waiting = [w.due for w in self.slots if w.pid is None]
+        waiting = [w.due for w in self.wanted() if w.pid is None]
         return min(waiting) - self.clock() if waiting else 1.0
 
     # -- replacements --------------------------------------------------------
@@ -6287,6 +6437,7 @@ class _Supervisor(object):
         self.logger.info('%s (pid %d) %s; starting its replacement',
                          worker.label(), pid, reason)
         self.retired[pid] = float('inf')
+        self.draining[pid] = worker
         ready_r, ready_w = os.pipe()
         self.replacing[ready_r] = pid
         self.spawn(worker, ready_w)
@@ -6307,6 +6458,47 @@ class _Supervisor(object):
             if pid in self.retired:
                 self.retired[pid] = deadline
                 self.kill(pid, signal.SIGHUP)
+
+    def _drained(self, pid):
+        """A retired worker has exited: its bucket shows it gone, unless
+        a new worker serves from the bucket now."""
+        worker = self.draining.pop(pid, None)
+        if worker is not None and worker.pid is None:
+            worker.bucket.set('_pid', 0)
+            worker.bucket.clear_in_flight()
+
+    # -- scaling -------------------------------------------------------------
+
+    def scale(self, subserver, count):
+        """Have ``count`` workers of ``subserver`` run: start the slots
+        below ``count`` that are idle, drain the running ones from
+        ``count`` on (each finishes what it serves).  The slots started."""
+        started = []
+        for worker in self.slots:
+            if worker.subserver is not subserver:
+                continue
+            wanted = worker.index < count
+            if wanted and not worker.wanted:
+                worker.wanted = True
+                worker.failures = 0
+                if worker.pid is None and not self.stopping:
+                    self.spawn(worker)
+                    started.append(worker)
+            elif worker.wanted and not wanted:
+                worker.wanted = False
+                if worker.pid is not None:
+                    self._retire(worker)
+        return started
+
+    def _retire(self, worker):
+        pid = worker.pid
+        del self.children[pid]
+        worker.pid = None
+        self.retired[pid] = float('inf')
+        self.draining[pid] = worker
+        self.logger.info('%s (pid %d) retired: draining', worker.label(),
+                         pid)
+        self.drain_retired([pid])
 
     # -- hung and overdue workers --------------------------------------------
 
@@ -6379,6 +6571,79 @@ class _Supervisor(object):
             time.sleep(0.02)
 
 
+class _Autoscaler(object):
+    """``workers = least..most``: adds a worker to a subserver when every
+    one of its workers has been busy for UP_SECONDS, retires one after
+    QUIET_SECONDS in which none was.
+
+    Busy is read from the time each worker adds to its bucket as it ends a
+    request (connection, datagram): a worker that spent BUSY of the last
+    second serving is busy; one that spent under QUIET is quiet.  Nothing
+    is asked of the workers: the main process samples the buckets once a
+    second.  ``scale(subserver, count)`` does the scaling; ``logger``
+    hears each decision, which ``decisions`` keeps for ``status``.
+    """
+
+    UP_SECONDS = 3
+    QUIET_SECONDS = 10
+    BUSY = 0.8
+    QUIET = 0.2
+
+    def __init__(self, scale, logger, clock=time.monotonic):
+        self.scale = scale
+        self.logger = logger
+        self.clock = clock
+        self.next_sample = 0.0
+        self.seen = {}          # name: (when, {pid: busy microseconds})
+        self.busy = {}          # name: seconds every worker was busy
+        self.quiet = {}         # name: seconds no worker was busy
+        self.decisions = {}     # name: the latest decision, for status
+
+    def tend(self, subservers, wanted):
+        """Once a second: sample the subservers that scale themselves;
+        ``wanted``: the supervisor's wanted slots."""
+        now = self.clock()
+        if now < self.next_sample:
+            return
+        self.next_sample = now + 1.0
+        for subserver in subservers:
+            if subserver.kind != 'daemons' and \
+                    subserver.settings.workers.adaptive:
+                self._sample(subserver, [w for w in wanted
+                                         if w.subserver is subserver], now)
+
+    def _sample(self, subserver, workers, now):
+        name = subserver.name
+        busy_now = {w.pid: w.bucket.get('_busy_usec') for w in workers
+                    if w.pid and w.bucket.heartbeat()}
+        when, before = self.seen.get(name, (now, {}))
+        self.seen[name] = (now, busy_now)
+        if not busy_now or set(busy_now) != set(before) or now <= when:
+            return      # a worker started or ended: begin again
+        shares = [(busy_now[pid] - before[pid]) / 1e6 / (now - when)
+                  for pid in busy_now]
+        self.busy[name] = (self.busy.get(name, 0) + 1
+                           if min(shares) >= self.BUSY else 0)
+        self.quiet[name] = (self.quiet.get(name, 0) + 1
+                            if max(shares) < self.QUIET else 0)
+        count = len(workers)
+        least, most = subserver.settings.workers
+        if self.busy[name] >= self.UP_SECONDS and count < most:
+            self._decide(subserver, count + 1, 'every worker busy for %ds'
+                         % self.busy[name])
+        elif self.quiet[name] >= self.QUIET_SECONDS and count > least:
+            self._decide(subserver, count - 1, 'no worker busy for %ds'
+                         % self.quiet[name])
+
+    def _decide(self, subserver, count, why):
+        self.busy[subserver.name] = self.quiet[subserver.name] = 0
+        decision = '%s: %d workers (%s)' % (why, count,
+                                            subserver.settings.workers)
+        self.decisions[subserver.name] = decision
+        self.logger.info('[%s] %s', subserver.name, decision)
+        self.scale(subserver, count)
+
+
 # The control socket: the main process answers (_ControlChannel); brimd's
 # commands and its workers ask (_ask and the functions after it).
 
@@ -6404,9 +6669,14 @@ class _ControlChannel(object):
     and an unknown verb, get no answer: the connection just closes.
     """
 
+    #: How long ``scale`` waits for the workers it started to serve.
+    SCALE_SECONDS = 60.0
+
     def __init__(self, server):
         self.server = server
         self.sock = None
+        self.answering = None   # the connection being answered
+        self.scaling = []   # (connection, answer, workers started, deadline)
 
     def listen(self):
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -6417,8 +6687,13 @@ class _ControlChannel(object):
         return self.sock.fileno()
 
     def close(self):
-        if self.sock is not None:
-            self.sock.close()
+        """Close the socket and every connection in hand: in the main
+        process as it ends, and in each new worker, which must not keep an
+        asker waiting on a connection it inherited."""
+        for conn in [self.sock, self.answering] + [
+                waiting[0] for waiting in self.scaling]:
+            if conn is not None:
+                conn.close()
 
     def answer(self):
         """Accept one request and answer it."""
@@ -6426,6 +6701,7 @@ class _ControlChannel(object):
             conn, _ = self.sock.accept()
         except OSError:
             return
+        self.answering = conn
         with conn:
             conn.settimeout(2.0)
             try:
@@ -6433,14 +6709,21 @@ class _ControlChannel(object):
             except OSError as err:
                 self.server.logger.warning('control request failed: %s',
                                            err)
+            except Exception:
+                # A fault in answering must not end the main process.
+                self.server.logger.exception('control request failed')
+        self.answering = None
 
     def serve_request(self, conn):
-        """Read the verb on ``conn``; answer it if the asker may ask."""
+        """Read the verb (and its words) on ``conn``; answer it if the
+        asker may ask."""
         pid, uid = _peer_credentials(conn)
-        verb = conn.recv(64).strip()
+        words = conn.recv(256).split()
+        verb, args = (words[0], words[1:]) if words else (b'', [])
         handler = self.VERBS.get(verb)
         if handler is not None and self.may_ask(verb, pid, uid):
-            handler(self, conn, pid)
+            handler(self, conn, pid, [arg.decode('utf-8', 'replace')
+                                      for arg in args])
 
     def may_ask(self, verb, pid, uid):
         """The one rule of who may ask what (see the class's doc)."""
@@ -6448,20 +6731,20 @@ class _ControlChannel(object):
             return pid in self.server.supervisor.children
         return uid in (0, os.getuid())
 
-    def _answer_ping(self, conn, pid):
+    def _answer_ping(self, conn, pid, args):
         """``pong GENERATION``: brimd runs, restarted in place N times."""
         conn.sendall(b'pong %d' % self.server.generation)
 
-    def _answer_status(self, conn, pid):
+    def _answer_status(self, conn, pid, args):
         conn.sendall(json.dumps(self.server.status()).encode('utf-8'))
 
-    def _answer_addresses(self, conn, pid):
+    def _answer_addresses(self, conn, pid, args):
         """The keys of the sockets held: ``check`` counts them as free."""
         conn.sendall(json.dumps(sorted(
             _socket_key_of(s) for s in self.server.listening_sockets()
         )).encode('utf-8'))
 
-    def _answer_restart(self, conn, pid):
+    def _answer_restart(self, conn, pid, args):
         """Restart in place (a foreground brimd's ``restart``); the answer
         comes before the exec, which ends the connection."""
         restarter = self.server.restarter
@@ -6472,21 +6755,58 @@ class _ControlChannel(object):
             conn.close()
             restarter.exec_in_place()
 
-    def _answer_sockets(self, conn, pid):
+    def _answer_sockets(self, conn, pid, args):
         """The listening sockets themselves, for a restarting brimd."""
         _send_sockets(conn, self.server.listening_sockets())
         self.server.keep_socket_files = True
         self.server.logger.info('handed the listening sockets to a new '
                                 'brimd')
 
-    def _answer_retire(self, conn, pid):
+    def _answer_retire(self, conn, pid, args):
         """A worker asks to be replaced: max_requests, or a stuck
         request."""
         self.server.supervisor.replace(pid, 'asked to be replaced')
 
+    def _answer_scale(self, conn, pid, args):
+        """``scale SECTION COUNT`` (``*`` for every [wsgi], [tcp] and
+        [udp]; COUNT N, +N or -N): answered once the workers it started
+        serve (see answer_scaled)."""
+        if len(args) != 2:
+            conn.sendall(b'refused: scale takes a section and a count')
+            return
+        answer, started = self.server.scale(*args)
+        self.scaling.append((conn.dup(), answer, started,
+                             time.monotonic() + self.SCALE_SECONDS))
+        self.answer_scaled()
+
+    def due(self):
+        """Seconds until the main loop should look at the scaling again."""
+        return 0.01 if self.scaling else 1.0
+
+    def answer_scaled(self):
+        """Answer each ``scale`` whose new workers all serve now (or died
+        trying, or took too long)."""
+        for waiting in list(self.scaling):
+            conn, answer, workers, deadline = waiting
+            late = [w for w in workers if w.pid is not None and
+                    w.wanted and not w.bucket.heartbeat()]
+            failed = [w for w in workers if w.pid is None and w.wanted]
+            if late and time.monotonic() < deadline:
+                continue
+            self.scaling.remove(waiting)
+            if failed or late:
+                answer += '; not serving: %s' % ', '.join(
+                    w.label() for w in failed + late)
+            with conn:
+                try:
+                    conn.sendall(answer.encode('utf-8'))
+                except OSError:
+                    pass
+
     VERBS = {b'ping': _answer_ping, b'status': _answer_status,
              b'addresses': _answer_addresses, b'restart': _answer_restart,
-             b'sockets': _answer_sockets, b'retire': _answer_retire}
+             b'sockets': _answer_sockets, b'retire': _answer_retire,
+             b'scale': _answer_scale}
 
 
 def _ask(pid, request, timeout=5.0):
@@ -6527,12 +6847,17 @@ def _is_brimd(pid):
 def _ask_json(pid, request):
     """brimd ``pid``'s JSON answer to ``request``."""
     with _ask(pid, request) as conn:
-        chunks = []
-        while True:
-            chunk = conn.recv(65536)
-            if not chunk:
-                return json.loads(b''.join(chunks).decode('utf-8'))
-            chunks.append(chunk)
+        return json.loads(_read_all(conn).decode('utf-8'))
+
+
+def _read_all(conn):
+    """What ``conn`` sends until it closes."""
+    chunks = []
+    while True:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return b''.join(chunks)
+        chunks.append(chunk)
 
 
 class _Restarter(object):
@@ -6587,7 +6912,9 @@ class _Restarter(object):
             'start_time': server.start_time,
             'fds': [sock.fileno() for sock in socks],
             'workers': server.supervisor.pids(),
-            'systemd_files': server.systemd_files})
+            'systemd_files': server.systemd_files,
+            'scaled': {sub.name: server.target(sub)
+                       for sub in server.subservers}})
         command = self.command_line.argv()
         # Until the new brimd has its handlers, SIGHUP or SIGUSR1 (say,
         # from logrotate) would end it: they wait, blocked, and the
@@ -6764,9 +7091,10 @@ class Server(object):
         self.stats_layout = _StatsLayout(self.subservers)
         for subserver in self.subservers:
             for index in range(subserver.bucket_count):
-                self.slots.append(_WorkerSlot(subserver, index,
-                                            self.stats_layout.bucket(subserver,
-                                                              index)))
+                slot = _WorkerSlot(subserver, index,
+                                   self.stats_layout.bucket(subserver, index))
+                slot.wanted = index < subserver.starting_workers
+                self.slots.append(slot)
 
     def bind(self, inherited=None):
         """Bind every listening socket (or take over an old brimd's)."""
@@ -6798,10 +7126,11 @@ class Server(object):
         self.supervisor = _Supervisor(self.slots, self.logger,
                                       self.settings.graceful_timeout,
                                       _Forker(self).fork)
+        self.autoscaler = _Autoscaler(self.scale_to, self.logger)
         self.wake_fds = _wake_on_signals()
         self.supervisor.adopt(old_workers)
         _prepare_to_fork()
-        for worker in self.slots:
+        for worker in self.supervisor.wanted():
             self.supervisor.spawn(worker, ready_fd)
         failure = self._wait_ready()
         if failure:
@@ -6852,7 +7181,7 @@ class Server(object):
         while True:
             timeout = max(0.0, min(1.0, self.supervisor.next_due(),
                                    self.notifier.watchdog_due(),
-                                   self._delay_left()))
+                                   self._delay_left(), self.control.due()))
             for signum in self._wait(timeout):
                 handler = getattr(self, '_on_' + _signal_name(signum), None)
                 code = handler() if handler else None
@@ -6861,6 +7190,8 @@ class Server(object):
             if self._delay_left() <= 0:
                 return self.shutdown()
             self.supervisor.tend()
+            self.autoscaler.tend(self.subservers, self.supervisor.wanted())
+            self.control.answer_scaled()
             self.notifier.watchdog()
 
     def _delay_left(self):
@@ -6917,19 +7248,108 @@ class Server(object):
     def _on_SIGUSR2(self):
         self.restarter.restart()
 
+    def _on_SIGTTIN(self):
+        """One more worker for every [wsgi], [tcp] and [udp] (gunicorn's
+        signal)."""
+        self.logger.info('SIGTTIN: %s', self.scale('*', '+1')[0])
+
+    def _on_SIGTTOU(self):
+        """One worker fewer for each (never below one)."""
+        self.logger.info('SIGTTOU: %s', self.scale('*', '-1')[0])
+
+    # -- scaling -------------------------------------------------------------
+
+    def target(self, subserver):
+        """How many workers ``subserver`` is to run now."""
+        return sum(1 for worker in self.slots
+                   if worker.subserver is subserver and worker.wanted)
+
+    def scale(self, section, count):
+        """Scale [``section``] ('*': every [wsgi], [tcp] and [udp] but
+        those that scale themselves) to ``count`` workers: N, +N or -N.
+        (What to answer, the slots started); the answer starts with
+        'refused:' when nothing was done."""
+        try:
+            plan = [(sub, _scaled_count(sub, self.target(sub), count))
+                    for sub in self._scalable(section)]
+        except ValueError as err:
+            return 'refused: %s' % err, []
+        started, lines = [], []
+        for subserver, wanted in plan:
+            lines.append('[%s] %d -> %d workers' % (
+                subserver.name, self.target(subserver), wanted))
+            started += self.scale_to(subserver, wanted)
+        self.logger.info('scaled %s', ', '.join(lines))
+        return 'scaled %s' % ', '.join(lines), started
+
+    def scale_to(self, subserver, count):
+        """Run ``count`` workers of ``subserver``; the slots started."""
+        started = self.supervisor.scale(subserver, count)
+        self.stats_layout.set_target(subserver, count)
+        return started
+
+    def _scalable(self, section):
+        """The subservers ``section`` names; ValueError says why none."""
+        listeners = [sub for sub in self.subservers if sub.kind != 'daemons']
+        if section == '*':
+            chosen = [sub for sub in listeners
+                      if not sub.settings.workers.adaptive]
+            if not chosen:
+                raise ValueError('no [wsgi], [tcp] or [udp] section with a '
+                                 'fixed worker count')
+            return chosen
+        for sub in self.subservers:
+            if sub.name == section:
+                break
+        else:
+            raise ValueError('no section [%s]; scale one of: %s' % (
+                section, ', '.join(sub.name for sub in listeners)))
+        if sub.kind == 'daemons':
+            raise ValueError('[daemons] runs one process per daemon; it '
+                             'does not scale')
+        if sub.settings.workers.adaptive:
+            raise ValueError('[%s] workers = %s scales itself; give it a '
+                             'fixed count to scale it by hand'
+                             % (sub.name, sub.settings.workers))
+        return [sub]
+
+    def keep_scale(self, targets):
+        """After a restart in place: run the worker counts the previous
+        image ran ({section: count}), where the sections are still there
+        and may run that many."""
+        for subserver in self.subservers:
+            count = targets.get(subserver.name)
+            if count is None or subserver.kind == 'daemons':
+                continue
+            count = max(1, min(count, subserver.bucket_count))
+            for worker in self.slots:
+                if worker.subserver is subserver:
+                    worker.wanted = worker.index < count
+            self.stats_layout.set_target(subserver, count)
+
     def status(self):
-        """What ``brimd status`` shows: every worker of every subserver."""
+        """What ``brimd status`` (and ``top``) shows: every worker of every
+        subserver, and those draining."""
         now = time.time()
         reading = self.stats_layout.read(self.start_time)
         subservers = []
         for subserver in self.subservers:
-            read = reading.subservers[subserver.name].workers
-            workers = [_slot_status(worker, read[worker.index], now)
-                       for worker in self.slots
+            read = {worker.label: worker for worker in
+                    reading.subservers[subserver.name].workers}
+            workers = [_slot_status(worker, read, now)
+                       for worker in self.supervisor.wanted()
                        if worker.subserver is subserver]
+            workers += [_draining_status(pid, worker, read, now)
+                        for pid, worker in self.supervisor.draining.items()
+                        if worker.subserver is subserver]
             subservers.append({'name': subserver.name,
                                'kind': subserver.kind,
                                'addresses': subserver.addresses(),
+                               'configured': str(subserver.settings.workers),
+                               'target': self.target(subserver),
+                               'max_workers': subserver.bucket_count,
+                               'decision': self.autoscaler.decisions.get(
+                                   subserver.name),
                                'workers': workers})
         return {'pid': os.getpid(), 'uptime': round(now - self.start_time),
                 'generation': self.generation,
@@ -6991,14 +7411,77 @@ class Server(object):
 
 
 def _slot_status(worker, read, now):
-    """``worker``'s status, ``read`` its stats (a _WorkerStats)."""
-    return {'label': read.label,
-            'pid': worker.pid,
-            'uptime': (round(now - worker.started_at, 1)
-                       if worker.pid else None),
-            'served': read.served,
-            'restarts': worker.restarts,
-            'last_exit': worker.last_exit}
+    """``worker``'s status; ``read``: _WorkerStats by label."""
+    status = _process_status(worker.pid, worker, read, now)
+    if worker.pid is None:
+        status['state'] = 'down'
+    elif not worker.bucket.heartbeat():
+        status['state'] = 'starting'
+    status.update(uptime=(round(now - worker.started_at, 1)
+                          if worker.pid else None),
+                  last_exit=worker.last_exit)
+    return status
+
+
+def _draining_status(pid, worker, read, now):
+    """The status of process ``pid``, draining from ``worker``'s slot."""
+    status = _process_status(pid, worker, read, now)
+    status.update(state='draining', uptime=None, last_exit=None)
+    return status
+
+
+def _process_status(pid, worker, read, now):
+    """What status shows of process ``pid`` in slot ``worker``: its
+    bucket's stats (``read``: _WorkerStats by label), the request in
+    flight, and what the kernel says of its memory and CPU time."""
+    label = worker.subserver.bucket_labels()[worker.index]
+    stats = read.get(label)
+    in_flight = stats.in_flight if stats else 0
+    started, latest = worker.bucket.latest_request()
+    rss, cpu = _proc_usage(pid) if pid else (None, None)
+    return {'label': label,
+            'pid': pid, 'state': 'busy' if in_flight else 'idle',
+            'served': stats.served if stats else 0,
+            'restarts': worker.restarts, 'in_flight': in_flight,
+            'busy_seconds': round(stats.busy_usec / 1e6, 3) if stats else 0,
+            'request': latest if in_flight else None,
+            'request_seconds': (round(max(0.0, now - started), 3)
+                                if in_flight and started else None),
+            'rss_bytes': rss, 'cpu_seconds': cpu}
+
+
+def _proc_usage(pid):
+    """(resident bytes, CPU seconds) of ``pid``, from /proc; (None, None)
+    where there is none."""
+    try:
+        with open('/proc/%d/stat' % pid, 'rb') as fp:
+            fields = fp.read().rsplit(b')', 1)[1].split()
+    except (OSError, IndexError):
+        return None, None
+    # After the name: state is field 3 of proc(5), so field N is [N - 3].
+    ticks = os.sysconf('SC_CLK_TCK')
+    return (int(fields[21]) * _PAGE_SIZE,
+            round((int(fields[11]) + int(fields[12])) / ticks, 2))
+
+
+_PAGE_SIZE = os.sysconf('SC_PAGE_SIZE')
+
+
+def _scaled_count(subserver, now, count):
+    """The worker count ``count`` ('N', '+N' or '-N') asks of
+    ``subserver``, which runs ``now``; ValueError if it may not."""
+    try:
+        wanted = int(count)
+    except ValueError:
+        raise ValueError('%r is not a worker count; give N, +N or -N'
+                         % count)
+    if count[:1] in '+-':
+        wanted = max(1, now + wanted)
+    if not 1 <= wanted <= subserver.bucket_count:
+        raise ValueError('[%s] may run 1 to %d workers (max_workers), not '
+                         '%d' % (subserver.name, subserver.bucket_count,
+                                 wanted))
+    return wanted
 
 
 def _run_inline(server):
@@ -7006,7 +7489,7 @@ def _run_inline(server):
     (debugging), until a signal to end."""
     import copy
     wake_r, _ = _wake_on_signals()
-    for worker in server.slots:
+    for worker in [w for w in server.slots if w.wanted]:
         subserver = copy.copy(worker.subserver)
         subserver.open_log(True)
         subserver.open_wakeups()
@@ -7047,7 +7530,7 @@ def _wake_on_signals():
     signal.set_wakeup_fd(wake_w)
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
                    signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1,
-                   signal.SIGUSR2):
+                   signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU):
         signal.signal(signum, _note_signal)
     # Blocked by a brimd that restarted in place (see _Restarter).
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _CHILD_SIGNALS)
@@ -7189,6 +7672,10 @@ commands (default: no-daemon):
   force-reload  the same as restart
   status        say whether brimd is running (exit 0 running, 1 dead with
                 a stale pid file, 3 not running), then its workers
+  scale [SECTION] N
+                run N workers (or +N, -N more or fewer) in [SECTION], or
+                in every [wsgi], [tcp] and [udp] with a fixed count;
+                returns once new workers serve; removed ones drain
   check [APP]   check the configuration without serving: every option,
                 call, certificate, user and address; exit 0 when it is OK
                 (with APP, what serve APP would run)
@@ -7251,6 +7738,7 @@ def _parse_args(argv):
     parser.add_argument('command', nargs='?', default='no-daemon',
                         help=argparse.SUPPRESS)
     parser.add_argument('name', nargs='?', help=argparse.SUPPRESS)
+    parser.add_argument('count', nargs='?', help=argparse.SUPPRESS)
     # Intermixed: options may come between the command and its argument
     # (serve --port 8080 myapp:app).
     args = parser.parse_intermixed_args(argv)
@@ -7287,8 +7775,8 @@ class _CommandLine(object):
 
 class _StartPlan(collections.namedtuple('_StartPlan', (
         'origin', 'sockets', 'pid_file', 'foreground', 'keep_output',
-        'generation', 'start_time', 'old_workers', 'systemd_files'),
-        defaults=(False,))):
+        'generation', 'start_time', 'old_workers', 'systemd_files',
+        'scaled'), defaults=(False, None))):
     """How a main process starts, decided once, before it binds.
 
     ``origin``: where its listening sockets come from: ``bind`` (all bound
@@ -7300,9 +7788,11 @@ class _StartPlan(collections.namedtuple('_StartPlan', (
     drains) rather than as a daemon; ``keep_output``: a daemon keeps
     standard output and error (-o) instead of sending them to its log.
     After a restart in place the generation and start time carry on and
-    ``old_workers`` drain once the new ones serve.  ``systemd_files``:
-    the Unix socket files are systemd's (it passed the sockets, to this
-    brimd or to the image before a restart in place): stop leaves them.
+    ``old_workers`` drain once the new ones serve, and each subserver
+    runs as many workers as it ran (``scaled``: {section: count}).
+    ``systemd_files``: the Unix socket files are systemd's (it passed the
+    sockets, to this brimd or to the image before a restart in place):
+    stop leaves them.
     """
 
     @property
@@ -7322,7 +7812,8 @@ def _in_place_plan(foreground, keep_output):
     return _StartPlan('in place', _sockets_from_fds(state['fds']), None,
                       foreground, keep_output, state['generation'],
                       state['start_time'], tuple(state['workers']),
-                      state.get('systemd_files', False))
+                      state.get('systemd_files', False),
+                      state.get('scaled'))
 
 
 def _fresh_plan(pid_file, foreground, keep_output, handed_over=None):
@@ -7454,6 +7945,7 @@ def _serve_plan(server, plan, ready_fd=None):
     if plan.origin == 'in place':
         server.generation = plan.generation
         server.start_time = plan.start_time
+        server.keep_scale(plan.scaled or {})
     if not plan.detach:
         server.bind(plan.sockets)
     return server.run(ready_fd, plan.pid_file, plan.old_workers)
@@ -7544,20 +8036,32 @@ def _status_lines(status):
     for sub in status['subservers']:
         yield '  [%s] %s' % (sub['name'], ' '.join(sub['addresses']) or
                              sub['kind'])
+        if sub['kind'] != 'daemons':
+            yield '    %d workers (workers = %s, at most %d)%s' % (
+                sub['target'], sub['configured'], sub['max_workers'],
+                '; latest: ' + sub['decision'] if sub['decision'] else '')
         for worker in sub['workers']:
-            line = '    %s %s: ' % ('daemon' if sub['kind'] == 'daemons'
-                                    else 'worker', worker['label'])
-            if worker['pid']:
-                line += 'pid %d, up %s' % (worker['pid'],
-                                           _duration(worker['uptime']))
-                if sub['kind'] != 'daemons':
-                    line += ', served %d' % worker['served']
-            else:
-                line += 'not running (waiting to restart)'
-            line += ', restarts %d' % worker['restarts']
-            if worker['last_exit']:
-                line += ', last exit: %s' % worker['last_exit']
-            yield line
+            yield _worker_line(sub['kind'], worker)
+
+
+def _worker_line(kind, worker):
+    """``status``'s line about one worker or daemon."""
+    line = '    %s %s: ' % ('daemon' if kind == 'daemons' else 'worker',
+                            worker['label'])
+    if worker['state'] == 'draining':
+        return line + 'pid %d, draining, %d in flight' % (
+            worker['pid'], worker['in_flight'])
+    if worker['pid']:
+        line += 'pid %d, %s, up %s' % (worker['pid'], worker['state'],
+                                       _duration(worker['uptime']))
+        if kind != 'daemons':
+            line += ', served %d' % worker['served']
+    else:
+        line += 'not running (waiting to restart)'
+    line += ', restarts %d' % worker['restarts']
+    if worker['last_exit']:
+        line += ', last exit: %s' % worker['last_exit']
+    return line
 
 
 def _duration(seconds):
@@ -7651,6 +8155,27 @@ def _signal_brimd(args, signum, verb, seconds):
             file=sys.stderr)
         return 1
     return 0
+
+
+def _cmd_scale(args):
+    """scale [SECTION] N: have the running brimd run N workers in
+    [SECTION] (every one with a fixed count when SECTION is left out)."""
+    section, count = ((args.name, args.count) if args.count is not None
+                      else ('*', args.name))
+    pid_file = _pid_file_path(args, _setting_if_any(args, 'pid_file'))
+    pid = _read_pid_file(pid_file) if pid_file else None
+    if not _is_brimd(pid):
+        print('not running', file=sys.stderr)
+        return 1
+    request = ('scale %s %s' % (section, count)).encode('utf-8')
+    timeout = _ControlChannel.SCALE_SECONDS + 5.0
+    with _ask(pid, request, timeout) as conn:
+        answer = _read_all(conn).decode('utf-8', 'replace')
+    if not answer.startswith('scaled '):
+        print(answer or 'brimd %d gave no answer' % pid, file=sys.stderr)
+        return 1
+    print(answer)
+    return 0 if '; not serving' not in answer else 1
 
 
 def _cmd_start(args, command_line, restart=False):
@@ -7847,6 +8372,7 @@ _COMMANDS = {
     'reload': _restart,
     'force-reload': _restart,
     'status': _without_command_line(_cmd_status),
+    'scale': _without_command_line(_cmd_scale),
     'check': _without_command_line(_cmd_check),
     'foreground': _cmd_foreground,
     'no-daemon': _without_command_line(_cmd_no_daemon),
@@ -7859,10 +8385,17 @@ def _misuse(args):
     if args.command not in _COMMANDS:
         return 'Unknown command %r; use one of: %s.' % (
             args.command, ', '.join(_COMMANDS))
-    if args.name is not None and args.command not in ('hash-password',
-                                                      'serve', 'check'):
-        return ('%s takes no argument (%r); only serve APP, check APP and '
-                'hash-password NAME do.' % (args.command, args.name))
+    if args.command == 'scale':
+        if args.name is None:
+            return 'scale needs a worker count: scale [SECTION] N.'
+    elif args.count is not None:
+        return '%s takes at most one argument (%r is one more).' % (
+            args.command, args.count)
+    elif args.name is not None and args.command not in ('hash-password',
+                                                        'serve', 'check'):
+        return ('%s takes no argument (%r); only serve APP, check APP, '
+                'scale [SECTION] N and hash-password NAME do.'
+                % (args.command, args.name))
     if args.command == 'serve' and args.app is None:
         return 'serve needs the app to serve: serve package.module:app.'
     flags = [flag for flag in ('ip', 'port', 'workers')

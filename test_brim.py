@@ -1615,11 +1615,11 @@ class TestSettingsInProcess(unittest.TestCase):
     def test_brim_gives_defaults_but_takes_no_section_only_option(self):
         settings = self.read({'brim': {'workers': '3', 'port': '81',
                                        'max_body': '9'}}, 'brim')
-        self.assertEqual((settings.workers, settings.port, settings.max_body),
-                         (3, 81, 9))
+        self.assertEqual((str(settings.workers), settings.port,
+                          settings.max_body), ('3', 81, 9))
         wsgi = self.read({'brim': {'workers': '3'}, 'wsgi': {'port': '82'}},
                          'wsgi')
-        self.assertEqual((wsgi.workers, wsgi.port), (3, 82))
+        self.assertEqual((str(wsgi.workers), wsgi.port), ('3', 82))
         self.assertIn('  workers = 3  # from [brim]', list(wsgi.lines()))
         self.assertIn('  port = 82', list(wsgi.lines()))
         self.assertIn('  backlog = 4096  # default', list(wsgi.lines()))
@@ -1748,10 +1748,10 @@ class TestSettingsInProcess(unittest.TestCase):
         self.assertEqual(conf.get('echo', 'colour'), 'blue')   # as before
         self.assertEqual(conf.own_options('echo'), ['call'])
         wsgi = self.subserver(conf, 'wsgi')
-        self.assertEqual(wsgi.settings.workers, 2)
-        self.assertEqual(self.subserver(conf, 'tcp').settings.workers, 3)
+        self.assertEqual(wsgi.settings.workers, (2, 2))
+        self.assertEqual(self.subserver(conf, 'tcp').settings.workers, (3, 3))
         self.assertEqual(brim._read_settings(conf, 'brim', 'brim').workers,
-                         2)
+                         (2, 2))
         self.assertEqual(brim._read_settings(conf, 'udp', 'udp')._passed,
                          ('message',))
 
@@ -2249,8 +2249,10 @@ class TestCommands(EchoTestCase):
         self.assertRegex(lines[1], r'^  daemon, up \d+s, restarted in place '
                          r'0 times$')
         self.assertEqual(lines[2], '  [wsgi] 127.0.0.1:%d' % self.port)
-        found = re.findall(r'^    worker ([01]): pid (\d+), up \d+s, served '
-                           r'(\d+), restarts 0$', '\n'.join(lines[3:]), re.M)
+        self.assertEqual(lines[3], '    2 workers (workers = 2, at most 8)')
+        found = re.findall(r'^    worker ([01]): pid (\d+), idle, up \d+s, '
+                           r'served (\d+), restarts 0$', '\n'.join(lines[4:]),
+                           re.M)
         self.assertEqual(sorted(int(p) for _, p, _ in found),
                          sorted(live_children_of(pid)), out)
         self.assertEqual(sum(int(n) for _, _, n in found), 3, out)
@@ -3742,6 +3744,7 @@ class _FakeSubserver(object):
         self.kind = kind
         self.labels = labels
         self.stats_conf = stats_conf
+        self.starting_workers = len(labels)
 
     def bucket_labels(self):
         return list(self.labels)
@@ -3806,6 +3809,9 @@ class TestStatsLayout(unittest.TestCase):
             'rounds': ('daemon', {'tick': 6}, None)})
         snapshot = brim._stats_snapshot(reading)
         self.assertEqual(len(snapshot.pop('workers')), 3)
+        self.assertEqual(snapshot.pop('scale'), {
+            'wsgi': {'target': 2, 'running': 0},
+            'daemons': {'target': 1, 'running': 0}})
         self.assertEqual(snapshot, {
             'start_time': 50,
             'wsgi': {'hits': 8, 'low': 2, 'peak': 9,
@@ -3868,7 +3874,7 @@ class TestStatsLayout(unittest.TestCase):
                          ['hits', 'low', 'peak', 'start_time'])
         second.reset()
         self.assertEqual(self.layout.read(0).subservers['wsgi'].workers[1],
-                         ('1', 0, 0, 0, second.get('start_time')))
+                         ('1', 0, 0, 0, second.get('start_time'), 0, 0))
         self.assertEqual(second.heartbeat(), 0)
 
     def test_slots_counted_at_once(self):
