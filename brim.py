@@ -1603,7 +1603,7 @@ class _StatsRegion(object):
                                 bucket[_StatsLayout.RESTARTS],
                                 bucket[_StatsLayout.SERVED],
                                 0 if started is None else bucket[started],
-                                _in_flight(bucket),
+                                _in_flight(bucket[_StatsLayout.IN_FLIGHT]),
                                 bucket[_StatsLayout.BUSY_USEC])
                    for index, bucket in ((i, buckets[i]) for i in shown)]
         stats = []
@@ -1615,11 +1615,11 @@ class _StatsRegion(object):
         return _SubserverStats(self.name, self.kind, workers, stats, target)
 
 
-def _in_flight(bucket):
-    """What a bucket has in flight.  A replacement shares the bucket of the
-    worker it replaces, and one of them may have cleared the count while
-    the other still ends requests, taking it below 0: that reads as 0."""
-    count = bucket[_StatsLayout.IN_FLIGHT]
+def _in_flight(count):
+    """What a bucket's in-flight slot holding ``count`` has in flight.  A
+    replacement shares the bucket of the worker it replaces, and one of
+    them may have cleared the count while the other still ends requests,
+    taking it below 0 (a huge unsigned number): that reads as 0."""
     return count if count < 1 << 63 else 0
 
 
@@ -6576,10 +6576,12 @@ class _Autoscaler(object):
     one of its workers has been busy for UP_SECONDS, retires one after
     QUIET_SECONDS in which none was.
 
-    Busy is read from the time each worker adds to its bucket as it ends a
-    request (connection, datagram): a worker that spent BUSY of the last
-    second serving is busy; one that spent under QUIET is quiet.  Nothing
-    is asked of the workers: the main process samples the buckets once a
+    Busy is read from what each worker keeps in its bucket: the time it
+    adds as it ends a request (connection, datagram), and what it has in
+    flight.  Over the last second, a worker that spent BUSY of it serving,
+    or had requests in flight at both ends of it, is busy; one that
+    spent under QUIET and has nothing in flight is quiet.  Nothing is
+    asked of the workers: the main process samples the buckets once a
     second.  ``scale(subserver, count)`` does the scaling; ``logger``
     hears each decision, which ``decisions`` keeps for ``status``.
     """
@@ -6594,7 +6596,7 @@ class _Autoscaler(object):
         self.logger = logger
         self.clock = clock
         self.next_sample = 0.0
-        self.seen = {}          # name: (when, {pid: busy microseconds})
+        self.seen = {}          # name: (when, {pid: (busy usec, in flight)})
         self.busy = {}          # name: seconds every worker was busy
         self.quiet = {}         # name: seconds no worker was busy
         self.decisions = {}     # name: the latest decision, for status
@@ -6614,18 +6616,21 @@ class _Autoscaler(object):
 
     def _sample(self, subserver, workers, now):
         name = subserver.name
-        busy_now = {w.pid: w.bucket.get('_busy_usec') for w in workers
-                    if w.pid and w.bucket.heartbeat()}
+        seen = {w.pid: (w.bucket.get('_busy_usec'),
+                        _in_flight(w.bucket.get('_in_flight')))
+                for w in workers if w.pid and w.bucket.heartbeat()}
         when, before = self.seen.get(name, (now, {}))
-        self.seen[name] = (now, busy_now)
-        if not busy_now or set(busy_now) != set(before) or now <= when:
+        self.seen[name] = (now, seen)
+        if not seen or set(seen) != set(before) or now <= when:
             return      # a worker started or ended: begin again
-        shares = [(busy_now[pid] - before[pid]) / 1e6 / (now - when)
-                  for pid in busy_now]
-        self.busy[name] = (self.busy.get(name, 0) + 1
-                           if min(shares) >= self.BUSY else 0)
-        self.quiet[name] = (self.quiet.get(name, 0) + 1
-                            if max(shares) < self.QUIET else 0)
+        busy = quiet = True
+        for pid, (busy_usec, in_flight) in seen.items():
+            share = (busy_usec - before[pid][0]) / 1e6 / (now - when)
+            busy = busy and (share >= self.BUSY or
+                             bool(in_flight and before[pid][1]))
+            quiet = quiet and share < self.QUIET and not in_flight
+        self.busy[name] = self.busy.get(name, 0) + 1 if busy else 0
+        self.quiet[name] = self.quiet.get(name, 0) + 1 if quiet else 0
         count = len(workers)
         least, most = subserver.settings.workers
         if self.busy[name] >= self.UP_SECONDS and count < most:
@@ -8701,12 +8706,16 @@ p.totals { color: var(--dim); font-size: 12px; margin: 8px 0 0; }
     }
   }
 
-  function card(name, entry, workers, now) {
+  function card(name, entry, workers, scale, now) {
     var kind = workers[0].kind;
     var section = el('section');
     section.setAttribute('data-subserver', name);
     var title = el('h2', '', name);
     title.appendChild(el('small', '', kind));
+    if (scale && kind !== 'daemons') {
+      title.appendChild(el('small', 'scale', scale.running + ' of ' +
+                           scale.target + ' workers running'));
+    }
     section.appendChild(title);
     var counter = kind === 'daemons' ? null : counterOf(entry);
     var shown = ['start_time', counter];
@@ -8735,7 +8744,8 @@ p.totals { color: var(--dim); font-size: 12px; margin: 8px 0 0; }
     var main = document.getElementById('subservers');
     main.textContent = '';
     order.forEach(function (name) {
-      main.appendChild(card(name, data[name] || {}, groups[name], now));
+      main.appendChild(card(name, data[name] || {}, groups[name],
+                            (data.scale || {})[name], now));
     });
     document.getElementById('started').textContent = 'started ' +
       new Date(data.start_time * 1000).toLocaleString();

@@ -2132,7 +2132,7 @@ class TestSettingsCommandLine(BrimTestCase):
                                      if kind in o.kinds and not o.ignored],
                              name)
         self.assertEqual(sections['wsgi'][0], '[wsgi] wsgi on 127.0.0.1:%d '
-                         '(free to bind), 2 workers' % wsgi_port)
+                         '(free to bind), 2 workers (at most 8)' % wsgi_port)
         self.assertIn('  workers = 2  # from [brim]', sections['wsgi'])
         self.assertIn('  port = %d' % wsgi_port, sections['wsgi'])
         self.assertIn('  max_body = (not set)  # default', sections['wsgi'])
@@ -3195,6 +3195,12 @@ class _FakeBucket(object):
     def set(self, name, value):
         self.values[name] = value
 
+    def get(self, name):
+        return self.values.get(name, 0)
+
+    def clear_in_flight(self):
+        self.values['_in_flight'] = 0
+
     def heartbeat(self):
         return self.beat
 
@@ -3250,6 +3256,8 @@ class TestSupervisorInProcess(unittest.TestCase):
         subserver = _SupervisedSubserver(worker_timeout)
         workers = [brim._WorkerSlot(subserver, index, _FakeBucket())
                    for index in range(slots)]
+        for worker in workers:
+            worker.wanted = True
         return brim._Supervisor(workers, self.log, graceful, self.fork,
                                 kill=self.kill, reap=self.reap,
                                 clock=self.clock, wall_clock=self.wall)
@@ -3309,6 +3317,47 @@ class TestSupervisorInProcess(unittest.TestCase):
         self.die(sup, worker.pid, status=signal.SIGKILL)
         self.assertEqual(worker.bucket.values['_pid'], 0)
         self.assertIn('killed by signal SIGKILL', worker.last_exit)
+
+    def test_scaling_starts_idle_slots_and_drains_the_rest(self):
+        sup = self.supervisor(slots=4)
+        for worker in sup.slots[2:]:
+            worker.wanted = False
+        for worker in sup.wanted():
+            sup.spawn(worker)
+        subserver = sup.slots[0].subserver
+        self.assertEqual(sup.scale(subserver, 4), sup.slots[2:])
+        pids = [worker.pid for worker in sup.slots]
+        self.assertNotIn(None, pids)
+        self.assertEqual(sorted(sup.children), sorted(pids))
+        for worker in sup.slots:
+            worker.bucket.set('_pid', worker.pid)
+        # Down to one: the others drain (SIGHUP); none is killed.
+        self.assertEqual(sup.scale(subserver, 1), [])
+        self.assertEqual(self.killed,
+                         [(pid, signal.SIGHUP) for pid in pids[1:]])
+        self.assertEqual(sorted(sup.draining), pids[1:])
+        self.assertEqual(list(sup.children), pids[:1])
+        self.assertEqual([w.wanted for w in sup.slots],
+                         [True, False, False, False])
+        # One that has drained shows down in the stats, and stays down.
+        self.die(sup, pids[1], status=0)
+        self.assertEqual(sup.slots[1].bucket.values['_pid'], 0)
+        sup.tend()
+        self.assertIsNone(sup.slots[1].pid)
+        self.assertEqual(self.log.texts('error'), [])
+        # Up again while worker 2 still drains: a new process takes its
+        # slot, and the old one's exit leaves the new one in the stats.
+        self.assertEqual(sup.scale(subserver, 3), sup.slots[1:3])
+        new = sup.slots[2].pid
+        sup.slots[2].bucket.set('_pid', new)
+        self.die(sup, pids[2], status=0)
+        self.assertEqual(sup.slots[2].bucket.values['_pid'], new)
+        # Past graceful_timeout, a worker still draining is killed.
+        self.clock.now += 31.0
+        sup.tend()
+        self.assertEqual(self.killed[-1], (pids[3], signal.SIGKILL))
+        self.assertEqual(sorted(sup.children), sorted(
+            w.pid for w in sup.slots[:3]))
 
     def test_a_hung_worker_is_aborted_then_killed(self):
         sup = self.supervisor(worker_timeout=5.0)
@@ -3448,6 +3497,103 @@ class TestSupervisorInProcess(unittest.TestCase):
         self.assertEqual(sup.slots[0].restarts, 0)
 
 
+class TestAutoscalerInProcess(unittest.TestCase):
+    """workers = 1..3: the decisions, against a fake clock and buckets."""
+
+    def setUp(self):
+        self.clock = _FakeClock()
+        self.log = _NotedLog()
+        self.subserver = types.SimpleNamespace(
+            name='wsgi', kind='wsgi', settings=types.SimpleNamespace(
+                workers=brim._WorkerCount(1, 3)))
+        self.fixed = types.SimpleNamespace(
+            name='tcp', kind='tcp', settings=types.SimpleNamespace(
+                workers=brim._WorkerCount(2, 2)))
+        self.pids = itertools.count(100)
+        self.workers = []
+        self.scaled = []
+        self.scaler = brim._Autoscaler(self.scale, self.log, self.clock)
+        self.scale(self.subserver, 1)
+        self.scaled = []
+
+    def scale(self, subserver, count):
+        self.scaled.append(count)
+        while len(self.workers) < count:
+            worker = brim._WorkerSlot(subserver, len(self.workers),
+                                      _FakeBucket())
+            worker.pid = next(self.pids)
+            worker.bucket.beat = 1.0
+            self.workers.append(worker)
+        del self.workers[count:]
+
+    def seconds(self, count, share, in_flight=0):
+        """``count`` seconds in which each worker serves ``share`` of each
+        second and ends it with ``in_flight`` requests in hand."""
+        for _ in range(count):
+            for worker in self.workers:
+                values = worker.bucket.values
+                values['_busy_usec'] = (values.get('_busy_usec', 0) +
+                                        int(share * 1e6))
+                values['_in_flight'] = in_flight
+            self.clock.now += 1.0
+            self.scaler.tend([self.subserver, self.fixed], self.workers)
+
+    def test_busy_adds_a_worker_up_to_the_most(self):
+        self.seconds(1, 0.0)                # the first sample
+        self.seconds(2, 0.9)
+        self.assertEqual(self.scaled, [])
+        self.seconds(1, 0.9)
+        self.assertEqual(self.scaled, [2])
+        self.assertEqual(self.log.texts('info'), [
+            '[wsgi] every worker busy for 3s: 2 workers (1..3)'])
+        self.assertEqual(self.scaler.decisions, {
+            'wsgi': 'every worker busy for 3s: 2 workers (1..3)'})
+        self.seconds(1, 0.9)        # the new worker's first sample
+        self.seconds(3, 0.9)
+        self.assertEqual(self.scaled, [2, 3])
+        self.seconds(10, 5.0)       # 5: requests that overlap
+        self.assertEqual(self.scaled, [2, 3])
+
+    def test_one_idle_worker_is_not_all_busy(self):
+        self.scale(self.subserver, 2)
+        self.seconds(1, 0.0)
+        for _ in range(5):
+            self.workers[0].bucket.values['_busy_usec'] = 0
+            self.seconds(1, 1.0)
+            self.workers[0].bucket.values['_busy_usec'] = 0
+        self.assertEqual(self.scaled, [2])
+
+    def test_requests_held_in_flight_count_as_busy(self):
+        self.seconds(1, 0.0, in_flight=1)
+        self.seconds(3, 0.0, in_flight=1)
+        self.assertEqual(self.scaled, [2])
+
+    def test_quiet_retires_a_worker_down_to_the_least(self):
+        self.scale(self.subserver, 3)
+        self.seconds(1, 0.0)
+        self.seconds(9, 0.1)
+        self.assertEqual(self.scaled, [3])
+        self.seconds(1, 0.1)
+        self.assertEqual(self.scaled, [3, 2])
+        self.assertEqual(self.log.texts('info')[-1],
+                         '[wsgi] no worker busy for 10s: 2 workers (1..3)')
+        self.seconds(1, 0.1)
+        self.seconds(2, 0.0, in_flight=1)   # held requests: not quiet
+        self.seconds(9, 0.0)
+        self.assertEqual(self.scaled, [3, 2])
+        self.seconds(1, 0.0)
+        self.assertEqual(self.scaled, [3, 2, 1])
+        self.seconds(30, 0.0)
+        self.assertEqual(self.scaled, [3, 2, 1])
+
+    def test_it_samples_once_a_second(self):
+        self.seconds(1, 0.0)
+        for _ in range(10):     # many turns of the main loop, one second
+            self.scaler.tend([self.subserver], self.workers)
+        self.seconds(2, 0.9)
+        self.assertEqual(self.scaled, [])
+
+
 class _FakeRestarter(object):
     def __init__(self, problem):
         self.problem = problem
@@ -3515,8 +3661,8 @@ class TestControlChannelInProcess(unittest.TestCase):
 
     def test_the_verbs(self):
         self.assertEqual(sorted(self.channel.VERBS), [
-            b'addresses', b'ping', b'restart', b'retire', b'sockets',
-            b'status'])
+            b'addresses', b'ping', b'restart', b'retire', b'scale',
+            b'sockets', b'status'])
         self.assertIn('_ControlChannel.VERBS', brim.Server.__doc__)
 
     def test_ping_answers_the_generation(self):
@@ -3884,6 +4030,51 @@ class TestStatsLayout(unittest.TestCase):
         first.incr_slots(slots)
         self.assertEqual((first.get('hits'), first.get('peak'),
                           second.get('hits')), (2, 2, 0))
+
+    def test_scaled_down_buckets_keep_their_counts(self):
+        first, second, tick = self.buckets
+        first.incr('hits', 2)
+        second.incr('hits', 5)
+        second.set('_pid', 42)
+        self.layout.set_target(self.wsgi, 1)
+        # Worker 1 is beyond the target, but runs (drains): shown.
+        reading = self.layout.read(0)
+        self.assertEqual([w.label for w in reading.subservers['wsgi'].workers],
+                         ['0', '1'])
+        self.assertEqual(brim._stats_snapshot(reading)['scale']['wsgi'],
+                         {'target': 1, 'running': 1})
+        # Gone: no longer shown, and its count stays in the sum.
+        second.set('_pid', 0)
+        reading = self.layout.read(0)
+        self.assertEqual([w.label for w in reading.subservers['wsgi'].workers],
+                         ['0'])
+        self.assertEqual(self.stats(reading, 'wsgi')['hits'],
+                         ('sum', {'0': 2}, 7))
+        metrics = brim._prometheus_text(reading).splitlines()
+        for line in ('# TYPE brim_workers_target gauge',
+                     'brim_workers_target{subserver="wsgi"} 1',
+                     'brim_workers_running{subserver="wsgi"} 0',
+                     'brim_workers_target{subserver="daemons"} 1'):
+            self.assertIn(line, metrics)
+
+    def test_in_flight_and_busy_time(self):
+        first, second, tick = self.buckets
+        first.begin()
+        first.begin()
+        first.end(0.25, first.slots(['hits']))
+        workers = self.layout.read(0).subservers['wsgi'].workers
+        self.assertEqual((workers[0].served, workers[0].in_flight,
+                          workers[0].busy_usec), (2, 1, 250000))
+        self.assertEqual(first.get('hits'), 1)
+        # Cleared by a crash, then ended by the worker it replaced.
+        first.clear_in_flight()
+        first.end(0.1)
+        workers = self.layout.read(0).subservers['wsgi'].workers
+        self.assertEqual((workers[0].in_flight, workers[0].busy_usec),
+                         (0, 350000))
+        first.reset()
+        self.assertEqual(self.layout.read(0).subservers['wsgi'].workers[0]
+                         .busy_usec, 350000)
 
     def test_latest_request_per_bucket(self):
         first, second, tick = self.buckets
@@ -10336,6 +10527,159 @@ http {
     scgi_temp_path %(tmp)s/nginx-scgi;
 %(site)s}
 '''
+
+
+# ---------------------------------------------------------------------------
+# 14b. Scaling a running brimd: scale, SIGTTIN/SIGTTOU, workers = 1..N
+# ---------------------------------------------------------------------------
+
+class TestScaling(BrimTestCase):
+    """Workers added and retired while brimd serves: nothing fails, nothing
+    is cut off, no count is lost."""
+
+    def scale_conf(self, workers='2'):
+        self.port = free_port()
+        self.write_conf("""
+            [wsgi]
+            ip = 127.0.0.1
+            port = %d
+            workers = %s
+            max_workers = 6
+            apps = waits echo stats
+
+            [waits]
+            call = mywait.Waits
+            dir = %s
+
+            [echo]
+            call = brim.wsgi_echo.WSGIEcho
+
+            [stats]
+            call = brim.wsgi_stats.WSGIStats
+            """ % (self.port, workers, self.tmp))
+        return self.start()
+
+    def holders(self):
+        """The pids of the workers that took a /hold request so far."""
+        try:
+            with open(os.path.join(self.tmp, 'holding')) as fp:
+                return [int(pid) for pid in fp.read().split()]
+        except OSError:
+            return []
+
+    def hold(self, results):
+        """A /hold request in a thread, its result added to ``results``."""
+        def ask():
+            results.append(self.http(self.port, 'GET', '/hold',
+                                     timeout=30)[::2])
+        thread = threading.Thread(target=ask)
+        thread.start()
+        self.addCleanup(thread.join, 30)
+        return thread
+
+    def release(self):
+        with open(os.path.join(self.tmp, 'release'), 'w'):
+            pass
+
+    def test_scale_under_load_drains_and_loses_nothing(self):
+        main = self.scale_conf()
+        hammer = Hammer(self.port, fresh=2, keep_alive=2).start()
+        self.addCleanup(hammer.stop)
+        wait_until(lambda: hammer.served > 50, timeout=20)
+        self.assertEqual(self.brim('scale', '4'),
+                         (0, 'scaled [wsgi] 2 -> 4 workers\n', ''))
+        # Once scale returns, the stats list the four as serving.
+        stats = self.stats(self.port)
+        self.assertEqual(stats['scale'], {'wsgi': {'target': 4,
+                                                   'running': 4}})
+        pids = {w['label']: w['pid'] for w in stats['workers']}
+        self.assertEqual(sorted(pids), ['0', '1', '2', '3'])
+        self.assertEqual(sorted(pids.values()),
+                         sorted(live_children_of(main)))
+        # Requests held in flight, until one is on a worker to retire.
+        held = []
+        threads = []
+        while not set(self.holders()) - {pids['0']}:
+            self.assertLess(len(threads), 40, self.holders())
+            threads.append(self.hold(held))
+            wait_until(lambda: len(self.holders()) == len(threads))
+        self.assertEqual(self.brim('scale', 'wsgi', '1'),
+                         (0, 'scaled [wsgi] 4 -> 1 workers\n', ''))
+        status = self.brim('status')[1]
+        self.assertRegex(status, r'worker [123]: pid \d+, draining, '
+                                 r'[1-9]\d* in flight')
+        self.assertIn('    1 workers (workers = 2, at most 6)', status)
+        self.release()
+        for thread in threads:
+            thread.join(30)
+        self.assertEqual(held, [(200, b'held')] * len(threads))
+        wait_until(lambda: live_children_of(main) == [pids['0']],
+                   msg='the retired workers did not exit')
+        hammer.stop()
+        self.assertEqual(hammer.errors, [], hammer.figures())
+        stats = self.stats(self.port)
+        self.assertEqual(stats['scale'], {'wsgi': {'target': 1,
+                                                   'running': 1}})
+        self.assertEqual([w['label'] for w in stats['workers']], ['0'])
+        # Every request answered is counted, the retired workers' too
+        # (one /stats before this one).
+        self.assertEqual(stats['wsgi']['request_count'],
+                         hammer.served + len(held) + 1)
+
+    def scaled_to(self, main, count):
+        """True once brimd runs ``count`` workers and says so."""
+        return (len(live_children_of(main)) == count and
+                self.stats(self.port)['scale']['wsgi'] ==
+                {'target': count, 'running': count})
+
+    def test_signals_and_restart_in_place_keep_the_count(self):
+        main = self.scale_conf(workers='1')
+        for count in (2, 3):
+            os.kill(main, signal.SIGTTIN)
+            wait_until(lambda: self.scaled_to(main, count),
+                       msg='SIGTTIN did not add a worker')
+        before = set(live_children_of(main))
+        os.kill(main, signal.SIGUSR2)       # restart in place
+        wait_until(lambda: brim._ping(main) == 1 and self.scaled_to(main, 3)
+                   and not before & set(live_children_of(main)),
+                   timeout=20, msg='the restart did not keep 3 workers')
+        os.kill(main, signal.SIGTTOU)
+        wait_until(lambda: self.scaled_to(main, 2),
+                   msg='SIGTTOU did not retire a worker')
+        log = self.log_text()
+        self.assertIn('SIGTTIN: scaled [wsgi] 2 -> 3 workers', log)
+        self.assertIn('SIGTTOU: scaled [wsgi] 3 -> 2 workers', log)
+        for args, line in (
+                (('wsgi', '7'), 'refused: [wsgi] may run 1 to 6 workers '
+                                '(max_workers), not 7'),
+                (('nope', '2'), 'refused: no section [nope]; scale one '
+                                'of: wsgi'),
+                (('many',), "refused: 'many' is not a worker count; give "
+                            "N, +N or -N")):
+            self.assertEqual(self.brim('scale', *args), (1, '', line + '\n'))
+        self.assertTrue(self.scaled_to(main, 2))
+        self.stop()
+        code, out, err = self.brim('scale', '2')
+        self.assertEqual((code, out, err), (1, '', 'not running\n'))
+
+    def test_workers_range_adds_a_worker_while_all_are_busy(self):
+        main = self.scale_conf(workers='1..2')
+        self.assertEqual(len(live_children_of(main)), 1)
+        results = []
+        threads = [self.hold(results) for _ in range(2)]
+        wait_until(lambda: self.scaled_to(main, 2), timeout=15,
+                   msg='brimd did not add a worker')
+        self.assertIn('[wsgi] every worker busy for 3s: 2 workers (1..2)',
+                      self.log_text())
+        self.assertIn('    2 workers (workers = 1..2, at most 6); latest: '
+                      'every worker busy for 3s', self.brim('status')[1])
+        self.assertEqual(self.brim('scale', 'wsgi', '1')[2],
+                         'refused: [wsgi] workers = 1..2 scales itself; '
+                         'give it a fixed count to scale it by hand\n')
+        self.release()
+        for thread in threads:
+            thread.join(30)
+        self.assertEqual(results, [(200, b'held')] * 2)
 
 
 # ---------------------------------------------------------------------------
