@@ -33,8 +33,9 @@ section:
     WSGIFS                  files from a directory
     WSGIBasicAuth           HTTP Basic authentication
     Supervision             Server, the main process: its signals; its
-                            workers kept alive (_Supervisor), its control
-                            socket, its restarts in place, systemd notify
+                            workers kept alive (_Supervisor) and scaled
+                            (_Scaler, _Autoscaler), its control socket,
+                            its restarts in place, systemd notify
     Command line            main(): serve, start, stop, shutdown, restart,
                             status, check, foreground, hash-password, ...;
                             and serve(app) for projects that vendor brim.py
@@ -1841,17 +1842,7 @@ def _prometheus_text(reading):
     start = families['brim_start_time_seconds'] = (
         'gauge', 'When brimd or a worker started (seconds since the epoch).',
         {(): reading.start_time})
-    scale = _scale_records(reading)
-    for metric, key, help_text in (
-            ('brim_workers_target', 'target',
-             'How many workers a subserver is to run.'),
-            ('brim_workers_running', 'running',
-             'How many worker processes a subserver runs, draining ones '
-             'included.')):
-        families[metric] = ('gauge', help_text, {
-            (('subserver', name),): counts[key]
-            for name, counts in scale.items()})
-        owners[metric] = (metric, None)
+    _add_scale_families(reading, families, owners)
     for sub in reading.subservers.values():
         for stat in sub.stats:
             if stat.name == 'start_time':
@@ -1879,6 +1870,21 @@ def _prometheus_text(reading):
             lines.append('%s%s %s' % (metric, '{%s}' % rendered if rendered
                                       else '', samples[labels]))
     return '\n'.join(lines) + '\n'
+
+
+def _add_scale_families(reading, families, owners):
+    """brim_workers_target and brim_workers_running, per subserver."""
+    scale = _scale_records(reading)
+    for metric, key, help_text in (
+            ('brim_workers_target', 'target',
+             'How many workers a subserver is to run.'),
+            ('brim_workers_running', 'running',
+             'How many worker processes a subserver runs, draining ones '
+             'included.')):
+        families[metric] = ('gauge', help_text, {
+            (('subserver', name),): counts[key]
+            for name, counts in scale.items()})
+        owners[metric] = (metric, None)
 
 
 def _prometheus_name(name, stat_type, owners):
@@ -6571,6 +6577,85 @@ class _Supervisor(object):
             time.sleep(0.02)
 
 
+class _Scaler(object):
+    """How many workers each subserver runs, changed while brimd serves:
+    ``scale`` (the command, SIGTTIN, SIGTTOU), the _Autoscaler of a
+    ``workers = least..most`` subserver, and a restart in place, which
+    keeps the counts (``keep``).  The count is the supervisor's wanted
+    slots; the stats layout shows it to every reader."""
+
+    def __init__(self, server):
+        self.server = server
+
+    def target(self, subserver):
+        """How many workers ``subserver`` is to run now."""
+        return sum(1 for worker in self.server.slots
+                   if worker.subserver is subserver and worker.wanted)
+
+    def scale(self, section, count):
+        """Scale [``section``] ('*': every [wsgi], [tcp] and [udp] but
+        those that scale themselves) to ``count`` workers: N, +N or -N.
+        (What to answer, the slots started); the answer starts with
+        'refused:' when nothing was done."""
+        try:
+            plan = [(sub, _scaled_count(sub, self.target(sub), count))
+                    for sub in self._scalable(section)]
+        except ValueError as err:
+            return 'refused: %s' % err, []
+        started, lines = [], []
+        for subserver, wanted in plan:
+            lines.append('[%s] %d -> %d workers' % (
+                subserver.name, self.target(subserver), wanted))
+            started += self.scale_to(subserver, wanted)
+        self.server.logger.info('scaled %s', ', '.join(lines))
+        return 'scaled %s' % ', '.join(lines), started
+
+    def scale_to(self, subserver, count):
+        """Run ``count`` workers of ``subserver``; the slots started."""
+        started = self.server.supervisor.scale(subserver, count)
+        self.server.stats_layout.set_target(subserver, count)
+        return started
+
+    def _scalable(self, section):
+        """The subservers ``section`` names; ValueError says why none."""
+        listeners = [sub for sub in self.server.subservers if sub.kind != 'daemons']
+        if section == '*':
+            chosen = [sub for sub in listeners
+                      if not sub.settings.workers.adaptive]
+            if not chosen:
+                raise ValueError('no [wsgi], [tcp] or [udp] section with a '
+                                 'fixed worker count')
+            return chosen
+        for sub in self.server.subservers:
+            if sub.name == section:
+                break
+        else:
+            raise ValueError('no section [%s]; scale one of: %s' % (
+                section, ', '.join(sub.name for sub in listeners)))
+        if sub.kind == 'daemons':
+            raise ValueError('[daemons] runs one process per daemon; it '
+                             'does not scale')
+        if sub.settings.workers.adaptive:
+            raise ValueError('[%s] workers = %s scales itself; give it a '
+                             'fixed count to scale it by hand'
+                             % (sub.name, sub.settings.workers))
+        return [sub]
+
+    def keep(self, targets):
+        """After a restart in place: run the worker counts the previous
+        image ran ({section: count}), where the sections are still there
+        and may run that many."""
+        for subserver in self.server.subservers:
+            count = targets.get(subserver.name)
+            if count is None or subserver.kind == 'daemons':
+                continue
+            count = max(1, min(count, subserver.bucket_count))
+            for worker in self.server.slots:
+                if worker.subserver is subserver:
+                    worker.wanted = worker.index < count
+            self.server.stats_layout.set_target(subserver, count)
+
+
 class _Autoscaler(object):
     """``workers = least..most``: adds a worker to a subserver when every
     one of its workers has been busy for UP_SECONDS, retires one after
@@ -6609,8 +6694,8 @@ class _Autoscaler(object):
             return
         self.next_sample = now + 1.0
         for subserver in subservers:
-            if subserver.kind != 'daemons' and \
-                    subserver.settings.workers.adaptive:
+            if (subserver.kind != 'daemons' and
+                    subserver.settings.workers.adaptive):
                 self._sample(subserver, [w for w in wanted
                                          if w.subserver is subserver], now)
 
@@ -6779,7 +6864,7 @@ class _ControlChannel(object):
         if len(args) != 2:
             conn.sendall(b'refused: scale takes a section and a count')
             return
-        answer, started = self.server.scale(*args)
+        answer, started = self.server.scaler.scale(*args)
         self.scaling.append((conn.dup(), answer, started,
                              time.monotonic() + self.SCALE_SECONDS))
         self.answer_scaled()
@@ -6918,7 +7003,7 @@ class _Restarter(object):
             'fds': [sock.fileno() for sock in socks],
             'workers': server.supervisor.pids(),
             'systemd_files': server.systemd_files,
-            'scaled': {sub.name: server.target(sub)
+            'scaled': {sub.name: server.scaler.target(sub)
                        for sub in server.subservers}})
         command = self.command_line.argv()
         # Until the new brimd has its handlers, SIGHUP or SIGUSR1 (say,
@@ -7046,8 +7131,9 @@ class Server(object):
     """brimd's main process: owns the listening sockets, forks the
     workers, runs the main loop and stops.
 
-    Its parts: a _Supervisor keeps a worker in every slot (a _Forker
-    makes each), a _ControlChannel answers the control socket (its verbs:
+    Its parts: a _Supervisor keeps a worker in every wanted slot (a
+    _Forker makes each), a _Scaler and an _Autoscaler say how many are
+    wanted, a _ControlChannel answers the control socket (its verbs:
     _ControlChannel.VERBS), a _Restarter restarts brimd in place.  Signal
     handlers do nothing (``signal.set_wakeup_fd`` writes the signal's
     number to a pipe); the main loop reads the numbers and calls one
@@ -7066,6 +7152,7 @@ class Server(object):
         self.supervisor = None  # made by run(), once the workers are known
         self.control = _ControlChannel(self)
         self.restarter = _Restarter(self)
+        self.scaler = _Scaler(self)
         self.pid_file = None
         self.generation = 0     # restarts in place so far
         #: When shutdown_delay ends (time.monotonic()), while it runs.
@@ -7131,7 +7218,7 @@ class Server(object):
         self.supervisor = _Supervisor(self.slots, self.logger,
                                       self.settings.graceful_timeout,
                                       _Forker(self).fork)
-        self.autoscaler = _Autoscaler(self.scale_to, self.logger)
+        self.autoscaler = _Autoscaler(self.scaler.scale_to, self.logger)
         self.wake_fds = _wake_on_signals()
         self.supervisor.adopt(old_workers)
         _prepare_to_fork()
@@ -7256,81 +7343,11 @@ class Server(object):
     def _on_SIGTTIN(self):
         """One more worker for every [wsgi], [tcp] and [udp] (gunicorn's
         signal)."""
-        self.logger.info('SIGTTIN: %s', self.scale('*', '+1')[0])
+        self.logger.info('SIGTTIN: %s', self.scaler.scale('*', '+1')[0])
 
     def _on_SIGTTOU(self):
         """One worker fewer for each (never below one)."""
-        self.logger.info('SIGTTOU: %s', self.scale('*', '-1')[0])
-
-    # -- scaling -------------------------------------------------------------
-
-    def target(self, subserver):
-        """How many workers ``subserver`` is to run now."""
-        return sum(1 for worker in self.slots
-                   if worker.subserver is subserver and worker.wanted)
-
-    def scale(self, section, count):
-        """Scale [``section``] ('*': every [wsgi], [tcp] and [udp] but
-        those that scale themselves) to ``count`` workers: N, +N or -N.
-        (What to answer, the slots started); the answer starts with
-        'refused:' when nothing was done."""
-        try:
-            plan = [(sub, _scaled_count(sub, self.target(sub), count))
-                    for sub in self._scalable(section)]
-        except ValueError as err:
-            return 'refused: %s' % err, []
-        started, lines = [], []
-        for subserver, wanted in plan:
-            lines.append('[%s] %d -> %d workers' % (
-                subserver.name, self.target(subserver), wanted))
-            started += self.scale_to(subserver, wanted)
-        self.logger.info('scaled %s', ', '.join(lines))
-        return 'scaled %s' % ', '.join(lines), started
-
-    def scale_to(self, subserver, count):
-        """Run ``count`` workers of ``subserver``; the slots started."""
-        started = self.supervisor.scale(subserver, count)
-        self.stats_layout.set_target(subserver, count)
-        return started
-
-    def _scalable(self, section):
-        """The subservers ``section`` names; ValueError says why none."""
-        listeners = [sub for sub in self.subservers if sub.kind != 'daemons']
-        if section == '*':
-            chosen = [sub for sub in listeners
-                      if not sub.settings.workers.adaptive]
-            if not chosen:
-                raise ValueError('no [wsgi], [tcp] or [udp] section with a '
-                                 'fixed worker count')
-            return chosen
-        for sub in self.subservers:
-            if sub.name == section:
-                break
-        else:
-            raise ValueError('no section [%s]; scale one of: %s' % (
-                section, ', '.join(sub.name for sub in listeners)))
-        if sub.kind == 'daemons':
-            raise ValueError('[daemons] runs one process per daemon; it '
-                             'does not scale')
-        if sub.settings.workers.adaptive:
-            raise ValueError('[%s] workers = %s scales itself; give it a '
-                             'fixed count to scale it by hand'
-                             % (sub.name, sub.settings.workers))
-        return [sub]
-
-    def keep_scale(self, targets):
-        """After a restart in place: run the worker counts the previous
-        image ran ({section: count}), where the sections are still there
-        and may run that many."""
-        for subserver in self.subservers:
-            count = targets.get(subserver.name)
-            if count is None or subserver.kind == 'daemons':
-                continue
-            count = max(1, min(count, subserver.bucket_count))
-            for worker in self.slots:
-                if worker.subserver is subserver:
-                    worker.wanted = worker.index < count
-            self.stats_layout.set_target(subserver, count)
+        self.logger.info('SIGTTOU: %s', self.scaler.scale('*', '-1')[0])
 
     def status(self):
         """What ``brimd status`` (and ``top``) shows: every worker of every
@@ -7351,7 +7368,7 @@ class Server(object):
                                'kind': subserver.kind,
                                'addresses': subserver.addresses(),
                                'configured': str(subserver.settings.workers),
-                               'target': self.target(subserver),
+                               'target': self.scaler.target(subserver),
                                'max_workers': subserver.bucket_count,
                                'decision': self.autoscaler.decisions.get(
                                    subserver.name),
@@ -7950,7 +7967,7 @@ def _serve_plan(server, plan, ready_fd=None):
     if plan.origin == 'in place':
         server.generation = plan.generation
         server.start_time = plan.start_time
-        server.keep_scale(plan.scaled or {})
+        server.scaler.keep(plan.scaled or {})
     if not plan.detach:
         server.bind(plan.sockets)
     return server.run(ready_fd, plan.pid_file, plan.old_workers)
