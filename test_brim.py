@@ -8365,7 +8365,7 @@ class TestOperations(EchoTestCase):
         self.assertEqual(lines[0], '[brim]')
         self.assertEqual([line for line in lines if line[0] != ' '], [
             '[brim]', '[wsgi] wsgi on 127.0.0.1:%d (free to bind), 2 '
-            'workers' % self.port, 'configuration OK'])
+            'workers (at most 8)' % self.port, 'configuration OK'])
         self.assertFalse(os.path.exists(self.pid_file))
         self.assertTrue(connect_refused(self.port))
         # With brimd running, its own port counts as fine; it keeps serving.
@@ -10617,14 +10617,19 @@ class TestScaling(BrimTestCase):
                    msg='the retired workers did not exit')
         hammer.stop()
         self.assertEqual(hammer.errors, [], hammer.figures())
+        # Once brimd has reaped them, their buckets show them gone.
+        asked = []
+
+        def settled():
+            asked.append(self.stats(self.port)['scale'])
+            return asked[-1] == {'wsgi': {'target': 1, 'running': 1}}
+        wait_until(settled)
         stats = self.stats(self.port)
-        self.assertEqual(stats['scale'], {'wsgi': {'target': 1,
-                                                   'running': 1}})
         self.assertEqual([w['label'] for w in stats['workers']], ['0'])
-        # Every request answered is counted, the retired workers' too
-        # (one /stats before this one).
+        # Every request answered is counted, the retired workers' too (and
+        # each /stats before this one).
         self.assertEqual(stats['wsgi']['request_count'],
-                         hammer.served + len(held) + 1)
+                         hammer.served + len(held) + 1 + len(asked))
 
     def scaled_to(self, main, count):
         """True once brimd runs ``count`` workers and says so."""
