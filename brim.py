@@ -1831,8 +1831,8 @@ class _Statsd(object):
     buffer full) the rest of the batch is dropped and counted in
     ``dropped`` (datagrams); the next batch tries again, so the lines
     resume by themselves once statsd is back.  A batch never outgrows a
-    datagram by more than a line, so a statsd that is gone costs no
-    memory.  Threads share one: a lock guards the batch, not the send.
+    datagram by more than one request's lines, so a statsd that is gone
+    costs no memory.  Threads share one: a lock guards the batch, not the send.
     """
 
     #: An Ethernet frame's 1,500 bytes, less IP and UDP headers and room
@@ -7089,6 +7089,7 @@ class Server(object):
             self._tell_statsd()
 
     def _count_restart(self, worker):
+        """The supervisor's on_restart: a restart is a statsd counter."""
         if self.statsd is not None:
             self.statsd.count('workers.restarts')
 
