@@ -19,6 +19,8 @@ section:
     Stats                   the shared memory (_StatsLayout): a bucket per
                             worker, its heartbeat, one reading for every
                             view (JSON, Prometheus, status)
+    Statsd                  requests, durations and restarts as statsd
+                            lines over UDP, batched, never waiting
     Listening sockets       binding with retry, handing them to a new
                             brimd, taking them from systemd (LISTEN_FDS)
     The HTTP/WSGI path      a strict, lean HTTP/1.1 parser and WSGI
@@ -409,6 +411,35 @@ def _show_peers(networks):
                     else str(net) for net in networks)
 
 
+def _host_port(section, option, text):
+    """``host:port``, an IPv6 address in brackets (``[::1]:8125``): the
+    (host, port) to send to."""
+    host, colon, port = text.strip().rpartition(':')
+    bracketed = host.startswith('[') and host.endswith(']')
+    if bracketed:
+        host = host[1:-1]
+    if (not colon or not host or not port.isdigit() or
+            not 0 < int(port) < 65536 or (':' in host) != bracketed):
+        raise ConfError('[%s] %s %r is not host:port; write it as '
+                        '127.0.0.1:8125 (an IPv6 address as [::1]:8125).'
+                        % (section, option, text))
+    return host, int(port)
+
+
+def _show_host_port(value):
+    if value is None:
+        return _show(value)
+    return ('[%s]:%d' if ':' in value[0] else '%s:%d') % value
+
+
+def _statsd_prefix(section, option, text):
+    """A prefix statsd lines can carry: no spaces, ``:`` or ``|``."""
+    if not re.match(r'^[A-Za-z0-9_.-]+$', text.strip()):
+        raise ConfError('[%s] %s %r: use letters, digits, _, - and . only '
+                        '(myapp, or myapp.web).' % (section, option, text))
+    return text.strip()
+
+
 def _show(value):
     """A setting as ``check`` prints it."""
     if value is None or value == ():
@@ -510,6 +541,9 @@ _OPTIONS = (
     # Room in the stats for workers a running brimd adds (``scale``, or
     # workers = 2..8); None: 4 times the most workers asks for.
     _Option('max_workers', _LISTENERS, _at_least(1), None, from_brim=True),
+    # Metrics as statsd lines over UDP (see _Statsd); off without a host.
+    _Option('statsd_host', 'brim', _host_port, None, show=_show_host_port),
+    _Option('statsd_prefix', 'brim', _statsd_prefix, None),
     # The original's event loop and its buffer sizes, and the X-Auth-Token
     # it could log: brim has no use for them.
     _Option('eventlet_hub', _LISTENERS, _text, None, from_brim=True,
@@ -1902,6 +1936,175 @@ def _prometheus_name(name, stat_type, owners):
 def _prometheus_label(value):
     return value.replace('\\', '\\\\').replace('"', '\\"').replace(
         '\n', '\\n')
+
+
+# ---------------------------------------------------------------------------
+# Statsd
+# ---------------------------------------------------------------------------
+
+class _Statsd(object):
+    """One process's statsd client, for [brim] statsd_host: metrics as
+    statsd lines, batched, sent over UDP.
+
+    Each process has its own, with its own socket (a worker makes its
+    one after it forks), non-blocking and connected, so that statsd's
+    ICMP port unreachable comes back as ECONNREFUSED.  Within a batch a
+    counter is one line (``brim.requests:57|c``), a gauge its latest
+    value; a timer keeps a line per sample.  A batch goes out, newlines
+    between its lines, in datagrams of at most DATAGRAM_SIZE bytes: when
+    it fills one (sent by the thread whose line filled it) and at every
+    ``flush`` (a worker's housekeeping tick, at least once a second).
+
+    Sending never waits.  When a send fails (statsd gone, the socket's
+    buffer full) the rest of the batch is dropped and counted in
+    ``dropped`` (datagrams); the next batch tries again, so the lines
+    resume by themselves once statsd is back.  A batch never outgrows a
+    datagram by more than one request's lines, so a statsd that is gone
+    costs no memory.  Threads share one: a lock guards the batch, not the send.
+    """
+
+    #: An Ethernet frame's 1,500 bytes, less IP and UDP headers and room
+    #: for IP options: no datagram is fragmented.
+    DATAGRAM_SIZE = 1400
+    #: What a counter's or gauge's line adds to its name, at most counted:
+    #: the colon, the digits, the type, the newline.
+    VALUE_SIZE = 16
+
+    def __init__(self, family, address, prefix=None):
+        self.address = address
+        self.dropped = 0
+        self._sock = socket.socket(family, socket.SOCK_DGRAM)
+        self._sock.setblocking(False)
+        self._connected = False
+        self._lock = threading.Lock()
+        self._prefix = ((prefix.rstrip('.') + '.') if prefix else '').encode(
+            'ascii') + b'brim.'
+        self._requests = self._prefix + b'requests'
+        self._status = self._prefix + b'request.status.%d'
+        self._duration = self._prefix + b'request.duration:%.3f|ms'
+        self._due = 0.0
+        self._new_batch()
+
+    def request(self, code, seconds):
+        """A WSGI request answered ``code`` after ``seconds``: counted,
+        counted by its status, and its duration (milliseconds) timed."""
+        timer = self._duration % (seconds * 1000.0)
+        status = self._status % code
+        with self._lock:
+            counts = self._counts
+            counts[self._requests] = self._value(counts, self._requests) + 1
+            counts[status] = self._value(counts, status) + 1
+            self._timers.append(timer)
+            self._size += len(timer) + 1
+            lines = self._take() if self._size >= self.DATAGRAM_SIZE else ()
+        if lines:
+            self._send(lines)
+
+    def count(self, name, amount=1):
+        """Add ``amount`` to counter brim.``name``."""
+        name = self._prefix + name.encode()
+        with self._lock:
+            self._counts[name] = self._value(self._counts, name) + amount
+
+    def gauge(self, name, value):
+        """Set gauge brim.``name`` to ``value``."""
+        name = self._prefix + name.encode()
+        with self._lock:
+            self._value(self._gauges, name)
+            self._gauges[name] = value
+
+    def _value(self, values, name):
+        """(Under the lock.)  A counter's or gauge's value in the batch, 0
+        for a new one, which grows the batch by a line."""
+        if name not in values:
+            self._size += len(name) + self.VALUE_SIZE
+            return 0
+        return values[name]
+
+    def _new_batch(self):
+        self._counts, self._gauges, self._timers, self._size = {}, {}, [], 0
+
+    def _take(self):
+        """(Under the lock.)  The batch's lines; a new batch begins."""
+        lines = [b'%s:%d|c' % item for item in self._counts.items()]
+        lines += [b'%s:%d|g' % item for item in self._gauges.items()]
+        lines += self._timers
+        self._new_batch()
+        return lines
+
+    def flush(self):
+        """Send the batch, whatever its size."""
+        with self._lock:
+            lines = self._take()
+        if lines:
+            self._send(lines)
+
+    def _send(self, lines):
+        """Send ``lines`` in datagrams; on a failure, drop the rest."""
+        datagrams = _statsd_datagrams(lines, self.DATAGRAM_SIZE)
+        for sent, datagram in enumerate(datagrams):
+            try:
+                if not self._connected:
+                    self._sock.connect(self.address)
+                    self._connected = True
+                self._sock.send(datagram)
+            except OSError:
+                with self._lock:
+                    self.dropped += len(datagrams) - sent
+                return
+
+    def due(self):
+        """True at most once a second: time for a process's periodic
+        lines."""
+        now = time.monotonic()
+        if now < self._due:
+            return False
+        self._due = now + 1.0
+        return True
+
+    def close(self):
+        self._sock.close()
+
+
+def _statsd_datagrams(lines, size):
+    """``lines`` joined by newlines into datagrams of at most ``size``
+    bytes each (a longer line, were there one, goes alone)."""
+    datagrams, group, length = [], [], -1
+    for line in lines:
+        if group and length + 1 + len(line) > size:
+            datagrams.append(b'\n'.join(group))
+            group, length = [], -1
+        group.append(line)
+        length += 1 + len(line)
+    if group:
+        datagrams.append(b'\n'.join(group))
+    return datagrams
+
+
+def _statsd_address(settings):
+    """(family, address) of [brim] statsd_host, resolved once, in the main
+    process (a name that stops resolving later costs no worker a lookup);
+    None when it is not set."""
+    if settings.statsd_host is None:
+        return None
+    host, port = settings.statsd_host
+    try:
+        family, _type, _proto, _name, address = socket.getaddrinfo(
+            host, port, 0, socket.SOCK_DGRAM)[0]
+    except (OSError, UnicodeError) as err:
+        raise ConfError('[brim] statsd_host %s cannot be resolved (%s); '
+                        'give an address, or a name this host resolves.'
+                        % (_show_host_port(settings.statsd_host),
+                           _one_line(err)))
+    return family, address
+
+
+def _open_statsd(server):
+    """A _Statsd of this process's own, or None without statsd_host."""
+    if server.statsd_address is None:
+        return None
+    family, address = server.statsd_address
+    return _Statsd(family, address, server.settings.statsd_prefix)
 
 
 # ---------------------------------------------------------------------------
@@ -4636,9 +4839,12 @@ class WSGISubserver(_IPSubserver):
     """``[wsgi]`` / ``[wsgi#name]``: serves a chain of WSGI apps."""
 
     kind = 'wsgi'
+    statsd = None   # a worker's _Statsd, with [brim] statsd_host
 
     def configure(self, conf):
         _IPSubserver.configure(self, conf)
+        if self.server.settings.statsd_host:
+            self.stats_conf['statsd_dropped'] = 'sum'
         for stat in ['request_count', 'status_2xx_count', 'status_3xx_count',
                      'status_4xx_count', 'status_5xx_count'] + [
                 'status_%d_count' % c
@@ -4694,6 +4900,7 @@ class WSGISubserver(_IPSubserver):
         self.connections = set()
         self.next_request_check = 0.0
         self.status_slots = self._status_slots()
+        self.statsd = _open_statsd(self.server)
         base_env = self._base_env(bucket)
         app = self._not_found
         for app_name, make, parsed in reversed(self.apps):
@@ -4762,6 +4969,8 @@ class WSGISubserver(_IPSubserver):
 
     def _request_ended(self, env, response, duration, txn):
         self.stats.end(duration, self._code_slots(response.code))
+        if self.statsd:
+            self.statsd.request(response.code, duration)
         # An app may spare the log a line (WSGIHealth's frequent probes).
         if env.get('brim.log_request', True):
             self.log_request(env, response, duration, txn)
@@ -4837,6 +5046,8 @@ class WSGISubserver(_IPSubserver):
 
     def serve_forever(self):
         self._accept_connections(self._handle)
+        if self.statsd is not None:
+            self.statsd.flush()     # the last lines: the worker exits
 
     def _handle(self, sock, address, peer=None):
         """A new connection's job, for the pool; ``peer``: the proxy that
@@ -4847,6 +5058,9 @@ class WSGISubserver(_IPSubserver):
 
     def _tick(self):
         _IPSubserver._tick(self)
+        if self.statsd is not None:
+            self.statsd.flush()
+            self.stats.set('statsd_dropped', self.statsd.dropped)
         now = time.time()
         if self.settings.request_timeout and now >= self.next_request_check:
             self.next_request_check = now + 1.0
@@ -6302,7 +6516,8 @@ class _Supervisor(object):
     signum)`` signals one, ``reap()`` lists the (pid, status) of children
     that exited, ``clock`` (monotonic) times the backoff and the
     deadlines, ``wall_clock`` reads the heartbeats (which workers write
-    as time.time()).
+    as time.time()); ``on_restart(worker)`` hears of every restart it
+    schedules (the main process counts them for statsd).
     """
 
     #: A worker that dies sooner than this after starting is backed off.
@@ -6312,7 +6527,8 @@ class _Supervisor(object):
     ABORT_SECONDS = 2.0
 
     def __init__(self, slots, logger, graceful_timeout, fork, kill=_kill,
-                 reap=_reap_now, clock=time.monotonic, wall_clock=time.time):
+                 reap=_reap_now, clock=time.monotonic, wall_clock=time.time,
+                 on_restart=lambda worker: None):
         self.slots = slots
         self.logger = logger
         self.graceful_timeout = graceful_timeout
@@ -6321,6 +6537,7 @@ class _Supervisor(object):
         self.exited = reap
         self.clock = clock
         self.wall_clock = wall_clock
+        self.on_restart = on_restart
         self.children = {}      # pid: _WorkerSlot, for every serving process
         self.retired = {}       # pid: SIGKILL deadline of a replaced one
         self.draining = {}      # pid: the _WorkerSlot a retired one served
@@ -6416,6 +6633,7 @@ class _Supervisor(object):
         worker.last_exit = '%s after %.1fs' % (_exit_reason(status), lived)
         self.logger.error('%s (pid %d) %s; restarting in %.1fs',
                           worker.label(), pid, worker.last_exit, delay)
+        self.on_restart(worker)
 
     def respawn_due(self):
         now = self.clock()
@@ -7111,6 +7329,8 @@ class _Forker(object):
         """A child needs its own listening socket and ready pipe only."""
         server = self.server
         server.control.close()
+        if server.statsd is not None:
+            server.statsd.close()
         for fd in list(server.wake_fds) + list(server.supervisor.replacing):
             if fd != ready_fd:
                 os.close(fd)
@@ -7150,6 +7370,8 @@ class Server(object):
         self.foreground = False
         self.slots = []         # a _WorkerSlot for every worker and daemon
         self.supervisor = None  # made by run(), once the workers are known
+        self.statsd_address = None  # (family, address) with statsd_host
+        self.statsd = None      # the main process's _Statsd, made by run()
         self.control = _ControlChannel(self)
         self.restarter = _Restarter(self)
         self.scaler = _Scaler(self)
@@ -7180,6 +7402,7 @@ class Server(object):
             settings.log_file or self.fallback_log_file, self.to_stderr,
             settings.log_format)
         self.notifier.logger = self.logger
+        self.statsd_address = _statsd_address(settings)
         self.stats_layout = _StatsLayout(self.subservers)
         for subserver in self.subservers:
             for index in range(subserver.bucket_count):
@@ -7215,9 +7438,11 @@ class Server(object):
         """
         self.forked = True
         self.pid_file = pid_file
+        self.statsd = _open_statsd(self)
         self.supervisor = _Supervisor(self.slots, self.logger,
                                       self.settings.graceful_timeout,
-                                      _Forker(self).fork)
+                                      _Forker(self).fork,
+                                      on_restart=self._count_restart)
         self.autoscaler = _Autoscaler(self.scaler.scale_to, self.logger)
         self.wake_fds = _wake_on_signals()
         self.supervisor.adopt(old_workers)
@@ -7285,6 +7510,19 @@ class Server(object):
             self.autoscaler.tend(self.subservers, self.supervisor.wanted())
             self.control.answer_scaled()
             self.notifier.watchdog()
+            self._tell_statsd()
+
+    def _count_restart(self, worker):
+        """The supervisor's on_restart: a restart is a statsd counter."""
+        if self.statsd is not None:
+            self.statsd.count('workers.restarts')
+
+    def _tell_statsd(self):
+        """About once a second: how many workers and daemons run, and the
+        main process's lines since."""
+        if self.statsd is not None and self.statsd.due():
+            self.statsd.gauge('workers', len(self.supervisor.children))
+            self.statsd.flush()
 
     def _delay_left(self):
         """Seconds left of shutdown_delay (inf when none runs)."""

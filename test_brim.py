@@ -4612,6 +4612,255 @@ class TestPrometheus(BrimTestCase):
                       self.metrics('/stats?format=prometheus'))
 
 
+#: A statsd line: a name, a number, a type (counter, timer, gauge).
+STATSD_LINE = re.compile(rb'^([A-Za-z0-9_.-]+):(-?\d+(?:\.\d+)?)\|(c|ms|g)$')
+
+
+class StatsdListener(object):
+    """statsd for the tests: a UDP socket on 127.0.0.1 that keeps every
+    datagram it receives."""
+
+    def __init__(self, port=0):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(('127.0.0.1', port))
+        self.sock.setblocking(False)
+        self.port = self.sock.getsockname()[1]
+        self.datagrams = []
+
+    def receive(self, seconds=0.0):
+        """Keep what arrives within ``seconds`` (at least what is there)."""
+        deadline = time.monotonic() + seconds
+        while True:
+            try:
+                self.datagrams.append(self.sock.recv(65536))
+                continue
+            except BlockingIOError:
+                pass
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.sock], [], [], left)[0]:
+                return
+
+    def wait_for(self, condition, timeout=10.0, msg=None):
+        def received():
+            self.receive(0.2)
+            return condition()
+        return wait_until(received, timeout=timeout, msg=msg)
+
+    def lines(self):
+        return [line for datagram in self.datagrams
+                for line in datagram.split(b'\n')]
+
+    def parsed(self):
+        """(name, value, type) of every line; fails on a malformed one."""
+        parsed = []
+        for line in self.lines():
+            match = STATSD_LINE.match(line)
+            if match is None:
+                raise AssertionError('malformed statsd line %r' % line)
+            name, value, kind = match.groups()
+            parsed.append((name.decode(), float(value), kind.decode()))
+        return parsed
+
+    def total(self, name):
+        return sum(value for n, value, kind in self.parsed()
+                   if n == name and kind == 'c')
+
+    def samples(self, name):
+        return [value for n, value, kind in self.parsed()
+                if n == name and kind == 'ms']
+
+    def close(self):
+        self.sock.close()
+
+
+class TestStatsd(EchoTestCase):
+    """[brim] statsd_host: what reaches statsd, and brimd without it."""
+
+    def statsd_server(self, extra=''):
+        self.statsd = StatsdListener()
+        self.addCleanup(lambda: self.statsd.close())
+        self.echo_conf(workers=2, brim_extra='statsd_host = 127.0.0.1:%d\n%s'
+                       % (self.statsd.port, extra))
+        return self.start()
+
+    def test_every_request_reaches_statsd_and_resumes_after_it_is_down(self):
+        self.statsd_server('statsd_prefix = myapp')
+        paths = ['/pid'] * 14 + ['/nowhere'] * 6
+        random.shuffle(paths)
+        for path in paths:
+            self.assertEqual(self.http(self.port, 'GET', path)[0],
+                             200 if path == '/pid' else 404)
+        statsd = self.statsd
+        statsd.wait_for(lambda: len(statsd.samples(
+            'myapp.brim.request.duration')) >= 20 and statsd.total(
+            'myapp.brim.requests') >= 20, msg='20 requests reached statsd')
+        statsd.receive(1.2)     # a tick more: anything sent twice shows
+        self.assertEqual(statsd.total('myapp.brim.requests'), 20)
+        self.assertEqual(statsd.total('myapp.brim.request.status.200'), 14)
+        self.assertEqual(statsd.total('myapp.brim.request.status.404'), 6)
+        durations = statsd.samples('myapp.brim.request.duration')
+        self.assertEqual(len(durations), 20)
+        self.assertTrue(all(0 <= ms < 10000 for ms in durations), durations)
+        self.assertTrue(all(name.startswith('myapp.brim.')
+                            for name, _value, _kind in statsd.parsed()))
+        self.assertIn(('myapp.brim.workers', 2.0, 'g'), statsd.parsed())
+        self.assertTrue(all(len(d) <= 1400 for d in statsd.datagrams))
+        # statsd goes away: every request still succeeds, and the batches
+        # that cannot go are dropped and counted.
+        statsd.close()
+        self.assertEqual([self.http(self.port, 'GET', '/pid')[0]
+                          for _ in range(20)], [200] * 20)
+
+        def dropped():
+            self.assertEqual(self.http(self.port, 'GET', '/pid')[0], 200)
+            return self.stats(self.port)['wsgi']['statsd_dropped']
+        wait_until(dropped, msg='statsd_dropped counts the lost datagrams')
+        # statsd is back on its port: lines arrive again by themselves.
+        self.statsd = back = StatsdListener(statsd.port)
+        self.addCleanup(back.close)
+
+        def resumed():
+            self.assertEqual(self.http(self.port, 'GET', '/raise')[0], 500)
+            back.receive(0.3)
+            return back.total('myapp.brim.request.status.500')
+        wait_until(resumed, msg='statsd lines resumed')
+        self.assertTrue(all(len(d) <= 1400 for d in back.datagrams))
+        back.parsed()   # every line well formed
+
+    def test_worker_restarts_are_counted(self):
+        pid = self.statsd_server()
+        self.statsd.wait_for(lambda: ('brim.workers', 2.0, 'g') in
+                             self.statsd.parsed(), msg='the workers gauge')
+        victim = live_children_of(pid)[0]
+        os.kill(victim, signal.SIGKILL)
+        self.statsd.wait_for(lambda: self.statsd.total(
+            'brim.workers.restarts') >= 1, msg='the restart reached statsd')
+        self.assertEqual(self.statsd.total('brim.workers.restarts'), 1)
+        self.echo_ok(self.port)
+
+    def test_check_refuses_a_statsd_host_that_is_not_host_port(self):
+        for value in ('localhost', '::1:8125', '127.0.0.1:0', 'host:port'):
+            self.echo_conf(brim_extra='statsd_host = %s' % value)
+            line = ("[brim] statsd_host %r is not host:port; write it as "
+                    "127.0.0.1:8125 (an IPv6 address as [::1]:8125).\n"
+                    % value)
+            self.assertEqual(self.brim('check'), (1, '', line))
+        self.echo_conf(brim_extra='statsd_prefix = my app')
+        code, out, err = self.brim('check')
+        self.assertEqual((code, err.count('\n')), (1, 1))
+        self.assertIn('[brim] statsd_prefix', err)
+        self.echo_conf(brim_extra='statsd_host = [::1]:8125')
+        code, out, err = self.brim('check')
+        self.assertEqual((code, err), (0, ''), out)
+        self.assertIn('  statsd_host = [::1]:8125\n', out)
+
+
+class _RefusingSocket(object):
+    """Where a _Statsd sends: refuses (as a full buffer does) until
+    ``up``, then keeps what it is sent."""
+
+    def __init__(self):
+        self.up = False
+        self.sent = []
+
+    def connect(self, address):
+        pass
+
+    def send(self, datagram):
+        if not self.up:
+            raise BlockingIOError('Resource temporarily unavailable')
+        self.sent.append(datagram)
+        return len(datagram)
+
+    def close(self):
+        pass
+
+
+class TestStatsdInProcess(unittest.TestCase):
+    """_Statsd's batches, called directly."""
+
+    def setUp(self):
+        self.listener = StatsdListener()
+        self.addCleanup(self.listener.close)
+        self.statsd = brim._Statsd(socket.AF_INET,
+                                   ('127.0.0.1', self.listener.port))
+        self.addCleanup(self.statsd.close)
+
+    def test_datagrams_are_lines_within_the_size(self):
+        lines = [b'brim.x%d:%d|c' % (i, i) for i in range(500)]
+        datagrams = brim._statsd_datagrams(lines, 1400)
+        self.assertGreater(len(datagrams), 4)
+        self.assertTrue(all(len(d) <= 1400 for d in datagrams))
+        self.assertTrue(all(len(d) > 1300 for d in datagrams[:-1]))
+        self.assertEqual(b'\n'.join(datagrams).split(b'\n'), lines)
+
+    def test_counters_add_up_timers_do_not(self):
+        for code in (200, 200, 404):
+            self.statsd.request(code, 0.0125)
+        self.statsd.count('workers.restarts')
+        self.statsd.gauge('workers', 3)
+        self.statsd.gauge('workers', 4)
+        self.assertEqual(self.listener.datagrams, [])   # batched
+        self.statsd.flush()
+        self.listener.receive(2.0)
+        [datagram] = self.listener.datagrams
+        self.assertEqual(sorted(datagram.split(b'\n')), sorted([
+            b'brim.requests:3|c', b'brim.request.status.200:2|c',
+            b'brim.request.status.404:1|c', b'brim.workers.restarts:1|c',
+            b'brim.workers:4|g'] + [b'brim.request.duration:12.500|ms'] * 3))
+
+    def test_a_full_datagram_goes_at_once(self):
+        for _ in range(200):
+            self.statsd.request(200, 0.001)
+        self.listener.receive(0.5)
+        self.assertGreater(len(self.listener.datagrams), 3)
+        self.assertTrue(all(len(d) <= 1400 for d in self.listener.datagrams))
+        self.statsd.flush()
+        self.listener.receive(0.5)
+        self.assertEqual(self.listener.total('brim.requests'), 200)
+        self.assertEqual(len(self.listener.samples('brim.request.duration')),
+                         200)
+
+    def test_statsd_gone_costs_no_memory_and_lines_resume(self):
+        self.statsd._sock.close()
+        fake = self.statsd._sock = _RefusingSocket()
+        for i in range(20000):
+            self.statsd.request(200 + i % 300, 0.002)
+            self.assertLess(self.statsd._size, 1400 + 200)
+        self.statsd.flush()
+        self.assertGreater(self.statsd.dropped, 20000 * 30 // 1400)
+        self.assertEqual(self.statsd._timers, [])
+        fake.up = True
+        dropped = self.statsd.dropped
+        self.statsd.request(200, 0.002)
+        self.statsd.flush()
+        self.assertEqual(self.statsd.dropped, dropped)
+        self.assertEqual(len(fake.sent), 1)
+        self.assertIn(b'brim.requests:1|c', fake.sent[0].split(b'\n'))
+
+    def test_refused_by_a_closed_port_the_next_batch_tries_again(self):
+        self.statsd.request(200, 0.001)
+        self.statsd.flush()
+        self.listener.receive(1.0)
+        self.assertEqual(self.listener.total('brim.requests'), 1)
+        port = self.listener.port
+        self.listener.close()
+        # The first batch after statsd went brings back an ICMP port
+        # unreachable; a later one is refused, and dropped.
+        wait_until(lambda: self.statsd.request(200, 0.001) or
+                   self.statsd.flush() or self.statsd.dropped,
+                   msg='a batch was refused')
+        self.listener = StatsdListener(port)
+        self.addCleanup(self.listener.close)
+
+        def arrived():
+            self.statsd.request(201, 0.001)
+            self.statsd.flush()
+            self.listener.receive(0.1)
+            return self.listener.total('brim.request.status.201')
+        wait_until(arrived, msg='lines resumed')
+
+
 # ---------------------------------------------------------------------------
 # 7. Logging
 # ---------------------------------------------------------------------------
