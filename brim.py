@@ -7588,32 +7588,8 @@ class Server(object):
         self.logger.info('SIGTTOU: %s', self.scaler.scale('*', '-1')[0])
 
     def status(self):
-        """What ``brimd status`` (and ``top``) shows: every worker of every
-        subserver, and those draining."""
-        now = time.time()
-        reading = self.stats_layout.read(self.start_time)
-        subservers = []
-        for subserver in self.subservers:
-            read = {worker.label: worker for worker in
-                    reading.subservers[subserver.name].workers}
-            workers = [_slot_status(worker, read, now)
-                       for worker in self.supervisor.wanted()
-                       if worker.subserver is subserver]
-            workers += [_draining_status(pid, worker, read, now)
-                        for pid, worker in self.supervisor.draining.items()
-                        if worker.subserver is subserver]
-            subservers.append({'name': subserver.name,
-                               'kind': subserver.kind,
-                               'addresses': subserver.addresses(),
-                               'configured': str(subserver.settings.workers),
-                               'target': self.scaler.target(subserver),
-                               'max_workers': subserver.bucket_count,
-                               'decision': self.autoscaler.decisions.get(
-                                   subserver.name),
-                               'workers': workers})
-        return {'pid': os.getpid(), 'uptime': round(now - self.start_time),
-                'generation': self.generation,
-                'foreground': self.foreground, 'subservers': subservers}
+        """What ``brimd status`` (and ``top``) shows (see _status)."""
+        return _status(self)
 
     # -- the end -------------------------------------------------------------
 
@@ -7668,6 +7644,34 @@ class Server(object):
                 pass
         self.logger.info('brimd exited')
         return 0
+
+
+def _status(server):
+    """``server``'s status: every worker of every subserver, and those
+    draining."""
+    now = time.time()
+    reading = server.stats_layout.read(server.start_time)
+    subservers = []
+    for subserver in server.subservers:
+        read = {worker.label: worker for worker in
+                reading.subservers[subserver.name].workers}
+        workers = [_slot_status(worker, read, now)
+                   for worker in server.supervisor.wanted()
+                   if worker.subserver is subserver]
+        workers += [_draining_status(pid, worker, read, now)
+                    for pid, worker in server.supervisor.draining.items()
+                    if worker.subserver is subserver]
+        subservers.append({
+            'name': subserver.name, 'kind': subserver.kind,
+            'addresses': subserver.addresses(),
+            'configured': str(subserver.settings.workers),
+            'target': server.scaler.target(subserver),
+            'max_workers': subserver.bucket_count,
+            'decision': server.autoscaler.decisions.get(subserver.name),
+            'workers': workers})
+    return {'pid': os.getpid(), 'uptime': round(now - server.start_time),
+            'generation': server.generation,
+            'foreground': server.foreground, 'subservers': subservers}
 
 
 def _slot_status(worker, read, now):
