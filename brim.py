@@ -6948,6 +6948,8 @@ class Server(object):
 
     def _start_failed(self, failure, ready_fd):
         self.logger.error('brimd could not start: %s', failure)
+        if self.reloader and self.supervisor.retired:
+            return self._serve_on_with_previous_workers()
         if self.took_sockets:
             self.keep_socket_files = True
         if ready_fd is not None:
@@ -6956,6 +6958,18 @@ class Server(object):
         # have taken connections from the shared sockets already.
         self.shutdown()
         return 1
+
+    def _serve_on_with_previous_workers(self):
+        """--reload: this code's workers failed to start (an app factory
+        that raises, say).  Stop them, and let the previous code's workers
+        serve on until the next change, as a check that fails does."""
+        self.supervisor.stopping = True     # no restarts of the failed ones
+        for pid in self.supervisor.children:
+            _kill(pid, signal.SIGTERM)
+        self.logger.error('reload failed, the previous workers go on '
+                          'serving until the next change')
+        self.control.listen()
+        return self._main_loop()
 
     def _report_ready(self, ready_fd):
         """Tell the pid file, the log, systemd and ``start`` that brimd

@@ -8646,6 +8646,22 @@ class TestReload(BrimTestCase):
         self.answers(b'v2', proc)
         self.wait_for_log(r'reloading: %s changed' % re.escape(self.app_path))
 
+    def test_workers_that_fail_to_start_leave_the_old_ones_serving(self):
+        with open(self.conf_path) as fp:
+            conf = fp.read()
+        self.rewrite(self.conf_path, conf.replace(
+            'reloadme:application', 'reloadme:make()'))
+        factory = RELOAD_APP + 'def make():\n    %s\n    return application\n'
+        self.rewrite(self.app_path, factory % ('v1', ''))
+        proc = self.attached('foreground')
+        self.answers(b'v1', proc)
+        self.rewrite(self.app_path, factory % ('v2', 'raise OSError(5)'))
+        self.wait_for_log('reload failed, the previous workers go on serving')
+        self.assertIn('OSError: 5', self.log_text())
+        self.assertEqual(self.http(self.port)[2], b'v1')
+        self.rewrite(self.app_path, factory % ('v3', ''))
+        self.answers(b'v3', proc)
+
     def test_only_attached_commands_take_reload(self):
         code, out, err = self.brim('start', '--reload')
         self.assertEqual((code, out), (1, ''))
