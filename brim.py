@@ -7349,7 +7349,9 @@ commands (default: no-daemon):
                 (with APP, what serve APP would run)
   foreground    what start runs, attached to the terminal (containers,
                 supervisors): logs to standard error, SIGTERM drains like
-                shutdown, SIGUSR2 restarts in place keeping the process id
+                shutdown, SIGUSR2 restarts in place keeping the process id;
+                with --reload, so does a change to a source file (for
+                development; no-daemon --reload re-executes itself)
   no-daemon     serve in the foreground in one process, logging to the
                 terminal, with no pid file: for debugging
   hash-password [NAME]
@@ -7407,9 +7409,7 @@ def _parse_args(argv):
                         help='serve: how many worker processes; default '
                              '[wsgi] workers, else 2')
     parser.add_argument('--reload', action='store_true',
-                        help='foreground, serve and no-daemon: restart '
-                             'when a source or configuration file changes '
-                             '(for development)')
+                        help='restart when a file changes (development)')
     parser.add_argument('command', nargs='?', default='no-daemon',
                         help=argparse.SUPPRESS)
     parser.add_argument('name', nargs='?', help=argparse.SUPPRESS)
