@@ -37,7 +37,8 @@ section:
     Supervision             Server, the main process: its signals; its
                             workers kept alive (_Supervisor) and scaled
                             (_Scaler, _Autoscaler), its control socket,
-                            its restarts in place, systemd notify
+                            its restarts in place (also on a code change:
+                            --reload), systemd notify
     Command line            main(): serve, start, stop, shutdown, restart,
                             status, check, foreground, hash-password, ...;
                             and serve(app) for projects that vendor brim.py
@@ -103,6 +104,7 @@ import ctypes
 import errno
 import faulthandler
 import gc
+import glob
 import hashlib
 import hmac
 import html
@@ -123,6 +125,7 @@ import socket
 import stat
 import string
 import struct
+import sysconfig
 import threading
 import time
 import traceback
@@ -292,6 +295,10 @@ def _bool(section, option, text):
 
 def _words(section, option, text):
     return tuple(text.split())
+
+
+def _paths(section, option, text):
+    return tuple(os.path.expanduser(path) for path in text.split())
 
 
 def _directories(section, option, text):
@@ -544,6 +551,9 @@ _OPTIONS = (
     # Metrics as statsd lines over UDP (see _Statsd); off without a host.
     _Option('statsd_host', 'brim', _host_port, None, show=_show_host_port),
     _Option('statsd_prefix', 'brim', _statsd_prefix, None),
+    # What foreground --reload watches besides the apps' modules and the
+    # configuration files: templates, data files (glob patterns).
+    _Option('reload_extra_files', 'brim', _paths, ()),
     # The original's event loop and its buffer sizes, and the X-Auth-Token
     # it could log: brim has no use for them.
     _Option('eventlet_hub', _LISTENERS, _text, None, from_brim=True,
@@ -7191,8 +7201,10 @@ class _Restarter(object):
         else:
             self.exec_in_place()
 
-    def check(self):
-        """None when a restart in place may go ahead, else why not."""
+    def check(self, app_traceback=False):
+        """None when a restart in place may go ahead, else why not: the
+        check's one line, or with ``app_traceback`` the traceback of an
+        app's broken import (its files and lines) before it."""
         notifier = self.server.notifier
         notifier.send('RELOADING=1\nMONOTONIC_USEC=%d\nSTATUS=checking the '
                       'configuration' % _monotonic_usec())
@@ -7201,10 +7213,28 @@ class _Restarter(object):
         else:
             problem = _check_in_subprocess(
                 self.command_line.argv('check'),
-                [_socket_key_of(s) for s in self.server.listening_sockets()])
+                [_socket_key_of(s) for s in self.server.listening_sockets()],
+                app_traceback)
         if problem:
-            notifier.send('READY=1\nSTATUS=restart refused: %s' % problem)
+            reason = problem.splitlines()[-1]
+            notifier.send('READY=1\nSTATUS=restart refused: %s' % reason)
+            if not app_traceback:
+                problem = reason
         return problem
+
+    def reload(self, changed, become):
+        """--reload: the file ``changed`` changed.  Check the code and the
+        configuration in a subprocess, then ``become`` the new brimd
+        (exec_in_place, or exec_anew for no-daemon).  A failed check is
+        logged whole, once: the old code serves until the next change."""
+        logger = self.server.logger
+        logger.info('reloading: %s changed', changed)
+        problem = self.check(app_traceback=True)
+        if problem:
+            logger.error('reload refused, the running code goes on serving '
+                         'until the next change:\n%s', problem)
+        else:
+            become()
 
     def exec_in_place(self):
         """Become a new brimd (same pid) that inherits the listening
@@ -7237,14 +7267,28 @@ class _Restarter(object):
                 sock.set_inheritable(False)
             server.logger.error('restart in place failed: %s', err)
 
+    def exec_anew(self):
+        """no-daemon --reload: re-execute the command line (same pid).  The
+        listening sockets close at exec and the new process binds them
+        again (SO_REUSEADDR): one process, no workers to hand over to."""
+        command = self.command_line.argv()
+        _flush_logs()       # the serving threads batch this process's lines
+        try:
+            os.execv(command[0], command)
+        except OSError as err:
+            self.server.logger.error('reload failed: %s', err)
 
-def _check_in_subprocess(command, held):
-    """Run ``command``, a ``check``; None when it passes, else its one-line
-    reason.  ``held``: socket keys this brimd holds (they need not be
-    free)."""
+
+def _check_in_subprocess(command, held, app_traceback=False):
+    """Run ``command``, a ``check``; None when it passes, else what it
+    printed on standard error (its reason is the last line).  ``held``:
+    socket keys this brimd holds (they need not be free);
+    ``app_traceback``: have it print a broken import's traceback."""
     import subprocess
     env = dict(os.environ)
     env[_HELD_ENV] = json.dumps(held)
+    if app_traceback:
+        env[_APP_TRACEBACK_ENV] = '1'
     try:
         done = subprocess.run(command, env=env, stdin=subprocess.DEVNULL,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -7253,8 +7297,97 @@ def _check_in_subprocess(command, held):
         return 'could not run check: %s' % err
     if done.returncode == 0:
         return None
-    lines = done.stderr.decode('utf-8', 'replace').strip().splitlines()
-    return lines[-1] if lines else 'check exited %d' % done.returncode
+    printed = done.stderr.decode('utf-8', 'replace').rstrip()
+    return printed or 'check exited %d' % done.returncode
+
+
+# -- --reload: restart on code change, for development ----------------------
+#
+# The main loop wakes at least once a second anyway; _Reloader stats the
+# watched files then.  A stat is a couple of microseconds, so even a
+# project of thousands of files costs a fraction of a percent of a core,
+# with no thread and nothing outside the standard library.
+
+#: Seconds between looks at the watched files.
+_RELOAD_POLL = 1.0
+
+
+class _Reloader(object):
+    """Notices a change to any of ``paths``: a new mtime, size or inode (an
+    editor that saves by replacing the file), a file gone, or one that was
+    missing and appeared."""
+
+    def __init__(self, paths):
+        self.paths = sorted(set(paths))
+        self.stamps = {path: self._stamp(path) for path in self.paths}
+        self.next_look = time.monotonic() + _RELOAD_POLL
+
+    @staticmethod
+    def _stamp(path):
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size, st.st_ino
+
+    def changed(self):
+        """A file that changed since the last look, else None; each change
+        is told once (a save that touches several files, once in all).
+        Looks at most once every _RELOAD_POLL seconds."""
+        now = time.monotonic()
+        if now < self.next_look:
+            return None
+        self.next_look = now + _RELOAD_POLL
+        found = None
+        for path in self.paths:
+            stamp = self._stamp(path)
+            if stamp != self.stamps[path]:
+                self.stamps[path] = stamp
+                found = found or path
+        return found
+
+
+def _watched_files(conf, extra_files):
+    """What --reload watches: the source of every module loaded so far
+    (the calls' and whatever they imported) outside the standard library
+    and installed packages, every configuration file read, and
+    ``extra_files`` (glob patterns; a missing file is watched to appear)."""
+    libraries = _library_places()
+    files = set()
+    for module in list(sys.modules.values()):
+        path = getattr(module, '__file__', None)
+        if isinstance(path, str) and not _in_library(path, libraries):
+            files.add(path)
+    for pattern in extra_files:
+        files.update(glob.glob(pattern, recursive=True) or [pattern])
+    files.update(conf.files)
+    return sorted(os.path.abspath(path) for path in files)
+
+
+def _library_places():
+    """The directories of the standard library and installed packages (of
+    this environment and of the Python it was made from), each ending in
+    a separator.  Not sys.prefix itself: a project may live under
+    /usr/local or /opt beside its Python."""
+    places = set()
+    for prefix in {sys.prefix, sys.base_prefix, sys.exec_prefix}:
+        paths = sysconfig.get_paths(vars={
+            'base': prefix, 'platbase': prefix, 'installed_base': prefix,
+            'installed_platbase': prefix})
+        places.update(paths[name] for name in
+                      ('stdlib', 'platstdlib', 'purelib', 'platlib'))
+    return tuple(os.path.join(os.path.abspath(place), '')
+                 for place in places)
+
+
+def _in_library(path, libraries):
+    """Whether ``path`` is the standard library's or an installed
+    package's: under ``libraries``, or in any site-packages or
+    dist-packages (the user's, Debian's /usr/lib/python3/dist-packages)."""
+    path = os.path.abspath(path)
+    parts = path.split(os.sep)
+    return (path.startswith(libraries) or 'site-packages' in parts or
+            'dist-packages' in parts)
 
 
 class _Forker(object):
@@ -7375,6 +7508,7 @@ class Server(object):
         self.control = _ControlChannel(self)
         self.restarter = _Restarter(self)
         self.scaler = _Scaler(self)
+        self.reloader = None    # a _Reloader under --reload
         self.pid_file = None
         self.generation = 0     # restarts in place so far
         #: When shutdown_delay ends (time.monotonic()), while it runs.
@@ -7460,6 +7594,8 @@ class Server(object):
 
     def _start_failed(self, failure, ready_fd):
         self.logger.error('brimd could not start: %s', failure)
+        if self.reloader and self.supervisor.retired:
+            return self._serve_on_with_previous_workers()
         if self.took_sockets:
             self.keep_socket_files = True
         if ready_fd is not None:
@@ -7468,6 +7604,18 @@ class Server(object):
         # have taken connections from the shared sockets already.
         self.shutdown()
         return 1
+
+    def _serve_on_with_previous_workers(self):
+        """--reload: this code's workers failed to start (an app factory
+        that raises, say).  Stop them, and let the previous code's workers
+        serve on until the next change, as a check that fails does."""
+        self.supervisor.stopping = True     # no restarts of the failed ones
+        for pid in self.supervisor.children:
+            _kill(pid, signal.SIGTERM)
+        self.logger.error('reload failed, the previous workers go on '
+                          'serving until the next change')
+        self.control.listen()
+        return self._main_loop()
 
     def _report_ready(self, ready_fd):
         """Tell the pid file, the log, systemd and ``start`` that brimd
@@ -7511,6 +7659,9 @@ class Server(object):
             self.control.answer_scaled()
             self.notifier.watchdog()
             self._tell_statsd()
+            changed = self.reloader and self.reloader.changed()
+            if changed:
+                self.restarter.reload(changed, self.restarter.exec_in_place)
 
     def _count_restart(self, worker):
         """The supervisor's on_restart: a restart is a statsd counter."""
@@ -7588,8 +7739,8 @@ class Server(object):
         self.logger.info('SIGTTOU: %s', self.scaler.scale('*', '-1')[0])
 
     def status(self):
-        """What ``brimd status`` (and ``top``) shows (see _status)."""
-        return _status(self)
+        """What ``brimd status`` (and ``top``) shows (see _status_report)."""
+        return _status_report(self)
 
     # -- the end -------------------------------------------------------------
 
@@ -7646,7 +7797,7 @@ class Server(object):
         return 0
 
 
-def _status(server):
+def _status_report(server):
     """``server``'s status: every worker of every subserver, and those
     draining."""
     now = time.time()
@@ -7762,8 +7913,12 @@ def _run_inline(server):
         threading.Thread(target=subserver.serve_forever, daemon=True).start()
     server.logger.info('brimd %s serving %s in one process (pid %d)',
                        __version__, _serving(server.subservers), os.getpid())
+    timeout = _RELOAD_POLL if server.reloader else None
     while True:
-        select.select([wake_r], [], [])
+        select.select([wake_r], [], [], timeout)
+        changed = server.reloader and server.reloader.changed()
+        if changed:
+            server.restarter.reload(changed, server.restarter.exec_anew)
         try:
             signums = os.read(wake_r, 512)
         except BlockingIOError:
@@ -7945,7 +8100,9 @@ commands (default: no-daemon):
                 (with APP, what serve APP would run)
   foreground    what start runs, attached to the terminal (containers,
                 supervisors): logs to standard error, SIGTERM drains like
-                shutdown, SIGUSR2 restarts in place keeping the process id
+                shutdown, SIGUSR2 restarts in place keeping the process id;
+                with --reload, so does a change to a source file (for
+                development; no-daemon --reload re-executes itself)
   no-daemon     serve in the foreground in one process, logging to the
                 terminal, with no pid file: for debugging
   hash-password [NAME]
@@ -7965,6 +8122,9 @@ _INPLACE_ENV = 'BRIM_RESTART_IN_PLACE'
 #: Set for the ``check`` a restart in place runs: the addresses that
 #: brimd holds, which count as available.
 _HELD_ENV = 'BRIM_CHECK_HELD'
+#: Set for the ``check`` a --reload runs: print the traceback of an app
+#: that fails to import (see _app_traceback).
+_APP_TRACEBACK_ENV = 'BRIM_CHECK_APP_TRACEBACK'
 
 
 def _parse_args(argv):
@@ -7999,6 +8159,8 @@ def _parse_args(argv):
     parser.add_argument('--workers', type=int, metavar='N',
                         help='serve: how many worker processes; default '
                              '[wsgi] workers, else 2')
+    parser.add_argument('--reload', action='store_true',
+                        help='restart when a file changes (development)')
     parser.add_argument('command', nargs='?', default='no-daemon',
                         help=argparse.SUPPRESS)
     parser.add_argument('name', nargs='?', help=argparse.SUPPRESS)
@@ -8020,8 +8182,8 @@ class _CommandLine(object):
 
     def argv(self, command=None):
         """The argv that runs brimd ``command`` (default: the one this
-        process runs) with this process's options (and the app that
-        ``serve`` serves)."""
+        process runs, --reload included) with this process's options (and
+        the app that ``serve`` serves)."""
         args = self.args
         argv = [sys.executable, self.script]
         for path in args.conf or ():
@@ -8033,6 +8195,8 @@ class _CommandLine(object):
         for flag in ('ip', 'port', 'workers'):
             if getattr(args, flag) is not None:
                 argv += ['--' + flag, str(getattr(args, flag))]
+        if command is None and args.reload:
+            argv.append('--reload')
         return (argv + [command or args.command] +
                 ([args.app] if args.app else []))
 
@@ -8340,7 +8504,12 @@ def _duration(seconds):
 def _cmd_check(args):
     """Everything ``start`` would check, without serving; then the
     settings of [brim] and of each subserver, as they will run."""
-    server = _load_server(args, to_stderr=True)
+    try:
+        server = _load_server(args, to_stderr=True)
+    except ConfError as err:
+        if os.environ.get(_APP_TRACEBACK_ENV) and err.__context__:
+            sys.stderr.write(_app_traceback(err.__context__))
+        raise
     if _HELD_ENV in os.environ:
         held = set(json.loads(os.environ[_HELD_ENV]))
     else:
@@ -8360,6 +8529,18 @@ def _cmd_check(args):
     print('\n'.join(lines))
     print('configuration OK')
     return 0
+
+
+def _app_traceback(error):
+    """The traceback of ``error`` (an app's import that failed) without
+    brim's and importlib's frames: what is left names the app's files and
+    lines."""
+    shown = traceback.TracebackException.from_exception(error)
+    machinery = (_app_traceback.__code__.co_filename, importlib.__file__)
+    shown.stack = traceback.StackSummary.from_list(
+        [frame for frame in shown.stack if frame.filename not in machinery
+         and not frame.filename.startswith('<frozen importlib')])
+    return ''.join(shown.format())
 
 
 def _unused_sections(server):
@@ -8558,6 +8739,7 @@ def _cmd_foreground(args, command_line):
     in_place = _in_place_plan(True, True)
     server = _load_server(args, to_stderr=True)
     server.restarter = _Restarter(server, command_line)
+    _watch_for_reload(server, args)
     pid_file = None
     if args.pid_file or server.settings.pid_file:
         pid_file = _pid_file_path(args, server.settings.pid_file)
@@ -8602,10 +8784,23 @@ def _become_subreaper():
         pass
 
 
-def _cmd_no_daemon(args):
+def _cmd_no_daemon(args, command_line):
     server = _load_server(args, to_stderr=True)
+    server.restarter = _Restarter(server, command_line)
+    _watch_for_reload(server, args)
     server.bind()
     return _run_inline(server)
+
+
+def _watch_for_reload(server, args):
+    """Under --reload, give ``server`` its _Reloader, now that the apps
+    are imported."""
+    if not args.reload:
+        return
+    files = _watched_files(server.conf, server.settings.reload_extra_files)
+    server.reloader = _Reloader(files)
+    server.logger.info('--reload: watching %d files for changes',
+                       len(files))
 
 
 def _stop(args, _command_line):
@@ -8639,9 +8834,13 @@ _COMMANDS = {
     'scale': _without_command_line(_cmd_scale),
     'check': _without_command_line(_cmd_check),
     'foreground': _cmd_foreground,
-    'no-daemon': _without_command_line(_cmd_no_daemon),
+    'no-daemon': _cmd_no_daemon,
     'hash-password': _without_command_line(_cmd_hash_password),
 }
+
+
+#: The commands that take --reload: those attached to a terminal.
+_RELOADING_COMMANDS = ('foreground', 'serve', 'no-daemon')
 
 
 def _misuse(args):
@@ -8667,6 +8866,9 @@ def _misuse(args):
     if flags and args.app is None:
         return ('--%s is for serve APP (and check APP); set [wsgi] %s in the '
                 'configuration instead.' % (flags[0], flags[0]))
+    if args.reload and args.command not in _RELOADING_COMMANDS:
+        return ('--reload is for development, with foreground, serve or '
+                'no-daemon; %s does not take it.' % args.command)
     return None
 
 

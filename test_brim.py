@@ -16,9 +16,11 @@ does not wait for a slow init to reap the exited main process.
 """
 
 import base64
+import collections
 import contextlib
 import grp
 import hashlib
+import importlib
 import http.client as httpclient
 import io
 import itertools
@@ -7257,6 +7259,7 @@ class TestRequestTargets(unittest.TestCase):
 # Apps that use brim.http and brim.httpform, as an app author would.
 APP_SOURCES['myforms.py'] = '''
 import hashlib
+import importlib
 import json
 import resource
 
@@ -8392,6 +8395,22 @@ class TestModuleMap(unittest.TestCase):
         self.assertGreater(len(banners), 10)
         self.assertEqual(entries, banners)
 
+    def test_no_module_name_is_defined_twice(self):
+        """One name, one meaning: a second def of a name silently
+        replaces the first for every caller."""
+        import ast
+        with open(BRIM, encoding='utf-8') as fp:
+            tree = ast.parse(fp.read())
+        defined = collections.Counter()
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                defined[node.name] += 1
+            elif isinstance(node, ast.Assign):
+                defined.update(target.id for target in node.targets
+                               if isinstance(target, ast.Name))
+        self.assertEqual([name for name, count in defined.items()
+                          if count > 1], [])
+
 
 class TestBrimdScript(EchoTestCase):
     """./brimd works in place and when copied with brim.py elsewhere."""
@@ -8978,6 +8997,187 @@ def create_broken():
     raise RuntimeError('factory-marker')
 ''',
 }
+
+# An app whose answer the reload tests rewrite.
+RELOAD_APP = '''
+def application(env, start_response):
+    start_response('200 OK', [('Content-Type', 'text/plain')])
+    return [b'%s']
+'''
+
+
+class TestReload(BrimTestCase):
+    """--reload: foreground and no-daemon restart when an app's source, a
+    configuration file or a reload_extra_files file changes; a broken
+    change is shown with its traceback while the old code serves on."""
+
+    def setUp(self):
+        BrimTestCase.setUp(self)
+        self.app_path = os.path.join(self.tmp, 'reloadme.py')
+        self.template = os.path.join(self.tmp, 'page.html')
+        self.rewrite(self.app_path, RELOAD_APP % 'v1')
+        self.rewrite(self.template, 'one')
+        self.port = free_port()
+        self.write_conf('''
+            [brim]
+            reload_extra_files = %s
+
+            [wsgi]
+            ip = 127.0.0.1
+            port = %d
+            apps = app
+
+            [app]
+            call = reloadme:application
+            ''' % (os.path.join(self.tmp, '*.html'), self.port))
+
+    def rewrite(self, path, text):
+        """Write ``path`` and move its mtime on by a few seconds: a rewrite
+        within the same second, of the same size, must still look new
+        (to the reloader and to Python's cached bytecode)."""
+        before = os.stat(path).st_mtime_ns if os.path.exists(path) else 0
+        with open(path, 'w') as fp:
+            fp.write(text)
+        later = max(before + 3 * 10 ** 9, time.time_ns())
+        os.utime(path, ns=(later, later))
+
+    def attached(self, command):
+        """``brim.py -c CONF -p PID COMMAND --reload``, ended in a cleanup."""
+        out = open(os.path.join(self.tmp, 'attached.out'), 'wb')
+        self.addCleanup(out.close)
+        proc = popen([sys.executable, BRIM, '-c', self.conf_path, '-p',
+                      self.pid_file, command, '--reload'],
+                     cwd=self.tmp, env=self.env, stdout=out,
+                     stderr=subprocess.STDOUT)
+        self.track(proc.pid)
+
+        def end():
+            self.seen_pids.update(descendants_of(proc.pid))
+            end_process(proc)
+        self.addCleanup(end)
+        return proc
+
+    def answers(self, expected, proc):
+        """Wait until a request answers ``expected``, from the same main
+        process."""
+        def answer():
+            self.assertIsNone(proc.poll(), 'brimd exited: %s' % self.log_text(
+                os.path.join(self.tmp, 'attached.out'))[-2000:])
+            return self.http(self.port, timeout=5)[2] == expected
+        wait_until(answer, timeout=20, msg='answering %r' % expected)
+        self.seen_pids.update(descendants_of(proc.pid))
+
+    def test_foreground_reloads_and_serves_on_through_a_broken_change(self):
+        proc = self.attached('foreground')
+        self.answers(b'v1', proc)
+        self.wait_for_log(r'--reload: watching \d+ files for changes')
+        self.rewrite(self.app_path, RELOAD_APP % 'v2')
+        self.answers(b'v2', proc)
+        self.assertEqual(self.read_pid(), proc.pid)
+        self.wait_for_log(r'reloading: %s changed' % re.escape(self.app_path))
+        self.rewrite(self.app_path, RELOAD_APP % 'v2' + 'def (\n')
+        self.wait_for_log('reload refused')
+        log = self.log_text()
+        self.assertIn('File "%s", line 5' % self.app_path, log)
+        self.assertIn('SyntaxError', log)
+        self.assertNotIn('_import_name', log, 'brim\'s own frames shown')
+        self.assertEqual(self.http(self.port)[2], b'v2')
+        self.rewrite(self.app_path, RELOAD_APP % 'v3')
+        self.answers(b'v3', proc)
+        self.assertEqual(self.log_text().count('reload refused'), 1)
+        self.assertEqual(self.read_pid(), proc.pid)
+
+    def test_extra_files_and_the_conf_file_reload_too(self):
+        proc = self.attached('foreground')
+        self.answers(b'v1', proc)
+        self.rewrite(self.template, 'two')
+        self.wait_for_log(r'reloading: %s changed'
+                          % re.escape(self.template))
+        self.wait_for_log(r'serving \[wsgi\]', count=2, timeout=20)
+        with open(self.conf_path) as fp:
+            conf = fp.read()
+        self.rewrite(self.conf_path, conf + '# edited\n')
+        self.wait_for_log(r'reloading: %s changed'
+                          % re.escape(self.conf_path))
+        self.wait_for_log(r'serving \[wsgi\]', count=3, timeout=20)
+        self.answers(b'v1', proc)
+
+    def test_no_daemon_reloads_in_its_one_process(self):
+        proc = self.attached('no-daemon')
+        self.answers(b'v1', proc)
+        self.rewrite(self.app_path, RELOAD_APP % 'v2')
+        self.answers(b'v2', proc)
+        self.wait_for_log(r'reloading: %s changed' % re.escape(self.app_path))
+
+    def test_workers_that_fail_to_start_leave_the_old_ones_serving(self):
+        with open(self.conf_path) as fp:
+            conf = fp.read()
+        self.rewrite(self.conf_path, conf.replace(
+            'reloadme:application', 'reloadme:make()'))
+        factory = RELOAD_APP + 'def make():\n    %s\n    return application\n'
+        self.rewrite(self.app_path, factory % ('v1', ''))
+        proc = self.attached('foreground')
+        self.answers(b'v1', proc)
+        self.rewrite(self.app_path, factory % ('v2', 'raise OSError(5)'))
+        self.wait_for_log('reload failed, the previous workers go on serving')
+        self.assertIn('OSError: 5', self.log_text())
+        self.assertEqual(self.http(self.port)[2], b'v1')
+        self.rewrite(self.app_path, factory % ('v3', ''))
+        self.answers(b'v3', proc)
+
+    def test_only_attached_commands_take_reload(self):
+        code, out, err = self.brim('start', '--reload')
+        self.assertEqual((code, out), (1, ''))
+        self.assertEqual(err, '--reload is for development, with foreground, '
+                         'serve or no-daemon; start does not take it.\n')
+        self.assertFalse(os.path.exists(self.pid_file))
+
+    # -- in process -----------------------------------------------------------
+
+    def test_each_change_is_told_once(self):
+        gone = os.path.join(self.tmp, 'appears.txt')
+        reloader = brim._Reloader([self.app_path, self.template, gone])
+
+        def look():
+            reloader.next_look = 0.0        # no waiting for the next second
+            return reloader.changed()
+        self.assertIsNone(look())
+        self.rewrite(self.template, 'two')
+        self.rewrite(self.app_path, RELOAD_APP % 'v2')
+        self.assertIn(look(), (self.app_path, self.template))
+        self.assertIsNone(look(), 'one change told twice')
+        self.assertIsNone(reloader.changed(), 'looked twice within a second')
+        os.replace(self.template, self.template + '.old')
+        self.assertEqual(look(), self.template)     # gone
+        self.rewrite(gone, 'here')
+        self.assertEqual(look(), gone)              # appeared
+        self.assertIsNone(look())
+
+    def test_watched_files_are_the_projects_not_the_libraries(self):
+        sys.path.insert(0, self.tmp)
+        self.addCleanup(sys.path.remove, self.tmp)
+        importlib.invalidate_caches()
+        importlib.import_module('reloadme')     # as an app's call is
+        self.addCleanup(sys.modules.pop, 'reloadme', None)
+        conf = brim.read_conf([self.conf_path], explicit=True)
+        missing = os.path.join(self.tmp, 'later.txt')
+        watched = brim._watched_files(conf, (os.path.join(self.tmp, '*.html'),
+                                             missing))
+        for path in (self.app_path, self.conf_path, self.template, missing,
+                     os.path.abspath(brim.__file__)):
+            self.assertIn(path, watched)
+        for module in (os, json, unittest):
+            self.assertNotIn(os.path.abspath(module.__file__), watched)
+
+    def test_a_reload_runs_the_same_command_and_checks_without_reload(self):
+        _parser, args = brim._parse_args(['-c', 'a.conf', 'foreground',
+                                          '--reload'])
+        command_line = brim._CommandLine('/srv/brim.py', args)
+        self.assertEqual(command_line.argv()[2:],
+                         ['-c', 'a.conf', '--reload', 'foreground'])
+        self.assertEqual(command_line.argv('check')[2:],
+                         ['-c', 'a.conf', 'check'])
+
 
 # A project that vendors brim.py and serves its app from Python.
 SERVE_SCRIPT = '''
