@@ -2703,8 +2703,7 @@ class TestTop(EchoTestCase):
     def top_in_pty(self, term='xterm', columns=160, rows=40):
         """brimd top in a pseudo terminal: (process, master fd)."""
         master, slave = pty.openpty()
-        fcntl.ioctl(slave, termios.TIOCSWINSZ,
-                    struct.pack('HHHH', rows, columns, 0, 0))
+        self.resize(master, columns, rows)
         self.addCleanup(os.close, master)
         proc = popen([sys.executable, BRIMD, '-c', self.conf_path,
                       '-p', self.pid_file, 'top'], cwd=self.tmp,
@@ -2715,10 +2714,21 @@ class TestTop(EchoTestCase):
         self.screen = ''
         return proc, master
 
+    def resize(self, master, columns, rows, proc=None):
+        """Set the window size (and tell ``proc``, as a terminal tells its
+        foreground process)."""
+        fcntl.ioctl(master, termios.TIOCSWINSZ,
+                    struct.pack('HHHH', rows, columns, 0, 0))
+        if proc is not None:
+            os.kill(proc.pid, signal.SIGWINCH)
+
     def read_screen(self, master, pattern, timeout=10):
-        """Read what top draws until ``pattern`` (a regex) shows in it."""
+        """Read what top draws until ``pattern`` (a regex, or a function
+        of the text) shows in it."""
         deadline = time.monotonic() + timeout
-        while not re.search(pattern, self.screen):
+        shows = pattern if callable(pattern) else (
+            lambda screen: re.search(pattern, screen))
+        while not shows(self.screen):
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not select.select([master], [], [],
                                                    remaining)[0]:
@@ -2732,6 +2742,14 @@ class TestTop(EchoTestCase):
                 self.fail('top ended before %r showed:\n%r' % (
                     pattern, self.screen[-3000:]))
             self.screen += chunk.decode('utf-8', 'replace')
+
+    def frame_fits(self, columns, rows):
+        """Whether the latest whole frame drawn with ANSI codes fits."""
+        frames = self.screen.split('\x1b[H')[1:]
+        frames = [f for f in frames if f.endswith(self.ANSI_FRAME_END)]
+        lines = frames[-1].split('\n') if frames else ['x' * 999]
+        widths = [len(re.sub(r'\x1b\[[KJ]|\r', '', line)) for line in lines]
+        return len(lines) <= rows and max(widths) <= columns
 
     def pid_on_screen(self, pid):
         # Not inside an escape sequence (cursor moves have digits too).
@@ -2756,6 +2774,13 @@ class TestTop(EchoTestCase):
     def test_live_view_shows_workers_and_the_request_in_flight(self):
         pids = self.top_conf()
         proc, master = self.top_in_pty()
+        self.read_screen(master, 'RESTARTS')
+        # A window resized to narrower than a line (the header cut after
+        # the pid) and 3 rows, then back: no crash.
+        header = 'brimd %d' % self.read_pid()
+        self.resize(master, len(header) + 1, 3, proc)
+        self.read_screen(master, re.escape(header) + '[^,]')
+        self.resize(master, 160, 40, proc)
         for pid in pids:
             self.read_screen(master, self.pid_on_screen(pid))
         self.read_screen(master, 'idle')
@@ -2778,11 +2803,11 @@ class TestTop(EchoTestCase):
         self.read_screen(master, re.escape(self.ANSI_FRAME_END))
         for pid in pids:
             self.read_screen(master, self.pid_on_screen(pid))
-        # A line longer than the window is cut, never wrapped.
-        self.read_screen(master, re.escape('\x1b[H'))
-        for line in self.screen.split('\x1b[H')[-1].split('\n')[:-1]:
-            line = line.replace('\x1b[K', '').rstrip('\r')
-            self.assertLessEqual(len(line), 60, line)
+        # Lines longer than the window are cut, never wrapped; a smaller
+        # window gets fewer, shorter lines.
+        self.assertTrue(self.frame_fits(60, 40))
+        self.resize(master, 30, 5, proc)
+        self.read_screen(master, lambda screen: self.frame_fits(30, 5))
         main = self.read_pid()
         self.stop()
         self.assertEqual(proc.wait(15), 1)
