@@ -8561,9 +8561,10 @@ class _TopTable(object):
         return [line.rstrip()[:width] for line in lines]
 
     def _subserver_lines(self, sub):
-        title = '[%s] %s (workers = %s)' % (
-            sub['name'], ' '.join(sub['addresses']) or sub['kind'],
-            sub['configured'])
+        title = '[%s] %s' % (sub['name'],
+                             ' '.join(sub['addresses']) or sub['kind'])
+        if sub['kind'] != 'daemons':        # daemons: one each, always
+            title += ' (workers = %s)' % sub['configured']
         if sub['decision']:
             title += '; latest: ' + sub['decision']
         lines = [title, self.ROW % self.TITLES]
@@ -8604,15 +8605,15 @@ class _AnsiScreen(object):
     missing or cannot set the terminal up (an unknown TERM): the
     alternate screen, no cursor, keys read unbuffered (cbreak)."""
 
-    def __init__(self, fd_in=0, out=None):
+    def __init__(self):
         import termios
         import tty
-        self.out = out or sys.stdout
-        self.fd_in = fd_in if os.isatty(fd_in) else None
+        self.out = sys.stdout
+        self.fd_in = 0 if os.isatty(0) else None      # keys from stdin
         self.saved = None
         if self.fd_in is not None:
-            self.saved = termios.tcgetattr(fd_in)
-            tty.setcbreak(fd_in)
+            self.saved = termios.tcgetattr(self.fd_in)
+            tty.setcbreak(self.fd_in)
         self.out.write('\x1b[?1049h\x1b[?25l')
 
     def close(self):
