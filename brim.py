@@ -42,6 +42,8 @@ section:
     Command line            main(): serve, start, stop, shutdown, restart,
                             status, check, foreground, hash-password, ...;
                             and serve(app) for projects that vendor brim.py
+    brim top                a live view of a running brimd in the
+                            terminal: workers, requests a second, CPU, RSS
     The stats page          the HTML and script WSGIStats answers a
                             browser
 
@@ -8110,6 +8112,11 @@ commands (default: no-daemon):
                 input when it is not a terminal) and print "NAME hash",
                 a line for a WSGIBasicAuth auth_path file; without NAME,
                 just the hash
+  top           a live view of the running brimd: each worker's state,
+                request in flight, requests a second, CPU and memory,
+                redrawn every second (s changes the sort, q quits); one
+                snapshot when standard output is not a terminal, or as
+                JSON with --json
 '''
 
 #: Where ``serve`` listens, and with how many workers, unless the command
@@ -8150,6 +8157,20 @@ def _parse_args(argv):
                         help='show the version and exit')
     parser.add_argument('-x', '--error-stack-trace', action='store_true',
                         help='show a full traceback for a start-up error')
+    _add_command_flags(parser)
+    parser.add_argument('command', nargs='?', default='no-daemon',
+                        help=argparse.SUPPRESS)
+    parser.add_argument('name', nargs='?', help=argparse.SUPPRESS)
+    parser.add_argument('count', nargs='?', help=argparse.SUPPRESS)
+    # Intermixed: options may come between the command and its argument
+    # (serve --port 8080 myapp:app).
+    args = parser.parse_intermixed_args(argv)
+    args.app = args.name if args.command in ('serve', 'check') else None
+    return parser, args
+
+
+def _add_command_flags(parser):
+    """The options only some commands take (_misuse says which)."""
     parser.add_argument('--ip', metavar='ADDRESS',
                         help='serve: the address to listen on; default '
                              '[wsgi] ip, else 127.0.0.1')
@@ -8161,15 +8182,8 @@ def _parse_args(argv):
                              '[wsgi] workers, else 2')
     parser.add_argument('--reload', action='store_true',
                         help='restart when a file changes (development)')
-    parser.add_argument('command', nargs='?', default='no-daemon',
-                        help=argparse.SUPPRESS)
-    parser.add_argument('name', nargs='?', help=argparse.SUPPRESS)
-    parser.add_argument('count', nargs='?', help=argparse.SUPPRESS)
-    # Intermixed: options may come between the command and its argument
-    # (serve --port 8080 myapp:app).
-    args = parser.parse_intermixed_args(argv)
-    args.app = args.name if args.command in ('serve', 'check') else None
-    return parser, args
+    parser.add_argument('--json', action='store_true',
+                        help='top: print one snapshot as JSON and exit')
 
 
 class _CommandLine(object):
@@ -8817,6 +8831,10 @@ def _restart(args, command_line):
     return _cmd_start(args, command_line, restart=True)
 
 
+def _top(args, _command_line):
+    return _cmd_top(args)
+
+
 def _without_command_line(command):
     return lambda args, _command_line: command(args)
 
@@ -8836,6 +8854,7 @@ _COMMANDS = {
     'foreground': _cmd_foreground,
     'no-daemon': _cmd_no_daemon,
     'hash-password': _without_command_line(_cmd_hash_password),
+    'top': _top,
 }
 
 
@@ -8848,6 +8867,11 @@ def _misuse(args):
     if args.command not in _COMMANDS:
         return 'Unknown command %r; use one of: %s.' % (
             args.command, ', '.join(_COMMANDS))
+    return _misused_arguments(args) or _misused_flags(args)
+
+
+def _misused_arguments(args):
+    """What is wrong with the words after the command, or None."""
     if args.command == 'scale':
         if args.name is None:
             return 'scale needs a worker count: scale [SECTION] N.'
@@ -8861,6 +8885,11 @@ def _misuse(args):
                 % (args.command, args.name))
     if args.command == 'serve' and args.app is None:
         return 'serve needs the app to serve: serve package.module:app.'
+    return None
+
+
+def _misused_flags(args):
+    """What is wrong with the options only some commands take, or None."""
     flags = [flag for flag in ('ip', 'port', 'workers')
              if getattr(args, flag) is not None]
     if flags and args.app is None:
@@ -8869,6 +8898,8 @@ def _misuse(args):
     if args.reload and args.command not in _RELOADING_COMMANDS:
         return ('--reload is for development, with foreground, serve or '
                 'no-daemon; %s does not take it.' % args.command)
+    if args.json and args.command != 'top':
+        return '--json is for top (top --json prints one JSON snapshot).'
     return None
 
 
@@ -8897,6 +8928,352 @@ def main(argv=None):
             raise
         print(_one_line(err), file=sys.stderr)
         return 1
+
+
+# ---------------------------------------------------------------------------
+# brim top: a live view of a running brimd
+# ---------------------------------------------------------------------------
+
+#: Seconds between two looks at the running brimd; also the interval the
+#: one-shot snapshot measures its rates over.
+_TOP_INTERVAL = 1.0
+
+
+class _TopSampler(object):
+    """Rates from successive ``status`` answers of a brimd.
+
+    A worker's requests a second and CPU % come from the change in its
+    served count and CPU seconds since the previous answer.  They are
+    keyed by process id too, so a worker replaced in its slot starts
+    over rather than showing the old process's count against the new.
+    """
+
+    def __init__(self):
+        self.previous = {}      # (subserver, label, pid): (time, served, cpu)
+
+    def add(self, status, now):
+        """``status`` (brimd's answer, taken at monotonic time ``now``) with
+        each worker's rates (None when there is nothing to compare with)
+        and each subserver's totals."""
+        seen = {}
+        subservers = [self._subserver(sub, now, seen)
+                      for sub in status['subservers']]
+        self.previous = seen
+        return dict(status, subservers=subservers)
+
+    def _subserver(self, sub, now, seen):
+        workers = [self._worker(sub['name'], worker, now, seen)
+                   for worker in sub['workers']]
+        return dict(sub, workers=workers, totals=_top_totals(sub, workers))
+
+    def _worker(self, name, worker, now, seen):
+        served, cpu = worker['served'], worker['cpu_seconds']
+        key = (name, worker['label'], worker['pid'])
+        before = self.previous.get(key) if worker['pid'] else None
+        seen[key] = (now, served, cpu)
+        rate = cpu_percent = None
+        if before and now > before[0]:
+            elapsed = now - before[0]
+            rate = round(max(0, served - before[1]) / elapsed, 1)
+            if cpu is not None and before[2] is not None:
+                cpu_percent = round(max(0.0, cpu - before[2]) * 100.0 /
+                                    elapsed, 1)
+        return dict(worker, requests_per_second=rate, cpu_percent=cpu_percent)
+
+
+def _top_totals(sub, workers):
+    """A subserver's totals: workers running of its target, and the sums."""
+    def total(field):
+        values = [worker[field] for worker in workers
+                  if worker[field] is not None]
+        return round(sum(values), 1) if values else None
+    running = [worker for worker in workers if worker['pid'] and
+               worker['state'] not in ('draining', 'down')]
+    return {'running': len(running), 'target': sub['target'],
+            'requests_per_second': total('requests_per_second'),
+            'served': sum(worker['served'] for worker in workers),
+            'rss_bytes': total('rss_bytes'),
+            'cpu_percent': total('cpu_percent')}
+
+
+def _by_label(worker):
+    """Workers by label, numbers in numeric order (2 before 10)."""
+    label = worker['label']
+    return (0, int(label), '') if label.isdigit() else (1, 0, label)
+
+
+def _descending(field):
+    """Workers by ``field``, largest first (unknown as 0), then label."""
+    return lambda worker: (-(worker[field] or 0), _by_label(worker))
+
+
+class _TopTable(object):
+    """The lines top shows of a sampled status (see _TopSampler): a header
+    about the main process, then per subserver a row per worker, sorted
+    as chosen, with the request in flight under a busy one, and a total."""
+
+    SORTS = (('label', _by_label),
+             ('req/s', _descending('requests_per_second')),
+             ('cpu', _descending('cpu_percent')),
+             ('rss', _descending('rss_bytes')))
+    ROW = '  %-8s %7s %-8s %6s %8s %7s %6s %8s %9s'
+    TITLES = ('WORKER', 'PID', 'STATE', 'REQ/S', 'SERVED', 'RSS MB', 'CPU%',
+              'UPTIME', 'RESTARTS')
+
+    def __init__(self, live=False):
+        self.live = live        # on a terminal, taking keys
+        self.sort = 0
+
+    def next_sort(self):
+        self.sort = (self.sort + 1) % len(self.SORTS)
+
+    def lines(self, view, width=None):
+        """The lines, each cut to ``width`` characters when given."""
+        header = 'brimd %d, %s, up %s, restarted in place %d times' % (
+            view['pid'], 'foreground' if view['foreground'] else 'daemon',
+            _duration(view['uptime']), view['generation'])
+        if self.live:
+            header += '; sorted by %s (s: sort, q: quit)' % (
+                self.SORTS[self.sort][0])
+        lines = [header]
+        for sub in view['subservers']:
+            lines.append('')
+            lines.extend(self._subserver_lines(sub))
+        return [line.rstrip()[:width] for line in lines]
+
+    def _subserver_lines(self, sub):
+        title = '[%s] %s' % (sub['name'],
+                             ' '.join(sub['addresses']) or sub['kind'])
+        if sub['kind'] != 'daemons':        # daemons: one each, always
+            title += ' (workers = %s)' % sub['configured']
+        if sub['decision']:
+            title += '; latest: ' + sub['decision']
+        lines = [title, self.ROW % self.TITLES]
+        for worker in sorted(sub['workers'], key=self.SORTS[self.sort][1]):
+            lines.append(self._worker_row(worker))
+            if worker['request']:
+                lines.append('      in flight %s: %s' % (
+                    _top_value('%.1fs', worker['request_seconds']),
+                    worker['request']))
+        totals = sub['totals']
+        lines.append(self.ROW % (
+            'total', '%d/%d' % (totals['running'], totals['target']), '',
+            _top_value('%.1f', totals['requests_per_second']),
+            totals['served'], _top_megabytes(totals['rss_bytes']),
+            _top_value('%.1f', totals['cpu_percent']), '', ''))
+        return lines
+
+    def _worker_row(self, worker):
+        return self.ROW % (
+            worker['label'], _top_value('%d', worker['pid']), worker['state'],
+            _top_value('%.1f', worker['requests_per_second']),
+            worker['served'], _top_megabytes(worker['rss_bytes']),
+            _top_value('%.1f', worker['cpu_percent']),
+            '-' if worker['uptime'] is None else _duration(worker['uptime']),
+            worker['restarts'])
+
+
+def _top_value(form, value):
+    return '-' if value is None else form % value
+
+
+def _top_megabytes(size):
+    return '-' if size is None else '%.1f' % (size / 1048576.0)
+
+
+class _AnsiScreen(object):
+    """The terminal driven with plain ANSI escape codes, where curses is
+    missing or cannot set the terminal up (an unknown TERM): the
+    alternate screen, no cursor, keys read unbuffered (cbreak)."""
+
+    def __init__(self):
+        import termios
+        import tty
+        self.out = sys.stdout
+        self.fd_in = 0 if os.isatty(0) else None      # keys from stdin
+        self.saved = None
+        if self.fd_in is not None:
+            self.saved = termios.tcgetattr(self.fd_in)
+            tty.setcbreak(self.fd_in)
+        self.out.write('\x1b[?1049h\x1b[?25l')
+
+    def close(self):
+        import termios
+        self.out.write('\x1b[?25h\x1b[?1049l')
+        self.out.flush()
+        if self.saved is not None:
+            termios.tcsetattr(self.fd_in, termios.TCSADRAIN, self.saved)
+
+    def width(self):
+        try:
+            return os.get_terminal_size(self.out.fileno()).columns
+        except (OSError, ValueError):
+            return 80
+
+    def show(self, lines):
+        """Draw ``lines`` (cut to the width already) from the top left,
+        as many as fit; clear what is left of the previous screen."""
+        try:
+            height = os.get_terminal_size(self.out.fileno()).lines
+        except (OSError, ValueError):
+            height = 24
+        self.out.write('\x1b[H' + '\x1b[K\r\n'.join(lines[:height]) +
+                       '\x1b[K\x1b[J')
+        self.out.flush()
+
+    def key(self, seconds):
+        """The key typed within ``seconds``, or None."""
+        if self.fd_in is None:
+            time.sleep(max(0.0, seconds))
+            return None
+        ready = select.select([self.fd_in], [], [], max(0.0, seconds))[0]
+        if not ready:
+            return None
+        typed = os.read(self.fd_in, 1)
+        if not typed:           # end of input: go on showing, time only
+            self.fd_in = None
+        return typed.decode('latin-1')
+
+
+class _CursesScreen(object):
+    """The terminal driven by curses; raises curses.error where it cannot
+    set the terminal up."""
+
+    def __init__(self, curses):
+        self.curses = curses
+        self.window = curses.initscr()
+        curses.noecho()
+        curses.cbreak()
+        self.window.keypad(True)
+        try:
+            curses.curs_set(0)
+        except curses.error:    # a terminal that cannot hide its cursor
+            pass
+
+    def close(self):
+        self.window.keypad(False)
+        self.curses.nocbreak()
+        self.curses.echo()
+        self.curses.endwin()
+
+    def width(self):
+        # Writing the bottom right cell moves the cursor past the end,
+        # which curses reports as an error: keep the last column free.
+        return max(1, self.window.getmaxyx()[1] - 1)
+
+    def show(self, lines):
+        height = self.window.getmaxyx()[0]
+        self.window.erase()
+        for row, line in enumerate(lines[:height]):
+            try:
+                self.window.addstr(row, 0, line)
+            except self.curses.error:   # shrunk since the lines were cut
+                pass
+        self.window.refresh()
+
+    def key(self, seconds):
+        """The key typed within ``seconds``, '' for a resize or a key that
+        is no character, or None."""
+        self.window.timeout(max(0, int(seconds * 1000)))
+        typed = self.window.getch()
+        if typed == -1:
+            return None
+        return chr(typed) if 0 <= typed < 256 else ''
+
+
+def _open_top_screen():
+    """curses where it sets the terminal up, else ANSI escape codes."""
+    try:
+        import curses
+    except ImportError:
+        return _AnsiScreen()
+    try:
+        return _CursesScreen(curses)
+    except curses.error:
+        return _AnsiScreen()
+
+
+def _cmd_top(args):
+    """top: a live view of the running brimd; one snapshot (text or JSON)
+    when standard output is not a terminal or with --json."""
+    pid = _top_pid(args)
+    if pid is None:
+        print('not running', file=sys.stderr)
+        return 1
+    if args.json or not sys.stdout.isatty():
+        return _top_snapshot(args, pid)
+    screen = _open_top_screen()
+    try:
+        pid = _top_live(args, pid, screen)
+    except KeyboardInterrupt:
+        pid = None
+    finally:
+        screen.close()
+    if pid:
+        print('brimd %d is gone' % pid, file=sys.stderr)
+        return 1
+    return 0
+
+
+def _top_pid(args):
+    """The pid of the brimd the pid file names, or None."""
+    pid_file = _pid_file_path(args, _setting_if_any(args, 'pid_file'))
+    pid = _read_pid_file(pid_file) if pid_file else None
+    return pid if _is_brimd(pid) else None
+
+
+def _top_status(args, pid):
+    """(pid, status) of brimd ``pid``, or of the brimd that replaced it
+    (``restart`` starts one with a new pid); (pid, None) when neither
+    answers."""
+    for candidate in (pid, _top_pid(args)):
+        if candidate:
+            try:
+                return candidate, _ask_json(candidate, b'status')
+            except (OSError, ValueError):
+                pass
+    return pid, None
+
+
+def _top_snapshot(args, pid):
+    """Print one table (or JSON) with the rates measured over a second."""
+    sampler = _TopSampler()
+    for look in range(2):
+        if look:
+            time.sleep(_TOP_INTERVAL)
+        pid, status = _top_status(args, pid)
+        if status is None:
+            print('brimd %d is gone' % pid, file=sys.stderr)
+            return 1
+        view = sampler.add(status, time.monotonic())
+    if args.json:
+        print(json.dumps(view, indent=1, sort_keys=True))
+    else:
+        print('\n'.join(_TopTable().lines(view)))
+    return 0
+
+
+def _top_live(args, pid, screen):
+    """Redraw ``screen`` every second until q; the pid of the brimd that
+    went away, or None after q."""
+    sampler, table = _TopSampler(), _TopTable(live=True)
+    while True:
+        pid, status = _top_status(args, pid)
+        if status is None:
+            return pid
+        view = sampler.add(status, time.monotonic())
+        screen.show(table.lines(view, screen.width()))
+        next_look = time.monotonic() + _TOP_INTERVAL
+        while True:
+            typed = screen.key(next_look - time.monotonic())
+            if typed is None:
+                break
+            if typed in ('q', 'Q'):
+                return None
+            if typed in ('s', 'S'):
+                table.next_sort()
+            # Any key (a resize too) redraws at the width it finds now.
+            screen.show(table.lines(view, screen.width()))
 
 
 # ---------------------------------------------------------------------------

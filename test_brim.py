@@ -18,6 +18,7 @@ does not wait for a slow init to reap the exited main process.
 import base64
 import collections
 import contextlib
+import fcntl
 import grp
 import hashlib
 import importlib
@@ -29,6 +30,7 @@ import logging
 import logging.config
 import logging.handlers
 import os
+import pty
 import pwd
 import queue
 import random
@@ -44,6 +46,7 @@ import subprocess
 import struct
 import sys
 import tempfile
+import termios
 import textwrap
 import threading
 import time
@@ -2536,6 +2539,317 @@ class TestCommands(EchoTestCase):
         self.assertEqual(proc.wait(10), 0)
         _protected.discard(proc.pid)
         self.assertTrue(connect_refused(self.port))
+
+
+def top_status(workers, target=None, name='wsgi'):
+    """A ``status`` answer as brimd gives one, with ``workers``: a list of
+    (label, pid, served, cpu_seconds, rss_bytes) and optional extras."""
+    rows = []
+    for label, pid, served, cpu, rss in workers:
+        rows.append({'label': label, 'pid': pid,
+                     'state': 'idle' if pid else 'down',
+                     'uptime': 5.0 if pid else None, 'served': served,
+                     'restarts': 0, 'last_exit': None, 'in_flight': 0,
+                     'busy_seconds': 0.0, 'request': None,
+                     'request_seconds': None, 'rss_bytes': rss,
+                     'cpu_seconds': cpu})
+    return {'pid': 100, 'uptime': 187, 'generation': 2, 'foreground': False,
+            'subservers': [{'name': name, 'kind': 'wsgi',
+                            'addresses': ['127.0.0.1:8901'],
+                            'configured': '2..8',
+                            'target': len(rows) if target is None else target,
+                            'max_workers': 8, 'decision': None,
+                            'workers': rows}]}
+
+
+class TestTopInProcess(unittest.TestCase):
+    """top's rates and table, from made-up status answers."""
+
+    MB = 1048576
+
+    def sample(self, *statuses_at):
+        """The view of the last of (status, time) pairs added in turn."""
+        sampler = brim._TopSampler()
+        for status, now in statuses_at:
+            view = sampler.add(status, now)
+        return view
+
+    def workers(self, view):
+        return {w['label']: w for w in view['subservers'][0]['workers']}
+
+    def test_rates_from_two_samples(self):
+        view = self.sample(
+            (top_status([('0', 11, 100, 1.0, 10 * self.MB),
+                         ('1', 12, 7, 2.0, 20 * self.MB)]), 50.0),
+            (top_status([('0', 11, 150, 1.5, 11 * self.MB),
+                         ('1', 12, 7, 2.0, 20 * self.MB)]), 52.0))
+        workers = self.workers(view)
+        self.assertEqual((workers['0']['requests_per_second'],
+                          workers['0']['cpu_percent']), (25.0, 25.0))
+        self.assertEqual((workers['1']['requests_per_second'],
+                          workers['1']['cpu_percent']), (0.0, 0.0))
+        self.assertEqual(view['subservers'][0]['totals'], {
+            'running': 2, 'target': 2, 'requests_per_second': 25.0,
+            'served': 157, 'rss_bytes': 31 * self.MB, 'cpu_percent': 25.0})
+        # Everything brimd answered is still there, untouched.
+        self.assertEqual(workers['0']['served'], 150)
+        self.assertEqual(view['generation'], 2)
+
+    def test_first_sample_has_no_rates(self):
+        view = self.sample((top_status([('0', 11, 100, 1.0, 0)]), 50.0))
+        worker = self.workers(view)['0']
+        self.assertEqual((worker['requests_per_second'],
+                          worker['cpu_percent']), (None, None))
+        self.assertIn('  total        1/1               -      100     0.0'
+                      '      -', brim._TopTable().lines(view))
+
+    def test_a_new_pid_resets_the_rate(self):
+        view = self.sample(
+            (top_status([('0', 11, 100, 9.0, 0), ('1', 12, 5, 1.0, 0)]), 0.0),
+            (top_status([('0', 13, 3, 0.2, 0), ('1', 12, 9, 1.5, 0)]), 1.0))
+        workers = self.workers(view)
+        self.assertEqual((workers['0']['requests_per_second'],
+                          workers['0']['cpu_percent']), (None, None))
+        self.assertEqual((workers['1']['requests_per_second'],
+                          workers['1']['cpu_percent']), (4.0, 50.0))
+        # A worker down is neither running nor rated.
+        view = self.sample(
+            (top_status([('0', 11, 1, 1.0, 0)]), 0.0),
+            (top_status([('0', None, 1, None, None)], target=1), 1.0))
+        self.assertEqual(view['subservers'][0]['totals']['running'], 0)
+        self.assertIsNone(self.workers(view)['0']['requests_per_second'])
+
+    def test_sort_order_cycles(self):
+        MB = self.MB
+        view = self.sample(
+            (top_status([('2', 21, 0, 0.0, 0), ('10', 30, 0, 0.0, 0),
+                         ('1', 20, 0, 0.0, 0)]), 0.0),
+            (top_status([('2', 21, 5, 0.1, 3 * MB),
+                         ('10', 30, 1, 0.9, 2 * MB),
+                         ('1', 20, 9, 0.5, 1 * MB)]), 1.0))
+        table = brim._TopTable(live=True)
+        orders = []
+        for _ in range(5):
+            rows = [line.split()[0] for line in table.lines(view)
+                    if re.match(r'  \d+ ', line)]
+            sort = re.search(r'sorted by (\S+)', table.lines(view)[0])
+            orders.append((sort.group(1), rows))
+            table.next_sort()
+        self.assertEqual(orders, [('label', ['1', '2', '10']),
+                                  ('req/s', ['1', '2', '10']),
+                                  ('cpu', ['10', '1', '2']),
+                                  ('rss', ['2', '10', '1']),
+                                  ('label', ['1', '2', '10'])])
+
+    def test_the_table(self):
+        status = top_status([('0', 11, 100, 1.0, 10 * self.MB),
+                             ('1', None, 7, None, None)], target=2)
+        busy = status['subservers'][0]['workers'][0]
+        busy.update(state='busy', in_flight=1, request_seconds=2.25,
+                    request='tx123 GET /slow/thing')
+        lines = brim._TopTable().lines(self.sample((status, 0.0)))
+        self.assertEqual(lines, [
+            'brimd 100, daemon, up 3m07s, restarted in place 2 times',
+            '',
+            '[wsgi] 127.0.0.1:8901 (workers = 2..8)',
+            '  WORKER       PID STATE     REQ/S   SERVED  RSS MB   CPU%'
+            '   UPTIME  RESTARTS',
+            '  0             11 busy          -      100    10.0      -'
+            '       5s         0',
+            '      in flight 2.2s: tx123 GET /slow/thing',
+            '  1              - down          -        7       -      -'
+            '        -         0',
+            '  total        1/2               -      107    10.0      -'])
+
+    def test_lines_are_cut_to_the_width(self):
+        status = top_status([('0', 11, 100, 1.0, 0)])
+        status['subservers'][0]['workers'][0]['request'] = 'x' * 300
+        view = self.sample((status, 0.0))
+        whole = brim._TopTable(live=True).lines(view)
+        self.assertGreater(max(map(len, whole)), 300)
+        for width in (1, 20, 79):
+            cut = brim._TopTable(live=True).lines(view, width)
+            self.assertEqual(cut, [line[:width] for line in whole])
+            self.assertLessEqual(max(map(len, cut)), width)
+
+
+class TestTop(EchoTestCase):
+    """brimd top against a running brimd: on a terminal (a pseudo
+    terminal, curses and plain ANSI), through a pipe, and as JSON."""
+
+    #: How a frame drawn with plain ANSI codes (not curses) ends.
+    ANSI_FRAME_END = '\x1b[K\x1b[J'
+
+    def top_conf(self, workers=2):
+        """Two workers serving mywait.Waits (/hold waits until the file
+        "release" exists) before the echo app; returns the worker pids."""
+        self.port = free_port()
+        self.write_conf('''
+            [wsgi]
+            ip = 127.0.0.1
+            port = %d
+            workers = %d
+            apps = waits echo
+
+            [waits]
+            call = mywait.Waits
+            dir = %s
+
+            [echo]
+            call = brim.wsgi_echo.WSGIEcho
+            ''' % (self.port, workers, self.tmp))
+        main = self.start()
+        return wait_until(lambda: len(live_children_of(main)) == workers and
+                          sorted(live_children_of(main)))
+
+    def top_in_pty(self, term='xterm', columns=160, rows=40):
+        """brimd top in a pseudo terminal: (process, master fd)."""
+        master, slave = pty.openpty()
+        self.resize(master, columns, rows)
+        self.addCleanup(os.close, master)
+        proc = popen([sys.executable, BRIMD, '-c', self.conf_path,
+                      '-p', self.pid_file, 'top'], cwd=self.tmp,
+                     env=dict(self.env, TERM=term), stdin=slave,
+                     stdout=slave, stderr=slave, start_new_session=True)
+        os.close(slave)
+        self.addCleanup(end_process, proc)
+        self.screen = ''
+        return proc, master
+
+    def resize(self, master, columns, rows, proc=None):
+        """Set the window size (and tell ``proc``, as a terminal tells its
+        foreground process)."""
+        fcntl.ioctl(master, termios.TIOCSWINSZ,
+                    struct.pack('HHHH', rows, columns, 0, 0))
+        if proc is not None:
+            os.kill(proc.pid, signal.SIGWINCH)
+
+    def read_screen(self, master, pattern, timeout=10):
+        """Read what top draws until ``pattern`` (a regex, or a function
+        of the text) shows in it."""
+        deadline = time.monotonic() + timeout
+        shows = pattern if callable(pattern) else (
+            lambda screen: re.search(pattern, screen))
+        while not shows(self.screen):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([master], [], [],
+                                                   remaining)[0]:
+                self.fail('%r not on the screen within %ss:\n%r' % (
+                    pattern, timeout, self.screen[-3000:]))
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:     # EIO: top exited, the terminal closed
+                chunk = b''
+            if not chunk:
+                self.fail('top ended before %r showed:\n%r' % (
+                    pattern, self.screen[-3000:]))
+            self.screen += chunk.decode('utf-8', 'replace')
+
+    def frame_fits(self, columns, rows):
+        """Whether the latest whole frame drawn with ANSI codes fits."""
+        frames = self.screen.split('\x1b[H')[1:]
+        frames = [f for f in frames if f.endswith(self.ANSI_FRAME_END)]
+        lines = frames[-1].split('\n') if frames else ['x' * 999]
+        widths = [len(re.sub(r'\x1b\[[KJ]|\r', '', line)) for line in lines]
+        return len(lines) <= rows and max(widths) <= columns
+
+    def pid_on_screen(self, pid):
+        # Not inside an escape sequence (cursor moves have digits too).
+        return r'(?<![\d;\[])%d(?!\d)' % pid
+
+    def hold_a_request(self):
+        """A request to /hold, in flight in a thread; its result list."""
+        result = []
+        thread = threading.Thread(target=lambda: result.append(
+            self.http(self.port, 'GET', '/hold', timeout=30)))
+        thread.start()
+        self.addCleanup(thread.join, 30)
+        self.addCleanup(self.release)
+        wait_until(lambda: os.path.exists(os.path.join(self.tmp, 'holding')),
+                   msg='the /hold request reached the app')
+        return thread, result
+
+    def release(self):
+        with open(os.path.join(self.tmp, 'release'), 'w'):
+            pass
+
+    def test_live_view_shows_workers_and_the_request_in_flight(self):
+        pids = self.top_conf()
+        proc, master = self.top_in_pty()
+        self.read_screen(master, 'RESTARTS')
+        # A window resized to narrower than a line (the header cut after
+        # the pid) and 3 rows, then back: no crash.
+        header = 'brimd %d' % self.read_pid()
+        self.resize(master, len(header) + 1, 3, proc)
+        self.read_screen(master, re.escape(header) + '[^,]')
+        self.resize(master, 160, 40, proc)
+        for pid in pids:
+            self.read_screen(master, self.pid_on_screen(pid))
+        self.read_screen(master, 'idle')
+        thread, result = self.hold_a_request()
+        self.read_screen(master, 'busy')
+        self.read_screen(master, r'GET /hold')
+        self.release()
+        thread.join(30)
+        self.assertEqual(result[0][0], 200)
+        os.write(master, b's')
+        self.read_screen(master, r'req/s')
+        os.write(master, b'q')
+        self.assertEqual(proc.wait(10), 0)
+        self.assertNotIn(self.ANSI_FRAME_END, self.screen, 'not curses')
+
+    def test_plain_ansi_when_curses_cannot_start_and_brimd_gone(self):
+        pids = self.top_conf()
+        proc, master = self.top_in_pty(term='brim-no-such-terminal',
+                                       columns=60)
+        self.read_screen(master, re.escape(self.ANSI_FRAME_END))
+        for pid in pids:
+            self.read_screen(master, self.pid_on_screen(pid))
+        # Lines longer than the window are cut, never wrapped; a smaller
+        # window gets fewer, shorter lines.
+        self.assertTrue(self.frame_fits(60, 40))
+        self.resize(master, 30, 5, proc)
+        self.read_screen(master, lambda screen: self.frame_fits(30, 5))
+        main = self.read_pid()
+        self.stop()
+        self.assertEqual(proc.wait(15), 1)
+        self.read_screen(master, 'brimd %d is gone' % main)
+        self.assertIn('\x1b[?1049l', self.screen)
+
+    def test_one_snapshot_when_not_a_terminal(self):
+        pids = self.top_conf()
+        self.echo_ok(self.port)
+        code, out, err = self.brim('top')
+        self.assertEqual((code, err), (0, ''), out)
+        self.assertRegex(out, r'^brimd %d, daemon, up \d+s, restarted in '
+                         r'place 0 times\n' % self.read_pid())
+        for pid in pids:
+            self.assertRegex(out, r'\n  \d +%d idle +\d+\.\d +\d+ ' % pid)
+        self.assertRegex(out, r'\n  total +2/2 +\d+\.\d +1 ')
+        self.assertNotIn('\x1b', out)
+
+    def test_json_snapshot(self):
+        pids = self.top_conf()
+        code, out, err = self.brim('top', '--json')
+        self.assertEqual((code, err), (0, ''))
+        view = json.loads(out)
+        self.assertEqual(view['pid'], self.read_pid())
+        [sub] = view['subservers']
+        self.assertEqual(sorted(w['pid'] for w in sub['workers']), pids)
+        for worker in sub['workers']:
+            self.assertIsInstance(worker['requests_per_second'], float)
+            self.assertIsInstance(worker['cpu_percent'], float)
+        self.assertEqual(sub['totals']['running'], 2)
+
+    def test_not_running_and_misuse(self):
+        self.echo_conf()
+        for args, needle in ((('top',), 'not running'),
+                             (('top', '--json'), 'not running'),
+                             (('top', 'now'), 'top takes no argument'),
+                             (('status', '--json'), '--json is for top')):
+            code, out, err = self.brim(*args)
+            self.assertEqual((code, out, err.count('\n')), (1, '', 1), err)
+            self.assertIn(needle, err)
 
 
 # ---------------------------------------------------------------------------
