@@ -3229,6 +3229,7 @@ class _HTTPConnection(_ClientSocket):
         # Idle means between keep-alive requests: a drain may close it then.
         # A new connection is not idle: its first request is always served.
         self.idle = False
+        self.closing = False    # a drain is closing it (see _serve_requests)
         self.served = 0         # requests begun on this connection
 
     # -- reading -----------------------------------------------------------
@@ -3352,6 +3353,14 @@ class _HTTPConnection(_ClientSocket):
                 if head is None:
                     return self.close()
                 self.idle = False   # a pipelined head needs no recv
+                if self.closing:
+                    # A drain shut the connection down as it idled, and a
+                    # request came in at that moment: not served, so a
+                    # client that retries it on a new connection does not
+                    # have it run twice.  (The drain sets closing, then
+                    # reads idle; this thread the other way round: one of
+                    # the two sees the other's store.)
+                    return self.close()
                 self.served += 1
                 request = self.parser.parse(head, self)
             except _HTTPError as err:
@@ -5100,13 +5109,18 @@ class WSGISubserver(_IPSubserver):
         """While draining, end keep-alive connections between requests."""
         for conn in list(self.connections):
             if conn.idle:
-                try:
-                    # The plain socket's shutdown, also under TLS: the
-                    # SSLSocket's would drop its state under the thread
-                    # reading it.  The reader sees the end of the stream.
-                    socket.socket.shutdown(conn.sock, socket.SHUT_RDWR)
-                except OSError:
-                    pass
+                conn.closing = True
+            # Read again after closing is set (see _serve_requests): a
+            # request that came meanwhile is served, or refused unserved.
+            if not (conn.closing and conn.idle):
+                continue
+            try:
+                # The plain socket's shutdown, also under TLS: the
+                # SSLSocket's would drop its state under the thread
+                # reading it.  The reader sees the end of the stream.
+                socket.socket.shutdown(conn.sock, socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 class _HandlerSubserver(_IPSubserver):
