@@ -2361,7 +2361,9 @@ class _HTTPSite(collections.namedtuple('_HTTPSite', (
     its txn from ``next_txn()``; ``began(start, txn, method, path,
     first)`` says it starts (``first``: the connection's first, counted
     when it was accepted), ``ended(env, response, duration, txn)`` that
-    it was answered; ``refused(status)`` says brim refused one.  ``draining()``: whether the worker drains.
+    it ended (answered, or given up on), whatever happened;
+    ``refused(status)`` says brim refused one.  ``draining()``: whether
+    the worker drains.
     ``forwarded_allow``: the networks of the proxies whose forwarded
     headers are believed (None: nobody's).
     """
@@ -6862,7 +6864,8 @@ class _Scaler(object):
 
     def _scalable(self, section):
         """The subservers ``section`` names; ValueError says why none."""
-        listeners = [sub for sub in self.server.subservers if sub.kind != 'daemons']
+        listeners = [sub for sub in self.server.subservers
+                     if sub.kind != 'daemons']
         if section == '*':
             chosen = [sub for sub in listeners
                       if not sub.settings.workers.adaptive]

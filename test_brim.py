@@ -10768,7 +10768,8 @@ class TestMaxRequests(EchoTestCase):
         self.assertGreaterEqual(len(self.wait_for_log(r'recycl', count=4)), 4)
 
     def test_jitter_bounds_each_worker(self):
-        self.echo_conf(wsgi_extra='max_requests = 2\nmax_requests_jitter = 2\n')
+        self.echo_conf(
+            wsgi_extra='max_requests = 2\nmax_requests_jitter = 2\n')
         self.start()
         pids = self.pids_of(20)
         runs = [len(list(group)) for _pid, group in itertools.groupby(pids)]
