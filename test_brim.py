@@ -353,12 +353,7 @@ def udp_exchange(port, data, timeout=2.0, tries=3):
 
 def read_until_closed(sock):
     """Every byte ``sock`` receives until the other end closes."""
-    chunks = []
-    while True:
-        chunk = sock.recv(65536)
-        if not chunk:
-            return b''.join(chunks)
-        chunks.append(chunk)
+    return brim._read_all(sock)
 
 
 def tcp_exchange(port, data, timeout=5.0):
