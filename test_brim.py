@@ -8710,6 +8710,8 @@ class TestStatsPage(BrimTestCase):
                                         r'</td><td>\d+s</td><td>7</td>'
                                         r'<td>0</td>')
         self.assertIn('requests/s', cards['wsgi'])
+        self.assertIn('1 of 1 workers running', cards['wsgi'])
+        self.assertNotIn('workers running', cards['daemons'])
         self.assertIn('<b>2xx</b>7', cards['wsgi'])
         self.assertIn('<polyline', cards['wsgi'])
         self.assertIn('datagram_count', cards['udp'])
