@@ -8496,9 +8496,11 @@ def _status_lines(status):
         yield '  [%s] %s' % (sub['name'], ' '.join(sub['addresses']) or
                              sub['kind'])
         if sub['kind'] != 'daemons':
-            yield '    %d workers (workers = %s, at most %d)%s' % (
-                sub['target'], sub['configured'], sub['max_workers'],
-                '; latest: ' + sub['decision'] if sub['decision'] else '')
+            running = sum(1 for worker in sub['workers'] if worker['pid'])
+            yield ('    %d of %d workers running (workers = %s, at most %d)%s'
+                   % (running, sub['target'], sub['configured'],
+                      sub['max_workers'], '; latest: ' + sub['decision']
+                      if sub['decision'] else ''))
         for worker in sub['workers']:
             yield _worker_line(sub['kind'], worker)
 

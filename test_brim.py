@@ -2243,7 +2243,8 @@ class TestCommands(EchoTestCase):
         self.assertRegex(lines[1], r'^  daemon, up \d+s, restarted in place '
                          r'0 times$')
         self.assertEqual(lines[2], '  [wsgi] 127.0.0.1:%d' % self.port)
-        self.assertEqual(lines[3], '    2 workers (workers = 2, at most 8)')
+        self.assertEqual(lines[3], '    2 of 2 workers running (workers = 2, '
+                                   'at most 8)')
         found = re.findall(r'^    worker ([01]): pid (\d+), idle, up \d+s, '
                            r'served (\d+), restarts 0$', '\n'.join(lines[4:]),
                            re.M)
@@ -11413,7 +11414,8 @@ class TestScaling(BrimTestCase):
         status = self.brim('status')[1]
         self.assertRegex(status, r'worker [123]: pid \d+, draining, '
                                  r'[1-9]\d* in flight')
-        self.assertIn('    1 workers (workers = 2, at most 6)', status)
+        self.assertRegex(status, r'    [2-4] of 1 workers running \(workers = '
+                                 r'2, at most 6\)')
         self.release()
         for thread in threads:
             thread.join(30)
@@ -11485,7 +11487,8 @@ class TestScaling(BrimTestCase):
                    msg='brimd did not add a worker')
         self.assertIn('[wsgi] every worker busy for 3s: 2 workers (1..2)',
                       self.log_text())
-        self.assertIn('    2 workers (workers = 1..2, at most 6); latest: '
+        self.assertIn('    2 of 2 workers running (workers = 1..2, at most '
+                      '6); latest: '
                       'every worker busy for 3s', self.brim('status')[1])
         self.assertEqual(self.brim('scale', 'wsgi', '1')[2],
                          'refused: [wsgi] workers = 1..2 scales itself; '
