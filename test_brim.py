@@ -205,6 +205,14 @@ def end_process(proc):
     _protected.discard(proc.pid)
 
 
+def kill_process(proc):
+    """Cleanup for a popen() child that need not end gracefully: SIGKILL."""
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    _protected.discard(proc.pid)
+
+
 def run(cmd, cwd=None, env=None, timeout=40, preexec_fn=None):
     """Run ``cmd``; (exit code, stdout text, stderr text)."""
     proc = popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
@@ -1196,6 +1204,24 @@ class BrimTestCase(unittest.TestCase):
         cmd += list(args)
         return run(cmd, cwd=cwd or self.tmp, env=env or self.env,
                    timeout=timeout, preexec_fn=preexec_fn)
+
+    def run_attached(self, *command, prefix=(), env=None):
+        """``brim.py -c CONF -p PID COMMAND`` attached (after ``prefix``),
+        its output in attached.out; killed in a cleanup, and the workers
+        it has then with it."""
+        out = open(os.path.join(self.tmp, 'attached.out'), 'wb')
+        self.addCleanup(out.close)
+        proc = popen(list(prefix) + [sys.executable, BRIM, '-c',
+                                     self.conf_path, '-p', self.pid_file] +
+                     list(command), cwd=self.tmp, env=env or self.env,
+                     stdout=out, stderr=subprocess.STDOUT)
+        self.track(proc.pid)
+
+        def end():
+            self.seen_pids.update(descendants_of(proc.pid))
+            kill_process(proc)
+        self.addCleanup(end)
+        return proc
 
     def read_pid(self, pid_file=None):
         try:
@@ -2512,12 +2538,7 @@ class TestCommands(EchoTestCase):
                           'no-daemon'], cwd=self.tmp, env=self.env,
                          stdout=out, stderr=subprocess.STDOUT)
 
-        def kill():
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(10)
-            _protected.discard(proc.pid)
-        self.addCleanup(kill)
+        self.addCleanup(kill_process, proc)
         wait_until(lambda: proc.poll() is not None or
                    not connect_refused(self.port), timeout=10)
         self.assertIsNone(proc.poll(), 'no-daemon exited early')
@@ -3958,12 +3979,7 @@ class TestControlChannelInProcess(unittest.TestCase):
             client.sendall(request + b'\n')
             self.channel.serve_request(served)
         client.settimeout(5)
-        chunks = []
-        while True:
-            chunk = client.recv(65536)
-            if not chunk:
-                return b''.join(chunks)
-            chunks.append(chunk)
+        return brim._read_all(client)
 
     def test_the_verbs(self):
         self.assertEqual(sorted(self.channel.VERBS), [
@@ -5387,14 +5403,9 @@ class AppLoggingTestCase(EchoTestCase):
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                      stderr=stderr)
 
-        def end():
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(10)
-            _protected.discard(proc.pid)
-            if proc.stderr is not None:
-                proc.stderr.close()
-        self.addCleanup(end)
+        if proc.stderr is not None:
+            self.addCleanup(proc.stderr.close)     # after the kill below
+        self.addCleanup(kill_process, proc)
         if mode == '-o':
             self.assertEqual(proc.wait(30), 0, 'start -o failed')
             self.track(self.read_pid())
@@ -8932,30 +8943,11 @@ class TestOperations(EchoTestCase):
     """check, foreground, systemd notify and socket activation, hung
     workers, request_timeout, JSON logs and log reopening."""
 
-    def foreground(self, env=None, prefix=()):
-        """``brim.py -c CONF -p PID foreground`` (after ``prefix``)."""
-        out = open(os.path.join(self.tmp, 'foreground.out'), 'wb')
-        self.addCleanup(out.close)
-        proc = popen(list(prefix) + [sys.executable, BRIM, '-c',
-                                     self.conf_path, '-p', self.pid_file,
-                                     'foreground'],
-                     cwd=self.tmp, env=env or self.env, stdout=out,
-                     stderr=subprocess.STDOUT)
-        self.track(proc.pid)
-
-        def end():
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(10)
-            _protected.discard(proc.pid)
-        self.addCleanup(end)
-        return proc
-
     def wait_serving(self, proc):
         wait_until(lambda: proc.poll() is not None or
                    self.read_pid() == proc.pid, timeout=15)
         self.assertIsNone(proc.poll(), 'foreground exited: %s' % self.log_text(
-            os.path.join(self.tmp, 'foreground.out'))[-2000:])
+            os.path.join(self.tmp, 'attached.out'))[-2000:])
         self.seen_pids.update(descendants_of(proc.pid))
 
     def in_background(self, fn, *args):
@@ -9037,7 +9029,7 @@ class TestOperations(EchoTestCase):
 
     def test_foreground_sigterm_drains(self):
         self.echo_conf(workers=2)
-        proc = self.foreground()
+        proc = self.run_attached('foreground')
         self.wait_serving(proc)
         workers = live_children_of(proc.pid)
         self.assertEqual(len(workers), 2)
@@ -9057,7 +9049,7 @@ class TestOperations(EchoTestCase):
 
     def test_foreground_sigint_stops_at_once(self):
         self.echo_conf()
-        proc = self.foreground()
+        proc = self.run_attached('foreground')
         self.wait_serving(proc)
         workers = live_children_of(proc.pid)
         slow = self.in_background(self.http, self.port, 'GET', '/slow?20')
@@ -9073,7 +9065,7 @@ class TestOperations(EchoTestCase):
 
     def test_stop_command_on_foreground_is_immediate(self):
         self.echo_conf()
-        proc = self.foreground()
+        proc = self.run_attached('foreground')
         self.wait_serving(proc)
         slow = self.in_background(self.http, self.port, 'GET', '/slow?20')
         wait_until(lambda: os.path.exists(os.path.join(self.tmp,
@@ -9087,7 +9079,7 @@ class TestOperations(EchoTestCase):
 
     def test_foreground_restart_in_place(self):
         self.echo_conf(workers=2)
-        proc = self.foreground()
+        proc = self.run_attached('foreground')
         self.wait_serving(proc)
         stop = threading.Event()
         self.addCleanup(stop.set)
@@ -9158,7 +9150,7 @@ class TestOperations(EchoTestCase):
         with open(self.conf_path, 'w') as fp:
             fp.write(text.replace('apps = misc', 'apps = orphan misc') +
                      '\n[orphan]\ncall = myops.Orphan\n')
-        proc = self.foreground()
+        proc = self.run_attached('foreground')
         self.wait_serving(proc)
         status, _h, body = self.http(self.port, 'GET', '/orphan')
         self.assertEqual(status, 200)
@@ -9178,7 +9170,7 @@ class TestOperations(EchoTestCase):
         self.addCleanup(listener.close)
         env = dict(self.env, NOTIFY_SOCKET=listener.name,
                    WATCHDOG_USEC='400000')
-        proc = self.foreground(env=env)
+        proc = self.run_attached('foreground', env=env)
         ready = listener.wait_for('READY', '1')
         self.assertEqual(listener.messages[ready]['MAINPID'], str(proc.pid))
         self.assertIn('serving [wsgi] 127.0.0.1:%d' % self.port,
@@ -9198,7 +9190,7 @@ class TestOperations(EchoTestCase):
         self.echo_conf()
         env = dict(self.env, NOTIFY_SOCKET=os.path.join(self.tmp, 'nothing'),
                    WATCHDOG_USEC='400000')
-        proc = self.foreground(env=env)
+        proc = self.run_attached('foreground', env=env)
         self.wait_serving(proc)
         self.echo_ok(self.port)
         self.wait_for_log('NOTIFY_SOCKET .* cannot be reached')
@@ -9213,7 +9205,7 @@ class TestOperations(EchoTestCase):
         spare = free_port()
         prefix = ['systemd-socket-activate', '-l', '127.0.0.1:%d' % self.port,
                   '-l', '127.0.0.1:%d' % spare, '-E', 'PYTHONPATH']
-        proc = self.foreground(prefix=prefix)
+        proc = self.run_attached('foreground', prefix=prefix)
         # systemd-socket-activate starts brimd on the first connection.
         wait_until(lambda: not connect_refused(self.port), timeout=10)
         self.echo_ok(self.port)
@@ -9397,22 +9389,6 @@ class TestReload(BrimTestCase):
         later = max(before + 3 * 10 ** 9, time.time_ns())
         os.utime(path, ns=(later, later))
 
-    def attached(self, command):
-        """``brim.py -c CONF -p PID COMMAND --reload``, ended in a cleanup."""
-        out = open(os.path.join(self.tmp, 'attached.out'), 'wb')
-        self.addCleanup(out.close)
-        proc = popen([sys.executable, BRIM, '-c', self.conf_path, '-p',
-                      self.pid_file, command, '--reload'],
-                     cwd=self.tmp, env=self.env, stdout=out,
-                     stderr=subprocess.STDOUT)
-        self.track(proc.pid)
-
-        def end():
-            self.seen_pids.update(descendants_of(proc.pid))
-            end_process(proc)
-        self.addCleanup(end)
-        return proc
-
     def answers(self, expected, proc):
         """Wait until a request answers ``expected``, from the same main
         process."""
@@ -9424,7 +9400,7 @@ class TestReload(BrimTestCase):
         self.seen_pids.update(descendants_of(proc.pid))
 
     def test_foreground_reloads_and_serves_on_through_a_broken_change(self):
-        proc = self.attached('foreground')
+        proc = self.run_attached('foreground', '--reload')
         self.answers(b'v1', proc)
         self.wait_for_log(r'--reload: watching \d+ files for changes')
         self.rewrite(self.app_path, RELOAD_APP % 'v2')
@@ -9444,7 +9420,7 @@ class TestReload(BrimTestCase):
         self.assertEqual(self.read_pid(), proc.pid)
 
     def test_extra_files_and_the_conf_file_reload_too(self):
-        proc = self.attached('foreground')
+        proc = self.run_attached('foreground', '--reload')
         self.answers(b'v1', proc)
         self.rewrite(self.template, 'two')
         self.wait_for_log(r'reloading: %s changed'
@@ -9459,7 +9435,7 @@ class TestReload(BrimTestCase):
         self.answers(b'v1', proc)
 
     def test_no_daemon_reloads_in_its_one_process(self):
-        proc = self.attached('no-daemon')
+        proc = self.run_attached('no-daemon', '--reload')
         self.answers(b'v1', proc)
         self.rewrite(self.app_path, RELOAD_APP % 'v2')
         self.answers(b'v2', proc)
@@ -9472,7 +9448,7 @@ class TestReload(BrimTestCase):
             'reloadme:application', 'reloadme:make()'))
         factory = RELOAD_APP + 'def make():\n    %s\n    return application\n'
         self.rewrite(self.app_path, factory % ('v1', ''))
-        proc = self.attached('foreground')
+        proc = self.run_attached('foreground', '--reload')
         self.answers(b'v1', proc)
         self.rewrite(self.app_path, factory % ('v2', 'raise OSError(5)'))
         self.wait_for_log('reload failed, the previous workers go on serving')
@@ -9581,7 +9557,6 @@ class TestHealthAndRollingUpdates(EchoTestCase):
     leaves a load balancer's rotation, or shares its port, without a
     failed request."""
 
-    foreground = TestOperations.foreground
     wait_serving = TestOperations.wait_serving
     in_background = TestOperations.in_background
 
@@ -9622,7 +9597,7 @@ class TestHealthAndRollingUpdates(EchoTestCase):
 
     def test_sigterm_with_shutdown_delay_drops_nothing(self):
         self.health_conf(brim_extra='shutdown_delay = 2\n')
-        proc = self.foreground()
+        proc = self.run_attached('foreground')
         self.wait_serving(proc)
         workers = live_children_of(proc.pid)
         outcome = {'ok': 0, 'failed': []}
@@ -9665,7 +9640,7 @@ class TestHealthAndRollingUpdates(EchoTestCase):
 
     def test_shutdown_delay_without_the_app_and_a_second_sigterm(self):
         self.echo_conf(brim_extra='shutdown_delay = 30')
-        proc = self.foreground()
+        proc = self.run_attached('foreground')
         self.wait_serving(proc)
         os.kill(proc.pid, signal.SIGTERM)
         self.wait_for_log(r'brimd not ready; shutting down gracefully in '
@@ -9827,13 +9802,7 @@ class TestPlainApps(BrimTestCase):
             proc = popen(argv, cwd=self.tmp, env=self.env, stdout=out,
                          stderr=err)
         self.track(proc.pid)
-
-        def end():
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(10)
-            _protected.discard(proc.pid)
-        self.addCleanup(end)
+        self.addCleanup(kill_process, proc)
         proc.err_path = paths[1]
         return proc
 
@@ -11103,21 +11072,8 @@ class TestUnixSocket(BrimTestCase):
             self.skipTest('needs systemd-socket-activate (Debian package '
                           'systemd)')
         self.unix_conf('listen_retry = 0')
-        out = open(os.path.join(self.tmp, 'foreground.out'), 'wb')
-        self.addCleanup(out.close)
-        proc = popen([activate, '-l', self.sock_path, '-E', 'PYTHONPATH',
-                      sys.executable, BRIM, '-c', self.conf_path, '-p',
-                      self.pid_file, 'foreground'],
-                     cwd=self.tmp, env=self.env, stdout=out,
-                     stderr=subprocess.STDOUT)
-        self.track(proc.pid)
-
-        def end():
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(10)
-            _protected.discard(proc.pid)
-        self.addCleanup(end)
+        proc = self.run_attached('foreground', prefix=[
+            activate, '-l', self.sock_path, '-E', 'PYTHONPATH'])
         wait_until(lambda: os.path.exists(self.sock_path))
         # The first connection starts brimd, which takes the socket by its
         # path rather than binding one.
