@@ -1643,22 +1643,24 @@ class _StatsRegion(object):
         target = values[self.target_slot]
         buckets = [values[base:base + self.size] for base in range(
             self.offset, self.target_slot, self.size)]
-        shown = [index for index, bucket in enumerate(buckets)
+        shown = [(label, bucket) for index, (label, bucket) in
+                 enumerate(zip(self.labels, buckets))
                  if index < target or bucket[_StatsLayout.PID]]
         started = self.slots.get('start_time')
-        workers = [_WorkerStats(self.labels[index], bucket[_StatsLayout.PID],
+        workers = [_WorkerStats(label, bucket[_StatsLayout.PID],
                                 bucket[_StatsLayout.RESTARTS],
                                 bucket[_StatsLayout.SERVED],
                                 0 if started is None else bucket[started],
                                 _in_flight(bucket[_StatsLayout.IN_FLIGHT]),
                                 bucket[_StatsLayout.BUSY_USEC])
-                   for index, bucket in ((i, buckets[i]) for i in shown)]
+                   for label, bucket in shown]
         stats = []
         for name, stat_type in self.types.items():
-            per_worker = [bucket[self.slots[name]] for bucket in buckets]
-            stats.append(_Stat(name, stat_type,
-                               {self.labels[i]: per_worker[i] for i in shown},
-                               _roll_up(stat_type, per_worker)))
+            slot = self.slots[name]
+            per_worker = {label: bucket[slot] for label, bucket in shown}
+            every = [bucket[slot] for bucket in buckets]
+            stats.append(_Stat(name, stat_type, per_worker,
+                               _roll_up(stat_type, every)))
         return _SubserverStats(self.name, self.kind, workers, stats, target)
 
 
@@ -1992,7 +1994,9 @@ class _Statsd(object):
         self._prefix = ((prefix.rstrip('.') + '.') if prefix else '').encode(
             'ascii') + b'brim.'
         self._requests = self._prefix + b'requests'
-        self._status = self._prefix + b'request.status.%d'
+        # Every status line's name, made once: not on each request.
+        self._status = {code: self._prefix + b'request.status.%d' % code
+                        for code in range(1000)}
         self._duration = self._prefix + b'request.duration:%.3f|ms'
         self._due = 0.0
         self._new_batch()
@@ -2001,7 +2005,7 @@ class _Statsd(object):
         """A WSGI request answered ``code`` after ``seconds``: counted,
         counted by its status, and its duration (milliseconds) timed."""
         timer = self._duration % (seconds * 1000.0)
-        status = self._status % code
+        status = self._status[code]
         with self._lock:
             counts = self._counts
             counts[self._requests] = self._value(counts, self._requests) + 1
@@ -6838,23 +6842,26 @@ class _Scaler(object):
         return sum(1 for worker in self.server.slots
                    if worker.subserver is subserver and worker.wanted)
 
-    def scale(self, section, count):
+    def scale(self, section, count, asked_by):
         """Scale [``section``] ('*': every [wsgi], [tcp] and [udp] but
-        those that scale themselves) to ``count`` workers: N, +N or -N.
-        (What to answer, the slots started); the answer starts with
-        'refused:' when nothing was done."""
+        those that scale themselves) to ``count`` workers: N, +N or -N,
+        as ``asked_by`` asks (for the log line).  (What to answer, the
+        slots started); the answer starts with 'refused:' when nothing was
+        done."""
         try:
             plan = [(sub, _scaled_count(sub, self.target(sub), count))
                     for sub in self._scalable(section)]
         except ValueError as err:
-            return 'refused: %s' % err, []
-        started, lines = [], []
-        for subserver, wanted in plan:
-            lines.append('[%s] %d -> %d workers' % (
-                subserver.name, self.target(subserver), wanted))
-            started += self.scale_to(subserver, wanted)
-        self.server.logger.info('scaled %s', ', '.join(lines))
-        return 'scaled %s' % ', '.join(lines), started
+            answer, started = 'refused: %s' % err, []
+        else:
+            lines, started = [], []
+            for subserver, wanted in plan:
+                lines.append('[%s] %d -> %d workers' % (
+                    subserver.name, self.target(subserver), wanted))
+                started += self.scale_to(subserver, wanted)
+            answer = 'scaled %s' % ', '.join(lines)
+        self.server.logger.info('%s: %s', asked_by, answer)
+        return answer, started
 
     def scale_to(self, subserver, count):
         """Run ``count`` workers of ``subserver``; the slots started."""
@@ -6897,10 +6904,16 @@ class _Scaler(object):
             if count is None or subserver.kind == 'daemons':
                 continue
             count = max(1, min(count, subserver.bucket_count))
-            for worker in self.server.slots:
-                if worker.subserver is subserver:
-                    worker.wanted = worker.index < count
+            _want(self.server.slots, subserver, count)
             self.server.stats_layout.set_target(subserver, count)
+
+
+def _want(slots, subserver, count):
+    """Before the workers start: want the first ``count`` slots of
+    ``subserver`` (a running brimd scales through _Supervisor.scale)."""
+    for worker in slots:
+        if worker.subserver is subserver:
+            worker.wanted = worker.index < count
 
 
 class _Autoscaler(object):
@@ -7111,7 +7124,8 @@ class _ControlChannel(object):
         if len(args) != 2:
             conn.sendall(b'refused: scale takes a section and a count')
             return
-        answer, started = self.server.scaler.scale(*args)
+        answer, started = self.server.scaler.scale(*args,
+                                                   asked_by='scale command')
         self.scaling.append((conn.dup(), answer, started,
                              time.monotonic() + self.SCALE_SECONDS))
         self.answer_scaled()
@@ -7558,11 +7572,11 @@ class Server(object):
         self.statsd_address = _statsd_address(settings)
         self.stats_layout = _StatsLayout(self.subservers)
         for subserver in self.subservers:
-            for index in range(subserver.bucket_count):
-                slot = _WorkerSlot(subserver, index,
-                                   self.stats_layout.bucket(subserver, index))
-                slot.wanted = index < subserver.starting_workers
-                self.slots.append(slot)
+            self.slots += [_WorkerSlot(subserver, index,
+                                       self.stats_layout.bucket(subserver,
+                                                                index))
+                           for index in range(subserver.bucket_count)]
+            _want(self.slots, subserver, subserver.starting_workers)
 
     def bind(self, inherited=None):
         """Bind every listening socket (or take over an old brimd's)."""
@@ -7751,11 +7765,11 @@ class Server(object):
     def _on_SIGTTIN(self):
         """One more worker for every [wsgi], [tcp] and [udp] (gunicorn's
         signal)."""
-        self.logger.info('SIGTTIN: %s', self.scaler.scale('*', '+1')[0])
+        self.scaler.scale('*', '+1', 'SIGTTIN')
 
     def _on_SIGTTOU(self):
         """One worker fewer for each (never below one)."""
-        self.logger.info('SIGTTOU: %s', self.scaler.scale('*', '-1')[0])
+        self.scaler.scale('*', '-1', 'SIGTTOU')
 
     def status(self):
         """What ``brimd status`` (and ``top``) shows (see _status_report)."""
@@ -7893,12 +7907,12 @@ def _proc_usage(pid):
     except (OSError, IndexError):
         return None, None
     # After the name: state is field 3 of proc(5), so field N is [N - 3].
-    ticks = os.sysconf('SC_CLK_TCK')
     return (int(fields[21]) * _PAGE_SIZE,
-            round((int(fields[11]) + int(fields[12])) / ticks, 2))
+            round((int(fields[11]) + int(fields[12])) / _CLOCK_TICKS, 2))
 
 
 _PAGE_SIZE = os.sysconf('SC_PAGE_SIZE')
+_CLOCK_TICKS = os.sysconf('SC_CLK_TCK')
 
 
 def _scaled_count(subserver, now, count):

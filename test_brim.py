@@ -3914,11 +3914,13 @@ class TestAutoscalerInProcess(unittest.TestCase):
         self.assertEqual(self.scaled, [3, 2, 1])
 
     def test_it_samples_once_a_second(self):
-        self.seconds(1, 0.0)
-        for _ in range(10):     # many turns of the main loop, one second
+        self.seconds(1, 0.0, in_flight=1)
+        for _ in range(10):     # the main loop turns ten times in a second
+            self.clock.now += 0.1
             self.scaler.tend([self.subserver], self.workers)
-        self.seconds(2, 0.9)
         self.assertEqual(self.scaled, [])
+        self.seconds(3, 0.0, in_flight=1)
+        self.assertEqual(self.scaled, [2])
 
 
 class _FakeRestarter(object):
