@@ -11117,18 +11117,23 @@ class TestUnixSocket(BrimTestCase):
             os.path.join(self.tmp, 'nginx.out')))
         return port
 
+    def keep_alive_gets(self, port, path, count):
+        """``count`` GETs of ``path`` on one connection, each answered 200;
+        the last answer's body, as JSON."""
+        conn = httpclient.HTTPConnection('127.0.0.1', port, timeout=10)
+        self.addCleanup(conn.close)
+        for _ in range(count):
+            conn.request('GET', path)
+            resp = conn.getresponse()
+            body = resp.read()
+            self.assertEqual(resp.status, 200, body)
+        return json.loads(body)
+
     def test_behind_nginx(self):
         self.unix_conf()
         self.start()
         port = self.start_nginx(NGINX_PLAIN_SITE)
-        conn = httpclient.HTTPConnection('127.0.0.1', port, timeout=10)
-        self.addCleanup(conn.close)
-        for _ in range(50):
-            conn.request('GET', '/')
-            resp = conn.getresponse()
-            body = resp.read()
-            self.assertEqual(resp.status, 200, body)
-        self.assertEqual(json.loads(body), {
+        self.assertEqual(self.keep_alive_gets(port, '/', 50), {
             'REMOTE_ADDR': '', 'REMOTE_PORT': '',
             'SERVER_NAME': '127.0.0.1', 'SERVER_PORT': str(port)})
 
@@ -11141,14 +11146,7 @@ class TestUnixSocket(BrimTestCase):
             fp.write(FORWARDED_ENV_APP)
         self.start()
         port = self.start_nginx(NGINX_SITE)
-        conn = httpclient.HTTPConnection('127.0.0.1', port, timeout=10)
-        self.addCleanup(conn.close)
-        for _ in range(20):
-            conn.request('GET', '/some/path?q=1')
-            resp = conn.getresponse()
-            body = resp.read()
-            self.assertEqual(resp.status, 200, body)
-        seen = json.loads(body)
+        seen = self.keep_alive_gets(port, '/some/path?q=1', 20)
         self.assertEqual(seen['wsgi.url_scheme'], 'https')
         self.assertEqual(seen['HTTPS'], 'on')
         self.assertEqual(seen['brim.client_addr'], '127.0.0.1')
