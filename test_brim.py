@@ -52,6 +52,7 @@ import threading
 import time
 import types
 import unittest
+import unittest.mock
 from wsgiref.validate import validator as wsgiref_validator
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -5873,6 +5874,8 @@ class _PoolJob(object):
     """A connection's job for TestConnectionPool: the client's first byte
     says what its serve does."""
 
+    unsent = None
+
     def __init__(self, test, sock, address):
         self.test = test
         self.sock = sock
@@ -5888,6 +5891,14 @@ class _PoolJob(object):
             return self             # parked until the client sends
         self.kind = self.kind or data.decode()
         test.served.append((self.kind, threading.get_ident()))
+        if self.kind == 'h':        # answers, and the pool sends it
+            test.answers_held.append(len(turn.pool.answered))
+            self.unsent = b'answer %d' % len(test.answers_held)
+            self.idle = True
+            return self
+        if self.kind == 'H':        # a long answer
+            self.unsent = b'y' * (1 << 20)
+            return self
         if self.kind == 'p' and not self.idle:
             self.idle = True
             return self
@@ -5905,6 +5916,14 @@ class _PoolJob(object):
         if self.kind == 'a':
             test.passed_before_app.append(turn.before_app())
         return self.close()
+
+    def try_send_unsent(self):
+        try:
+            sent = self.sock.send(self.unsent, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        self.unsent = self.unsent[sent:] or None
+        return self.unsent is None
 
     def close(self):
         self.test.closed.append(self.kind)
@@ -5929,6 +5948,7 @@ class TestConnectionPool(unittest.TestCase):
         self.closed = []
         self.released = {kind: threading.Event() for kind in 'wsfb'}
         self.passed_before_app = []
+        self.answers_held = []      # answers held as each 'h' was served
         for event in self.released.values():
             self.addCleanup(event.set)
 
@@ -5940,11 +5960,11 @@ class TestConnectionPool(unittest.TestCase):
         self.accepted_on.append(threading.get_ident())
         return sock, address
 
-    def pool(self, limit=10, idle_timeout=30.0):
+    def pool(self, limit=10, idle_timeout=30.0, handle=None):
         pool = brim._ConnectionPool(
             self.listener, self.stop_r, self.accept,
-            lambda sock, address: _PoolJob(self, sock, address), limit,
-            idle_timeout, brim.logging.getLogger('test'))
+            handle or (lambda sock, address: _PoolJob(self, sock, address)),
+            limit, idle_timeout, brim.logging.getLogger('test'))
         self.addCleanup(self.stop, pool)
         return pool
 
@@ -5971,6 +5991,82 @@ class TestConnectionPool(unittest.TestCase):
         threads = set(self.accepted_on) | set(self.served_on('q'))
         self.assertEqual(len(threads), 1,
                          'quick connections were handed between threads')
+
+    def test_held_answers_are_sent_before_the_turn_waits(self):
+        pool = self.pool()
+        client = self.client('h')
+        self.assertEqual(client.recv(100), b'answer 1')
+        # Parked once sent: its next request is served, and answered.
+        client.sendall(b'h')
+        self.assertEqual(client.recv(100), b'answer 2')
+        self.assertEqual(self.answers_held, [0, 0])
+        self.assertEqual(pool.answered, [])
+
+    def test_a_client_slow_to_take_its_answer_holds_up_no_one(self):
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+        pool = self.pool()
+        slow = self.slow_client()
+        slow.sendall(b'H')
+        # Part of it is sent; the rest waits in epoll for the client.
+        self.assertEqual(select.select([slow], [], [], 10)[0], [slow])
+        quick = self.client('h')
+        self.assertEqual(quick.recv(100), b'answer 1')
+        received = b''
+        while len(received) < 1 << 20:
+            received += slow.recv(1 << 16)
+        self.assertEqual(received, b'y' * (1 << 20))
+        self.assertEqual(pool.turn, 0)      # no thread waited on it
+        slow.sendall(b'H')          # parked again once all was sent
+        self.assertEqual(slow.recv(10), b'y' * 10)
+
+    def slow_client(self):
+        slow = socket.socket()
+        self.addCleanup(slow.close)
+        slow.settimeout(10)
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+        slow.connect(self.listener.getsockname())
+        return slow
+
+    def test_an_http_answer_sent_as_the_client_reads(self):
+        body = b'z' * (brim._HOLD_MAX - 1024)
+
+        def app(env, start_response):
+            start_response('200 OK', [('Content-Length', str(len(body)))])
+            return [body]
+        worker = _SeamWorker(app)
+
+        def handle(sock, address):
+            sock.setblocking(False)     # as brim's plain connections
+            return brim._HTTPConnection(worker.site, sock, address)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+        pool = self.pool(handle=handle)
+        slow = self.slow_client()
+        answers = slow.makefile('rb')
+        for _ in range(2):      # its next request is served after it
+            slow.sendall(b'GET / HTTP/1.1\r\nHost: x\r\n\r\n')
+            answer = read_response(answers, 'GET')
+            self.assertEqual((answer.status, answer.body), (200, body))
+        self.assertEqual(pool.turn, 0)      # no thread waited on it
+        self.assertEqual(worker.errors(), [])
+
+    def test_answers_are_sent_together_and_at_most_so_many_wait(self):
+        self.listener.listen(64)
+        clients = [self.client('h') for _ in range(40)]     # in the backlog
+        # A job kept from the CPU for _STALL (a busy machine) would pass
+        # the turn on, and its thread send what it holds.
+        stall = unittest.mock.patch.object(brim, '_STALL', 60.0)
+        stall.start()
+        self.addCleanup(stall.stop)
+        self.pool(limit=100)
+        answers = sorted(client.recv(100) for client in clients)
+        self.assertEqual(answers, sorted(b'answer %d' % (n + 1)
+                                         for n in range(40)))
+        # Served in a row: the answers waited for each other, up to
+        # _ANSWERS_HELD at a time.
+        held = brim._ANSWERS_HELD
+        self.assertEqual(self.answers_held[:held + 1],
+                         list(range(held)) + [0])
+        self.assertEqual(max(self.answers_held), held - 1)
 
     def test_the_turn_passes_before_a_connection_waits(self):
         pool = self.pool()
@@ -6675,6 +6771,12 @@ class _WatchedSocket(socket.socket):
         self.notify_fd = notify_fd
         self.taken = 0
         self.waiting = False
+        self.short_sends = 0    # sends the client could not take in full
+
+    def send(self, data, flags=0):
+        sent = socket.socket.send(self, data, flags)
+        self.short_sends += sent < len(data)
+        return sent
 
     def recv(self, size, flags=0):
         try:
@@ -6735,6 +6837,7 @@ class SplitClient(object):
         self.worker = worker
         self.timeout = timeout
         self.tcp = tcp
+        self.send_buffer = None     # brim's SO_SNDBUF, if set
         self.heard = []
         self.notify_r, self.notify_w = os.pipe()
         self.jobs = queue.Queue()
@@ -6767,6 +6870,8 @@ class SplitClient(object):
         self.worker.connections.add(job)
         job = job.serve(_HeldTurn())       # as from the accept
         while job is not None:
+            while job.unsent is not None and not job.try_send_unsent():
+                select.select([], [sock], [], self.timeout)
             sock.waits()
             if not select.select([sock], [], [], self.timeout)[0]:
                 job.close()
@@ -6780,6 +6885,9 @@ class SplitClient(object):
         answered until it closed, Date masked, then ``<reset>`` if the
         connection was reset."""
         client, server = self._connection()
+        if self.send_buffer:
+            server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
+                              self.send_buffer)
         server = _WatchedSocket(server, self.notify_w)
         self.served = None
         self.heard = []
@@ -7204,6 +7312,45 @@ class TestHTTPFraming(InProcessHTTPTestCase):
                           (404, b'404 Not Found\n')])
         self.assertEqual(answers[2].headers['connection'], 'close')
 
+    def test_answers_held_back_for_the_pool(self):
+        keep = b'GET /pid HTTP/1.1\r\nHost: x\r\n\r\n'
+        for turn, request, held in ((_HeldTurn(), keep, True),
+                                    (None, keep, False),
+                                    (_HeldTurn(), LAST_REQUEST, False)):
+            client, server = socket.socketpair()
+            self.addCleanup(client.close)
+            server.setblocking(False)
+            conn = brim._HTTPConnection(self.worker.site, server,
+                                        ('127.0.0.1', 40000))
+            client.sendall(request)
+            job = conn.serve(turn)
+            client.setblocking(False)
+            try:
+                answer = client.recv(4096)
+            except BlockingIOError:
+                answer = None
+            if held:    # until the pool sends it: then it is all sent
+                self.assertIsNone(answer)
+                self.assertIs(job, conn)
+                self.assertTrue(conn.unsent.startswith(b'HTTP/1.1 200 OK'))
+                self.assertTrue(conn.try_send_unsent())
+                self.assertIsNone(conn.unsent)
+                answer = client.recv(4096)
+            self.assertTrue(answer.endswith(str(os.getpid()).encode()),
+                            answer)
+            conn.close()
+
+    def test_an_answer_held_back_the_client_cannot_take_at_once(self):
+        body = b'x' * (brim._HOLD_MAX - 1024)   # held back, whole
+        self.client.send_buffer = 16384
+        answers, reset = self.exchange(
+            b'POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n'
+            % len(body) + body, LAST_REQUEST)
+        self.assertFalse(reset)
+        self.assertEqual([(a.status, a.body) for a in answers],
+                         [(200, body), (200, str(os.getpid()).encode())])
+        self.assertGreater(self.client.served[0].short_sends, 0)
+
     def test_head(self):
         answers, reset = self.exchange(
             b'HEAD /here HTTP/1.1\r\nHost: x\r\n\r\n'
@@ -7573,6 +7720,31 @@ class TestDrainClosesIdleConnections(unittest.TestCase):
         brim.WSGISubserver._close_idle(
             types.SimpleNamespace(connections=[busy]))
         self.assertFalse(busy.closing)
+
+
+    def test_an_answer_held_back_is_sent_before_the_drain_closes(self):
+        worker = _SeamWorker(_FramingApp())
+        client, served = socket.socketpair()
+        self.addCleanup(client.close)
+        served.setblocking(False)
+        conn = brim._HTTPConnection(worker.site, served, ('127.0.0.1', 1))
+        worker.connections.add(conn)
+        client.sendall(b'GET /pid HTTP/1.1\r\nHost: x\r\n\r\n')
+        self.assertIs(conn.serve(_HeldTurn()), conn)
+        self.assertIsNotNone(conn.unsent)
+        # Not idle until the pool has sent it: the drain leaves it.
+        self.assertFalse(conn.idle)
+        drain = types.SimpleNamespace(connections=worker.connections)
+        brim.WSGISubserver._close_idle(drain)
+        self.assertFalse(conn.closing)
+        self.assertTrue(conn.try_send_unsent())
+        self.assertTrue(conn.idle)
+        brim.WSGISubserver._close_idle(drain)
+        self.assertTrue(conn.closing)
+        client.settimeout(5)
+        answer = read_response(io.BytesIO(read_until_closed(client)))
+        self.assertEqual(answer.body, str(os.getpid()).encode())
+        conn.close()
 
 
 class TestHTTPHead(SeamsTestCase):
