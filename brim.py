@@ -2482,11 +2482,14 @@ _STALL = 0.01
 # A whole answer (its body given at once, up to _HOLD_MAX bytes) that a
 # thread with the turn makes for a connection that stays open is held
 # back and sent with the turn's other answers: before the turn waits in
-# epoll, or once _ANSWERS_HELD are held.  Each answer sent wakes its
-# client; sent one at a time, a client on the same machine takes the CPU
-# back after every one, and both sides pay a switch for each request.
+# epoll, once _ANSWERS_HELD are held, or once the first of them was begun
+# _HOLD_SECONDS ago (so an app that takes longer has its answers sent at
+# once).  Each answer sent wakes its client; sent one at a time, a client
+# on the same machine takes the CPU back after every one, and both sides
+# pay a switch for each request.
 _HOLD_MAX = 256 * 1024
 _ANSWERS_HELD = 16
+_HOLD_SECONDS = 0.001
 # Threads beyond those serving end after this long without a turn.
 _IDLE_THREAD_SECONDS = 5.0
 # Out of file descriptors: parked connections closed per failed accept,
@@ -3853,7 +3856,8 @@ class _ConnectionPool(object):
 
     The answers the turn makes whole are held back (``answered``) and
     sent together before the turn waits in epoll, or once
-    ``_ANSWERS_HELD`` wait, as Redis writes its replies before it sleeps:
+    ``_ANSWERS_HELD`` wait or the first has waited about
+    ``_HOLD_SECONDS``, as Redis writes its replies before it sleeps:
     a client woken once finds many answers, and a client on the same
     machine does not take the CPU back after each one.  A connection is
     parked once its answer is sent, so its next request cannot overtake
@@ -3895,6 +3899,7 @@ class _ConnectionPool(object):
         self.unheld = False         # passed, but no thread could take it
         self.apps_wait_until = 0.0  # monotonic: pass the turn before apps
         self.answered = []          # jobs holding an answer back, in order
+        self.answered_since = 0.0   # monotonic: the first of them began
         threading.Thread(target=self._watch, daemon=True).start()
         threading.Thread(target=self._run, daemon=True).start()
 
@@ -3927,7 +3932,7 @@ class _ConnectionPool(object):
             job = self._serve(job, turn)
             if probe is not None and self.turn == turn:
                 self._probe_end(probe, me.times())
-            if not self._after_job(job, turn, me):
+            if not self._after_job(job, turn, me, began):
                 if not self._wait_for_turn(me):
                     return
 
@@ -3959,14 +3964,15 @@ class _ConnectionPool(object):
         if self.probes_waited >= 2:
             self.apps_wait_until = ended[0] + _APPS_WAIT_SECONDS
 
-    def _after_job(self, job, turn, me):
-        """Park ``job`` (None: closed); True when this thread still has
-        the turn, else it joins the idle ones."""
+    def _after_job(self, job, turn, me, began):
+        """Park ``job`` (None: closed), or hold its answer back (the job
+        began at ``began``); True when this thread still has the turn,
+        else it joins the idle ones."""
         with self.lock:
             if job is None:
                 self.conns.closed()
             elif job.unsent is not None:
-                self.answered.append(job)
+                self._hold(job, began)
             else:
                 self._park(job)
             holds_turn = self.turn == turn or self.unheld
@@ -3975,10 +3981,19 @@ class _ConnectionPool(object):
                 self.holder = None
             else:
                 self.idle.append(me)
-            send = not holds_turn or len(self.answered) >= _ANSWERS_HELD
+            send = self.answered and (
+                not holds_turn or len(self.answered) >= _ANSWERS_HELD or
+                time.monotonic() - self.answered_since >= _HOLD_SECONDS)
         if send:
             self._send_answers()
         return holds_turn
+
+    def _hold(self, job, since):
+        """Lock held: ``job``'s answer, begun at ``since``, waits to be
+        sent with the others."""
+        if not self.answered:
+            self.answered_since = since
+        self.answered.append(job)
 
     def _park(self, job):
         """Lock held: wait for ``job``'s next request, or close it if
@@ -4088,7 +4103,7 @@ class _ConnectionPool(object):
                         if job is None:
                             continue
                         if job.unsent is not None:  # can take more of it
-                            self.answered.append(job)
+                            self._hold(job, time.monotonic())
                         else:
                             self.ready.append(job)
 

@@ -5891,7 +5891,11 @@ class _PoolJob(object):
             return self             # parked until the client sends
         self.kind = self.kind or data.decode()
         test.served.append((self.kind, threading.get_ident()))
-        if self.kind == 'h':        # answers, and the pool sends it
+        if self.kind in 'hl':       # answers, and the pool sends it
+            if self.kind == 'l':    # after computing for twice the hold
+                end = time.thread_time() + 2 * brim._HOLD_SECONDS
+                while time.thread_time() < end:
+                    pass
             test.answers_held.append(len(turn.pool.answered))
             self.unsent = b'answer %d' % len(test.answers_held)
             self.idle = True
@@ -6002,6 +6006,13 @@ class TestConnectionPool(unittest.TestCase):
         self.assertEqual(self.answers_held, [0, 0])
         self.assertEqual(pool.answered, [])
 
+    def test_an_answer_that_took_longer_than_the_hold_is_sent_at_once(self):
+        clients = [self.client('l') for _ in range(3)]     # in the backlog
+        self.pool()
+        for client in clients:
+            self.assertTrue(client.recv(100).startswith(b'answer '))
+        self.assertEqual(self.answers_held, [0, 0, 0])
+
     def test_a_client_slow_to_take_its_answer_holds_up_no_one(self):
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
         pool = self.pool()
@@ -6052,11 +6063,12 @@ class TestConnectionPool(unittest.TestCase):
     def test_answers_are_sent_together_and_at_most_so_many_wait(self):
         self.listener.listen(64)
         clients = [self.client('h') for _ in range(40)]     # in the backlog
-        # A job kept from the CPU for _STALL (a busy machine) would pass
-        # the turn on, and its thread send what it holds.
-        stall = unittest.mock.patch.object(brim, '_STALL', 60.0)
-        stall.start()
-        self.addCleanup(stall.stop)
+        # A busy machine must not pass the turn on (a job kept from the
+        # CPU for _STALL) nor end the hold (_HOLD_SECONDS) here.
+        for name in ('_STALL', '_HOLD_SECONDS'):
+            patch = unittest.mock.patch.object(brim, name, 60.0)
+            patch.start()
+            self.addCleanup(patch.stop)
         self.pool(limit=100)
         answers = sorted(client.recv(100) for client in clients)
         self.assertEqual(answers, sorted(b'answer %d' % (n + 1)
