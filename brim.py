@@ -3504,7 +3504,7 @@ class _HTTPConnection(_ClientSocket):
         except BlockingIOError:
             return False
         if sent < len(data):
-            self.unsent = data[sent:]
+            self.unsent = memoryview(data)[sent:]     # no copy
             return False
         self.unsent = None
         self.idle = True
