@@ -3029,6 +3029,11 @@ class _ClientSocket(object):
         """What a new client has sent already (None: nothing yet, b'': it
         closed), taken without waiting."""
         self.sock.setblocking(False)
+        return self.read_now()
+
+    def read_now(self):
+        """What the non-blocking socket has (None: nothing, b'': the
+        client closed)."""
         try:
             return self.sock.recv(_RECV_SIZE)
         except BlockingIOError:
@@ -3251,6 +3256,7 @@ class _HTTPConnection(_ClientSocket):
         # The last answer, held back for the pool to send (see _HOLD_MAX):
         # the connection is idle only once it is sent.
         self.unsent = None
+        self.armed = None       # what the pool's epoll waits for (park)
 
     # -- reading -----------------------------------------------------------
 
@@ -3352,11 +3358,15 @@ class _HTTPConnection(_ClientSocket):
             if self.fresh and turn is not None:     # from the accept
                 self.fresh = False
                 data = self.read_arrived()
-                if data is None:
-                    return self     # no request yet: parked until it comes
-                if not data:
-                    return self.close()
-                self.buf = data
+            elif turn is not None and self.parkable:    # from epoll
+                data = self.read_now()
+            else:
+                return self._serve_requests()
+            if data is None:
+                return self     # nothing yet: parked until it comes
+            if not data:
+                return self.close()
+            self.buf = data
             return self._serve_requests()
         except (OSError, EOFError):
             # The client went away or timed out: nothing to say.
@@ -3867,8 +3877,9 @@ class _ConnectionPool(object):
     ``handle(sock, address)`` makes a new connection's job: an object with
     ``serve(turn)``, which returns the job to park, or None once the
     connection is closed, ``close()``, ``client``, ``idle`` (true
-    between requests: a drain closes it), and ``unsent`` (an answer held
-    back, sent by ``try_send_unsent()``).  ``accept()`` returns (sock,
+    between requests: a drain closes it), ``unsent`` (an answer held
+    back, sent by ``try_send_unsent()``) and ``armed`` (None; what epoll
+    waits for on its socket, the pool's to set).  ``accept()`` returns (sock,
     address), None when there was nothing to take, or _NO_DESCRIPTORS
     when the process is out of file descriptors.  What is open and parked
     is kept by ``conns`` (_OpenConnections).
@@ -4198,6 +4209,7 @@ class _OpenConnections(object):
         self.label = label          # names the worker in log lines
         self.open = 0               # connections open: served or parked
         self.parked = collections.OrderedDict()     # fd -> (job, since)
+        self.edges = set()          # fds whose edge came while out (park)
         self.accepting = True
         self.stopped = False        # no more accepting, ever
         self.paused_until = 0.0     # monotonic: no accepting (out of fds)
@@ -4218,26 +4230,48 @@ class _OpenConnections(object):
 
     def park(self, job, event=select.EPOLLIN):
         """Wait in epoll for ``job``'s connection to be readable (or
-        writable: EPOLLOUT)."""
+        writable: EPOLLOUT).
+
+        A connection is registered edge-triggered once, not re-armed for
+        each request: a syscall less per request, which with many
+        threads is a GIL hand-off less too.  Only when an edge came while
+        its job was out (``edges``) is it armed again: epoll then looks
+        at it afresh, and wakes the pool if the bytes are still unread.
+        An edge can still come for bytes read already: a job served from
+        epoll reads without waiting, and parks again if there is nothing.
+        """
         fd = job.sock.fileno()
-        mask = event | select.EPOLLONESHOT
-        try:
+        if job.armed != event or fd in self.edges:
+            self.edges.discard(fd)
             try:
-                self.epoll.modify(fd, mask)
-            except FileNotFoundError:   # parked for the first time
-                self.epoll.register(fd, mask)
-        except OSError as err:          # out of epoll watches, or memory
-            self.logger.error('cannot keep the connection from %s open: '
-                              '%s', job.client, _one_line(err))
-            job.close()
-            self.closed()
-            return
+                self._arm(fd, event, job.armed is None)
+            except OSError as err:      # out of epoll watches, or memory
+                self.logger.error('cannot keep the connection from %s '
+                                  'open: %s', job.client, _one_line(err))
+                job.close()
+                self.closed()
+                return
+            job.armed = event
         self.parked[fd] = (job, time.monotonic())
 
+    def _arm(self, fd, event, new):
+        mask = event | select.EPOLLET
+        if new:
+            try:
+                return self.epoll.register(fd, mask)
+            except FileExistsError:     # left by a closed one's dup
+                pass
+        self.epoll.modify(fd, mask)
+
     def unpark(self, fd):
-        """The job parked on ``fd``, now readable; None if there is none."""
+        """The job parked on ``fd``, now readable (or writable); None if
+        it is out (served, or its answer being sent): noted for its next
+        park."""
         parked = self.parked.pop(fd, None)
-        return parked and parked[0]
+        if parked is None:
+            self.edges.add(fd)
+            return None
+        return parked[0]
 
     def due(self, now):
         """Close connections parked for ``idle_timeout`` by ``now``, end a
@@ -4303,6 +4337,7 @@ class _OpenConnections(object):
 
     def _close(self, fd, job):
         del self.parked[fd]
+        self.edges.discard(fd)
         self.epoll.unregister(fd)
         job.close()
         self.closed()
@@ -4419,6 +4454,7 @@ class _Call(object):
 
     idle = False
     unsent = None
+    armed = None
 
     def __init__(self, serve, sock, address):
         self.call = serve

@@ -5875,6 +5875,7 @@ class _PoolJob(object):
     says what its serve does."""
 
     unsent = None
+    armed = None
 
     def __init__(self, test, sock, address):
         self.test = test
@@ -5902,6 +5903,10 @@ class _PoolJob(object):
             return self
         if self.kind == 'H':        # a long answer
             self.unsent = b'y' * (1 << 20)
+            return self
+        if self.kind == 'e':        # the client sends more meanwhile
+            test.released['e'].wait(10)
+            self.idle = True
             return self
         if self.kind == 'p' and not self.idle:
             self.idle = True
@@ -5950,7 +5955,7 @@ class TestConnectionPool(unittest.TestCase):
         self.accepted_on = []
         self.served = []            # (kind, thread) in the order served
         self.closed = []
-        self.released = {kind: threading.Event() for kind in 'wsfb'}
+        self.released = {kind: threading.Event() for kind in 'wsfbe'}
         self.passed_before_app = []
         self.answers_held = []      # answers held as each 'h' was served
         for event in self.released.values():
@@ -6079,6 +6084,18 @@ class TestConnectionPool(unittest.TestCase):
         self.assertEqual(self.answers_held[:held + 1],
                          list(range(held)) + [0])
         self.assertEqual(max(self.answers_held), held - 1)
+
+    def test_what_comes_while_a_connection_is_served_is_not_lost(self):
+        pool = self.pool()
+        client = socket.create_connection(self.listener.getsockname(), 10)
+        self.addCleanup(client.close)
+        wait_until(lambda: pool.conns.parked)   # in epoll from now on
+        client.sendall(b'e')
+        wait_until(lambda: len(self.served_on('e')) == 1)
+        client.sendall(b'e')    # its edge comes while the job is out
+        wait_until(lambda: pool.conns.edges)
+        self.released['e'].set()
+        wait_until(lambda: len(self.served_on('e')) == 2)
 
     def test_the_turn_passes_before_a_connection_waits(self):
         pool = self.pool()
@@ -7351,6 +7368,25 @@ class TestHTTPFraming(InProcessHTTPTestCase):
             self.assertTrue(answer.endswith(str(os.getpid()).encode()),
                             answer)
             conn.close()
+
+    def test_woken_with_nothing_to_read_it_parks_again(self):
+        # epoll may report bytes the connection has read already
+        client, server = socket.socketpair()
+        self.addCleanup(client.close)
+        server.setblocking(False)
+        conn = brim._HTTPConnection(self.worker.site, server,
+                                    ('127.0.0.1', 40000))
+        client.sendall(b'GET /pid HTTP/1.1\r\nHost: x\r\n\r\n')
+        self.assertIs(conn.serve(_HeldTurn()), conn)
+        self.assertTrue(conn.try_send_unsent())
+        began = time.monotonic()
+        self.assertIs(conn.serve(_HeldTurn()), conn)
+        self.assertLess(time.monotonic() - began, 1.0)
+        self.assertEqual(len(self.worker.answered), 1)
+        client.sendall(b'GET /pid HTTP/1.1\r\nHost: x\r\n\r\n')
+        self.assertIs(conn.serve(_HeldTurn()), conn)
+        self.assertEqual(len(self.worker.answered), 2)
+        conn.close()
 
     def test_an_answer_held_back_the_client_cannot_take_at_once(self):
         body = b'x' * (brim._HOLD_MAX - 1024)   # held back, whole
