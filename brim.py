@@ -2962,6 +2962,9 @@ class _ClientSocket(object):
         self.timeout = timeout  # for a wait on the client
         self.turn = None
         self.poll = None        # made when first needed
+        # The last read filled its buffer: more may wait unread, of which
+        # an edge-triggered epoll says nothing (see _OpenConnections.park).
+        self.filled = False
 
     def recv(self):
         """More bytes from the client; raises EOFError when it closed."""
@@ -2974,7 +2977,7 @@ class _ClientSocket(object):
         """What the client sent next, b'' if it closed."""
         while True:
             try:
-                return self.sock.recv(_RECV_SIZE)
+                return self._recv_some()
             except BlockingIOError:     # plain, and nothing there yet
                 self.wait_for_client(select.POLLIN)
 
@@ -3035,9 +3038,15 @@ class _ClientSocket(object):
         """What the non-blocking socket has (None: nothing, b'': the
         client closed)."""
         try:
-            return self.sock.recv(_RECV_SIZE)
+            return self._recv_some()
         except BlockingIOError:
             return None
+
+    def _recv_some(self):
+        """One recv, noting whether it filled its buffer."""
+        data = self.sock.recv(_RECV_SIZE)
+        self.filled = len(data) == _RECV_SIZE
+        return data
 
 
 def _trusted_peer(networks, address):
@@ -3878,8 +3887,9 @@ class _ConnectionPool(object):
     ``serve(turn)``, which returns the job to park, or None once the
     connection is closed, ``close()``, ``client``, ``idle`` (true
     between requests: a drain closes it), ``unsent`` (an answer held
-    back, sent by ``try_send_unsent()``) and ``armed`` (None; what epoll
-    waits for on its socket, the pool's to set).  ``accept()`` returns (sock,
+    back, sent by ``try_send_unsent()``), ``filled`` (its last read may
+    have left bytes unread) and ``armed`` (None; what epoll waits for on
+    its socket, the pool's to set).  ``accept()`` returns (sock,
     address), None when there was nothing to take, or _NO_DESCRIPTORS
     when the process is out of file descriptors.  What is open and parked
     is kept by ``conns`` (_OpenConnections).
@@ -4235,13 +4245,15 @@ class _OpenConnections(object):
         A connection is registered edge-triggered once, not re-armed for
         each request: a syscall less per request, which with many
         threads is a GIL hand-off less too.  Only when an edge came while
-        its job was out (``edges``) is it armed again: epoll then looks
-        at it afresh, and wakes the pool if the bytes are still unread.
-        An edge can still come for bytes read already: a job served from
-        epoll reads without waiting, and parks again if there is nothing.
+        its job was out (``edges``), or its last read filled its buffer
+        (``filled``: the rest came with the edge already seen), is it
+        armed again: epoll then looks at it afresh, and wakes the pool if
+        bytes are still unread.  An edge can still come for bytes read
+        already: a job served from epoll reads without waiting, and parks
+        again if there is nothing.
         """
         fd = job.sock.fileno()
-        if job.armed != event or fd in self.edges:
+        if job.armed != event or fd in self.edges or job.filled:
             self.edges.discard(fd)
             try:
                 self._arm(fd, event, job.armed is None)
@@ -4293,8 +4305,9 @@ class _OpenConnections(object):
 
     def make_room(self):
         """Out of file descriptors.  Close the connections parked longest
-        (idle keep-alive ones, and new ones yet to send a request): any
-        client may see an idle connection closed.  With none parked, stop
+        (idle keep-alive ones, and new ones yet to send a request; never
+        one still sending an answer): any client may see an idle
+        connection closed.  With none parked, stop
         accepting for a moment; the backlog holds the rest.  Logged once,
         until the shortage is over."""
         if self.fd_shortage is None:
@@ -4304,11 +4317,14 @@ class _OpenConnections(object):
                 'closing the longest idle ones to accept new ones (raise '
                 'the limit: ulimit -n, or systemd LimitNOFILE=; or lower '
                 'concurrent_per_worker)', self.label, self.open)
-        closing = min(len(self.parked), _ROOM_PER_SHORTAGE)
-        for _ in range(closing):
-            fd, (job, _since) = next(iter(self.parked.items()))
+        idle = itertools.islice(
+            ((fd, job) for fd, (job, _since) in self.parked.items()
+             if job.unsent is None),    # not one whose answer is going out
+            _ROOM_PER_SHORTAGE)
+        closing = list(idle)
+        for fd, job in closing:
             self._close(fd, job)
-        self.fd_shortage[1] += closing
+        self.fd_shortage[1] += len(closing)
         if not closing:
             self.paused_until = time.monotonic() + _ACCEPT_PAUSE
             self._room_changed()
@@ -4454,6 +4470,7 @@ class _Call(object):
 
     idle = False
     unsent = None
+    filled = False
     armed = None
 
     def __init__(self, serve, sock, address):

@@ -5875,6 +5875,7 @@ class _PoolJob(object):
     says what its serve does."""
 
     unsent = None
+    filled = False
     armed = None
 
     def __init__(self, test, sock, address):
@@ -5958,10 +5959,14 @@ class TestConnectionPool(unittest.TestCase):
         self.released = {kind: threading.Event() for kind in 'wsfbe'}
         self.passed_before_app = []
         self.answers_held = []      # answers held as each 'h' was served
+        self.out_of_fds = 0         # accepts to fail so, before the rest
         for event in self.released.values():
             self.addCleanup(event.set)
 
     def accept(self):
+        if self.out_of_fds:
+            self.out_of_fds -= 1
+            return brim._NO_DESCRIPTORS
         try:
             sock, address = self.listener.accept()
         except BlockingIOError:
@@ -6096,6 +6101,85 @@ class TestConnectionPool(unittest.TestCase):
         wait_until(lambda: pool.conns.edges)
         self.released['e'].set()
         wait_until(lambda: len(self.served_on('e')) == 2)
+
+    def http_pool(self, app):
+        """A pool of brim's own HTTP connections serving ``app``."""
+        worker = _SeamWorker(app)
+
+        def handle(sock, address):
+            sock.setblocking(False)     # as brim's plain connections
+            return brim._HTTPConnection(worker.site, sock, address)
+        return self.pool(handle=handle), worker
+
+    def test_a_read_that_fills_its_buffer_is_followed_by_a_look(self):
+        # Edge-triggered epoll tells of bytes once.  A burst that arrives
+        # whole while the turn is busy is one edge; the read it wakes
+        # takes _RECV_SIZE bytes, ending here on a request's end, and the
+        # rest of the burst has no edge of its own to come.
+        holding, release = threading.Event(), threading.Event()
+
+        def app(env, start_response):
+            if env['PATH_INFO'] == '/hold':
+                holding.set()
+                release.wait(10)
+            start_response('200 OK', [('Content-Length', '2')])
+            return [b'ok']
+        # The turn stays with /hold, so no thread waits in epoll as the
+        # burst comes; and the client may send all of it at once.
+        for patch in (unittest.mock.patch.object(brim, '_STALL', 60.0),
+                      unittest.mock.patch.object(brim._PoolThread, 'blocked',
+                                                 lambda *args: False)):
+            patch.start()
+            self.addCleanup(patch.stop)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        pool, worker = self.http_pool(app)
+        self.addCleanup(release.set)
+        request = b'GET /%s HTTP/1.1\r\nHost: x\r\n\r\n'
+        one = request % (b'a' * (64 - len(request % b'')))
+        self.assertEqual(brim._RECV_SIZE % len(one), 0)
+        burst = brim._RECV_SIZE // len(one) + 6
+        client = socket.create_connection(self.listener.getsockname(), 10)
+        self.addCleanup(client.close)
+        answers = client.makefile('rb')
+        client.sendall(one)
+        self.assertEqual(read_response(answers).body, b'ok')
+        wait_until(lambda: pool.conns.parked)   # waits in epoll
+        holder = socket.create_connection(self.listener.getsockname(), 10)
+        self.addCleanup(holder.close)
+        holder.sendall(request % b'hold')
+        self.assertTrue(holding.wait(10))
+        client.sendall(one * burst)
+        release.set()
+        for n in range(burst):
+            answer = read_response(answers)     # times out if left unread
+            self.assertEqual((n, answer.body), (n, b'ok'))
+        self.assertEqual(worker.errors(), [])
+
+    def test_out_of_descriptors_it_closes_no_answer_being_sent(self):
+        body = b'z' * (brim._HOLD_MAX - 1024)
+
+        def app(env, start_response):
+            start_response('200 OK', [('Content-Length', str(len(body)))])
+            return [body]
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+        pool, worker = self.http_pool(app)
+        slow = self.slow_client()
+        slow.sendall(b'GET / HTTP/1.1\r\nHost: x\r\n\r\n')
+        # Its answer waits for it to read (parked for EPOLLOUT).
+        wait_until(lambda: any(job.unsent is not None
+                               for job, _since in pool.conns.parked.values()))
+        idle = socket.create_connection(self.listener.getsockname(), 10)
+        self.addCleanup(idle.close)
+        wait_until(lambda: len(pool.conns.parked) == 2)
+        self.out_of_fds = 1
+        with self.assertLogs('test', logging.ERROR) as logged:
+            waking = socket.create_connection(self.listener.getsockname(),
+                                              10)
+            self.addCleanup(waking.close)
+            self.assertEqual(idle.recv(100), b'')   # closed for room
+        self.assertIn('out of file descriptors', logged.output[0])
+        answer = read_response(slow.makefile('rb'))
+        self.assertEqual((answer.status, answer.body), (200, body))
 
     def test_the_turn_passes_before_a_connection_waits(self):
         pool = self.pool()
