@@ -6054,13 +6054,8 @@ class TestConnectionPool(unittest.TestCase):
         def app(env, start_response):
             start_response('200 OK', [('Content-Length', str(len(body)))])
             return [body]
-        worker = _SeamWorker(app)
-
-        def handle(sock, address):
-            sock.setblocking(False)     # as brim's plain connections
-            return brim._HTTPConnection(worker.site, sock, address)
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
-        pool = self.pool(handle=handle)
+        pool, worker = self.http_pool(app)
         slow = self.slow_client()
         answers = slow.makefile('rb')
         for _ in range(2):      # its next request is served after it
