@@ -4307,9 +4307,9 @@ class _OpenConnections(object):
         """Out of file descriptors.  Close the connections parked longest
         (idle keep-alive ones, and new ones yet to send a request; never
         one still sending an answer): any client may see an idle
-        connection closed.  With none parked, stop
-        accepting for a moment; the backlog holds the rest.  Logged once,
-        until the shortage is over."""
+        connection closed.  With none parked, stop accepting for a
+        moment; the backlog holds the rest.  Logged once, until the
+        shortage is over."""
         if self.fd_shortage is None:
             self.fd_shortage = [self.open, 0]   # open then, closed since
             self.logger.error(
@@ -4317,11 +4317,10 @@ class _OpenConnections(object):
                 'closing the longest idle ones to accept new ones (raise '
                 'the limit: ulimit -n, or systemd LimitNOFILE=; or lower '
                 'concurrent_per_worker)', self.label, self.open)
-        idle = itertools.islice(
+        closing = list(itertools.islice(
             ((fd, job) for fd, (job, _since) in self.parked.items()
              if job.unsent is None),    # not one whose answer is going out
-            _ROOM_PER_SHORTAGE)
-        closing = list(idle)
+            _ROOM_PER_SHORTAGE))
         for fd, job in closing:
             self._close(fd, job)
         self.fd_shortage[1] += len(closing)

@@ -6048,7 +6048,10 @@ class TestConnectionPool(unittest.TestCase):
         slow.connect(self.listener.getsockname())
         return slow
 
-    def test_an_http_answer_sent_as_the_client_reads(self):
+    def big_answers_to_a_slow_client(self):
+        """A pool answering every request with ``body`` (as big as brim
+        holds back), and a client that takes it a little at a time:
+        (pool, worker, client, body)."""
         body = b'z' * (brim._HOLD_MAX - 1024)
 
         def app(env, start_response):
@@ -6056,7 +6059,10 @@ class TestConnectionPool(unittest.TestCase):
             return [body]
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
         pool, worker = self.http_pool(app)
-        slow = self.slow_client()
+        return pool, worker, self.slow_client(), body
+
+    def test_an_http_answer_sent_as_the_client_reads(self):
+        pool, worker, slow, body = self.big_answers_to_a_slow_client()
         answers = slow.makefile('rb')
         for _ in range(2):      # its next request is served after it
             slow.sendall(b'GET / HTTP/1.1\r\nHost: x\r\n\r\n')
@@ -6151,14 +6157,7 @@ class TestConnectionPool(unittest.TestCase):
         self.assertEqual(worker.errors(), [])
 
     def test_out_of_descriptors_it_closes_no_answer_being_sent(self):
-        body = b'z' * (brim._HOLD_MAX - 1024)
-
-        def app(env, start_response):
-            start_response('200 OK', [('Content-Length', str(len(body)))])
-            return [body]
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
-        pool, worker = self.http_pool(app)
-        slow = self.slow_client()
+        pool, worker, slow, body = self.big_answers_to_a_slow_client()
         slow.sendall(b'GET / HTTP/1.1\r\nHost: x\r\n\r\n')
         # Its answer waits for it to read (parked for EPOLLOUT).
         wait_until(lambda: any(job.unsent is not None
@@ -6175,6 +6174,7 @@ class TestConnectionPool(unittest.TestCase):
         self.assertIn('out of file descriptors', logged.output[0])
         answer = read_response(slow.makefile('rb'))
         self.assertEqual((answer.status, answer.body), (200, body))
+        self.assertEqual(worker.errors(), [])
 
     def test_the_turn_passes_before_a_connection_waits(self):
         pool = self.pool()
