@@ -2473,11 +2473,13 @@ _LINGER_BYTES = 4 << 20
 # busy for _STALL keeps the other connections waiting: the turn passes on
 # all the same.
 _WATCH_TICK = 0.01
-# The least time off the CPU that counts as a request that waited, and
-# how often a job served with the turn is timed to see if it waited.
+# The least time off the CPU that counts as a request that waited, how
+# often a job served with the turn is timed to see if it waited, and how
+# many jobs in a row that did not wait end the apps' waiting.
 _WAITED = 0.0005
 _PROBE_EVERY = 8
 _APPS_WAIT_SECONDS = 1.0
+_QUIET_JOBS = 64
 _STALL = 0.01
 # A whole answer (its body given at once, up to _HOLD_MAX bytes) that a
 # thread with the turn makes for a connection that stays open is held
@@ -3861,13 +3863,13 @@ class _ConnectionPool(object):
     every ``_WATCH_TICK``: one that has mostly not run since its job began
     and sleeps now is blocked (on a database, a lock, a socket), so its
     turn passes on at once; waits too short for the watch are found by
-    timing every ``_PROBE_EVERY``-th job.  Either way,
-    for the next second the worker's apps count as ones that wait: every
-    request then passes the turn on before its app runs
-    (``turn.before_app()``), each in a thread of its own, and the requests
-    of waiting apps run side by side.  Apps that only compute are never
-    blocked and keep the no-hand-off path; one that computes for
-    ``_STALL`` passes the turn on all the same.  So accepting and the
+    timing every ``_PROBE_EVERY``-th job.  Either way, the worker's apps
+    count as ones that wait, for as long as their requests keep waiting
+    (each is timed then): every request passes the turn on before its app
+    runs (``turn.before_app()``), each in a thread of its own, and the
+    requests of waiting apps run side by side.  Apps that only compute
+    are never blocked and keep the no-hand-off path; one that computes
+    for ``_STALL`` passes the turn on all the same.  So accepting and the
     other connections never wait long behind one slow client or app, and
     there are only as many threads as requests in hand (at most
     ``limit``, plus the one with the turn); a thread idle for
@@ -3916,6 +3918,7 @@ class _ConnectionPool(object):
         self.holder_serves = threading.Event()
         self.jobs = 0               # served with the turn, for probing
         self.probes_waited = 0      # probes in a row that found a wait
+        self.quiet_jobs = 0         # timed jobs in a row that did not wait
         self.idle = []              # _PoolThreads waiting, newest last
         self.unheld = False         # passed, but no thread could take it
         self.apps_wait_until = 0.0  # monotonic: pass the turn before apps
@@ -3949,10 +3952,10 @@ class _ConnectionPool(object):
                 self.holder = (turn, job, me, began, ran)
                 if not self.holder_serves.is_set():
                     self.holder_serves.set()
-            probe = self._probe_start(me)
+            timed = self._time_job(me)
             job = self._serve(job, turn)
-            if probe is not None and self.turn == turn:
-                self._probe_end(probe, me.times())
+            if timed is not None:
+                self._judge(timed, me.times(), self.turn == turn)
             if not self._after_job(job, turn, me, began):
                 if not self._wait_for_turn(me):
                     return
@@ -3970,20 +3973,40 @@ class _ConnectionPool(object):
     # _PROBE_EVERY-th job served with the turn: a fraction of the cost of
     # timing them all.  Two in a row must have waited: now and then one
     # was kept off the GIL by a thread that the machine left without a
-    # CPU, which looks the same.
+    # CPU, which looks the same.  While the apps wait, every job is timed,
+    # so that a wrong judgement does not last: on a machine short of CPUs
+    # the watch or the probes can take a thread kept from one for a
+    # blocked one, and a computing app served a thread per request is
+    # three times slower.  A job that waited keeps the apps waiting ones
+    # for _APPS_WAIT_SECONDS more; _QUIET_JOBS in a row that did not end
+    # that at once.
 
-    def _probe_start(self, me):
+    def _time_job(self, me):
         """The thread's times() when this job is to be timed, else None."""
         self.jobs += 1
-        if self.jobs % _PROBE_EVERY or self.apps_wait():
+        if self.jobs % _PROBE_EVERY and not self.apps_wait():
             return None
         return me.times()
 
-    def _probe_end(self, probe, ended):
-        waited = _waited(probe, ended)
-        self.probes_waited = self.probes_waited + 1 if waited else 0
-        if self.probes_waited >= 2:
-            self.apps_wait_until = ended[0] + _APPS_WAIT_SECONDS
+    def _judge(self, before, after, kept_turn):
+        """Whether the worker's apps wait, after a job timed from times()
+        ``before`` to ``after``.  ``kept_turn``: it did not pass the turn
+        on, so it waited on no client; while the apps wait, it ran none
+        either (the turn passes on before each)."""
+        waited = _waited(before, after)
+        with self.lock:
+            if not self.apps_wait():
+                if kept_turn:
+                    self.probes_waited = (self.probes_waited + 1 if waited
+                                          else 0)
+                    if self.probes_waited >= 2:
+                        self._apps_wait_from(after[0])
+            elif waited:
+                self._apps_wait_from(after[0])
+            elif not kept_turn:
+                self.quiet_jobs += 1
+                if self.quiet_jobs >= _QUIET_JOBS:
+                    self.apps_wait_until = 0.0
 
     def _after_job(self, job, turn, me, began):
         """Park ``job`` (None: closed), or hold its answer back (the job
@@ -4084,7 +4107,8 @@ class _ConnectionPool(object):
             except OSError:         # its thread just ended
                 continue
             if blocked:
-                self.apps_wait_until = now + _APPS_WAIT_SECONDS
+                with self.lock:
+                    self._apps_wait_from(now)
                 self.pass_turn(turn)
             elif now - began >= _STALL:
                 self.pass_turn(turn)
@@ -4195,6 +4219,12 @@ class _ConnectionPool(object):
     def apps_wait(self):
         """True while the worker's apps are known to wait."""
         return time.monotonic() < self.apps_wait_until
+
+    def _apps_wait_from(self, now):
+        """Lock held: a job was found waiting at ``now``: the worker's apps
+        count as ones that wait, until jobs no longer do."""
+        self.apps_wait_until = now + _APPS_WAIT_SECONDS
+        self.quiet_jobs = 0
 
 
 class _OpenConnections(object):

@@ -5923,8 +5923,10 @@ class _PoolJob(object):
             end = time.thread_time() + 0.008
             while time.thread_time() < end:
                 pass
-        if self.kind == 'a':
+        if self.kind in 'aA':
             test.passed_before_app.append(turn.before_app())
+        if self.kind == 'A':        # an app that waits, as on a database
+            time.sleep(0.002)
         return self.close()
 
     def try_send_unsent(self):
@@ -6220,6 +6222,48 @@ class TestConnectionPool(unittest.TestCase):
         wait_until(lambda: self.passed_before_app)
         self.assertEqual(self.passed_before_app, [False])
         self.assertFalse(pool.apps_wait())
+
+    def serve_one(self, pool, kind):
+        """Have a connection of ``kind`` served, and wait until its job is
+        judged: its thread is idle again."""
+        closed = len(self.closed)
+        self.client(kind)
+        wait_until(lambda: len(self.closed) > closed and len(pool.idle) == 1,
+                   interval=0.001)
+
+    def apps_judged_to_wait(self, since):
+        """A pool whose apps were judged to wait ``since`` seconds ago
+        (each judgement lasting a minute), as the watch may judge wrongly
+        on a machine short of CPUs."""
+        patch = unittest.mock.patch.object(brim, '_APPS_WAIT_SECONDS', 60.0)
+        patch.start()
+        self.addCleanup(patch.stop)
+        pool = self.pool()
+        with pool.lock:
+            pool._apps_wait_from(time.monotonic() - since)
+        return pool
+
+    def test_apps_judged_to_wait_that_do_not_keep_the_turn_again(self):
+        pool = self.apps_judged_to_wait(0)
+        for _ in range(4 * brim._QUIET_JOBS):
+            self.serve_one(pool, 'a')
+            if not pool.apps_wait():
+                break
+        self.assertFalse(pool.apps_wait())
+        self.assertGreaterEqual(self.passed_before_app.count(True),
+                                brim._QUIET_JOBS)
+        self.serve_one(pool, 'a')
+        self.assertEqual(self.passed_before_app[-1], False)
+
+    def test_a_request_that_waits_keeps_the_apps_waiting_ones(self):
+        pool = self.apps_judged_to_wait(30)     # a minute: half over
+        quick = 'a' * (brim._QUIET_JOBS - 1)
+        for kind in quick + 'A' + quick:
+            self.serve_one(pool, kind)
+        self.assertTrue(pool.apps_wait())
+        self.assertGreater(pool.apps_wait_until, time.monotonic() + 45)
+        self.assertEqual(self.passed_before_app,
+                         [True] * (2 * brim._QUIET_JOBS - 1))
 
     def test_a_turn_no_thread_could_take_goes_to_the_next_free(self):
         pool = self.pool()
