@@ -1549,17 +1549,19 @@ class _StatsLayout(object):
     worker maps already, where a signal would need a handler in each.
     """
 
-    (HEARTBEAT, SERVED, REQUEST_START, PID, RESTARTS, IN_FLIGHT,
-     BUSY_USEC) = range(7)
+    (HEARTBEAT, SERVED, REQUEST_START, PID, RESTARTS, OPEN, IN_FLIGHT,
+     BUSY_USEC) = range(8)
     #: The hidden stats: the heartbeat (milliseconds since the epoch);
     #: what the worker served (requests, connections or datagrams), for
     #: ``status``; when its latest request started; its pid (0 while it is
     #: down) and its slot's restarts, so the stats any worker answers say
-    #: what every other one is; how many requests it is serving now, and
-    #: for how long in all it has been serving them (microseconds), which
-    #: tell ``top`` and workers = 2..8 how busy it is.
+    #: what every other one is; one more than its open connections while
+    #: it accepts new ones (0 while it does not), for its siblings (see
+    #: _Siblings); how many requests it is serving now, and for how long
+    #: in all it has been serving them (microseconds), which tell ``top``
+    #: and workers = 2..8 how busy it is.
     HIDDEN = ('_heartbeat', '_served', '_request_start', '_pid',
-              '_restarts', '_in_flight', '_busy_usec')
+              '_restarts', '_open', '_in_flight', '_busy_usec')
     LATEST_SIZE = 160
 
     def __init__(self, subservers):
@@ -2498,6 +2500,12 @@ _IDLE_THREAD_SECONDS = 5.0
 # and with none parked, how long accepting pauses.
 _ROOM_PER_SHORTAGE = 8
 _ACCEPT_PAUSE = 0.1
+# A worker with more connections open than a sibling, by more than
+# _SPREAD_MARGIN and an eighth, takes one new connection per _SPREAD_PAUSE
+# (see _Siblings); a sibling silent for _SIBLING_SILENT is left out.
+_SPREAD_MARGIN = 8
+_SPREAD_PAUSE = 0.001
+_SIBLING_SILENT = 2.0
 
 
 class _HeaderNames(dict):
@@ -3898,7 +3906,7 @@ class _ConnectionPool(object):
     """
 
     def __init__(self, listener, stop_fd, accept, handle, limit,
-                 idle_timeout, logger, label='worker'):
+                 idle_timeout, logger, label='worker', siblings=None):
         self.listener = listener
         self.stop_fd = stop_fd
         self.accept = accept
@@ -3908,7 +3916,7 @@ class _ConnectionPool(object):
         self.epoll = select.epoll()
         self.epoll.register(stop_fd, select.EPOLLIN)
         self.conns = _OpenConnections(self.epoll, listener.fileno(), limit,
-                                      idle_timeout, logger, label)
+                                      idle_timeout, logger, label, siblings)
         self.stopping = False
         self.stopped = threading.Event()    # set once the listener is closed
         self.ready = collections.deque()    # jobs to serve, in order
@@ -4154,8 +4162,9 @@ class _ConnectionPool(object):
 
     def _accept_waiting(self):
         """Accept what waits in the backlog, up to 128 (a burst is not
-        taken one per poll, nor does it hold up the parked connections);
-        the new connections join the ready jobs."""
+        taken one per poll, nor does it hold up the parked connections),
+        or until this worker has clearly more than a sibling (see
+        _Siblings); the new connections join the ready jobs."""
         conns = self.conns
         for _ in range(128):
             with self.lock:
@@ -4183,6 +4192,9 @@ class _ConnectionPool(object):
             with self.lock:
                 self.ready.append(job)
                 conns.accepted()
+                if conns.ahead():
+                    conns.pause(_SPREAD_PAUSE)
+                    return
 
     def _stop(self):
         """Lock held: the drain began.  Stop accepting (the port is free
@@ -4235,11 +4247,13 @@ class _OpenConnections(object):
     accepting and new ones wait in the backlog.  Parked ones are closed
     after ``idle_timeout`` seconds.  When the process is out of file
     descriptors, the oldest parked connections are closed to make room,
-    as nginx does, or accepting pauses while none is parked.
+    as nginx does, or accepting pauses while none is parked.  How many
+    are open is told to the worker's ``siblings`` (a _Siblings, or None
+    for a worker on its own).
     """
 
     def __init__(self, epoll, listener_fd, limit, idle_timeout, logger,
-                 label):
+                 label, siblings=None):
         self.epoll = epoll
         self.listener_fd = listener_fd      # kept: closed, it is -1
         epoll.register(listener_fd, select.EPOLLIN)
@@ -4247,12 +4261,13 @@ class _OpenConnections(object):
         self.idle_timeout = idle_timeout
         self.logger = logger
         self.label = label          # names the worker in log lines
+        self.siblings = siblings
         self.open = 0               # connections open: served or parked
         self.parked = collections.OrderedDict()     # fd -> (job, since)
         self.edges = set()          # fds whose edge came while out (park)
         self.accepting = True
         self.stopped = False        # no more accepting, ever
-        self.paused_until = 0.0     # monotonic: no accepting (out of fds)
+        self.paused_until = 0.0     # monotonic: no accepting till then
         self.fd_shortage = None     # [open when it began, closed since]
 
     def opened(self):
@@ -4355,8 +4370,18 @@ class _OpenConnections(object):
             self._close(fd, job)
         self.fd_shortage[1] += len(closing)
         if not closing:
-            self.paused_until = time.monotonic() + _ACCEPT_PAUSE
-            self._room_changed()
+            self.pause(_ACCEPT_PAUSE)
+
+    def pause(self, seconds):
+        """Accept nothing for ``seconds``: the backlog holds new
+        connections meanwhile, or a sibling takes them."""
+        self.paused_until = time.monotonic() + seconds
+        self._room_changed()
+
+    def ahead(self):
+        """True when this worker has clearly more connections open than
+        one of its siblings."""
+        return self.siblings is not None and self.siblings.ahead(self.open)
 
     def _shortage_over(self):
         """The shortage is over once the connections open fell well below
@@ -4373,6 +4398,8 @@ class _OpenConnections(object):
         self.stopped = True
         self.accepting = False
         self.epoll.unregister(self.listener_fd)
+        if self.siblings is not None:
+            self.siblings.tell(None)
 
     def close_idle(self):
         """Close the parked connections that are between requests."""
@@ -4388,14 +4415,58 @@ class _OpenConnections(object):
         self.closed()
 
     def _room_changed(self):
-        """Accept only while fewer than ``limit`` are open (and not paused
-        for want of file descriptors)."""
+        """Accept only while fewer than ``limit`` are open (and not
+        paused); tell the siblings."""
+        if self.siblings is not None:
+            self.siblings.tell(None if self.stopped else self.open)
         accepting = (self.open < self.limit and not self.stopped and
                      not self.paused_until)
         if accepting != self.accepting:
             self.accepting = accepting
             self.epoll.modify(self.listener_fd,
                               select.EPOLLIN if accepting else 0)
+
+
+class _Siblings(object):
+    """How many connections a worker and the other workers of its
+    subserver have open, told through their stats buckets, so that new
+    connections are spread over them.
+
+    The workers accept from one listening socket, and the first to look
+    takes what waits.  A worker that is running looks first, while a
+    sibling asleep in epoll waits for a CPU: on a busy machine one worker
+    took every connection of a burst, and with few long-lived ones (a
+    proxy's keep-alive pool, a load test's 50) it served them all while
+    its sibling idled, at half the rate.  So a worker with clearly more
+    open than a sibling that accepts takes one new connection and pauses
+    (_SPREAD_PAUSE), leaving the rest to it; if the sibling does not take
+    them (short of a CPU, or hung), it still takes one per pause.
+
+    Each worker writes only its own bucket, and reads the others'
+    without a lock: the counts are whole words, at worst a moment old.
+    """
+
+    def __init__(self, bucket, siblings):
+        self.bucket = bucket        # this worker's
+        self.siblings = siblings    # the other workers' buckets
+
+    def tell(self, count):
+        """This worker has ``count`` connections open; None: it accepts
+        no more."""
+        self.bucket.set('_open', 0 if count is None else count + 1)
+
+    def ahead(self, count):
+        """True when ``count`` is clearly more than a sibling's that is
+        up, accepting and beating."""
+        now = time.time()
+        least = None
+        for bucket in self.siblings:
+            told = bucket.get('_open')
+            if (told and bucket.get('_pid') and
+                    now - bucket.heartbeat() < _SIBLING_SILENT and
+                    (least is None or told - 1 < least)):
+                least = told - 1
+        return least is not None and count > 2 * least + _SPREAD_MARGIN
 
 
 class _Turn(object):
@@ -4911,11 +4982,15 @@ class _IPSubserver(Subserver):
             handle = _after_proxy_header(handle, self.name, self.settings,
                                          self.logger)
         _batch_logs(self.logger)
+        layout = self.server.stats_layout
+        siblings = _Siblings(self.stats, [
+            layout.bucket(self, index) for index in range(self.bucket_count)
+            if index != self.worker_index])
         pool = _ConnectionPool(
             self.sock, self.drained_r, self._accept, handle,
             self.settings.concurrent_per_worker,
             self.settings.client_timeout, self.logger,
-            '[%s] worker %d' % (self.name, self.worker_index))
+            '[%s] worker %d' % (self.name, self.worker_index), siblings)
         self._serve_loop()
         # The thread with the turn closes the listening socket; an orphaned
         # worker ends at once, and must not hold the port while it does.

@@ -4382,6 +4382,35 @@ class TestStatsLayout(unittest.TestCase):
                      'brim_workers_target{subserver="daemons"} 1'):
             self.assertIn(line, metrics)
 
+    def test_siblings_tell_their_connections_and_who_is_ahead(self):
+        first, second, tick = self.buckets
+        mine = brim._Siblings(first, [second, tick])
+        theirs = brim._Siblings(second, [first])
+        margin = brim._SPREAD_MARGIN
+        self.assertFalse(mine.ahead(100))   # no sibling accepts yet
+        for bucket, pid in ((second, 42), (tick, 43)):
+            bucket.set('_pid', pid)
+            bucket.beat()
+        theirs.tell(4)
+        self.assertEqual(second.get('_open'), 5)
+        self.assertFalse(mine.ahead(2 * 4 + margin))
+        self.assertTrue(mine.ahead(2 * 4 + margin + 1))
+        brim._Siblings(tick, []).tell(6)    # the least open counts
+        self.assertTrue(mine.ahead(2 * 4 + margin + 1))
+        # Not accepting (draining), down, or silent: left out.
+        for leave_out, back in (
+                (lambda: theirs.tell(None), lambda: theirs.tell(4)),
+                (lambda: second.set('_pid', 0),
+                 lambda: second.set('_pid', 42)),
+                (lambda: second.set('_heartbeat', int(
+                    (time.time() - brim._SIBLING_SILENT - 1) * 1000)),
+                 second.beat)):
+            leave_out()
+            self.assertFalse(mine.ahead(2 * 4 + margin + 1))
+            self.assertTrue(mine.ahead(2 * 6 + margin + 1))
+            back()
+            self.assertTrue(mine.ahead(2 * 4 + margin + 1))
+
     def test_in_flight_and_busy_time(self):
         first, second, tick = self.buckets
         first.begin()
@@ -5433,13 +5462,16 @@ class AppLoggingTestCase(EchoTestCase):
             return response
         return get
 
-    def dropped_lines(self, get):
-        """log_lines_dropped once above 0 (workers copy it once a second),
-        asked on the kept connection."""
+    def dropped_lines(self, get, least=0):
+        """log_lines_dropped once above ``least``, asked on the kept
+        connection: workers copy the count once a second, and may copy
+        it while lines are still being dropped."""
         def dropped():
-            return json.loads(get('/stats').body)['wsgi'][
+            count = json.loads(get('/stats').body)['wsgi'][
                 'log_lines_dropped']
-        return wait_until(dropped, timeout=5, msg='log_lines_dropped > 0')
+            return count if count > least else None
+        return wait_until(dropped, timeout=5,
+                          msg='log_lines_dropped > %d' % least)
 
 
 class TestAppsConfigureLogging(AppLoggingTestCase):
@@ -5525,7 +5557,7 @@ class TestLogDestinationsFail(AppLoggingTestCase):
         for number in range(50):
             self.assertEqual(get('/echo').status, 200)
         self.assertLess(time.monotonic() - started, 10)
-        self.assertGreater(self.dropped_lines(get), 50)
+        self.assertGreater(self.dropped_lines(get, 50), 50)
 
     def test_closed_descriptor(self):
         """An app closes the worker's log fd: EBADF until SIGUSR1 reopens
@@ -5571,7 +5603,7 @@ class TestLogDestinationsFail(AppLoggingTestCase):
         for number in range(200):
             self.assertEqual(get('/stuck-%d' % number, pad).status, 404)
         self.assertLess(time.monotonic() - started, 20)
-        self.assertGreater(self.dropped_lines(get), 100)
+        self.assertGreater(self.dropped_lines(get, 100), 100)
         # Read now, without waiting: a reader blocked on this pipe would
         # hold it past the test, and -o's brimd keeps it open till stopped.
         os.set_blocking(read_end, False)
@@ -5976,11 +6008,12 @@ class TestConnectionPool(unittest.TestCase):
         self.accepted_on.append(threading.get_ident())
         return sock, address
 
-    def pool(self, limit=10, idle_timeout=30.0, handle=None):
+    def pool(self, limit=10, idle_timeout=30.0, handle=None, siblings=None):
         pool = brim._ConnectionPool(
             self.listener, self.stop_r, self.accept,
             handle or (lambda sock, address: _PoolJob(self, sock, address)),
-            limit, idle_timeout, brim.logging.getLogger('test'))
+            limit, idle_timeout, brim.logging.getLogger('test'),
+            siblings=siblings)
         self.addCleanup(self.stop, pool)
         return pool
 
@@ -6264,6 +6297,28 @@ class TestConnectionPool(unittest.TestCase):
         self.assertGreater(pool.apps_wait_until, time.monotonic() + 45)
         self.assertEqual(self.passed_before_app,
                          [True] * (2 * brim._QUIET_JOBS - 1))
+
+    def test_a_worker_ahead_of_its_sibling_leaves_it_new_connections(self):
+        patch = unittest.mock.patch.object(brim, '_SPREAD_PAUSE', 60.0)
+        patch.start()
+        self.addCleanup(patch.stop)
+        mine, sibling = _FakeBucket(), _FakeBucket()
+        sibling.values.update(_pid=42, _open=1)     # accepts; none open
+        sibling.beat = time.time() + 60             # beats throughout
+        pool = self.pool(siblings=brim._Siblings(mine, [sibling]))
+        taken = brim._SPREAD_MARGIN + 1     # then it is ahead
+        for _ in range(taken + 3):
+            self.client('p')                # stays open, idle
+        wait_until(lambda: len(self.accepted_on) == taken)
+        wait_until(lambda: len(pool.conns.parked) == taken)
+        self.assertEqual(mine.get('_open'), taken + 1)
+        # The rest wait in the backlog for the sibling, or for the pause
+        # to end.
+        self.assertFalse(pool.conns.accepting)
+        self.assertGreater(pool.conns.paused_until, time.monotonic() + 30)
+        self.assertEqual(len(self.accepted_on), taken)
+        self.stop(pool)
+        self.assertEqual(mine.get('_open'), 0)  # accepts no more
 
     def test_a_turn_no_thread_could_take_goes_to_the_next_free(self):
         pool = self.pool()
