@@ -2477,11 +2477,11 @@ _LINGER_BYTES = 4 << 20
 _WATCH_TICK = 0.01
 # The least time off the CPU that counts as a request that waited, how
 # often a job served with the turn is timed to see if it waited, and how
-# many jobs in a row that did not wait end the apps' waiting.
+# many jobs in a row quicker than that end the apps' waiting.
 _WAITED = 0.0005
 _PROBE_EVERY = 8
 _APPS_WAIT_SECONDS = 1.0
-_QUIET_JOBS = 64
+_QUICK_JOBS = 64
 _STALL = 0.01
 # A whole answer (its body given at once, up to _HOLD_MAX bytes) that a
 # thread with the turn makes for a connection that stays open is held
@@ -2500,9 +2500,9 @@ _IDLE_THREAD_SECONDS = 5.0
 # and with none parked, how long accepting pauses.
 _ROOM_PER_SHORTAGE = 8
 _ACCEPT_PAUSE = 0.1
-# A worker with more connections open than a sibling, by more than
-# _SPREAD_MARGIN and an eighth, takes one new connection per _SPREAD_PAUSE
-# (see _Siblings); a sibling silent for _SIBLING_SILENT is left out.
+# A worker with more than twice the connections a sibling has open, and
+# _SPREAD_MARGIN more, takes one new connection per _SPREAD_PAUSE (see
+# _Siblings); a sibling silent for _SIBLING_SILENT is left out.
 _SPREAD_MARGIN = 8
 _SPREAD_PAUSE = 0.001
 _SIBLING_SILENT = 2.0
@@ -3871,11 +3871,11 @@ class _ConnectionPool(object):
     every ``_WATCH_TICK``: one that has mostly not run since its job began
     and sleeps now is blocked (on a database, a lock, a socket), so its
     turn passes on at once; waits too short for the watch are found by
-    timing every ``_PROBE_EVERY``-th job.  Either way, the worker's apps
-    count as ones that wait, for as long as their requests keep waiting
-    (each is timed then): every request passes the turn on before its app
-    runs (``turn.before_app()``), each in a thread of its own, and the
-    requests of waiting apps run side by side.  Apps that only compute
+    timing every ``_PROBE_EVERY``-th job.  Either way, for the next second
+    the worker's apps count as ones that wait (or until 64 requests in a
+    row are quick again: ``_count_quick``): every request passes the turn
+    on before its app runs (``turn.before_app()``), each in a thread of
+    its own, and the requests of waiting apps run side by side.  Apps that only compute
     are never blocked and keep the no-hand-off path; one that computes
     for ``_STALL`` passes the turn on all the same.  So accepting and the
     other connections never wait long behind one slow client or app, and
@@ -3902,7 +3902,8 @@ class _ConnectionPool(object):
     its socket, the pool's to set).  ``accept()`` returns (sock,
     address), None when there was nothing to take, or _NO_DESCRIPTORS
     when the process is out of file descriptors.  What is open and parked
-    is kept by ``conns`` (_OpenConnections).
+    is kept by ``conns`` (_OpenConnections), and told to the worker's
+    ``siblings`` (_Siblings), which share out new connections.
     """
 
     def __init__(self, listener, stop_fd, accept, handle, limit,
@@ -3926,7 +3927,7 @@ class _ConnectionPool(object):
         self.holder_serves = threading.Event()
         self.jobs = 0               # served with the turn, for probing
         self.probes_waited = 0      # probes in a row that found a wait
-        self.quiet_jobs = 0         # timed jobs in a row that did not wait
+        self.quick_jobs = 0         # in a row, while the apps wait
         self.idle = []              # _PoolThreads waiting, newest last
         self.unheld = False         # passed, but no thread could take it
         self.apps_wait_until = 0.0  # monotonic: pass the turn before apps
@@ -3960,10 +3961,10 @@ class _ConnectionPool(object):
                 self.holder = (turn, job, me, began, ran)
                 if not self.holder_serves.is_set():
                     self.holder_serves.set()
-            timed = self._time_job(me)
+            probe = self._probe_start(me)
             job = self._serve(job, turn)
-            if timed is not None:
-                self._judge(timed, me.times(), self.turn == turn)
+            if probe is not None and self.turn == turn:
+                self._probe_end(probe, me.times())
             if not self._after_job(job, turn, me, began):
                 if not self._wait_for_turn(me):
                     return
@@ -3981,40 +3982,40 @@ class _ConnectionPool(object):
     # _PROBE_EVERY-th job served with the turn: a fraction of the cost of
     # timing them all.  Two in a row must have waited: now and then one
     # was kept off the GIL by a thread that the machine left without a
-    # CPU, which looks the same.  While the apps wait, every job is timed,
-    # so that a wrong judgement does not last: on a machine short of CPUs
-    # the watch or the probes can take a thread kept from one for a
-    # blocked one, and a computing app served a thread per request is
-    # three times slower.  A job that waited keeps the apps waiting ones
-    # for _APPS_WAIT_SECONDS more; _QUIET_JOBS in a row that did not end
-    # that at once.
+    # CPU, which looks the same.
 
-    def _time_job(self, me):
+    def _probe_start(self, me):
         """The thread's times() when this job is to be timed, else None."""
         self.jobs += 1
-        if self.jobs % _PROBE_EVERY and not self.apps_wait():
+        if self.jobs % _PROBE_EVERY or self.apps_wait():
             return None
         return me.times()
 
-    def _judge(self, before, after, kept_turn):
-        """Whether the worker's apps wait, after a job timed from times()
-        ``before`` to ``after``.  ``kept_turn``: it did not pass the turn
-        on, so it waited on no client; while the apps wait, it ran none
-        either (the turn passes on before each)."""
-        waited = _waited(before, after)
-        with self.lock:
-            if not self.apps_wait():
-                if kept_turn:
-                    self.probes_waited = (self.probes_waited + 1 if waited
-                                          else 0)
-                    if self.probes_waited >= 2:
-                        self._apps_wait_from(after[0])
-            elif waited:
-                self._apps_wait_from(after[0])
-            elif not kept_turn:
-                self.quiet_jobs += 1
-                if self.quiet_jobs >= _QUIET_JOBS:
-                    self.apps_wait_until = 0.0
+    def _probe_end(self, probe, ended):
+        waited = _waited(probe, ended)
+        self.probes_waited = self.probes_waited + 1 if waited else 0
+        if self.probes_waited >= 2:
+            with self.lock:
+                self._apps_wait_from(ended[0])
+
+    def _count_quick(self, span):
+        """Lock held, while the apps wait: a job that passed the turn on
+        (before its app) has ended, ``span`` seconds after it began.
+
+        A wrong judgement must not last: on a machine short of CPUs the
+        watch or the probes can take a thread kept from one for a blocked
+        one, and hello world served a thread per request runs at a third
+        of its rate.  Jobs over in less than _WAITED cannot have waited;
+        once _QUICK_JOBS in a row were, the apps no longer count as ones
+        that wait.  Any longer job starts the count again.  (Whether a
+        job that took longer waited, or computed, or was kept from the GIL
+        by the others, would take more to tell than this costs.)"""
+        if span >= _WAITED:
+            self.quick_jobs = 0
+            return
+        self.quick_jobs += 1
+        if self.quick_jobs >= _QUICK_JOBS:
+            self.apps_wait_until = 0.0
 
     def _after_job(self, job, turn, me, began):
         """Park ``job`` (None: closed), or hold its answer back (the job
@@ -4033,6 +4034,8 @@ class _ConnectionPool(object):
                 self.holder = None
             else:
                 self.idle.append(me)
+                if self.apps_wait():
+                    self._count_quick(time.monotonic() - began)
             send = self.answered and (
                 not holds_turn or len(self.answered) >= _ANSWERS_HELD or
                 time.monotonic() - self.answered_since >= _HOLD_SECONDS)
@@ -4234,9 +4237,10 @@ class _ConnectionPool(object):
 
     def _apps_wait_from(self, now):
         """Lock held: a job was found waiting at ``now``: the worker's apps
-        count as ones that wait, until jobs no longer do."""
+        count as ones that wait for _APPS_WAIT_SECONDS, or until jobs are
+        quick again (_count_quick)."""
         self.apps_wait_until = now + _APPS_WAIT_SECONDS
-        self.quiet_jobs = 0
+        self.quick_jobs = 0
 
 
 class _OpenConnections(object):
@@ -4437,18 +4441,19 @@ class _Siblings(object):
     sibling asleep in epoll waits for a CPU: on a busy machine one worker
     took every connection of a burst, and with few long-lived ones (a
     proxy's keep-alive pool, a load test's 50) it served them all while
-    its sibling idled, at half the rate.  So a worker with clearly more
-    open than a sibling that accepts takes one new connection and pauses
-    (_SPREAD_PAUSE), leaving the rest to it; if the sibling does not take
-    them (short of a CPU, or hung), it still takes one per pause.
+    its sibling idled, at half the rate.  So a worker with more than
+    twice as many open as a sibling that accepts (and _SPREAD_MARGIN
+    more) takes one new connection and pauses (_SPREAD_PAUSE), leaving
+    the rest to it; if the sibling does not take them (short of a CPU,
+    or hung), it still takes one per pause.
 
     Each worker writes only its own bucket, and reads the others'
     without a lock: the counts are whole words, at worst a moment old.
     """
 
-    def __init__(self, bucket, siblings):
+    def __init__(self, bucket, others):
         self.bucket = bucket        # this worker's
-        self.siblings = siblings    # the other workers' buckets
+        self.others = others        # the other workers' buckets
 
     def tell(self, count):
         """This worker has ``count`` connections open; None: it accepts
@@ -4460,7 +4465,7 @@ class _Siblings(object):
         up, accepting and beating."""
         now = time.time()
         least = None
-        for bucket in self.siblings:
+        for bucket in self.others:
             told = bucket.get('_open')
             if (told and bucket.get('_pid') and
                     now - bucket.heartbeat() < _SIBLING_SILENT and

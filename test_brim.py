@@ -6264,39 +6264,37 @@ class TestConnectionPool(unittest.TestCase):
         wait_until(lambda: len(self.closed) > closed and len(pool.idle) == 1,
                    interval=0.001)
 
-    def apps_judged_to_wait(self, since):
-        """A pool whose apps were judged to wait ``since`` seconds ago
-        (each judgement lasting a minute), as the watch may judge wrongly
-        on a machine short of CPUs."""
+    def apps_judged_to_wait(self):
+        """A pool whose apps were judged to wait, for a minute, as the
+        watch may judge wrongly on a machine short of CPUs."""
         patch = unittest.mock.patch.object(brim, '_APPS_WAIT_SECONDS', 60.0)
         patch.start()
         self.addCleanup(patch.stop)
         pool = self.pool()
         with pool.lock:
-            pool._apps_wait_from(time.monotonic() - since)
+            pool._apps_wait_from(time.monotonic())
         return pool
 
-    def test_apps_judged_to_wait_that_do_not_keep_the_turn_again(self):
-        pool = self.apps_judged_to_wait(0)
-        for _ in range(4 * brim._QUIET_JOBS):
+    def test_apps_judged_to_wait_that_are_quick_keep_the_turn_again(self):
+        pool = self.apps_judged_to_wait()
+        for _ in range(4 * brim._QUICK_JOBS):
             self.serve_one(pool, 'a')
             if not pool.apps_wait():
                 break
         self.assertFalse(pool.apps_wait())
         self.assertGreaterEqual(self.passed_before_app.count(True),
-                                brim._QUIET_JOBS)
+                                brim._QUICK_JOBS)
         self.serve_one(pool, 'a')
         self.assertEqual(self.passed_before_app[-1], False)
 
-    def test_a_request_that_waits_keeps_the_apps_waiting_ones(self):
-        pool = self.apps_judged_to_wait(30)     # a minute: half over
-        quick = 'a' * (brim._QUIET_JOBS - 1)
+    def test_a_request_that_waits_starts_the_quick_count_again(self):
+        pool = self.apps_judged_to_wait()
+        quick = 'a' * (brim._QUICK_JOBS - 1)
         for kind in quick + 'A' + quick:
             self.serve_one(pool, kind)
         self.assertTrue(pool.apps_wait())
-        self.assertGreater(pool.apps_wait_until, time.monotonic() + 45)
         self.assertEqual(self.passed_before_app,
-                         [True] * (2 * brim._QUIET_JOBS - 1))
+                         [True] * (2 * brim._QUICK_JOBS - 1))
 
     def test_a_worker_ahead_of_its_sibling_leaves_it_new_connections(self):
         patch = unittest.mock.patch.object(brim, '_SPREAD_PAUSE', 60.0)
