@@ -1555,11 +1555,11 @@ class _StatsLayout(object):
     #: what the worker served (requests, connections or datagrams), for
     #: ``status``; when its latest request started; its pid (0 while it is
     #: down) and its slot's restarts, so the stats any worker answers say
-    #: what every other one is; one more than its open connections while
-    #: it accepts new ones (0 while it does not), for its siblings (see
-    #: _Siblings); how many requests it is serving now, and for how long
-    #: in all it has been serving them (microseconds), which tell ``top``
-    #: and workers = 2..8 how busy it is.
+    #: what every other one is; one more than its open connections, from
+    #: its start until it stops accepting for good (0 otherwise), for its
+    #: siblings (see _Siblings); how many requests it is serving now, and
+    #: for how long in all it has been serving them (microseconds), which
+    #: tell ``top`` and workers = 2..8 how busy it is.
     HIDDEN = ('_heartbeat', '_served', '_request_start', '_pid',
               '_restarts', '_open', '_in_flight', '_busy_usec')
     LATEST_SIZE = 160
@@ -2471,17 +2471,19 @@ _LINGER_BYTES = 4 << 20
 # How the thread with the turn is watched (see _ConnectionPool): looked at
 # every _WATCH_TICK seconds (a look costs the serving thread a GIL round
 # trip: rarer looks, cheaper serving); found blocked, the worker's apps
-# count as waiting ones for _APPS_WAIT_SECONDS.  One that keeps the CPU
+# count as waiting ones for _APPS_WAIT_SECONDS, or until _QUICK_JOBS
+# requests in a row, and all for _QUICK_SECONDS, were quicker than
+# _WAITED (see _count_quick).  One that keeps the CPU
 # busy for _STALL keeps the other connections waiting: the turn passes on
 # all the same.
 _WATCH_TICK = 0.01
-# The least time off the CPU that counts as a request that waited, how
-# often a job served with the turn is timed to see if it waited, and how
-# many jobs in a row quicker than that end the apps' waiting.
+# The least time off the CPU that counts as a request that waited, and
+# how often a job served with the turn is timed to see if it waited.
 _WAITED = 0.0005
 _PROBE_EVERY = 8
 _APPS_WAIT_SECONDS = 1.0
 _QUICK_JOBS = 64
+_QUICK_SECONDS = 0.1
 _STALL = 0.01
 # A whole answer (its body given at once, up to _HOLD_MAX bytes) that a
 # thread with the turn makes for a connection that stays open is held
@@ -3872,15 +3874,15 @@ class _ConnectionPool(object):
     and sleeps now is blocked (on a database, a lock, a socket), so its
     turn passes on at once; waits too short for the watch are found by
     timing every ``_PROBE_EVERY``-th job.  Either way, for the next second
-    the worker's apps count as ones that wait (or until 64 requests in a
-    row are quick again: ``_count_quick``): every request passes the turn
-    on before its app runs (``turn.before_app()``), each in a thread of
-    its own, and the requests of waiting apps run side by side.  Apps that only compute
-    are never blocked and keep the no-hand-off path; one that computes
-    for ``_STALL`` passes the turn on all the same.  So accepting and the
-    other connections never wait long behind one slow client or app, and
-    there are only as many threads as requests in hand (at most
-    ``limit``, plus the one with the turn); a thread idle for
+    the worker's apps count as ones that wait (or until its requests are
+    quick again: ``_count_quick``): every request passes the turn on
+    before its app runs (``turn.before_app()``), each in a thread of its
+    own, and the requests of waiting apps run side by side.  Apps that
+    only compute are never blocked and keep the no-hand-off path; one
+    that computes for ``_STALL`` passes the turn on all the same.  So
+    accepting and the other connections never wait long behind one slow
+    client or app, and there are only as many threads as requests in hand
+    (at most ``limit``, plus the one with the turn); a thread idle for
     ``_IDLE_THREAD_SECONDS`` ends.
 
     The answers the turn makes whole are held back (``answered``) and
@@ -3928,6 +3930,7 @@ class _ConnectionPool(object):
         self.jobs = 0               # served with the turn, for probing
         self.probes_waited = 0      # probes in a row that found a wait
         self.quick_jobs = 0         # in a row, while the apps wait
+        self.quick_since = 0.0      # monotonic: the first of them began
         self.idle = []              # _PoolThreads waiting, newest last
         self.unheld = False         # passed, but no thread could take it
         self.apps_wait_until = 0.0  # monotonic: pass the turn before apps
@@ -3962,17 +3965,22 @@ class _ConnectionPool(object):
                 if not self.holder_serves.is_set():
                     self.holder_serves.set()
             probe = self._probe_start(me)
-            job = self._serve(job, turn)
+            hold = _Turn(self, turn)
+            job = self._serve(job, hold)
             if probe is not None and self.turn == turn:
                 self._probe_end(probe, me.times())
-            if not self._after_job(job, turn, me, began):
+            # Only a job that passed the turn on before its app tells how
+            # long the app took.
+            ended = time.monotonic() if hold.for_app else None
+            if not self._after_job(job, turn, me, began, ended):
                 if not self._wait_for_turn(me):
                     return
 
-    def _serve(self, job, turn):
-        """The job to park once ``job`` has served with turn ``turn``."""
+    def _serve(self, job, hold):
+        """The job to park once ``job`` has served with ``hold`` on the
+        turn (a _Turn)."""
         try:
-            return job.serve(_Turn(self, turn))
+            return job.serve(hold)
         except BaseException:   # even sys.exit(): the turn goes on
             self.logger.exception('connection from %s failed', job.client)
             job.close()
@@ -3998,28 +4006,33 @@ class _ConnectionPool(object):
             with self.lock:
                 self._apps_wait_from(ended[0])
 
-    def _count_quick(self, span):
+    def _count_quick(self, began, ended):
         """Lock held, while the apps wait: a job that passed the turn on
-        (before its app) has ended, ``span`` seconds after it began.
+        before its app, begun at ``began``, ended at ``ended``.
 
         A wrong judgement must not last: on a machine short of CPUs the
         watch or the probes can take a thread kept from one for a blocked
         one, and hello world served a thread per request runs at a third
         of its rate.  Jobs over in less than _WAITED cannot have waited;
-        once _QUICK_JOBS in a row were, the apps no longer count as ones
-        that wait.  Any longer job starts the count again.  (Whether a
-        job that took longer waited, or computed, or was kept from the GIL
-        by the others, would take more to tell than this costs.)"""
-        if span >= _WAITED:
-            self.quick_jobs = 0
+        once _QUICK_JOBS in a row were, over _QUICK_SECONDS at least, the
+        apps no longer count as ones that wait.  Any longer job starts
+        the count again: an app whose requests wait now and then keeps
+        its judgement (else each time it ended, the next request to wait
+        would hold the turn until the watch looked).  (Whether a job that
+        took longer waited, or computed, or was kept from the GIL by the
+        others, would take more to tell than this costs.)"""
+        if ended - began >= _WAITED:
+            self.quick_jobs, self.quick_since = 0, ended
             return
         self.quick_jobs += 1
-        if self.quick_jobs >= _QUICK_JOBS:
+        if (self.quick_jobs >= _QUICK_JOBS and
+                ended - self.quick_since >= _QUICK_SECONDS):
             self.apps_wait_until = 0.0
 
-    def _after_job(self, job, turn, me, began):
+    def _after_job(self, job, turn, me, began, ended=None):
         """Park ``job`` (None: closed), or hold its answer back (the job
-        began at ``began``); True when this thread still has the turn,
+        began at ``began``; ``ended``: it passed the turn on before its
+        app, and ended then); True when this thread still has the turn,
         else it joins the idle ones."""
         with self.lock:
             if job is None:
@@ -4034,8 +4047,8 @@ class _ConnectionPool(object):
                 self.holder = None
             else:
                 self.idle.append(me)
-                if self.apps_wait():
-                    self._count_quick(time.monotonic() - began)
+                if ended is not None and self.apps_wait():
+                    self._count_quick(began, ended)
             send = self.answered and (
                 not holds_turn or len(self.answered) >= _ANSWERS_HELD or
                 time.monotonic() - self.answered_since >= _HOLD_SECONDS)
@@ -4240,7 +4253,8 @@ class _ConnectionPool(object):
         count as ones that wait for _APPS_WAIT_SECONDS, or until jobs are
         quick again (_count_quick)."""
         self.apps_wait_until = now + _APPS_WAIT_SECONDS
-        self.quick_jobs = 0
+        self.quick_jobs, self.quick_since = 0, now
+        self.probes_waited = 0      # two more in a row to judge again
 
 
 class _OpenConnections(object):
@@ -4273,6 +4287,8 @@ class _OpenConnections(object):
         self.stopped = False        # no more accepting, ever
         self.paused_until = 0.0     # monotonic: no accepting till then
         self.fd_shortage = None     # [open when it began, closed since]
+        if siblings is not None:
+            siblings.tell(0)        # seen as accepting from the start
 
     def opened(self):
         self.open += 1
@@ -4385,7 +4401,8 @@ class _OpenConnections(object):
     def ahead(self):
         """True when this worker has clearly more connections open than
         one of its siblings."""
-        return self.siblings is not None and self.siblings.ahead(self.open)
+        return (self.siblings is not None and self.open > _SPREAD_MARGIN
+                and self.siblings.ahead(self.open))
 
     def _shortage_over(self):
         """The shortage is over once the connections open fell well below
@@ -4421,8 +4438,10 @@ class _OpenConnections(object):
     def _room_changed(self):
         """Accept only while fewer than ``limit`` are open (and not
         paused); tell the siblings."""
-        if self.siblings is not None:
-            self.siblings.tell(None if self.stopped else self.open)
+        if self.siblings is not None and not self.stopped:
+            # Stopped, it told them once: its bucket may be its
+            # replacement's already.
+            self.siblings.tell(self.open)
         accepting = (self.open < self.limit and not self.stopped and
                      not self.paused_until)
         if accepting != self.accepting:
@@ -4442,7 +4461,7 @@ class _Siblings(object):
     took every connection of a burst, and with few long-lived ones (a
     proxy's keep-alive pool, a load test's 50) it served them all while
     its sibling idled, at half the rate.  So a worker with more than
-    twice as many open as a sibling that accepts (and _SPREAD_MARGIN
+    twice as many open as a sibling still accepting (and _SPREAD_MARGIN
     more) takes one new connection and pauses (_SPREAD_PAUSE), leaving
     the rest to it; if the sibling does not take them (short of a CPU,
     or hung), it still takes one per pause.
@@ -4462,7 +4481,7 @@ class _Siblings(object):
 
     def ahead(self, count):
         """True when ``count`` is clearly more than a sibling's that is
-        up, accepting and beating."""
+        up, not stopped accepting (draining), and beating."""
         now = time.time()
         least = None
         for bucket in self.others:
@@ -4479,11 +4498,12 @@ class _Turn(object):
     client; ``before_app()`` before it runs an app, which passes the turn
     on when the worker's apps wait."""
 
-    __slots__ = ('pool', 'number')
+    __slots__ = ('pool', 'number', 'for_app')
 
     def __init__(self, pool, number):
         self.pool = pool
         self.number = number
+        self.for_app = False    # it passed on before an app
 
     def pass_on(self):
         self.pool.pass_turn(self.number)
@@ -4492,6 +4512,7 @@ class _Turn(object):
         """True when the turn passed on."""
         if self.pool.apps_wait():
             self.pool.pass_turn(self.number)
+            self.for_app = True
             return True
         return False
 

@@ -5958,7 +5958,7 @@ class _PoolJob(object):
         if self.kind in 'aA':
             test.passed_before_app.append(turn.before_app())
         if self.kind == 'A':        # an app that waits, as on a database
-            time.sleep(0.002)
+            time.sleep(0.1)
         return self.close()
 
     def try_send_unsent(self):
@@ -6264,12 +6264,16 @@ class TestConnectionPool(unittest.TestCase):
         wait_until(lambda: len(self.closed) > closed and len(pool.idle) == 1,
                    interval=0.001)
 
-    def apps_judged_to_wait(self):
+    def apps_judged_to_wait(self, quick_seconds=0.0):
         """A pool whose apps were judged to wait, for a minute, as the
-        watch may judge wrongly on a machine short of CPUs."""
-        patch = unittest.mock.patch.object(brim, '_APPS_WAIT_SECONDS', 60.0)
-        patch.start()
-        self.addCleanup(patch.stop)
+        watch may judge wrongly on a machine short of CPUs.  Quick jobs
+        are those over in 50 ms here (a loaded machine can take 0.5 ms
+        for a quick one), and ``quick_seconds`` of them end that."""
+        for name, value in (('_APPS_WAIT_SECONDS', 60.0), ('_WAITED', 0.05),
+                            ('_QUICK_SECONDS', quick_seconds)):
+            patch = unittest.mock.patch.object(brim, name, value)
+            patch.start()
+            self.addCleanup(patch.stop)
         pool = self.pool()
         with pool.lock:
             pool._apps_wait_from(time.monotonic())
@@ -6296,6 +6300,12 @@ class TestConnectionPool(unittest.TestCase):
         self.assertEqual(self.passed_before_app,
                          [True] * (2 * brim._QUICK_JOBS - 1))
 
+    def test_requests_quick_for_less_than_a_while_keep_the_judgement(self):
+        pool = self.apps_judged_to_wait(quick_seconds=60.0)
+        for _ in range(2 * brim._QUICK_JOBS):
+            self.serve_one(pool, 'a')
+        self.assertTrue(pool.apps_wait())
+
     def test_a_worker_ahead_of_its_sibling_leaves_it_new_connections(self):
         patch = unittest.mock.patch.object(brim, '_SPREAD_PAUSE', 60.0)
         patch.start()
@@ -6304,6 +6314,7 @@ class TestConnectionPool(unittest.TestCase):
         sibling.values.update(_pid=42, _open=1)     # accepts; none open
         sibling.beat = time.time() + 60             # beats throughout
         pool = self.pool(siblings=brim._Siblings(mine, [sibling]))
+        self.assertEqual(mine.get('_open'), 1)  # accepting, none open
         taken = brim._SPREAD_MARGIN + 1     # then it is ahead
         for _ in range(taken + 3):
             self.client('p')                # stays open, idle
