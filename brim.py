@@ -3909,7 +3909,7 @@ class _ConnectionPool(object):
     """
 
     def __init__(self, listener, stop_fd, accept, handle, limit,
-                 idle_timeout, logger, label='worker', siblings=None):
+                 idle_timeout, logger, label, siblings):
         self.listener = listener
         self.stop_fd = stop_fd
         self.accept = accept
@@ -4266,12 +4266,11 @@ class _OpenConnections(object):
     after ``idle_timeout`` seconds.  When the process is out of file
     descriptors, the oldest parked connections are closed to make room,
     as nginx does, or accepting pauses while none is parked.  How many
-    are open is told to the worker's ``siblings`` (a _Siblings, or None
-    for a worker on its own).
+    are open is told to the worker's ``siblings`` (a _Siblings).
     """
 
     def __init__(self, epoll, listener_fd, limit, idle_timeout, logger,
-                 label, siblings=None):
+                 label, siblings):
         self.epoll = epoll
         self.listener_fd = listener_fd      # kept: closed, it is -1
         epoll.register(listener_fd, select.EPOLLIN)
@@ -4287,8 +4286,7 @@ class _OpenConnections(object):
         self.stopped = False        # no more accepting, ever
         self.paused_until = 0.0     # monotonic: no accepting till then
         self.fd_shortage = None     # [open when it began, closed since]
-        if siblings is not None:
-            siblings.tell(0)        # seen as accepting from the start
+        siblings.tell(0)            # seen as accepting from the start
 
     def opened(self):
         self.open += 1
@@ -4401,8 +4399,8 @@ class _OpenConnections(object):
     def ahead(self):
         """True when this worker has clearly more connections open than
         one of its siblings."""
-        return (self.siblings is not None and self.open > _SPREAD_MARGIN
-                and self.siblings.ahead(self.open))
+        return (self.open > _SPREAD_MARGIN and
+                self.siblings.ahead(self.open))
 
     def _shortage_over(self):
         """The shortage is over once the connections open fell well below
@@ -4419,8 +4417,7 @@ class _OpenConnections(object):
         self.stopped = True
         self.accepting = False
         self.epoll.unregister(self.listener_fd)
-        if self.siblings is not None:
-            self.siblings.tell(None)
+        self.siblings.tell(None)
 
     def close_idle(self):
         """Close the parked connections that are between requests."""
@@ -4438,7 +4435,7 @@ class _OpenConnections(object):
     def _room_changed(self):
         """Accept only while fewer than ``limit`` are open (and not
         paused); tell the siblings."""
-        if self.siblings is not None and not self.stopped:
+        if not self.stopped:
             # Stopped, it told them once: its bucket may be its
             # replacement's already.
             self.siblings.tell(self.open)

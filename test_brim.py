@@ -6012,8 +6012,8 @@ class TestConnectionPool(unittest.TestCase):
         pool = brim._ConnectionPool(
             self.listener, self.stop_r, self.accept,
             handle or (lambda sock, address: _PoolJob(self, sock, address)),
-            limit, idle_timeout, brim.logging.getLogger('test'),
-            siblings=siblings)
+            limit, idle_timeout, brim.logging.getLogger('test'), 'worker',
+            siblings or brim._Siblings(_FakeBucket(), []))
         self.addCleanup(self.stop, pool)
         return pool
 
